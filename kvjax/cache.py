@@ -1,9 +1,10 @@
 """The KV cache: an explicit pytree that the model takes and returns, never mutates.
 
 `DenseCache` is the full-precision cache (policy `fp16`): keys (after RoPE) and values
-in the compute dtype, one slot per position, [l, b, k, s, h]. Quantized policies
-(kvjax.policies) provide the same three methods:
+in the compute dtype, one slot per position, [l, b, k, s, h]. Quantized caches
+(kvjax.tiered, kvjax.teacher_forced) provide the same methods, which the model calls:
 
+  begin(positions)               -> cache   routing of this step's tokens, before the layers
   update(layer, k, v, positions) -> cache   store the new tokens of one layer
   attend(layer, q, positions)    -> out     attention of q over that layer's stored tokens
   advance(positions)             -> cache   bookkeeping once all layers are done
@@ -41,6 +42,17 @@ class DenseCache:
     def nbytes(self) -> int:
         """Bytes held by the cache arrays (exact)."""
         return sum(x.nbytes for x in jax.tree_util.tree_leaves(self))
+
+    uses_features = False  # no precision policy reads token features
+
+    def tokens_per_tier(self) -> dict[str, jax.Array]:
+        return {"16-bit": self.lengths}
+
+    def begin(self, positions) -> "DenseCache":
+        return self
+
+    def record_features(self, positions, features) -> "DenseCache":
+        return self
 
     def update(self, layer, k: jax.Array, v: jax.Array, positions: jax.Array) -> "DenseCache":
         """Writes k, v [b, t, k, h] of `layer` into slot = position (padding is dropped)."""

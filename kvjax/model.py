@@ -90,6 +90,8 @@ class Llama(nn.Module):
         cfg = self.cfg
         embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=self.dtype, name="embed")
         x = embed(tokens)
+        if cache is not None:
+            cache = cache.begin(positions)
         layers = nn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True},
                          in_axes=(0, nn.broadcast), length=cfg.num_layers)(cfg, self.dtype, name="layers")
         (x, cache), _ = layers((x, cache), jnp.arange(cfg.num_layers), positions)

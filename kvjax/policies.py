@@ -1,18 +1,244 @@
-"""KV-cache policies by name: what `--kv` selects and `make_cache` builds."""
+"""KV-cache policies by name, the precision policies of `mixed`, and tier capacities.
+
+  fp16            every token in full precision (kvjax.cache.DenseCache)
+  kivi2/4/8       KIVI: a 16-bit residual of the R newest tokens; older values per token and
+                  keys per channel (whole groups of G tokens) in 2/4/8 bits
+  int8-sink       selective quantization: S sink tokens + a window of W newest in 16 bits,
+                  the middle int8 per token (symmetric, keys and values)
+  streaming       StreamingLLM: S sinks + W window, everything else evicted
+  mixed           like KIVI, but each token leaving the residual gets a width in {2, 4, 8, 16}
+                  from a precision policy under an average-bit budget (`mixed@3` = 3.0 bits)
+
+A token leaves the 16-bit window when W newer tokens have arrived; a policy decides its
+width then ("left" tokens). Tier capacities are static; when the preferred tier is full
+the token goes to the nearest width (in log2 bits, ties to the wider) with room.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import math
+
 import jax.numpy as jnp
 
-from kvjax.cache import DenseCache
 from kvjax.config import ModelConfig
 from kvjax.errors import KvjaxError
 
-POLICY_NAMES = ("fp16",)
+WIDTHS = (2, 4, 8, 16)
+EVICTED = 0  # width code of a token a streaming policy dropped
+POLICY_NAMES = ("fp16", "kivi2", "kivi4", "kivi8", "int8-sink", "streaming", "mixed")
+PRECISIONS = ("static", "rule")
+# Share of the bits above 2 that `mixed` spends on 16-, 8- and 4-bit tokens.
+_UPGRADE_SHARES = {16: 0.2, 8: 0.3, 4: 0.5}
 
 
-def make_cache(policy: str, cfg: ModelConfig, batch: int, capacity: int, dtype=jnp.float32):
+@dataclasses.dataclass(frozen=True)
+class PolicySpec:
+    """A quantized cache policy (static under jit)."""
+
+    name: str
+    quant_widths: tuple[int, ...] = ()  # packed tiers
+    symmetric: bool = False  # per-token symmetric keys and values (int8-sink)
+    evict: bool = False  # streaming: tokens leaving the window are dropped
+    sinks: int = 0  # S: the first S tokens stay in 16 bits
+    window: int = 128  # W (KIVI's residual R): the newest tokens in 16 bits
+    group_size: int = 32  # G
+    budget_bits: float | None = None  # mixed: average bits of the tokens that left the window
+    precision: str = "static"  # mixed: how preferred widths are chosen
+
+    def __post_init__(self):
+        for w in self.quant_widths:
+            if w not in WIDTHS[:-1]:
+                raise KvjaxError(f"{self.name}: width {w} is not one of {WIDTHS}")
+        if self.window < 1 or self.sinks < 0:
+            raise KvjaxError(f"{self.name}: window must be >= 1 and sinks >= 0")
+        if self.group_size < 1:
+            raise KvjaxError(f"{self.name}: group size must be >= 1, got {self.group_size}")
+        if not self.symmetric and self.quant_widths and self.window % self.group_size:
+            raise KvjaxError(f"{self.name}: residual R={self.window} is not a multiple of G={self.group_size}")
+        if self.budget_bits is not None:
+            if self.budget_bits < 2:
+                raise KvjaxError(f"{self.name}: a budget of {self.budget_bits} bits is below 2 bits")
+            if self.budget_bits > max_budget():
+                raise KvjaxError(f"{self.name}: budget {self.budget_bits} bits is above {max_budget():.2f}")
+        if self.precision not in PRECISIONS:
+            raise KvjaxError(f"{self.name}: unknown precision policy {self.precision!r}; known: {PRECISIONS}")
+
+    @property
+    def mixed(self) -> bool:
+        return self.budget_bits is not None
+
+    @property
+    def uses_features(self) -> bool:
+        """Whether widths depend on model outputs (then scoring runs block by block)."""
+        return self.mixed and self.precision == "rule"
+
+    @property
+    def tier_widths(self) -> tuple[int, ...]:
+        """Widths with a tier of their own (16 = the dense tier of kept tokens)."""
+        return self.quant_widths + ((16,) if self.mixed else ())
+
+    def check(self, cfg: ModelConfig):
+        """Checks the policy against the model's head dim and context."""
+        h = cfg.head_dim
+        if self.quant_widths and not self.symmetric and h % self.group_size:
+            raise KvjaxError(f"{self.name}: G={self.group_size} does not divide head_dim={h}")
+        for w in self.quant_widths:
+            if (h * w) % 32:
+                raise KvjaxError(f"{self.name}: head_dim={h} at {w} bits does not fill whole 32-bit words")
+        if self.sinks + self.window > cfg.max_position_embeddings:
+            raise KvjaxError(f"{self.name}: sinks + window = {self.sinks + self.window} exceeds the "
+                             f"model's context of {cfg.max_position_embeddings} tokens")
+
+    def histogram(self) -> dict[int, float]:
+        """Target share of left tokens per width; its mean width is the budget."""
+        if not self.mixed:
+            return {w: 1.0 for w in self.quant_widths}
+        extra = self.budget_bits - 2.0
+        shares = {w: share * extra / (w - 2) for w, share in _UPGRADE_SHARES.items()}
+        return {2: 1.0 - sum(shares.values()), **shares}
+
+    def capacities(self, capacity: int) -> dict[int, int]:
+        """Slots per tier for sequences of up to `capacity` tokens (multiples of G)."""
+        left = max(capacity - self.sinks - self.window, 0)
+        g = self.group_size
+        round_up = lambda n: -(-n // g) * g
+        if not self.mixed:
+            return {w: round_up(left) for w in self.quant_widths}
+        hist = self.histogram()
+        caps = {w: round_up(math.floor(hist[w] * left)) for w in (4, 8, 16)}
+        caps[2] = round_up(max(left - sum(caps.values()), 0))
+        return {w: caps[w] for w in self.tier_widths}
+
+
+def max_budget() -> float:
+    """The largest budget whose histogram keeps a non-negative 2-bit share."""
+    return 2.0 + 1.0 / sum(share / (w - 2) for w, share in _UPGRADE_SHARES.items())
+
+
+def parse_policy(name: str, window: int | None = None, sinks: int | None = None,
+                 group_size: int | None = None, budget_bits: float | None = None,
+                 precision: str | None = None) -> PolicySpec:
+    """Parses a policy name (`kivi2`, `mixed@3`, `mixed-rule@3.5`, ...) with optional overrides."""
+    base, _, budget = name.partition("@")
+    base, _, prec = base.partition("-") if base.startswith("mixed-") else (base, "", "")
+    if base not in POLICY_NAMES:
+        raise KvjaxError(f"unknown KV-cache policy {name!r}; known: {', '.join(POLICY_NAMES)}, "
+                         "mixed@BITS, mixed-rule@BITS")
+    if budget:
+        try:
+            budget_bits = float(budget)
+        except ValueError:
+            raise KvjaxError(f"bad budget in {name!r}: {budget!r} is not a number") from None
+    opts = {}
+    if window is not None:
+        opts["window"] = window
+    if group_size is not None:
+        opts["group_size"] = group_size
+    if base.startswith("kivi"):
+        spec = PolicySpec(name, quant_widths=(int(base[4:]),), sinks=sinks or 0, **opts)
+    elif base == "int8-sink":
+        spec = PolicySpec(name, quant_widths=(8,), symmetric=True, sinks=4 if sinks is None else sinks, **opts)
+    elif base == "streaming":
+        spec = PolicySpec(name, evict=True, sinks=4 if sinks is None else sinks, **opts)
+    elif base == "mixed":
+        spec = PolicySpec(name, quant_widths=(2, 4, 8), sinks=4 if sinks is None else sinks,
+                          budget_bits=3.0 if budget_bits is None else budget_bits,
+                          precision=prec or precision or "static", **opts)
+    else:
+        raise KvjaxError(f"{name!r} is the plain FP16 cache, not a quantized policy")
+    if budget and not spec.mixed:
+        raise KvjaxError(f"{name!r}: only mixed policies take a bit budget")
+    return spec
+
+
+# ----------------------------------------------------------------------------- precision
+
+
+def _position_hash(positions):
+    """Deterministic uniform numbers in [0, 1) from positions (Knuth multiplicative hash)."""
+    x = positions.astype(jnp.uint32) * jnp.uint32(2654435761)
+    x = x ^ (x >> jnp.uint32(16))
+    return x.astype(jnp.float32) / 2.0**32
+
+
+def _quantile_width(u, hist: dict[int, float]):
+    """Maps u in [0, 1) to widths with the histogram's shares (2-bit first)."""
+    width = jnp.full(u.shape, 2, jnp.int32)
+    edge = hist[2]
+    for w in (4, 8, 16):
+        width = jnp.where(u >= edge, w, width)
+        edge += hist[w]
+    return width
+
+
+def preferred_widths(spec: PolicySpec, positions, features):
+    """Preferred width of tokens leaving the window: positions [...], features [..., F]."""
+    if spec.evict:
+        return jnp.full(positions.shape, EVICTED, jnp.int32)
+    if not spec.mixed:
+        return jnp.full(positions.shape, spec.quant_widths[0], jnp.int32)
+    if spec.precision == "static":  # random assignment at the target histogram
+        return _quantile_width(_position_hash(positions), spec.histogram())
+    # rule: tokens the model was unsure after, or rare tokens, get more bits
+    entropy, rarity = features[..., 0], features[..., 2]
+    score = 0.5 * jnp.tanh(entropy / 4.0) + 0.5 * rarity
+    return _quantile_width(jnp.clip(score, 0.0, 1.0 - 1e-6), spec.histogram())
+
+
+def resolve_widths(spec: PolicySpec, preferred, counts, caps):
+    """Nearest tier with room: preferred [b], counts [b, n] (per tier_widths), caps [n] -> width [b].
+
+    Widths are tried by |log2(w) - log2(preferred)|, ties to the wider one.
+    """
+    tiers = spec.tier_widths
+    if not tiers:
+        return preferred
+    width = jnp.zeros_like(preferred)
+    for pref in tiers:
+        order = sorted(tiers, key=lambda w: (abs(math.log2(w) - math.log2(pref)), -w))
+        chosen = jnp.zeros_like(preferred)
+        for w in reversed(order):  # the first in `order` with room wins
+            i = tiers.index(w)
+            chosen = jnp.where(counts[:, i] < caps[i], w, chosen)
+        width = jnp.where(preferred == pref, chosen, width)
+    return width
+
+
+def add_policy_flags(parser):
+    """The command-line flags that pick and tune a KV-cache policy (see `policy_from_flags`)."""
+    parser.add_argument("--kv", default="fp16",
+                        help="KV-cache policy: fp16, kivi2, kivi4, kivi8, int8-sink, streaming, mixed, "
+                             "mixed@BITS, mixed-rule@BITS")
+    parser.add_argument("--budget-bits", type=float, default=None, help="mixed: average bits (default 3.0)")
+    parser.add_argument("--precision", default=None, choices=PRECISIONS, help="mixed: precision policy")
+    parser.add_argument("--residual", type=int, default=None,
+                        help="16-bit window W / KIVI residual R (default 128)")
+    parser.add_argument("--group-size", type=int, default=None, help="quantization group size G (default 32)")
+    parser.add_argument("--sinks", type=int, default=None, help="attention-sink tokens kept in 16 bits")
+
+
+def policy_from_flags(args) -> str | PolicySpec:
+    """'fp16' or the PolicySpec that `add_policy_flags`' flags describe."""
+    tuned = any(x is not None for x in (args.budget_bits, args.precision, args.residual, args.group_size,
+                                         args.sinks))
+    if args.kv == "fp16":
+        if tuned:
+            raise KvjaxError("--budget-bits/--precision/--residual/--group-size/--sinks need a quantized --kv")
+        return "fp16"
+    spec = parse_policy(args.kv, window=args.residual, sinks=args.sinks, group_size=args.group_size,
+                        budget_bits=args.budget_bits, precision=args.precision)
+    if (args.budget_bits is not None or args.precision is not None) and not spec.mixed:
+        raise KvjaxError(f"--budget-bits and --precision apply to mixed policies, not {args.kv!r}")
+    return spec
+
+
+def make_cache(policy: str | PolicySpec, cfg: ModelConfig, batch: int, capacity: int, dtype=jnp.float32):
     """An empty cache of `policy` for `batch` sequences of up to `capacity` tokens each."""
+    from kvjax.cache import DenseCache
+    from kvjax.tiered import TieredCache
+
     if policy == "fp16":
         return DenseCache.init(cfg, batch, capacity, dtype)
-    raise KvjaxError(f"unknown KV-cache policy {policy!r}; known: {', '.join(POLICY_NAMES)}")
+    spec = policy if isinstance(policy, PolicySpec) else parse_policy(policy)
+    return TieredCache.init(spec, cfg, batch, capacity, dtype)

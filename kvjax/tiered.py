@@ -1,0 +1,340 @@
+"""The quantized KV cache for step-by-step decoding: one pytree of per-precision tiers.
+
+  sink     DenseTier [l, b, k, S, h]   the first S tokens, kept in 16 bits
+  window   DenseTier [l, b, k, W, h]   ring buffer of the W newest tokens (slot = position % W)
+  kept     DenseTier [l, b, k, C16, h] tokens a mixed policy keeps at 16 bits
+  packed   one PackedTier per width in {2, 4, 8}: bit-packed codes + scales (kvjax.codecs)
+
+Every tier is allocated at the size its bits call for; `nbytes` counts them exactly. When
+token p arrives (one token per sequence per step), token p - W leaves the window: the
+policy picks its width (kvjax.policies) and it is appended to that tier, or dropped by an
+eviction policy. KIVI keys are staged in 16 bits until their width's group of G tokens is
+full, then quantized per channel; values are quantized at once, per token.
+
+Prompts enter through `from_sequence`, which builds the state that step-by-step decoding
+would have reached (kvjax.teacher_forced computes the prompt's K/V and widths).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from kvjax import codecs
+from kvjax.attention import causal_mask, masked_attention
+from kvjax.config import ModelConfig
+from kvjax.errors import KvjaxError
+from kvjax.features import NUM_FEATURES
+from kvjax.policies import PolicySpec, preferred_widths, resolve_widths
+
+
+@struct.dataclass
+class DenseTier:
+    k: jax.Array  # [l, b, k, c, h]
+    v: jax.Array  # [l, b, k, c, h]
+    pos: jax.Array  # int32 [b, c]: position held by each slot, -1 = empty
+
+    @classmethod
+    def init(cls, cfg: ModelConfig, batch: int, slots: int, dtype):
+        shape = (cfg.num_layers, batch, cfg.num_kv_heads, slots, cfg.head_dim)
+        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.full((batch, slots), -1, jnp.int32))
+
+    @property
+    def slots(self) -> int:
+        return self.pos.shape[1]
+
+    def write(self, layer, rows, slot, k, v):
+        """k, v [b, k, h] into `slot` [b] of `layer` (slot out of range = no write)."""
+        return self.replace(k=self.k.at[layer, rows, :, slot].set(k, mode="drop"),
+                            v=self.v.at[layer, rows, :, slot].set(v, mode="drop"))
+
+    def read(self, layer):
+        return self.k[layer], self.v[layer]
+
+
+@struct.dataclass
+class PackedTier:
+    """Tokens of one width. Asymmetric (KIVI) or symmetric per-token codes, see kvjax.codecs."""
+
+    k_codes: jax.Array  # uint32 [l, b, k, c, h * bits / 32]
+    k_scale: jax.Array  # [l, b, k, c / G, h] (KIVI) | [l, b, k, c, 1] (symmetric)
+    k_zero: jax.Array | None  # [l, b, k, c / G, h] (KIVI) | None
+    k_stage: jax.Array | None  # [l, b, k, G, h]: 16-bit keys of the group being filled (KIVI)
+    v_codes: jax.Array  # uint32 [l, b, k, c, h * bits / 32]
+    v_scale: jax.Array  # [l, b, k, c, h / G] | [l, b, k, c, 1]
+    v_zero: jax.Array | None  # [l, b, k, c, h / G] | None
+    pos: jax.Array  # int32 [b, c]
+    bits: int = struct.field(pytree_node=False)
+    group_size: int = struct.field(pytree_node=False)
+
+    @property
+    def symmetric(self) -> bool:
+        return self.k_zero is None
+
+    @classmethod
+    def init(cls, cfg: ModelConfig, batch: int, slots: int, bits: int, group_size: int, symmetric: bool, dtype):
+        l, k, h, g = cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, group_size
+        words = lambda: jnp.zeros((l, batch, k, slots, h * bits // 32), jnp.uint32)
+        pos = jnp.full((batch, slots), -1, jnp.int32)
+        if symmetric:
+            scale = lambda: jnp.zeros((l, batch, k, slots, 1), dtype)
+            return cls(words(), scale(), None, None, words(), scale(), None, pos, bits, g)
+        key_scale = lambda: jnp.zeros((l, batch, k, slots // g, h), dtype)
+        value_scale = lambda: jnp.zeros((l, batch, k, slots, h // g), dtype)
+        return cls(words(), key_scale(), key_scale(), jnp.zeros((l, batch, k, g, h), dtype), words(),
+                   value_scale(), value_scale(), pos, bits, g)
+
+    @property
+    def slots(self) -> int:
+        return self.pos.shape[1]
+
+    def append(self, layer, rows, slot, k, v):
+        """Stores one token per row, k, v [b, k, h], at `slot` [b] (out of range = none)."""
+        dtype = k.dtype
+        if self.symmetric:
+            kc, ks = codecs.encode_sym(k[:, :, None], self.bits, dtype)
+            vc, vs = codecs.encode_sym(v[:, :, None], self.bits, dtype)
+            at = (layer, rows, slice(None), slot)
+            return self.replace(k_codes=self.k_codes.at[at].set(kc[:, :, 0], mode="drop"),
+                                k_scale=self.k_scale.at[at].set(ks[:, :, 0], mode="drop"),
+                                v_codes=self.v_codes.at[at].set(vc[:, :, 0], mode="drop"),
+                                v_scale=self.v_scale.at[at].set(vs[:, :, 0], mode="drop"))
+        g, at = self.group_size, (layer, rows, slice(None), slot)
+        vc, vs, vz = codecs.encode_values(v[:, :, None], self.bits, g, dtype)
+        stage_slot = jnp.where(slot < self.slots, slot % g, g)
+        stage = self.k_stage.at[layer, rows, :, stage_slot].set(k, mode="drop")
+        # A group of G staged keys is complete: quantize it per channel into its G slots.
+        complete = (slot < self.slots) & (slot % g == g - 1)
+        kc, ks, kz = codecs.encode_key_groups(stage[layer], self.bits, g, dtype)  # [b, k, G, w], [b, k, 1, h]
+        group = jnp.where(complete, slot // g, self.slots // g)
+        group_slots = jnp.where(complete[:, None], (slot // g)[:, None] * g + jnp.arange(g), self.slots)
+        return self.replace(
+            k_codes=self.k_codes.at[layer, rows[:, None], :, group_slots].set(kc.transpose(0, 2, 1, 3), mode="drop"),
+            k_scale=self.k_scale.at[layer, rows, :, group].set(ks[:, :, 0], mode="drop"),
+            k_zero=self.k_zero.at[layer, rows, :, group].set(kz[:, :, 0], mode="drop"),
+            k_stage=stage,
+            v_codes=self.v_codes.at[at].set(vc[:, :, 0], mode="drop"),
+            v_scale=self.v_scale.at[at].set(vs[:, :, 0], mode="drop"),
+            v_zero=self.v_zero.at[at].set(vz[:, :, 0], mode="drop"))
+
+    def read(self, layer, count, dtype):
+        """Dequantized keys, values [b, k, c, h]; keys of an unfinished group come from the stage."""
+        if self.symmetric:
+            return (codecs.decode_sym(self.k_codes[layer], self.k_scale[layer], self.bits, dtype),
+                    codecs.decode_sym(self.v_codes[layer], self.v_scale[layer], self.bits, dtype))
+        g = self.group_size
+        keys = codecs.decode_key_groups(self.k_codes[layer], self.k_scale[layer], self.k_zero[layer],
+                                        self.bits, g, dtype)
+        slot = jnp.arange(self.slots)
+        staged = (slot >= (count // g * g)[:, None]) & (slot < count[:, None])  # [b, c]
+        stage = jnp.tile(self.k_stage[layer], (1, 1, self.slots // g, 1))  # [b, k, c, h]
+        keys = jnp.where(staged[:, None, :, None], stage, keys)
+        values = codecs.decode_values(self.v_codes[layer], self.v_scale[layer], self.v_zero[layer],
+                                      self.bits, g, dtype)
+        return keys, values
+
+
+@struct.dataclass
+class Route:
+    """Where this step's tokens go (the same for every layer), set by `TieredCache.begin`."""
+
+    new_pos: jax.Array  # int32 [b]: the arriving token's position (-1 = padding)
+    leave_pos: jax.Array  # int32 [b]: the token leaving the window (-1 = none)
+    leave_width: jax.Array  # int32 [b]: its width (0 = evicted)
+    leave_slot: jax.Array  # int32 [b]: its slot in the tier of that width
+
+
+@struct.dataclass
+class TieredCache:
+    sink: DenseTier
+    window: DenseTier
+    kept: DenseTier
+    packed: tuple[PackedTier, ...]
+    counts: jax.Array  # int32 [b, len(spec.tier_widths)]: tokens per tier
+    window_features: jax.Array  # float32 [b, W, F]: features of the window's tokens
+    lengths: jax.Array  # int32 [b]
+    route: Route | None
+    spec: PolicySpec = struct.field(pytree_node=False)
+    caps: tuple[int, ...] = struct.field(pytree_node=False)  # slots per tier, as tier_widths
+    capacity: int = struct.field(pytree_node=False)  # tokens per sequence the cache was sized for
+
+    @classmethod
+    def init(cls, spec: PolicySpec, cfg: ModelConfig, batch: int, capacity: int, dtype=jnp.float32):
+        spec.check(cfg)
+        caps = spec.capacities(capacity)
+        dense = lambda slots: DenseTier.init(cfg, batch, slots, dtype)
+        packed = tuple(PackedTier.init(cfg, batch, caps[w], w, spec.group_size, spec.symmetric, dtype)
+                       for w in spec.quant_widths)
+        return cls(sink=dense(spec.sinks), window=dense(spec.window), kept=dense(caps.get(16, 0)),
+                   packed=packed, counts=jnp.zeros((batch, len(spec.tier_widths)), jnp.int32),
+                   window_features=jnp.zeros((batch, spec.window, NUM_FEATURES), jnp.float32),
+                   lengths=jnp.zeros((batch,), jnp.int32), route=None, spec=spec,
+                   caps=tuple(caps[w] for w in spec.tier_widths), capacity=capacity)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(x.nbytes for x in jax.tree_util.tree_leaves(self))
+
+    @property
+    def uses_features(self) -> bool:
+        return self.spec.uses_features
+
+    def tokens_per_tier(self) -> dict[str, jax.Array]:
+        """Tokens held per tier and sequence (int32 [b] each); evicted tokens are in none."""
+        valid = lambda pos: jnp.sum(pos >= 0, axis=1)
+        out = {"sink": valid(self.sink.pos), "window": valid(self.window.pos)}
+        out.update({f"{w}-bit": self.counts[:, i] for i, w in enumerate(self.spec.tier_widths)})
+        return out
+
+    # -- the three steps the model calls ------------------------------------------------
+
+    def begin(self, positions):
+        """Routes this step's tokens: positions int32 [b, 1]."""
+        if positions.shape[1] != 1:
+            raise KvjaxError("a quantized cache takes one token per sequence per step; "
+                             "prompts go through kvjax.teacher_forced.prefill")
+        spec, p = self.spec, positions[:, 0]
+        rows = jnp.arange(p.shape[0])
+        leave_pos = jnp.where((p >= 0) & (p - spec.window >= spec.sinks), p - spec.window, -1)
+        leaving = leave_pos >= 0
+        ring = jnp.where(p >= spec.sinks, p % spec.window, spec.window)
+        feats = self.window_features[rows, jnp.minimum(ring, spec.window - 1)]
+        width = resolve_widths(spec, preferred_widths(spec, leave_pos, feats), self.counts, self.caps)
+        width = jnp.where(leaving, width, -1)
+        onehot = jnp.stack([width == w for w in spec.tier_widths], axis=1) if spec.tier_widths else \
+            jnp.zeros((p.shape[0], 0), bool)
+        slot = jnp.sum(jnp.where(onehot, self.counts, 0), axis=1)
+        counts = self.counts + onehot.astype(jnp.int32)
+        sink_slot = jnp.where((p >= 0) & (p < spec.sinks), p, spec.sinks)
+        cache = self.replace(
+            sink=self.sink.replace(pos=self.sink.pos.at[rows, sink_slot].set(p, mode="drop")),
+            window=self.window.replace(pos=self.window.pos.at[rows, ring].set(p, mode="drop")),
+            counts=counts, route=Route(p, leave_pos, width, slot))
+        return cache._set_tier_positions(rows, width, slot, leave_pos)
+
+    def _set_tier_positions(self, rows, width, slot, leave_pos):
+        def put(tier, w):
+            idx = jnp.where(width == w, slot, tier.slots)
+            return tier.replace(pos=tier.pos.at[rows, idx].set(leave_pos, mode="drop"))
+
+        return self.replace(kept=put(self.kept, 16) if 16 in self.spec.tier_widths else self.kept,
+                            packed=tuple(put(t, t.bits) for t in self.packed))
+
+    def update(self, layer, k, v, positions):
+        """Moves the leaving token of `layer` to its tier, then stores k, v [b, 1, k, h]."""
+        spec, r = self.spec, self.route
+        rows = jnp.arange(k.shape[0])
+        ring = jnp.where(r.new_pos >= spec.sinks, r.new_pos % spec.window, spec.window)
+        ring_read = jnp.minimum(ring, spec.window - 1)
+        old_k, old_v = self.window.k[layer, rows, :, ring_read], self.window.v[layer, rows, :, ring_read]
+        kept = self.kept
+        if 16 in spec.tier_widths:
+            kept = kept.write(layer, rows, jnp.where(r.leave_width == 16, r.leave_slot, kept.slots), old_k, old_v)
+        packed = tuple(t.append(layer, rows, jnp.where(r.leave_width == t.bits, r.leave_slot, t.slots),
+                                old_k, old_v) for t in self.packed)
+        k, v = k[:, 0].astype(self.window.k.dtype), v[:, 0].astype(self.window.v.dtype)
+        sink_slot = jnp.where((r.new_pos >= 0) & (r.new_pos < spec.sinks), r.new_pos, spec.sinks)
+        return self.replace(sink=self.sink.write(layer, rows, sink_slot, k, v),
+                            window=self.window.write(layer, rows, ring, k, v), kept=kept, packed=packed)
+
+    def attend(self, layer, q, positions):
+        """q [b, 1, n, h] over every tier of `layer`, dequantized, in one softmax."""
+        dtype = self.window.k.dtype
+        parts = [(*self.sink.read(layer), self.sink.pos), (*self.window.read(layer), self.window.pos),
+                 (*self.kept.read(layer), self.kept.pos)]
+        for i, tier in enumerate(self.packed):
+            parts.append((*tier.read(layer, self.counts[:, i], dtype), tier.pos))
+        keys = jnp.concatenate([p[0] for p in parts], axis=2)
+        values = jnp.concatenate([p[1] for p in parts], axis=2)
+        pos = jnp.concatenate([p[2] for p in parts], axis=1)
+        return masked_attention(q, keys, values, causal_mask(positions, pos))
+
+    def advance(self, positions):
+        return self.replace(lengths=jnp.maximum(self.lengths, positions.max(axis=1) + 1), route=None)
+
+    def record_features(self, positions, features):
+        """Keeps this step's token features [b, 1, F] for when the token leaves the window."""
+        spec, p = self.spec, positions[:, 0]
+        ring = jnp.where(p >= spec.sinks, p % spec.window, spec.window)
+        rows = jnp.arange(p.shape[0])
+        return self.replace(window_features=self.window_features.at[rows, ring].set(features[:, 0], mode="drop"))
+
+    # -- prompts ------------------------------------------------------------------------
+
+    @classmethod
+    def from_sequence(cls, empty: "TieredCache", k_all, v_all, widths, features, positions):
+        """The state after step-by-step decoding of a whole sequence.
+
+        k_all, v_all [l, b, k, T, h] (token j at index j), widths int32 [b, T] as resolved
+        by the teacher-forced path, features [b, T, F], positions [b, T] (-1 = padding).
+        """
+        spec = empty.spec
+        b, T = positions.shape
+        rows = jnp.arange(b)[:, None]
+        j = jnp.arange(T)[None, :]
+        n = jnp.sum(positions >= 0, axis=1, keepdims=True)  # [b, 1]
+        valid = j < n
+        k_tok, v_tok = k_all.transpose(1, 3, 0, 2, 4), v_all.transpose(1, 3, 0, 2, 4)  # [b, T, l, k, h]
+        pos = jnp.broadcast_to(j, (b, T))
+
+        def place(tier, slot):
+            return tier.replace(k=tier.k.at[:, rows, :, slot].set(k_tok, mode="drop"),
+                                v=tier.v.at[:, rows, :, slot].set(v_tok, mode="drop"),
+                                pos=tier.pos.at[rows, slot].set(pos, mode="drop"))
+
+        sink = place(empty.sink, jnp.where(valid & (j < spec.sinks), j, spec.sinks))
+        in_window = valid & (j >= spec.sinks) & (j >= n - spec.window)
+        ring = jnp.where(in_window, j % spec.window, spec.window)
+        window = place(empty.window, ring)
+        window_features = empty.window_features.at[rows, ring].set(features, mode="drop")
+
+        left = valid & (j >= spec.sinks) & (j < n - spec.window)
+        counts, kept, packed = [], empty.kept, []
+        for i, w in enumerate(spec.tier_widths):
+            members = left & (widths == w)
+            rank = jnp.cumsum(members, axis=1) - 1
+            counts.append(jnp.sum(members, axis=1))
+            if w == 16:
+                kept = place(kept, jnp.where(members, rank, kept.slots))
+                continue
+            tier = empty.packed[spec.quant_widths.index(w)]
+            packed.append(_fill_packed(tier, k_all, v_all, members, rank, pos))
+        return empty.replace(sink=sink, window=window, kept=kept, packed=tuple(packed),
+                             counts=jnp.stack(counts, axis=1) if counts else empty.counts,
+                             window_features=window_features, lengths=n[:, 0])
+
+
+def _fill_packed(tier: PackedTier, k_all, v_all, members, rank, pos) -> PackedTier:
+    """Writes the member tokens of a sequence, in rank order, into an empty packed tier."""
+    b, T = members.shape
+    rows = jnp.arange(b)[:, None]
+    c, g, dtype = tier.slots, tier.group_size, k_all.dtype
+    if c == 0:
+        return tier
+    slot = jnp.where(members, rank, c)
+    at = (slice(None), rows, slice(None), slot)
+    to_slots = lambda x: x.transpose(1, 3, 0, 2, 4)  # [l, b, k, T, w] -> [b, T, l, k, w]
+    tier = tier.replace(pos=tier.pos.at[rows, slot].set(pos, mode="drop"))
+    if tier.symmetric:
+        kc, ks = codecs.encode_sym(k_all, tier.bits, dtype)
+        vc, vs = codecs.encode_sym(v_all, tier.bits, dtype)
+        return tier.replace(k_codes=tier.k_codes.at[at].set(to_slots(kc), mode="drop"),
+                            k_scale=tier.k_scale.at[at].set(to_slots(ks), mode="drop"),
+                            v_codes=tier.v_codes.at[at].set(to_slots(vc), mode="drop"),
+                            v_scale=tier.v_scale.at[at].set(to_slots(vs), mode="drop"))
+    vc, vs, vz = codecs.encode_values(v_all, tier.bits, g, dtype)
+    # Keys: gather the members in rank order, then quantize whole groups of G.
+    order = jnp.argsort(jnp.where(members, rank, T + jnp.arange(T)), axis=1)  # [b, T]
+    if T < c:
+        order = jnp.concatenate([order, jnp.zeros((b, c - T), order.dtype)], axis=1)
+    order = order[:, :c]
+    k_sorted = jnp.take_along_axis(k_all, order[None, :, None, :, None], axis=3)  # [l, b, k, c, h]
+    kc, ks, kz = codecs.encode_key_groups(k_sorted, tier.bits, g, dtype)
+    count = jnp.sum(members, axis=1)
+    stage_idx = jnp.minimum((count // g * g)[:, None] + jnp.arange(g), c - 1)  # [b, G]
+    stage = jnp.take_along_axis(k_sorted, stage_idx[None, :, None, :, None], axis=3)
+    return tier.replace(k_codes=kc, k_scale=ks, k_zero=kz, k_stage=stage,
+                        v_codes=tier.v_codes.at[at].set(to_slots(vc), mode="drop"),
+                        v_scale=tier.v_scale.at[at].set(to_slots(vs), mode="drop"),
+                        v_zero=tier.v_zero.at[at].set(to_slots(vz), mode="drop"))
