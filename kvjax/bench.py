@@ -21,7 +21,7 @@ from kvjax.errors import KvjaxError
 from kvjax.generation import decode_chunk, default_dtype, prefill, start_state
 from kvjax.loading import load_model
 from kvjax.model import DTYPES
-from kvjax.policies import POLICY_NAMES, make_cache
+from kvjax.policies import add_policy_flags, make_cache, policy_from_flags
 from kvjax.sampling import SamplingConfig
 
 GREEDY = SamplingConfig()
@@ -64,12 +64,13 @@ def main(argv=None) -> int:
     p.add_argument("--decode-steps", type=int, default=32)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--kv", default="fp16", choices=POLICY_NAMES)
+    add_policy_flags(p)
     p.add_argument("--dtype", default=None, choices=sorted(DTYPES))
     args = p.parse_args(argv)
     try:
         contexts = [int(c) for c in args.contexts.split(",")]
         dtype_name = args.dtype or default_dtype()
+        kv = policy_from_flags(args)
         model = load_model(args.model, DTYPES[dtype_name])
         if max(contexts) + args.decode_steps + 1 > model.cfg.max_position_embeddings:
             raise KvjaxError(f"context {max(contexts)} + decode steps exceeds the model's "
@@ -82,7 +83,7 @@ def main(argv=None) -> int:
           f"| jax {jax.__version__} | dtype {dtype_name} | kv {args.kv} | batch {args.batch}")
     print(f"{'context':>8} {'prefill tok/s':>14} {'decode ms/tok':>14} {'decode tok/s':>13} {'KV MiB':>8}")
     for context in contexts:
-        tps, ms, kv_bytes = bench_context(model, context, args.decode_steps, args.batch, args.kv,
+        tps, ms, kv_bytes = bench_context(model, context, args.decode_steps, args.batch, kv,
                                           DTYPES[dtype_name], args.repeats)
         print(f"{context:>8} {tps:>14.1f} {ms:>14.2f} {args.batch * 1e3 / ms:>13.1f} {kv_bytes / 2**20:>8.1f}",
               flush=True)

@@ -13,7 +13,7 @@ from kvjax.errors import KvjaxError
 from kvjax.generation import default_dtype, generate
 from kvjax.loading import load_model
 from kvjax.model import DTYPES
-from kvjax.policies import POLICY_NAMES
+from kvjax.policies import add_policy_flags, policy_from_flags
 from kvjax.sampling import SamplingConfig
 
 
@@ -37,7 +37,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("--dtype", default=None, choices=sorted(DTYPES),
                    help="compute dtype (default: float32 on CPU, bfloat16 on GPU/TPU)")
-    p.add_argument("--kv", default="fp16", choices=POLICY_NAMES, help="KV-cache policy")
+    add_policy_flags(p)
     p.add_argument("--chunk", type=int, default=8, help="decode steps per device dispatch while streaming")
     return p
 
@@ -49,15 +49,21 @@ def main(argv=None) -> int:
             raise KvjaxError(f"--chunk must be >= 1, got {args.chunk}")
         sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
         dtype = args.dtype or default_dtype()
+        kv = policy_from_flags(args)
         model = load_model(args.model, DTYPES[dtype])
         prompts = args.prompt
         if args.chat:
             prompts = [model.tokenizer.apply_chat_template([{"role": "user", "content": p}]) for p in prompts]
         stream = len(prompts) == 1
-        if stream:
-            print(args.prompt[0], end="", flush=True)
-        result = generate(model, prompts, args.max_new_tokens, sampling, args.seed, args.kv, dtype,
-                          chunk=args.chunk, on_text=(lambda s: print(s, end="", flush=True)) if stream else None)
+        shown = []  # the prompt is echoed once the first text arrives (after prefill)
+
+        def show(text):
+            if not shown:
+                shown.append(print(args.prompt[0], end=""))
+            print(text, end="", flush=True)
+
+        result = generate(model, prompts, args.max_new_tokens, sampling, args.seed, kv, dtype,
+                          chunk=args.chunk, on_text=show if stream else None)
         if stream:
             print()
         else:

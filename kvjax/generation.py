@@ -19,11 +19,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from kvjax import teacher_forced
 from kvjax.errors import KvjaxError
+from kvjax.features import token_features
 from kvjax.loading import LoadedModel
 from kvjax.model import DTYPES, forward
-from kvjax.policies import POLICY_NAMES, make_cache
+from kvjax.policies import PolicySpec, make_cache, parse_policy
 from kvjax.sampling import SamplingConfig, sample
+from kvjax.tiered import TieredCache
 
 
 @struct.dataclass
@@ -38,8 +41,15 @@ class DecodeState:
 
 @functools.partial(jax.jit, static_argnames=("cfg", "dtype"), donate_argnames=("cache",))
 def prefill(params, tokens, positions, cache, *, cfg, dtype):
-    """Runs the prompts (right-padded, positions -1 on padding) -> (last logits [b, v], cache)."""
-    logits, cache = forward(params, cfg, tokens, positions, cache, dtype)
+    """Runs the prompts (right-padded, positions -1 on padding) -> (last logits [b, v], cache).
+
+    A quantized cache is filled through the exact teacher-forced path, so it ends in the
+    state that step-by-step decoding of the prompt would have left.
+    """
+    if isinstance(cache, TieredCache):
+        logits, cache = teacher_forced.prefill(params, cfg, tokens, positions, cache)
+    else:
+        logits, cache = forward(params, cfg, tokens, positions, cache, dtype)
     last = jnp.argmax(positions, axis=1)  # index of each row's last real token
     return logits[jnp.arange(tokens.shape[0]), last], cache
 
@@ -67,6 +77,8 @@ def decode_chunk(params, state: DecodeState, eos_id, *, cfg, dtype, sampling: Sa
         i, s = carry
         positions = jnp.where(s.done, -1, s.cache.lengths)[:, None]
         logits, cache = forward(params, cfg, s.last[:, None], positions, s.cache, dtype)
+        if cache.uses_features:
+            cache = cache.record_features(positions, token_features(logits, s.last[:, None]))
         key, sub = jax.random.split(s.key)
         nxt = jnp.where(s.done, eos_id, sample(logits[:, 0], sub, sampling))
         s = DecodeState(last=nxt, cache=cache, key=key, done=s.done | (nxt == eos_id),
@@ -87,6 +99,8 @@ class GenerationResult:
     compile_s: float
     kv_bytes: int
     kv_policy: str
+    kv_tiers: dict[str, int]  # tokens per tier of the first sequence at the end
+
 
     @property
     def decode_ms_per_token(self) -> float:
@@ -95,9 +109,11 @@ class GenerationResult:
     def stats_line(self) -> str:
         batch = len(self.tokens)
         tok_s = batch * self.decode_steps / self.decode_s if self.decode_s > 0 else float("nan")
+        tiers = ", ".join(f"{name} {n}" for name, n in self.kv_tiers.items())
         return (f"[kvjax] prefill {1e3 * self.prefill_s:.1f} ms ({sum(self.prompt_lengths)} tokens) | "
                 f"decode {self.decode_ms_per_token:.2f} ms/token | {tok_s:.1f} tokens/s | "
-                f"KV cache {self.kv_policy} {self.kv_bytes / 2**20:.2f} MiB | compile {self.compile_s:.1f} s")
+                f"KV cache {self.kv_policy} {self.kv_bytes / 2**20:.2f} MiB ({tiers}) | "
+                f"compile {self.compile_s:.1f} s")
 
 
 def _pad_prompts(prompts: list[list[int]]):
@@ -117,7 +133,7 @@ def _visible_text(text: str) -> str:
 
 
 def generate(model: LoadedModel, prompts: list[str] | list[list[int]], max_new_tokens: int = 64,
-             sampling: SamplingConfig = SamplingConfig(), seed: int = 0, kv: str = "fp16",
+             sampling: SamplingConfig = SamplingConfig(), seed: int = 0, kv: str | PolicySpec = "fp16",
              dtype: str = "float32", chunk: int | None = None,
              on_text: Callable[[str], None] | None = None) -> GenerationResult:
     """Generates up to `max_new_tokens` per prompt (strings or token-id lists).
@@ -128,8 +144,8 @@ def generate(model: LoadedModel, prompts: list[str] | list[list[int]], max_new_t
     cfg, tok = model.cfg, model.tokenizer
     if max_new_tokens < 1:
         raise KvjaxError(f"max-new-tokens must be >= 1, got {max_new_tokens}")
-    if kv not in POLICY_NAMES:
-        raise KvjaxError(f"unknown KV-cache policy {kv!r}; known: {', '.join(POLICY_NAMES)}")
+    if kv != "fp16" and not isinstance(kv, PolicySpec):
+        kv = parse_policy(kv)
     if dtype not in DTYPES:
         raise KvjaxError(f"unknown dtype {dtype!r}; known: {', '.join(DTYPES)}")
     ids = [tok.encode(p) if isinstance(p, str) else list(p) for p in prompts]
@@ -181,7 +197,8 @@ def generate(model: LoadedModel, prompts: list[str] | list[list[int]], max_new_t
     return GenerationResult(tokens=out, texts=[tok.decode(t) for t in out],
                             prompt_lengths=[len(p) for p in ids], prefill_s=prefill_s,
                             decode_s=decode_s, decode_steps=int(state.step) - 1, compile_s=compile_s,
-                            kv_bytes=kv_bytes, kv_policy=kv)
+                            kv_bytes=kv_bytes, kv_policy=kv if isinstance(kv, str) else kv.name,
+                            kv_tiers={k: int(v[0]) for k, v in state.cache.tokens_per_tier().items()})
 
 
 def _until_eos(row: np.ndarray, eos_id: int) -> list[int]:
