@@ -1,1 +1,1 @@
-"""The evaluation suite (`python -m eval`), issue #6: not implemented yet."""
+"""Evaluation of kvjax cache policies: perplexity now; zero-shot tasks and the report come next (issue #6)."""

@@ -1,0 +1,131 @@
+"""Perplexity of a model through each KV-cache policy, with the exact teacher-forced path.
+
+    python -m eval.perplexity --kv fp16,kivi4,kivi2,int8-sink,streaming,mixed@3 \
+        --text wikitext2 --context 4096 --segments 2
+
+Texts (from ../shared/data, see its MANIFEST.md): `wikitext2` is the WikiText-2 test split
+in its word-level *tokenized* form (wiki.test.tokens: `<unk>`, ` @-@ `), read as one stream;
+`sherlock` is Project Gutenberg #1661 between its START/END markers. Each segment of
+`context` tokens is scored on its own; perplexity is exp(mean next-token NLL) over all of them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+from kvjax import teacher_forced
+from kvjax.errors import KvjaxError
+from kvjax.loading import load_model
+from kvjax.model import forward
+from kvjax.policies import make_cache, parse_policy
+
+DATA_DIR = os.environ.get("KVJAX_DATA", os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data"))
+TEXTS = {"wikitext2": "wikitext-2/test.txt", "sherlock": "gutenberg/sherlock.txt"}
+
+
+def read_text(name: str, data_dir: str = DATA_DIR) -> str:
+    if name not in TEXTS:
+        raise KvjaxError(f"unknown text {name!r}; known: {', '.join(TEXTS)}")
+    path = os.path.join(data_dir, TEXTS[name])
+    if not os.path.exists(path):
+        raise KvjaxError(f"{path} not found: pass --data-dir (the shared data folder)")
+    with open(path, encoding="utf-8-sig") as f:  # sherlock.txt starts with a BOM
+        text = f.read().replace("\r\n", "\n")
+    if name == "sherlock":
+        start = text.index("\n", text.index("*** START OF")) + 1
+        text = text[start:text.index("*** END OF")]
+    return text
+
+
+@dataclasses.dataclass
+class PerplexityResult:
+    policy: str
+    text: str
+    context: int
+    tokens: int  # predicted tokens
+    nll: float  # mean negative log-likelihood (nats)
+    seconds: float
+    kv_bytes_per_token: float  # bytes a decode cache for `context` tokens allocates, per token
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(self.nll)
+
+
+def segment_nll(params, cfg, tokens: np.ndarray, policy: str, dtype=jnp.float32) -> np.ndarray:
+    """Next-token NLL [T-1] of one segment under `policy` (teacher-forced, exact)."""
+    ids = jnp.asarray(tokens, jnp.int32)[None]
+    positions = jnp.arange(ids.shape[1], dtype=jnp.int32)[None]
+    if policy == "fp16":
+        logits, _ = _plain_forward(params, ids, positions, cfg=cfg, dtype=dtype)
+    else:
+        logits, _ = teacher_forced.score(params, cfg, ids, positions, parse_policy(policy), ids.shape[1], dtype)
+    logp = jax.nn.log_softmax(logits[0, :-1], axis=-1)
+    return -np.asarray(jnp.take_along_axis(logp, ids[0, 1:, None], axis=-1)[:, 0])
+
+
+_plain_forward = jax.jit(lambda params, tokens, positions, cfg, dtype: forward(params, cfg, tokens, positions,
+                                                                                  None, dtype),
+                         static_argnames=("cfg", "dtype"))
+
+
+def kv_bytes_per_token(policy: str, cfg, context: int) -> float:
+    """Allocated bytes per token of a batch-1 cache for `context` tokens, 16-bit storage."""
+    cache = jax.eval_shape(lambda: make_cache(policy, cfg, 1, context, jnp.float16))
+    return sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(cache)) / context
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m eval.perplexity", description=__doc__.splitlines()[0])
+    p.add_argument("--model", default=None)
+    p.add_argument("--kv", default="fp16,kivi4,kivi2", help="comma-separated policies")
+    p.add_argument("--text", default="wikitext2", choices=sorted(TEXTS))
+    p.add_argument("--context", type=int, default=4096)
+    p.add_argument("--segments", type=int, default=2)
+    p.add_argument("--data-dir", default=DATA_DIR)
+    p.add_argument("--json", default=None, help="append results as JSON lines to this file")
+    args = p.parse_args(argv)
+    try:
+        policies = [x.strip() for x in args.kv.split(",") if x.strip()]
+        for policy in policies:
+            if policy != "fp16":
+                parse_policy(policy)
+        model = load_model(args.model)
+        ids = np.asarray(model.tokenizer.encode(read_text(args.text, args.data_dir)), np.int32)
+        if len(ids) < args.context * args.segments:
+            raise KvjaxError(f"{args.text} has {len(ids)} tokens, fewer than {args.segments} x {args.context}")
+        if args.context > model.cfg.max_position_embeddings:
+            raise KvjaxError(f"context {args.context} exceeds the model's {model.cfg.max_position_embeddings}")
+    except KvjaxError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"{args.text}: {len(ids)} tokens; {args.segments} segment(s) of {args.context}")
+    for policy in policies:
+        t0, nll = time.perf_counter(), []
+        for s in tqdm(range(args.segments), desc=policy, leave=False):
+            nll.append(segment_nll(model.params, model.cfg, ids[s * args.context:(s + 1) * args.context], policy))
+        nll = np.concatenate(nll)
+        result = PerplexityResult(policy, args.text, args.context, len(nll), float(nll.mean()),
+                                  time.perf_counter() - t0, kv_bytes_per_token(policy, model.cfg, args.context))
+        print(f"{policy:>16}  ppl {result.perplexity:8.3f}  KV {result.kv_bytes_per_token:7.1f} B/token  "
+              f"({result.tokens} tokens, {result.seconds:.0f} s)",
+              flush=True)
+        if args.json:
+            with open(args.json, "a") as f:
+                f.write(json.dumps({**dataclasses.asdict(result), "perplexity": result.perplexity}) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

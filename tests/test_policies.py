@@ -1,0 +1,164 @@
+"""Quantized cache policies: teacher-forced scoring equals step-by-step decoding, for every policy."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kvjax import teacher_forced
+from kvjax.cache import DenseCache
+from kvjax.config import get_preset
+from kvjax.errors import KvjaxError
+from kvjax.features import token_features
+from kvjax.model import forward, init_params
+from kvjax.policies import PolicySpec, make_cache, parse_policy, resolve_widths
+from kvjax.tiered import TieredCache
+
+CFG = get_preset("tiny")  # head_dim 16
+PARAMS = init_params(CFG, jax.random.PRNGKey(0))
+# Small window and groups so that short sequences cross many window and group boundaries.
+WINDOW, GROUP = 8, 4
+POLICIES = ["kivi2", "kivi4", "kivi8", "int8-sink", "streaming", "mixed@3", "mixed@2.5", "mixed-rule@3",
+            "mixed-rule@4"]
+
+
+def spec_of(name, **kw):
+    return parse_policy(name, window=WINDOW, group_size=GROUP, **kw)
+
+
+def decode_all(spec, tokens, positions, capacity):
+    """Step-by-step decoding from an empty cache: logits [b, T, v] and the final cache."""
+    b, T = tokens.shape
+
+    @jax.jit
+    def step(cache, tok, pos):
+        logits, cache = forward(PARAMS, CFG, tok, pos, cache)
+        if cache.uses_features:
+            cache = cache.record_features(pos, token_features(logits, tok))
+        return logits, cache
+
+    cache, out = make_cache(spec, CFG, b, capacity), []
+    for t in range(T):
+        logits, cache = step(cache, tokens[:, t:t + 1], positions[:, t:t + 1])
+        out.append(logits[:, 0])
+    return jnp.stack(out, axis=1), cache
+
+
+def ragged_batch(T=41, short=33, seed=0):
+    tokens = jnp.asarray(np.random.default_rng(seed).integers(0, CFG.vocab_size, (2, T)))
+    positions = np.tile(np.arange(T), (2, 1))
+    positions[1, short:] = -1
+    return tokens, jnp.asarray(positions, jnp.int32)
+
+
+@pytest.mark.parametrize("name", POLICIES)
+def test_teacher_forced_equals_step_by_step_decode(name):
+    spec = spec_of(name)
+    tokens, positions = ragged_batch()
+    capacity = 44
+    want, cache = decode_all(spec, tokens, positions, capacity)
+    got, _ = teacher_forced.score(PARAMS, CFG, tokens, positions, spec, capacity)
+    valid = np.asarray(positions) >= 0
+    np.testing.assert_allclose(np.asarray(got)[valid], np.asarray(want)[valid], atol=2e-5, rtol=1e-5)
+    # the policy really changed something: not equal to the full-precision forward
+    full, _ = forward(PARAMS, CFG, tokens, positions)
+    assert float(jnp.abs(full - got)[valid].max()) > 1e-3
+    # nothing dropped unless evicting; every left token is in exactly one tier
+    tiers = {k: np.asarray(v) for k, v in cache.tokens_per_tier().items()}
+    stored = sum(tiers.values())
+    lengths = valid.sum(1)
+    if spec.evict:
+        np.testing.assert_array_equal(stored, np.minimum(lengths, spec.sinks + spec.window))
+    else:
+        np.testing.assert_array_equal(stored, lengths)
+
+
+@pytest.mark.parametrize("name", ["kivi2", "int8-sink", "streaming", "mixed-rule@3"])
+def test_prefill_then_decode_equals_teacher_forced(name):
+    spec = spec_of(name)
+    tokens, positions = ragged_batch(T=37, short=37, seed=1)
+    capacity, P = 40, 23
+    want, _ = teacher_forced.score(PARAMS, CFG, tokens, positions, spec, capacity)
+    logits, cache = teacher_forced.prefill(PARAMS, CFG, tokens[:, :P], positions[:, :P],
+                                           make_cache(spec, CFG, 2, capacity))
+    np.testing.assert_allclose(logits, want[:, :P], atol=2e-5, rtol=1e-5)
+    for t in range(P, tokens.shape[1]):
+        pos = positions[:, t:t + 1]
+        logits, cache = forward(PARAMS, CFG, tokens[:, t:t + 1], pos, cache)
+        if cache.uses_features:
+            cache = cache.record_features(pos, token_features(logits, tokens[:, t:t + 1]))
+        np.testing.assert_allclose(logits[:, 0], want[:, t], atol=2e-5, rtol=1e-5)
+
+
+def test_fp16_policy_is_the_plain_cache_bit_for_bit():
+    tokens, positions = ragged_batch(T=12, short=12)
+    a = forward(PARAMS, CFG, tokens, positions, make_cache("fp16", CFG, 2, 16))[0]
+    b = forward(PARAMS, CFG, tokens, positions, DenseCache.init(CFG, 2, 16))[0]
+    np.testing.assert_array_equal(a, b)
+
+
+def test_tiers_are_allocated_at_their_bits():
+    """A b-bit KIVI tier is b/16 of FP16 plus its scales and zeros (1/16 at G=32, 16-bit scales)."""
+    cfg = get_preset("SmolLM2-135M")
+    capacity = 4096 + 128
+    dense = jax.eval_shape(lambda: DenseCache.init(cfg, 1, capacity, jnp.float16))
+    fp16_bytes = dense.k.size * 2 * 2
+    for bits, expected in [(2, 2 / 16 + 1 / 16), (4, 4 / 16 + 1 / 16)]:
+        cache = jax.eval_shape(lambda: make_cache(f"kivi{bits}", cfg, 1, capacity, jnp.float16))
+        (tier,) = cache.packed
+        per_token_head = (2 * 64 * bits / 8  # key and value codes
+                          + 2 * 64 * 2 / 32  # key scale + zero per channel, one pair per 32 tokens
+                          + 2 * 2 * 2)  # value scale + zero for each of two groups of 32 channels
+        tier_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(tier) if x.ndim == 5)
+        stage = tier.k_stage.size * 2
+        assert tier_bytes - stage == cfg.num_layers * cfg.num_kv_heads * 4096 * per_token_head
+        assert (tier_bytes - stage) / (fp16_bytes * 4096 / capacity) == pytest.approx(expected)
+
+
+def test_full_tier_sends_token_to_nearest_tier_with_room():
+    spec = PolicySpec("m", quant_widths=(2, 4, 8), budget_bits=3.0, window=8, group_size=4)
+    caps = jnp.asarray([8, 4, 4, 4])  # tiers 2, 4, 8, 16
+    counts = jnp.asarray([[0, 4, 0, 0], [0, 4, 4, 0], [8, 4, 4, 4], [0, 0, 4, 0]])
+    preferred = jnp.asarray([4, 4, 16, 8])
+    # 4 full -> 8 (as near as 2, ties to the wider); 4 and 8 full -> 2; 16 full -> 8 full... -> 4 full -> 2;
+    # 8 full -> 16 (ties between 4 and 16 go to the wider)
+    np.testing.assert_array_equal(resolve_widths(spec, preferred, counts, caps), [8, 2, 0, 16])
+
+
+def test_mixed_budget_histogram_and_capacities():
+    for budget in (2.0, 2.5, 3.0, 4.0, 5.0):
+        spec = parse_policy(f"mixed@{budget}")
+        hist = spec.histogram()
+        assert sum(hist.values()) == pytest.approx(1.0)
+        assert sum(w * f for w, f in hist.items()) == pytest.approx(budget)
+        caps = spec.capacities(4096 + 132)
+        assert sum(caps.values()) >= 4096 and all(c % spec.group_size == 0 for c in caps.values())
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: PolicySpec("x", quant_widths=(3,)), "width 3"),
+    (lambda: parse_policy("kivi2", window=100), "not a multiple of G"),
+    (lambda: parse_policy("mixed@1.5"), "below 2 bits"),
+    (lambda: parse_policy("mixed@abc"), "not a number"),
+    (lambda: parse_policy("kivi2@3"), "only mixed"),
+    (lambda: parse_policy("kivi3"), "unknown KV-cache policy"),
+    (lambda: make_cache(parse_policy("kivi2", group_size=12, window=120), CFG, 1, 64), "does not divide head_dim"),
+    (lambda: make_cache(parse_policy("streaming", window=600), CFG, 1, 64), "exceeds the model's context"),
+    (lambda: forward(PARAMS, CFG, jnp.zeros((1, 2), jnp.int32), jnp.arange(2)[None],
+                     make_cache(spec_of("kivi2"), CFG, 1, 64)), "one token per sequence"),
+])
+def test_invalid_configurations_raise_clear_errors(make, message):
+    with pytest.raises(KvjaxError, match=message):
+        make()
+
+
+def test_generate_reports_tiers(tiny_checkpoint):
+    from kvjax.generation import generate
+    from kvjax.loading import load_model
+
+    model = load_model(tiny_checkpoint.hf_folder)
+    model.cfg = model.cfg.replace(eos_token_id=None)
+    result = generate(model, [[1, 2, 3, 4, 5]], max_new_tokens=30, kv=spec_of("mixed-rule@3"))
+    assert sum(result.kv_tiers.values()) == 5 + 30 - 1
+    assert result.kv_tiers["window"] == WINDOW and "2-bit" in result.stats_line()
+    assert isinstance(make_cache(spec_of("kivi2"), CFG, 1, 64), TieredCache)
