@@ -46,11 +46,20 @@ class DenseTier:
 
     def write(self, layer, rows, slot, k, v):
         """k, v [b, k, h] into `slot` [b] of `layer` (slot out of range = no write)."""
-        return self.replace(k=self.k.at[layer, rows, :, slot].set(k, mode="drop"),
-                            v=self.v.at[layer, rows, :, slot].set(v, mode="drop"))
+        at = (rows, slice(None), slot)
+        return self.replace(k=_put(self.k, layer, at, k), v=_put(self.v, layer, at, v))
 
     def read(self, layer):
         return self.k[layer], self.v[layer]
+
+
+def _put(array, layer, index, values):
+    """array[layer][index] = values (out-of-range indices dropped).
+
+    Scattering into the one layer's slice and writing that slice back lets XLA update the
+    cache in place; a scatter into the whole [l, ...] array copied it on every step.
+    """
+    return array.at[layer].set(array[layer].at[index].set(values, mode="drop"))
 
 
 @struct.dataclass
@@ -91,32 +100,31 @@ class PackedTier:
 
     def append(self, layer, rows, slot, k, v):
         """Stores one token per row, k, v [b, k, h], at `slot` [b] (out of range = none)."""
-        dtype = k.dtype
+        dtype, at = k.dtype, (rows, slice(None), slot)
         if self.symmetric:
             kc, ks = codecs.encode_sym(k[:, :, None], self.bits, dtype)
             vc, vs = codecs.encode_sym(v[:, :, None], self.bits, dtype)
-            at = (layer, rows, slice(None), slot)
-            return self.replace(k_codes=self.k_codes.at[at].set(kc[:, :, 0], mode="drop"),
-                                k_scale=self.k_scale.at[at].set(ks[:, :, 0], mode="drop"),
-                                v_codes=self.v_codes.at[at].set(vc[:, :, 0], mode="drop"),
-                                v_scale=self.v_scale.at[at].set(vs[:, :, 0], mode="drop"))
-        g, at = self.group_size, (layer, rows, slice(None), slot)
+            return self.replace(k_codes=_put(self.k_codes, layer, at, kc[:, :, 0]),
+                                k_scale=_put(self.k_scale, layer, at, ks[:, :, 0]),
+                                v_codes=_put(self.v_codes, layer, at, vc[:, :, 0]),
+                                v_scale=_put(self.v_scale, layer, at, vs[:, :, 0]))
+        g = self.group_size
         vc, vs, vz = codecs.encode_values(v[:, :, None], self.bits, g, dtype)
         stage_slot = jnp.where(slot < self.slots, slot % g, g)
-        stage = self.k_stage.at[layer, rows, :, stage_slot].set(k, mode="drop")
+        stage = _put(self.k_stage, layer, (rows, slice(None), stage_slot), k)
         # A group of G staged keys is complete: quantize it per channel into its G slots.
         complete = (slot < self.slots) & (slot % g == g - 1)
         kc, ks, kz = codecs.encode_key_groups(stage[layer], self.bits, g, dtype)  # [b, k, G, w], [b, k, 1, h]
-        group = jnp.where(complete, slot // g, self.slots // g)
+        group = (rows, slice(None), jnp.where(complete, slot // g, self.slots // g))
         group_slots = jnp.where(complete[:, None], (slot // g)[:, None] * g + jnp.arange(g), self.slots)
         return self.replace(
-            k_codes=self.k_codes.at[layer, rows[:, None], :, group_slots].set(kc.transpose(0, 2, 1, 3), mode="drop"),
-            k_scale=self.k_scale.at[layer, rows, :, group].set(ks[:, :, 0], mode="drop"),
-            k_zero=self.k_zero.at[layer, rows, :, group].set(kz[:, :, 0], mode="drop"),
+            k_codes=_put(self.k_codes, layer, (rows[:, None], slice(None), group_slots), kc.transpose(0, 2, 1, 3)),
+            k_scale=_put(self.k_scale, layer, group, ks[:, :, 0]),
+            k_zero=_put(self.k_zero, layer, group, kz[:, :, 0]),
             k_stage=stage,
-            v_codes=self.v_codes.at[at].set(vc[:, :, 0], mode="drop"),
-            v_scale=self.v_scale.at[at].set(vs[:, :, 0], mode="drop"),
-            v_zero=self.v_zero.at[at].set(vz[:, :, 0], mode="drop"))
+            v_codes=_put(self.v_codes, layer, at, vc[:, :, 0]),
+            v_scale=_put(self.v_scale, layer, at, vs[:, :, 0]),
+            v_zero=_put(self.v_zero, layer, at, vz[:, :, 0]))
 
     def read(self, layer, count, dtype):
         """Dequantized keys, values [b, k, c, h]; keys of an unfinished group come from the stage."""
