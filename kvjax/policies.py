@@ -4,7 +4,8 @@
   kivi2/4/8       KIVI: a 16-bit residual of the R newest tokens; older values per token and
                   keys per channel (whole groups of G tokens) in 2/4/8 bits
   int8-sink       selective quantization: S sink tokens + a window of W newest in 16 bits,
-                  the middle int8 per token (symmetric, keys and values)
+                  the middle int8 per token (symmetric, keys and values); int4-sink and
+                  int2-sink are its 4- and 2-bit variants
   streaming       StreamingLLM: S sinks + W window, everything else evicted
   mixed           like KIVI, but each token leaving the residual gets a width in {2, 4, 8, 16}
                   from a precision policy under an average-bit budget (`mixed@3` = 3.0 bits)
@@ -26,7 +27,7 @@ from kvjax.errors import KvjaxError
 
 WIDTHS = (2, 4, 8, 16)
 EVICTED = 0  # width code of a token a streaming policy dropped
-POLICY_NAMES = ("fp16", "kivi2", "kivi4", "kivi8", "int8-sink", "streaming", "mixed")
+POLICY_NAMES = ("fp16", "kivi2", "kivi4", "kivi8", "int8-sink", "int4-sink", "int2-sink", "streaming", "mixed")
 PRECISIONS = ("static", "rule")
 # Share of the bits above 2 that `mixed` spends on 16-, 8- and 4-bit tokens.
 _UPGRADE_SHARES = {16: 0.2, 8: 0.3, 4: 0.5}
@@ -137,8 +138,9 @@ def parse_policy(name: str, window: int | None = None, sinks: int | None = None,
         opts["group_size"] = group_size
     if base.startswith("kivi"):
         spec = PolicySpec(name, quant_widths=(int(base[4:]),), sinks=sinks or 0, **opts)
-    elif base == "int8-sink":
-        spec = PolicySpec(name, quant_widths=(8,), symmetric=True, sinks=4 if sinks is None else sinks, **opts)
+    elif base.endswith("-sink"):
+        spec = PolicySpec(name, quant_widths=(int(base[3]),), symmetric=True, sinks=4 if sinks is None else sinks,
+                          **opts)
     elif base == "streaming":
         spec = PolicySpec(name, evict=True, sinks=4 if sinks is None else sinks, **opts)
     elif base == "mixed":
@@ -208,8 +210,8 @@ def resolve_widths(spec: PolicySpec, preferred, counts, caps):
 def add_policy_flags(parser):
     """The command-line flags that pick and tune a KV-cache policy (see `policy_from_flags`)."""
     parser.add_argument("--kv", default="fp16",
-                        help="KV-cache policy: fp16, kivi2, kivi4, kivi8, int8-sink, streaming, mixed, "
-                             "mixed@BITS, mixed-rule@BITS")
+                        help="KV-cache policy: fp16, kivi2, kivi4, kivi8, int8-sink, int4-sink, int2-sink, "
+                             "streaming, mixed, mixed@BITS, mixed-rule@BITS")
     parser.add_argument("--budget-bits", type=float, default=None, help="mixed: average bits (default 3.0)")
     parser.add_argument("--precision", default=None, choices=PRECISIONS, help="mixed: precision policy")
     parser.add_argument("--residual", type=int, default=None,

@@ -18,7 +18,7 @@ CFG = get_preset("tiny")  # head_dim 16
 PARAMS = init_params(CFG, jax.random.PRNGKey(0))
 # Small window and groups so that short sequences cross many window and group boundaries.
 WINDOW, GROUP = 8, 4
-POLICIES = ["kivi2", "kivi4", "kivi8", "int8-sink", "streaming", "mixed@3", "mixed@2.5", "mixed-rule@3",
+POLICIES = ["kivi2", "kivi4", "kivi8", "int8-sink", "int4-sink", "int2-sink", "streaming", "mixed@3", "mixed@2.5", "mixed-rule@3",
             "mixed-rule@4"]
 
 
