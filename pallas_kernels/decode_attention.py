@@ -1,0 +1,357 @@
+"""Fused decode attention over one KIVI packed tier: unpack, dequantize and attend in one kernel.
+
+Modelled on jax.experimental.pallas.ops.gpu.decode_attention (kernel -> pallas_call wrapper ->
+jitted public function -> pure-jnp reference). One decode step's queries attend to the valid
+slots of a packed tier without materializing its 16-bit keys/values in memory: each program
+reads bit-packed code words, unpacks them with shifts and masks, dequantizes in registers and
+runs an online (flash) softmax over blocks of slots. The result is the flash-decoding partials
+(o, m, l), which `merge_partials` combines with those of other tiers (and of 16-bit parts, from
+`dense_partials`) into the softmax over their union.
+
+Notation (kvjax/docs/DESIGN.md letters):
+    b batch, k kv heads, n = k * g query heads, g query heads per kv head (GQA),
+    h head dim, c tier slots, G group size, w = h * bits / 32 code words per slot,
+    per = 32 / bits codes per word, r query rows per program (g padded, see DecodeBlocks),
+    S slot splits, L = c / S slots per split, B slots per inner block.
+
+Tier layout (one layer, kvjax.codecs / kvjax.tiered.PackedTier, KIVI):
+    k_codes, v_codes  uint32 [b, k, c, w]  code d of a slot = word d // per, bits (d % per) * bits
+    k_scale, k_zero   [b, k, c/G, h]       key[s, d]   = code * k_scale[s // G, d] + k_zero[s // G, d]
+    v_scale, v_zero   [b, k, c, h/G]       value[s, d] = code * v_scale[s, d // G] + v_zero[s, d // G]
+    count             int32 [b]            slots >= count are empty (callers exclude the slots of
+                                           an unfinished key group from the count)
+    q                 [b, n, h]            heads [i*g:(i+1)*g] read kv head i
+
+Partials (float32), per query head, over the valid slots j, with s_j = q . key_j / sqrt(h):
+    m = max_j s_j,  l = sum_j exp(s_j - m),  o = sum_j exp(s_j - m) * value_j
+A query with no valid slot has m = EMPTY_MAX (finite), l = 0, o = 0: it adds nothing to a merge.
+
+Kernel grid (b, k, S); program (i, j, t) handles the r query rows of kv head j of row i, so each
+K/V tile is loaded once for all g heads, and loops over the ceil((count - t*L) / B) blocks of its
+split that hold valid slots. Splits are merged with a log-sum-exp in the wrapper.
+
+Backends: `tier_attention_partials` runs the pure-jnp reference on CPU and the kernel on GPU
+(Pallas Triton) / TPU (Mosaic); `interpret=True` runs the kernel with the Pallas interpreter.
+Triton needs power-of-two tensor shapes: B, r, h, h/G and w are powers of two (h a power of two
+and G | B are checked). TPU: the blocks' two minor dims are full array dims except
+k_scale/k_zero's (L/G, h), which needs L/G % 8 == 0 when S > 1; the count goes to SMEM. The
+unpacking reshape [B, w, per] -> [B, h] is a lane-dim relayout; the TPU path is untested.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from kvjax import codecs, quant
+
+# Running max of a query with no valid slot (finite: merging it never makes inf - inf).
+EMPTY_MAX = float(jnp.finfo(jnp.float32).min)
+_HIGHEST = lax.Precision.HIGHEST
+
+
+class Partials(NamedTuple):
+    """Flash-decoding partials of one part of the keys (all float32)."""
+
+    o: jax.Array  # [b, n, h]: sum_j exp(s_j - m) * value_j (unnormalized)
+    m: jax.Array  # [b, n]: max_j s_j (EMPTY_MAX if no valid slot)
+    l: jax.Array  # [b, n]: sum_j exp(s_j - m) (0 if no valid slot)
+
+
+def _is_pow2(x: int) -> bool:
+    return x > 0 and x & (x - 1) == 0
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeBlocks:
+    """Static tiling of the kernel (hashable: a jit static argument).
+
+    block_slots: B, slots per inner-loop step (power of two, a multiple of G). Lowered to the
+        largest power of two dividing the split length when that is smaller (no padding copy).
+    num_splits: S, splits of the slot axis run as separate programs (flash-decoding, for long
+        tiers and small b * k). Lowered until G * S divides c.
+    min_rows: the g query heads of a kv head are padded to r = max(min_rows, next_pow2(g))
+        rows; Triton's tl.dot wants M >= 16.
+    num_warps, num_stages: Triton compiler parameters (ignored elsewhere).
+    """
+
+    block_slots: int = 128
+    num_splits: int = 1
+    min_rows: int = 16
+    num_warps: int = 4
+    num_stages: int = 2
+
+    def __post_init__(self):
+        for name in ("block_slots", "num_splits", "min_rows", "num_warps", "num_stages"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"DecodeBlocks.{name} must be a positive int, got {value!r}")
+        if not _is_pow2(self.block_slots) or self.block_slots < 8:
+            raise ValueError(f"DecodeBlocks.block_slots must be a power of two >= 8, got {self.block_slots}")
+        if not _is_pow2(self.min_rows):
+            raise ValueError(f"DecodeBlocks.min_rows must be a power of two, got {self.min_rows}")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    splits: int  # S
+    split_slots: int  # L = c / S
+    block: int  # B, divides L, multiple of G
+    rows: int  # r
+
+
+def _plan(c: int, g: int, group_size: int, blocks: DecodeBlocks) -> _Plan:
+    if blocks.block_slots % group_size:
+        raise ValueError(f"block_slots={blocks.block_slots} must be a multiple of group_size={group_size}")
+    splits = blocks.num_splits
+    while c % (splits * group_size):
+        splits -= 1
+    split_slots = c // splits
+    block = blocks.block_slots
+    while split_slots % block:
+        block //= 2  # stops at G at the latest: G is a power of two dividing L
+    rows = max(blocks.min_rows, 1 << (g - 1).bit_length())
+    return _Plan(splits, split_slots, block, rows)
+
+
+def _check_tier(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, count, bits, group_size):
+    """Validates shapes; returns (b, k, g, h, c)."""
+    bits = quant.check_bits(bits)
+    if q.ndim != 3 or k_codes.ndim != 4:
+        raise ValueError(f"q must be [b, n, h] and codes [b, k, c, w], got {q.shape} and {k_codes.shape}")
+    b, n, h = q.shape
+    _, k, c, w = k_codes.shape
+    if h % group_size or c % group_size:
+        raise ValueError(f"group_size={group_size} must divide head_dim={h} and slots={c}")
+    expected = {"k_codes": (b, k, c, h * bits // 32), "v_codes": (b, k, c, h * bits // 32),
+                "k_scale": (b, k, c // group_size, h), "k_zero": (b, k, c // group_size, h),
+                "v_scale": (b, k, c, h // group_size), "v_zero": (b, k, c, h // group_size), "count": (b,)}
+    arrays = {"k_codes": k_codes, "v_codes": v_codes, "k_scale": k_scale, "k_zero": k_zero,
+              "v_scale": v_scale, "v_zero": v_zero, "count": count}
+    for name, shape in expected.items():
+        if arrays[name].shape != shape:
+            raise ValueError(f"{name} must have shape {shape} for q {q.shape}, {bits} bits, "
+                             f"G={group_size}, got {arrays[name].shape}")
+    if (h * bits) % 32 or n % k:
+        raise ValueError(f"head_dim * bits must fill whole words and kv heads divide query heads; "
+                         f"got h={h}, bits={bits}, n={n}, k={k}")
+    return b, k, n // k, h, c
+
+
+def _empty(b, n, h) -> Partials:
+    return Partials(jnp.zeros((b, n, h), jnp.float32), jnp.full((b, n), EMPTY_MAX, jnp.float32),
+                    jnp.zeros((b, n), jnp.float32))
+
+
+def _combine(o, m, l, axis: int):
+    """Log-sum-exp merge of stacked partials along `axis` (of m, l; o has a trailing h)."""
+    m_all = jnp.max(m, axis=axis)
+    # As in jax's decode_attention: keeps XLA from fusing the max into the exp (NaNs, b/389925439).
+    m_all = lax.optimization_barrier(m_all)
+    corr = jnp.exp(m - jnp.expand_dims(m_all, axis))  # empty parts: exp(EMPTY_MAX - m_all) = 0
+    return (jnp.sum(o * corr[..., None], axis=axis), m_all, jnp.sum(l * corr, axis=axis))
+
+
+# --------------------------------------------------------------------------- kernel
+
+
+def _unpack(words, bits: int):
+    """uint32 [s, w] -> float32 codes [s, w * 32 / bits] (first code in the lowest bits)."""
+    s, w = words.shape
+    per = 32 // bits
+    shifts = lax.broadcasted_iota(jnp.uint32, (1, 1, per), 2) * jnp.uint32(bits)  # [1, 1, per]
+    codes = (words[:, :, None] >> shifts) & jnp.uint32(2**bits - 1)  # [s, w, per]
+    return codes.reshape(s, w * per).astype(jnp.float32)
+
+
+def _repeat(x, times: int, axis: int):
+    """Repeats each entry `times` times along axis 0 or 1 of a 2-d array (broadcast + reshape)."""
+    a, z = x.shape
+    if axis == 0:
+        return jnp.broadcast_to(x[:, None, :], (a, times, z)).reshape(a * times, z)
+    return jnp.broadcast_to(x[:, :, None], (a, z, times)).reshape(a, z * times)
+
+
+def _tier_kernel(count_ref, q_ref, kc_ref, ks_ref, kz_ref, vc_ref, vs_ref, vz_ref,  # inputs
+                 o_ref, m_ref, l_ref,  # outputs
+                 *, bits: int, group_size: int, block: int, sm_scale: float):
+    # count_ref [b] (whole); q_ref [r, h]; kc_ref, vc_ref [L, w]; ks_ref, kz_ref [L/G, h];
+    # vs_ref, vz_ref [L, h/G]; o_ref [r, h]; m_ref, l_ref [r]
+    G, B = group_size, block
+    L = kc_ref.shape[0]
+    r, h = q_ref.shape
+    start = pl.program_id(2) * L  # first slot of this split
+    count = count_ref[pl.program_id(0)]
+    n_blocks = pl.cdiv(jnp.clip(count - start, 0, L), B)  # blocks holding a valid slot
+    q = q_ref[...].astype(jnp.float32)  # [r, h]
+
+    def body(i, carry):
+        o, m, l = carry  # [r, h], [r], [r]
+        s0 = pl.multiple_of(i * B, B)
+        g0 = pl.multiple_of(i * (B // G), B // G)
+        k_scale = _repeat(ks_ref[pl.ds(g0, B // G), :].astype(jnp.float32), G, axis=0)  # [B, h]
+        k_zero = _repeat(kz_ref[pl.ds(g0, B // G), :].astype(jnp.float32), G, axis=0)
+        keys = _unpack(kc_ref[pl.ds(s0, B), :], bits) * k_scale + k_zero  # [B, h]
+        scores = lax.dot_general(q, keys, (((1,), (1,)), ((), ())), precision=_HIGHEST,
+                                 preferred_element_type=jnp.float32) * sm_scale  # [r, B]
+        valid = start + s0 + lax.broadcasted_iota(jnp.int32, (1, B), 1) < count  # [1, B]
+        scores = jnp.where(valid, scores, EMPTY_MAX)
+        m_new = jnp.maximum(m, jnp.max(scores, axis=1))  # real: the block has a valid slot
+        corr = jnp.exp(m - m_new)  # [r]
+        p = jnp.exp(scores - m_new[:, None])  # [r, B], 0 where invalid
+        v_scale = _repeat(vs_ref[pl.ds(s0, B), :].astype(jnp.float32), G, axis=1)  # [B, h]
+        v_zero = _repeat(vz_ref[pl.ds(s0, B), :].astype(jnp.float32), G, axis=1)
+        values = _unpack(vc_ref[pl.ds(s0, B), :], bits) * v_scale + v_zero  # [B, h]
+        values = jnp.where(valid.reshape(B, 1), values, 0.0)  # empty slots may hold anything
+        pv = lax.dot_general(p, values, (((1,), (0,)), ((), ())), precision=_HIGHEST,
+                             preferred_element_type=jnp.float32)  # [r, h]
+        return corr[:, None] * o + pv, m_new, corr * l + jnp.sum(p, axis=1)
+
+    init = (jnp.zeros((r, h), jnp.float32), jnp.full((r,), EMPTY_MAX, jnp.float32),
+            jnp.zeros((r,), jnp.float32))
+    o, m, l = lax.fori_loop(0, n_blocks, body, init)
+    o_ref[...] = o
+    m_ref[...] = m
+    l_ref[...] = l
+
+
+def _tier_pallas_call(q4, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, count, *,
+                      bits: int, group_size: int, plan: _Plan, blocks: DecodeBlocks, interpret: bool):
+    """q4 [b, k, r, h] -> o [b, k, S, r, h], m, l [b, k, S, r] (per split, unmerged)."""
+    b, k, r, h = q4.shape
+    w = k_codes.shape[-1]
+    S, L, G = plan.splits, plan.split_slots, group_size
+    kernel = functools.partial(_tier_kernel, bits=bits, group_size=G, block=plan.block, sm_scale=h ** -0.5)
+    slots = lambda minor: pl.BlockSpec((None, None, L, minor), lambda i, j, t: (i, j, t, 0))
+    groups = pl.BlockSpec((None, None, L // G, h), lambda i, j, t: (i, j, t, 0))
+    count_spec = pl.BlockSpec((b,), lambda i, j, t: (0,))  # the whole [b]; a program reads its row
+    compiler_params = None
+    if not interpret and jax.default_backend() == "gpu":
+        # Triton explicitly: with no compiler_params, jax >= 0.10 lowers to Mosaic GPU by default.
+        from jax.experimental.pallas import triton as plgpu
+
+        compiler_params = plgpu.CompilerParams(num_warps=blocks.num_warps, num_stages=blocks.num_stages)
+    elif not interpret and jax.default_backend() == "tpu":
+        from jax.experimental.pallas import tpu as pltpu
+
+        count_spec = pl.BlockSpec(memory_space=pltpu.SMEM)  # scalars live in SMEM on TPU
+    return pl.pallas_call(
+        kernel,
+        grid=(b, k, S),
+        in_specs=[
+            count_spec,  # count
+            pl.BlockSpec((None, None, r, h), lambda i, j, t: (i, j, 0, 0)),  # q
+            slots(w), groups, groups,  # k_codes, k_scale, k_zero
+            slots(w), slots(h // G), slots(h // G),  # v_codes, v_scale, v_zero
+        ],
+        out_specs=[
+            pl.BlockSpec((None, None, None, r, h), lambda i, j, t: (i, j, t, 0, 0)),  # o
+            pl.BlockSpec((None, None, None, r), lambda i, j, t: (i, j, t, 0)),  # m
+            pl.BlockSpec((None, None, None, r), lambda i, j, t: (i, j, t, 0)),  # l
+        ],
+        out_shape=[
+            jax.ShapeDtypeStruct((b, k, S, r, h), jnp.float32),
+            jax.ShapeDtypeStruct((b, k, S, r), jnp.float32),
+            jax.ShapeDtypeStruct((b, k, S, r), jnp.float32),
+        ],
+        compiler_params=compiler_params,
+        interpret=interpret,
+        name="kivi_tier_decode_attention",
+    )(count, q4, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero)
+
+
+@functools.partial(jax.jit, static_argnames=("bits", "group_size", "blocks", "interpret"))
+def tier_attention_partials_kernel(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, count, *,
+                                   bits: int, group_size: int, blocks: DecodeBlocks = DecodeBlocks(),
+                                   interpret: bool = False) -> Partials:
+    """The Pallas kernel path of `tier_attention_partials` (any backend with interpret=True)."""
+    b, k, g, h, c = _check_tier(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, count, bits, group_size)
+    if c == 0:
+        return _empty(b, k * g, h)
+    if not interpret and jax.default_backend() == "gpu" and not _is_pow2(h):
+        raise ValueError(f"the Triton kernel needs a power-of-two head_dim, got {h}")
+    plan = _plan(c, g, group_size, blocks)
+    q4 = q.reshape(b, k, g, h)
+    q4 = jnp.pad(q4, ((0, 0), (0, 0), (0, plan.rows - g), (0, 0)))  # [b, k, r, h]
+    o, m, l = _tier_pallas_call(q4, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero,
+                                count.astype(jnp.int32), bits=bits, group_size=group_size, plan=plan,
+                                blocks=blocks, interpret=interpret)  # [b, k, S, r, (h)]
+    if plan.splits == 1:
+        o, m, l = o[:, :, 0], m[:, :, 0], l[:, :, 0]
+    else:
+        o, m, l = _combine(o, m, l, axis=2)
+    n = k * g
+    return Partials(o[:, :, :g].reshape(b, n, h), m[:, :, :g].reshape(b, n), l[:, :, :g].reshape(b, n))
+
+
+# --------------------------------------------------------------------------- references
+
+
+def _grouped_partials(q, keys, values, valid) -> Partials:
+    """q [b, n, h], keys/values [b, k, s, h], valid bool [b, s] -> float32 partials (pure jnp)."""
+    b, n, h = q.shape
+    k, s = keys.shape[1], keys.shape[2]
+    qg = q.reshape(b, k, n // k, h).astype(jnp.float32)  # [b, k, g, h]
+    scores = jnp.einsum("bkgh,bksh->bkgs", qg, keys.astype(jnp.float32), precision=_HIGHEST,
+                        preferred_element_type=jnp.float32) * (h ** -0.5)
+    mask = valid[:, None, None, :]  # [b, 1, 1, s]
+    scores = jnp.where(mask, scores, EMPTY_MAX)
+    m = jnp.max(scores, axis=-1) if s else jnp.full((b, k, n // k), EMPTY_MAX, jnp.float32)  # [b, k, g]
+    p = jnp.where(mask, jnp.exp(scores - m[..., None]), 0.0)  # [b, k, g, s]
+    o = jnp.einsum("bkgs,bksh->bkgh", p, jnp.where(valid[:, None, :, None], values.astype(jnp.float32), 0.0),
+                   precision=_HIGHEST, preferred_element_type=jnp.float32)
+    return Partials(o.reshape(b, n, -1), m.reshape(b, n), jnp.sum(p, axis=-1).reshape(b, n))
+
+
+@functools.partial(jax.jit, static_argnames=("bits", "group_size", "blocks", "interpret"))
+def tier_attention_partials_reference(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, count, *,
+                                      bits: int, group_size: int, blocks: DecodeBlocks | None = None,
+                                      interpret: bool = False) -> Partials:
+    """Ground truth and CPU path: dequantize with kvjax.codecs, then `_grouped_partials`.
+
+    Same signature as the kernel; `blocks` and `interpret` are accepted and ignored.
+    """
+    del blocks, interpret
+    b, k, g, h, c = _check_tier(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, count, bits, group_size)
+    keys = codecs.decode_key_groups(k_codes, k_scale, k_zero, bits, group_size, jnp.float32)  # [b, k, c, h]
+    values = codecs.decode_values(v_codes, v_scale, v_zero, bits, group_size, jnp.float32)  # [b, k, c, h]
+    valid = jnp.arange(c)[None, :] < count[:, None]  # [b, c]
+    return _grouped_partials(q, keys, values, valid)
+
+
+def tier_attention_partials(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, count, *,
+                            bits: int, group_size: int, blocks: DecodeBlocks = DecodeBlocks(),
+                            interpret: bool = False) -> Partials:
+    """Partials (o [b, n, h], m [b, n], l [b, n]) of q [b, n, h] over the first count [b] slots of a tier.
+
+    On CPU the jnp reference; on GPU/TPU the Pallas kernel; interpret=True forces the kernel,
+    run by the Pallas interpreter (any backend).
+    """
+    args = (q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, count)
+    if interpret or jax.default_backend() != "cpu":
+        return tier_attention_partials_kernel(*args, bits=bits, group_size=group_size, blocks=blocks,
+                                              interpret=interpret)
+    return tier_attention_partials_reference(*args, bits=bits, group_size=group_size)
+
+
+@jax.jit
+def dense_partials(q, k, v, valid) -> Partials:
+    """Partials of q [b, n, h] over a 16-bit part: k, v [b, k, s, h] where valid [b, s] (pure jnp)."""
+    return _grouped_partials(q, k, v, valid)
+
+
+@jax.jit
+def merge_partials(parts: Sequence[Partials]):
+    """Softmax attention over the union of the parts: float32 [b, n, h].
+
+    Log-sum-exp merge of (o, m, l) partials; a query with no valid key anywhere gets 0.
+    """
+    o, m, l = (jnp.stack([p[i] for p in parts]) for i in range(3))  # [P, b, n, (h)]
+    o, _, l = _combine(o, m, l, axis=0)
+    return jnp.where(l[..., None] > 0, o / jnp.where(l > 0, l, 1.0)[..., None], 0.0)
