@@ -1,1 +1,2 @@
-"""Evaluation of kvjax cache policies: perplexity now; zero-shot tasks and the report come next (issue #6)."""
+"""Evaluation of kvjax cache policies: zero-shot multiple choice (`python -m eval`) and perplexity
+(`python -m eval.perplexity`), both scored through the exact teacher-forced path."""

@@ -24,13 +24,13 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
+from eval.tasks import DATA_DIR
 from kvjax import teacher_forced
 from kvjax.errors import KvjaxError
 from kvjax.loading import load_model
 from kvjax.model import forward
 from kvjax.policies import make_cache, parse_policy
 
-DATA_DIR = os.environ.get("KVJAX_DATA", os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data"))
 TEXTS = {"wikitext2": "wikitext-2/test.txt", "sherlock": "gutenberg/sherlock.txt"}
 
 

@@ -1,0 +1,203 @@
+"""Zero-shot accuracy of each KV-cache policy on multiple-choice tasks.
+
+    python -m eval --tasks hellaswag,arc_easy --kv fp16,kivi2,mixed@3 --limit 50 --batch-size 8
+
+Writes results.json, results.md (a table: one row per policy, acc / acc_norm per task) and
+results.png (accuracy vs average bits) to --out. Scores are cached per (model, task, policy)
+as JSON lines under --cache-dir, one line per example, written after each batch: a rerun
+skips what is cached, so an interrupted run continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import re
+import sys
+import time
+
+from tqdm import tqdm
+
+from eval.scoring import accuracy, score_requests
+from eval.tasks import DATA_DIR, TASKS, check_task, load_task
+from kvjax.errors import KvjaxError
+from kvjax.loading import load_model
+from kvjax.policies import PolicySpec, parse_policy
+
+
+def policy_spec(name: str, residual: int | None = None, group_size: int | None = None) -> PolicySpec | None:
+    """None for fp16; raises KvjaxError for an unknown name or bad overrides."""
+    return None if name == "fp16" else parse_policy(name, window=residual, group_size=group_size)
+
+
+def average_bits(spec: PolicySpec | None) -> float:
+    """Nominal bits per cached value: fp16 16, kivi{b}/int{b}-sink b, mixed@B B, streaming NaN."""
+    if spec is None:
+        return 16.0
+    if spec.mixed:
+        return float(spec.budget_bits)
+    return float("nan") if spec.evict else float(spec.quant_widths[0])
+
+
+def model_tag(source: str) -> str:
+    """A folder name for the model's cache: its file name plus a hash of its full path."""
+    base = re.sub(r"[^A-Za-z0-9._-]+", "_", os.path.basename(os.path.normpath(source)))
+    return f"{base}-{hashlib.sha1(os.path.abspath(source).encode()).hexdigest()[:8]}"
+
+
+def read_cache(path: str) -> dict[int, list[float]]:
+    """index -> scores from a JSON-lines cache; a line cut short by an interruption is ignored."""
+    cached = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                try:
+                    record = json.loads(line)
+                    cached[int(record["index"])] = [float(x) for x in record["scores"]]
+                except (ValueError, KeyError, TypeError):
+                    continue
+    return cached
+
+
+def evaluate(model, requests, policy, cache_path: str, batch_size: int, desc: str = "") -> list[list[float]]:
+    """Scores of all requests, reading and extending the cache at `cache_path`.
+
+    Requests go in fixed chunks of `batch_size` examples (by index); a chunk with any example
+    missing from the cache is scored again whole, so results do not depend on where a run stopped.
+    """
+    os.makedirs(os.path.dirname(cache_path), exist_ok=True)
+    cached = read_cache(cache_path)
+    with tqdm(total=len(requests), desc=desc, leave=False) as bar:
+        for start in range(0, len(requests), batch_size):
+            chunk = range(start, min(start + batch_size, len(requests)))
+            missing = [i for i in chunk if i not in cached]
+            if missing:
+                scores = score_requests(model, [requests[i] for i in chunk], policy, batch_size)
+                with open(cache_path, "a") as f:
+                    for i, s in zip(chunk, scores):
+                        if i in missing:
+                            cached[i] = s
+                            f.write(json.dumps({"index": i, "scores": s}) + "\n")
+            bar.update(len(chunk))
+    return [cached[i] for i in range(len(requests))]
+
+
+def markdown_table(results: dict, tasks: list[str], policies: list[str], bits: dict) -> str:
+    """Rows: policy (and its average bits); columns: acc and acc_norm of each task."""
+    head = ["policy", "bits"] + [f"{t} {m}" for t in tasks for m in ("acc", "acc_norm")]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for p in policies:
+        cells = [p, "-" if bits[p] is None else f"{bits[p]:g}"]
+        cells += [f"{results[t][p][m]:.3f}" for t in tasks for m in ("acc", "acc_norm")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: dict, tasks: list[str], policies: list[str], bits: dict, path: str):
+    """Accuracy vs average bits, one line per task (acc solid, acc_norm dashed); streaming skipped."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    shown = sorted((p for p in policies if bits[p] is not None), key=lambda p: bits[p])
+    for t in tasks:
+        xs = [bits[p] for p in shown]
+        line, = ax.plot(xs, [results[t][p]["acc"] for p in shown], "o-", label=f"{t} acc")
+        ax.plot(xs, [results[t][p]["acc_norm"] for p in shown], "s--", color=line.get_color(), alpha=0.6,
+                label=f"{t} acc_norm")
+        for p in shown:
+            ax.annotate(p, (bits[p], results[t][p]["acc"]), fontsize=7, textcoords="offset points", xytext=(3, 3))
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("average bits per cached value")
+    ax.set_ylabel("accuracy")
+    ax.set_title("Zero-shot accuracy vs KV-cache bits")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="python -m eval", description=__doc__.splitlines()[0])
+    p.add_argument("--tasks", default="arc_easy,hellaswag", help=f"comma-separated: {', '.join(TASKS)}")
+    p.add_argument("--kv", default="fp16,kivi2", help="comma-separated KV-cache policies (fp16, kivi2, mixed@3, ...)")
+    p.add_argument("--limit", type=int, default=None, help="first N examples of each task (default: all)")
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass")
+    p.add_argument("--residual", type=int, default=None,
+                   help="16-bit window W / KIVI residual R of the quantized policies (default 128)")
+    p.add_argument("--group-size", type=int, default=None, help="quantization group size G (default 32)")
+    p.add_argument("--model", default=None, help=".gguf file, HF folder or hub id (default: embedded SmolLM2)")
+    p.add_argument("--data-dir", default=DATA_DIR, help="the shared data folder (holds hf_datasets/)")
+    p.add_argument("--out", default="results", help="folder for results.json, results.md, results.png")
+    p.add_argument("--cache-dir", default="eval_cache", help="per-example score cache (for resuming)")
+    return p.parse_args(argv)
+
+
+def setup(args):
+    """Validates everything before any scoring: (tasks, policies, specs, model, requests)."""
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    policies = [p.strip() for p in args.kv.split(",") if p.strip()]
+    if not tasks or not policies:
+        raise KvjaxError("--tasks and --kv need at least one name each")
+    if args.limit is not None and args.limit < 1:
+        raise KvjaxError(f"--limit must be >= 1, got {args.limit}")
+    if args.batch_size < 1:
+        raise KvjaxError(f"--batch-size must be >= 1, got {args.batch_size}")
+    for t in tasks:
+        check_task(t)
+    specs = {p: policy_spec(p, args.residual, args.group_size) for p in policies}
+    requests = {t: load_task(t, args.data_dir, args.limit) for t in tasks}
+    try:
+        model = load_model(args.model)
+    except Exception as e:  # a damaged file can fail in many ways; keep it to one line
+        if isinstance(e, KvjaxError):
+            raise
+        raise KvjaxError(f"cannot load model {args.model!r}: {type(e).__name__}: {e}") from None
+    for spec in specs.values():
+        if spec is not None:
+            spec.check(model.cfg)
+    return tasks, policies, specs, model, requests
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        tasks, policies, specs, model, requests = setup(args)
+    except KvjaxError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    cache_root = os.path.join(args.cache_dir, model_tag(model.source))
+    suffix = "".join(f"-{k}{v}" for k, v in (("R", args.residual), ("G", args.group_size)) if v is not None)
+    results, seconds = {t: {} for t in tasks}, {t: {} for t in tasks}
+    for t in tasks:
+        for p in policies:
+            t0 = time.perf_counter()
+            path = os.path.join(cache_root, f"{t}__{p}{suffix if specs[p] else ''}.jsonl")
+            scores = evaluate(model, requests[t], specs[p] or "fp16", path, args.batch_size, desc=f"{t} {p}")
+            results[t][p] = accuracy(requests[t], scores)
+            seconds[t][p] = round(time.perf_counter() - t0, 2)
+            print(f"{t:>14} {p:>12}  acc {results[t][p]['acc']:.3f}  acc_norm {results[t][p]['acc_norm']:.3f}  "
+                  f"({results[t][p]['n']} examples, {seconds[t][p]:.0f} s)", flush=True)
+    bits = {p: (None if math.isnan(b) else b) for p, b in ((p, average_bits(specs[p])) for p in policies)}
+    os.makedirs(args.out, exist_ok=True)
+    report = {"model": model.source, "tasks": tasks, "policies": policies, "limit": args.limit,
+              "residual": args.residual, "group_size": args.group_size, "average_bits": bits,
+              "results": results, "seconds": seconds}
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump(report, f, indent=2)
+    table = markdown_table(results, tasks, policies, bits)
+    with open(os.path.join(args.out, "results.md"), "w") as f:
+        f.write(f"Model: `{os.path.basename(model.source)}`, {args.limit or 'all'} examples per task\n\n{table}")
+    plot(results, tasks, policies, bits, os.path.join(args.out, "results.png"))
+    print("\n" + table + f"\nwrote {args.out}/results.json, results.md, results.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,110 @@
+"""Log-likelihood of multiple-choice continuations under a KV-cache policy, and accuracy.
+
+A (context, continuation) pair is tokenized as the harness does, `context_enc +
+continuation_enc` (trailing spaces of the context move to the continuation), and
+scored in one teacher-forced pass: the sum of the continuation tokens' log-probabilities.
+Pairs of several requests run together, right-padded (position -1) to a bucketed length
+(multiples of BUCKET tokens) and a fixed batch size, so jit compiles only a few shapes.
+Quantized policies go through `kvjax.teacher_forced.score`, fp16 through a plain `forward`.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kvjax import teacher_forced
+from kvjax.model import forward
+from kvjax.policies import PolicySpec, parse_policy
+
+from eval.tasks import TARGET_DELIMITER, Request
+
+BUCKET = 64  # padded lengths are multiples of this (capped at the model's context)
+
+
+def encode_pair(tokenizer, context: str, continuation: str, prefix_id: int) -> tuple[list[int], list[int]]:
+    """(context ids, continuation ids); an empty context becomes [prefix_id] (harness: EOT)."""
+    n_spaces = len(context) - len(context.rstrip())
+    if n_spaces:
+        context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
+    return tokenizer.encode(context) or [prefix_id], tokenizer.encode(continuation)
+
+
+def resolve_policy(policy: str | PolicySpec) -> PolicySpec | None:
+    """None for fp16, else the PolicySpec (names are parsed with defaults)."""
+    if isinstance(policy, PolicySpec):
+        return policy
+    return None if policy == "fp16" else parse_policy(policy)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "spec"))
+def target_logprobs(params, inputs, targets, positions, *, cfg, spec):
+    """log p(targets[b, t] | inputs[b, :t+1]) -> [b, T] float32; spec None = fp16."""
+    if spec is None:
+        logits, _ = forward(params, cfg, inputs, positions)
+    else:  # capacity = the padded length: every row fits its tiers, as in a cache sized for it
+        logits, _ = teacher_forced.score(params, cfg, inputs, positions, spec, inputs.shape[1])
+    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]  # [b, T]
+    return picked - jax.nn.logsumexp(logits, axis=-1)
+
+
+def _rows(model, requests: list[Request]):
+    """One (request, choice, input ids, target ids, #continuation tokens) per pair."""
+    cfg, tok = model.cfg, model.tokenizer
+    prefix = cfg.eos_token_id if cfg.eos_token_id is not None else 0
+    max_len = cfg.max_position_embeddings
+    for r, req in enumerate(requests):
+        for c, (context, continuation) in enumerate(zip(req.contexts, req.continuations)):
+            ctx, cont = encode_pair(tok, context, continuation, prefix)
+            ids = (ctx + cont)[-(max_len + 1):]  # harness: keep the end if too long
+            yield r, c, ids[:-1], ids[1:], min(len(cont), len(ids) - 1)
+
+
+def _bucket(n: int, max_len: int) -> int:
+    return min(-(-n // BUCKET) * BUCKET, max_len)
+
+
+def score_requests(model, requests: list[Request], policy: str | PolicySpec = "fp16",
+                   batch_size: int = 8) -> list[list[float]]:
+    """Summed log-probability of each request's continuations: one list per request."""
+    spec = resolve_policy(policy)
+    if spec is not None:
+        spec.check(model.cfg)
+    rows = sorted(_rows(model, requests), key=lambda row: -len(row[2]))  # longest first, as the harness
+    scores = [[0.0] * len(req.continuations) for req in requests]
+    by_bucket: dict[int, list] = {}
+    for row in rows:
+        by_bucket.setdefault(_bucket(len(row[2]), model.cfg.max_position_embeddings), []).append(row)
+    for length, bucket_rows in by_bucket.items():
+        for start in range(0, len(bucket_rows), batch_size):
+            batch = bucket_rows[start:start + batch_size]
+            inputs = np.zeros((batch_size, length), np.int32)  # [b, T]; spare rows: all padding
+            targets = np.zeros((batch_size, length), np.int32)
+            positions = np.full((batch_size, length), -1, np.int32)
+            for i, (_, _, inp, tgt, _) in enumerate(batch):
+                inputs[i, :len(inp)], targets[i, :len(tgt)] = inp, tgt
+                positions[i, :len(inp)] = np.arange(len(inp))
+            logp = np.asarray(target_logprobs(model.params, inputs, targets, positions, cfg=model.cfg, spec=spec))
+            for i, (r, c, inp, _, k) in enumerate(batch):
+                scores[r][c] = float(logp[i, len(inp) - k:len(inp)].sum())
+    return scores
+
+
+def choice_bytes(continuation: str) -> int:
+    """Length the harness normalizes by: the choice's UTF-8 bytes, without the target delimiter."""
+    return max(len(continuation.removeprefix(TARGET_DELIMITER).encode("utf-8")), 1)
+
+
+def accuracy(requests: list[Request], scores: list[list[float]]) -> dict:
+    """acc: argmax of summed log-prob; acc_norm: argmax of log-prob per byte of the choice."""
+    if not requests:
+        return {"acc": float("nan"), "acc_norm": float("nan"), "n": 0}
+    acc = acc_norm = 0
+    for req, s in zip(requests, scores, strict=True):
+        s = np.asarray(s, np.float64)
+        acc += int(np.argmax(s)) == req.label
+        acc_norm += int(np.argmax(s / [choice_bytes(c) for c in req.continuations])) == req.label
+    return {"acc": acc / len(requests), "acc_norm": acc_norm / len(requests), "n": len(requests)}

@@ -1,0 +1,179 @@
+"""The evaluation suite (python -m eval): task prompts, continuation scoring, accuracy, resuming."""
+
+import json
+import os
+
+import datasets
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from eval import scoring, tasks
+from eval.__main__ import main, read_cache
+from eval.tasks import Request, load_task
+from kvjax import teacher_forced
+from kvjax.errors import KvjaxError
+from kvjax.loading import load_model
+from kvjax.model import forward
+from kvjax.policies import parse_policy
+
+# head_dim 16 of the tiny model: G must divide it, R be a multiple of G
+TINY_KIVI2 = parse_policy("kivi2", window=8, group_size=4)
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_checkpoint):
+    return load_model(tiny_checkpoint.hf_folder)
+
+
+def requests_for_scoring():
+    """8 pairs of 3 lengths (byte tokens): 22 and 34 in the 64 bucket, 96 in the 128 bucket."""
+    long_ctx = "A long context that needs a second length bucket: " + "abc " * 10  # trailing space
+    return [Request(["The cat sat on the"] * 3, [" mat", " hat and the dog", " sun"], 0),
+            Request([long_ctx] * 2, [" yes", " no!"], 1),
+            Request(["The dog sat on the", "The cat ran to the", "A cat sat on a lot"], [" mat"] * 3, 2)]
+
+
+def reference_logprob(model, context, continuation, spec=None):
+    """Summed log p(continuation | context) from an unpadded pass over context_enc + continuation_enc."""
+    stripped = context.rstrip()  # the harness moves trailing spaces into the continuation
+    continuation = context[len(stripped):] + continuation
+    ctx, cont = model.tokenizer.encode(stripped), model.tokenizer.encode(continuation)
+    ids = jnp.asarray([ctx + cont], jnp.int32)
+    positions = jnp.arange(ids.shape[1], dtype=jnp.int32)[None]
+    if spec is None:
+        logits, _ = jax.jit(forward, static_argnums=1)(model.params, model.cfg, ids, positions)
+    else:
+        logits, _ = teacher_forced.score(model.params, model.cfg, ids, positions, spec, ids.shape[1])
+    logits = np.asarray(logits[0], np.float64)
+    logp = logits - logits.max(-1, keepdims=True)
+    logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+    targets = np.asarray(ids[0])
+    return sum(logp[t - 1, targets[t]] for t in range(len(ctx), len(ctx) + len(cont)))
+
+
+@pytest.mark.parametrize("policy", ["fp16", TINY_KIVI2], ids=["fp16", "kivi2"])
+def test_scores_equal_hand_computed_loglikelihood(tiny, policy):
+    reqs = requests_for_scoring()
+    got = scoring.score_requests(tiny, reqs, policy, batch_size=3)  # spare rows, two buckets
+    spec = None if policy == "fp16" else policy
+    for req, scores in zip(reqs, got):
+        want = [reference_logprob(tiny, c, x, spec) for c, x in zip(req.contexts, req.continuations)]
+        np.testing.assert_allclose(scores, want, rtol=1e-4, atol=1e-4)
+
+
+def test_quantized_policy_changes_scores(tiny):
+    reqs = requests_for_scoring()  # the shapes compiled above
+    fp16 = np.concatenate(scoring.score_requests(tiny, reqs, "fp16", 3))
+    kivi2 = np.concatenate(scoring.score_requests(tiny, reqs, TINY_KIVI2, 3))
+    assert np.abs(fp16 - kivi2).max() > 1e-3
+
+
+def test_trailing_space_moves_to_the_continuation():
+    class Chars:
+        encode = staticmethod(lambda text: [ord(ch) for ch in text])
+
+    assert scoring.encode_pair(Chars, "Answer: ", "yes", 0) == ([ord(c) for c in "Answer:"],
+                                                                 [ord(c) for c in " yes"])
+    assert scoring.encode_pair(Chars, "", "x", 7) == ([7], [ord("x")])
+
+
+def test_accuracy_on_fixture_scores():
+    reqs = [Request(["q"] * 2, [" a", " bbbb"], 1),  # sum: a (wrong); per byte: -1/1 < -1.5/4, bbbb (right)
+            Request(["q"] * 3, [" x", " yy", " zzz"], 2),  # sum: x; per byte: -0.5, -1, -0.3: zzz
+            Request(["q"] * 2, [" é", " abc"], 0)]  # sum: é (right); per byte: -1/2 > -1.6/3, é (right)
+    scores = [[-1.0, -1.5], [-0.5, -2.0, -0.9], [-1.0, -1.6]]
+    assert [scoring.choice_bytes(c) for c in reqs[2].continuations] == [2, 3]  # by characters abc would win
+    result = scoring.accuracy(reqs, scores)
+    assert result == {"acc": pytest.approx(1 / 3), "acc_norm": pytest.approx(1.0), "n": 3}
+
+
+def test_hellaswag_preprocess():
+    assert tasks.hellaswag_preprocess(" How to cook [title] Boil water. [step] Add salt. ") \
+        == "How to cook. Boil water. Add salt."
+
+
+needs_data = pytest.mark.skipif(not os.path.isdir(os.path.join(tasks.DATA_DIR, "hf_datasets")),
+                                reason=f"shared data not found at {tasks.DATA_DIR}")
+
+
+@needs_data
+@pytest.mark.parametrize("name", list(tasks.TASKS))
+def test_task_loaders_on_shared_data(name):
+    reqs = load_task(name, tasks.DATA_DIR, limit=2)
+    assert len(reqs) == 2
+    for r in reqs:
+        assert all(c.strip() for c in r.contexts) and all(x.startswith(" ") for x in r.continuations)
+        assert len(r.continuations) == {"hellaswag": 4, "winogrande": 2, "boolq": 2}.get(name, len(r.contexts))
+    first = reqs[0]
+    if name == "hellaswag":
+        assert first.contexts[0] == "Roof shingle removal: A man is sitting on a roof. He"
+        assert first.continuations[3] == " starts pulling up roofing on a roof." and first.label == 3
+    elif name == "arc_easy":
+        assert first.contexts[0] == "Question: Which technology was developed most recently?\nAnswer:"
+        assert first.continuations[0] == " cellular telephone" and first.label == 0
+    elif name == "winogrande":
+        assert first.contexts == ["Sarah was a much better surgeon than Maria so Sarah",
+                                  "Sarah was a much better surgeon than Maria so Maria"]
+        assert first.continuations == [" always got the easier cases."] * 2 and first.label == 1
+    elif name == "boolq":
+        assert first.contexts[0].endswith("\nQuestion: does ethanol take more energy make that produces?\nAnswer:")
+        assert first.continuations == [" no", " yes"] and first.label == 0
+    elif name == "openbookqa":
+        assert first.contexts[0].startswith("Frilled sharks") and first.label == 0
+
+
+def test_load_task_errors(tmp_path):
+    with pytest.raises(KvjaxError, match="unknown task 'nope'"):
+        load_task("nope", str(tmp_path))
+    with pytest.raises(KvjaxError, match="not found"):
+        load_task("arc_easy", str(tmp_path))
+
+
+def write_arc_fixture(root, n=5):
+    """A small ARC-Easy-shaped dataset (short questions: one length bucket)."""
+    rows = [{"id": f"q{i}", "question": f"What is {i} plus {i}?",
+             "choices": {"text": [str(2 * i), str(2 * i + 1), "ten"], "label": ["A", "B", "C"]},
+             "answerKey": "AB"[i % 2]} for i in range(n)]
+    datasets.Dataset.from_list(rows).save_to_disk(os.path.join(root, "hf_datasets", "ai2_arc", "ARC-Easy",
+                                                               "validation"))
+
+
+def test_interrupted_run_resumes_to_the_same_results(tiny_checkpoint, tmp_path):
+    write_arc_fixture(tmp_path / "data")
+    common = ["--tasks", "arc_easy", "--kv", "fp16,kivi2", "--residual", "8", "--group-size", "4",
+              "--limit", "4", "--batch-size", "2", "--model", tiny_checkpoint.hf_folder,
+              "--data-dir", str(tmp_path / "data")]
+    run = lambda name: main(common + ["--out", str(tmp_path / name), "--cache-dir", str(tmp_path / f"cache-{name}")])
+
+    assert run("full") == 0
+    assert run("cut") == 0
+    cache_files = [os.path.join(d, f) for d, _, fs in os.walk(tmp_path / "cache-cut") for f in fs]
+    assert len(cache_files) == 2
+    for path in cache_files:  # an interruption: the last example lost, the one before half-written
+        lines = open(path).read().splitlines()
+        assert len(lines) == 4
+        with open(path, "w") as f:
+            f.write("\n".join(lines[:2] + [lines[2][:10]]) + "\n")
+    assert run("cut") == 0
+    results = [json.load(open(tmp_path / name / "results.json")) for name in ("full", "cut")]
+    assert results[0]["results"] == results[1]["results"]
+    assert results[0]["results"]["arc_easy"]["kivi2"]["n"] == 4
+    for name in ("results.md", "results.png"):
+        assert os.path.getsize(tmp_path / "cut" / name) > 0
+    for path in cache_files:
+        assert sorted(read_cache(path)) == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--tasks", "nope"], "error: unknown task 'nope'"),
+    (["--kv", "fp16,kivi3"], "error: unknown KV-cache policy 'kivi3'"),
+    (["--data-dir", "/nonexistent"], "error: /nonexistent/hf_datasets/"),
+    pytest.param(["--model", "/nonexistent.gguf", "--limit", "1"], "error: model '/nonexistent.gguf' not found",
+                 marks=needs_data),
+])
+def test_cli_errors_are_one_line(argv, message, capsys, tmp_path):
+    assert main(argv + ["--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(message) and err.count("\n") == 1
