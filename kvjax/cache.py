@@ -22,6 +22,17 @@ from kvjax.attention import causal_mask, masked_attention
 from kvjax.config import ModelConfig
 
 
+def write_by_position(keys, values, layer, k, v, positions):
+    """keys/values [l, b, k, s, h] with k, v [b, t, k, h] of `layer` written at slot = position.
+
+    Padding (position -1) is dropped.
+    """
+    slots = jnp.where(positions >= 0, positions, keys.shape[3])  # out of range -> dropped
+    rows = jnp.arange(k.shape[0])[:, None]
+    return (keys.at[layer, rows, :, slots].set(k.astype(keys.dtype), mode="drop"),
+            values.at[layer, rows, :, slots].set(v.astype(values.dtype), mode="drop"))
+
+
 @struct.dataclass
 class DenseCache:
     k: jax.Array  # [l, b, k, s, h]
@@ -56,11 +67,8 @@ class DenseCache:
 
     def update(self, layer, k: jax.Array, v: jax.Array, positions: jax.Array) -> "DenseCache":
         """Writes k, v [b, t, k, h] of `layer` into slot = position (padding is dropped)."""
-        slots = jnp.where(positions >= 0, positions, self.capacity)  # out of range -> dropped
-        rows = jnp.arange(k.shape[0])[:, None]
-        return self.replace(
-            k=self.k.at[layer, rows, :, slots].set(k.astype(self.k.dtype), mode="drop"),
-            v=self.v.at[layer, rows, :, slots].set(v.astype(self.v.dtype), mode="drop"))
+        keys, values = write_by_position(self.k, self.v, layer, k, v, positions)
+        return self.replace(k=keys, v=values)
 
     def attend(self, layer, q: jax.Array, positions: jax.Array) -> jax.Array:
         """q [b, t, n, h] over the stored tokens of `layer` -> [b, t, n, h]."""

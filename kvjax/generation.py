@@ -101,7 +101,6 @@ class GenerationResult:
     kv_policy: str
     kv_tiers: dict[str, int]  # tokens per tier of the first sequence at the end
 
-
     @property
     def decode_ms_per_token(self) -> float:
         return 1e3 * self.decode_s / max(self.decode_steps, 1)

@@ -235,6 +235,13 @@ def policy_from_flags(args) -> str | PolicySpec:
     return spec
 
 
+def tier_onehot(spec: PolicySpec, width):
+    """width int32 [b] -> bool [b, len(spec.tier_widths)]: the tier each token enters (none: all False)."""
+    if not spec.tier_widths:
+        return jnp.zeros((width.shape[0], 0), bool)
+    return jnp.stack([width == w for w in spec.tier_widths], axis=1)
+
+
 def make_cache(policy: str | PolicySpec, cfg: ModelConfig, batch: int, capacity: int, dtype=jnp.float32):
     """An empty cache of `policy` for `batch` sequences of up to `capacity` tokens each."""
     from kvjax.cache import DenseCache

@@ -25,10 +25,11 @@ from flax import struct
 
 from kvjax import codecs
 from kvjax.attention import MASK_VALUE, causal_mask, grouped_output, grouped_scores
+from kvjax.cache import write_by_position
 from kvjax.config import ModelConfig
 from kvjax.features import NUM_FEATURES, token_features
 from kvjax.model import forward
-from kvjax.policies import EVICTED, PolicySpec, preferred_widths, resolve_widths
+from kvjax.policies import EVICTED, PolicySpec, preferred_widths, resolve_widths, tier_onehot
 from kvjax.tiered import TieredCache
 
 UNDECIDED = -1
@@ -54,10 +55,8 @@ class TeacherForcedCache:
         return self
 
     def update(self, layer, k, v, positions):
-        slots = jnp.where(positions >= 0, positions, self.k.shape[3])
-        rows = jnp.arange(k.shape[0])[:, None]
-        return self.replace(k=self.k.at[layer, rows, :, slots].set(k.astype(self.k.dtype), mode="drop"),
-                            v=self.v.at[layer, rows, :, slots].set(v.astype(self.v.dtype), mode="drop"))
+        keys, values = write_by_position(self.k, self.v, layer, k, v, positions)
+        return self.replace(k=keys, v=values)
 
     def advance(self, positions):
         return self.replace(lengths=jnp.maximum(self.lengths, positions.max(axis=1) + 1))
@@ -132,9 +131,8 @@ def assign_widths(spec: PolicySpec, caps, positions, features, counts):
         pos, feat = xs
         can_leave = pos >= spec.sinks
         width = resolve_widths(spec, preferred_widths(spec, pos, feat), counts, caps)
-        onehot = jnp.stack([(width == w) & can_leave for w in spec.tier_widths], axis=1) \
-            if spec.tier_widths else jnp.zeros((pos.shape[0], 0), bool)
-        return counts + onehot.astype(jnp.int32), jnp.where(can_leave, width, UNDECIDED)
+        width = jnp.where(can_leave, width, UNDECIDED)
+        return counts + tier_onehot(spec, width).astype(jnp.int32), width
 
     counts, widths = jax.lax.scan(step, counts, (positions.T, features.transpose(1, 0, 2)))
     return widths.T, counts

@@ -26,7 +26,7 @@ from kvjax.attention import causal_mask, masked_attention
 from kvjax.config import ModelConfig
 from kvjax.errors import KvjaxError
 from kvjax.features import NUM_FEATURES
-from kvjax.policies import PolicySpec, preferred_widths, resolve_widths
+from kvjax.policies import PolicySpec, preferred_widths, resolve_widths, tier_onehot
 
 
 @struct.dataclass
@@ -210,8 +210,7 @@ class TieredCache:
         feats = self.window_features[rows, jnp.minimum(ring, spec.window - 1)]
         width = resolve_widths(spec, preferred_widths(spec, leave_pos, feats), self.counts, self.caps)
         width = jnp.where(leaving, width, -1)
-        onehot = jnp.stack([width == w for w in spec.tier_widths], axis=1) if spec.tier_widths else \
-            jnp.zeros((p.shape[0], 0), bool)
+        onehot = tier_onehot(spec, width)
         slot = jnp.sum(jnp.where(onehot, self.counts, 0), axis=1)
         counts = self.counts + onehot.astype(jnp.int32)
         sink_slot = jnp.where((p >= 0) & (p < spec.sinks), p, spec.sinks)
