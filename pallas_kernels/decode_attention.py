@@ -12,7 +12,8 @@ Notation (kvjax/docs/DESIGN.md letters):
     b batch, k kv heads, n = k * g query heads, g query heads per kv head (GQA),
     h head dim, c tier slots, G group size, w = h * bits / 32 code words per slot,
     per = 32 / bits codes per word, r query rows per program (g padded, see DecodeBlocks),
-    S slot splits, L = c / S slots per split, B slots per inner block.
+    S slot splits, L = B * ceil(c / (S * B)) slots per split (the last may be short), B slots per
+    inner block.
 
 Tier layout (one layer, kvjax.codecs / kvjax.tiered.PackedTier, KIVI):
     k_codes, v_codes  uint32 [b, k, c, w]  code d of a slot = word d // per, bits (d % per) * bits
@@ -28,14 +29,16 @@ A query with no valid slot has m = EMPTY_MAX (finite), l = 0, o = 0: it adds not
 
 Kernel grid (b, k, S); program (i, j, t) handles the r query rows of kv head j of row i, so each
 K/V tile is loaded once for all g heads, and loops over the ceil((count - t*L) / B) blocks of its
-split that hold valid slots. Splits are merged with a log-sum-exp in the wrapper.
+split that hold valid slots. Splits are merged with a log-sum-exp in the wrapper. Each block's
+[B, h] code, scale and zero tiles are built by gather loads (word d // per, scale row s // G or
+column d // G), which measured ~15% faster on an H100 than unpacking with in-kernel reshapes.
+A float32 q gives exact float32 dots; a bf16/f16 q gives 16-bit dot operands with float32 sums.
 
 Backends: `tier_attention_partials` runs the pure-jnp reference on CPU and the kernel on GPU
-(Pallas Triton) / TPU (Mosaic); `interpret=True` runs the kernel with the Pallas interpreter.
-Triton needs power-of-two tensor shapes: B, r, h, h/G and w are powers of two (h a power of two
-and G | B are checked). TPU: the blocks' two minor dims are full array dims except
-k_scale/k_zero's (L/G, h), which needs L/G % 8 == 0 when S > 1; the count goes to SMEM. The
-unpacking reshape [B, w, per] -> [B, h] is a lane-dim relayout; the TPU path is untested.
+(Pallas Triton; jax >= 0.10 defaults to Mosaic GPU, so Triton compiler params are passed);
+`interpret=True` runs the kernel with the Pallas interpreter. Triton needs power-of-two tensor
+shapes: B, r, h are powers of two (h is checked). TPU: untested; the
+gather loads would need a Mosaic TPU formulation (strided loads) before it can run there.
 """
 
 from __future__ import annotations
@@ -72,10 +75,9 @@ def _is_pow2(x: int) -> bool:
 class DecodeBlocks:
     """Static tiling of the kernel (hashable: a jit static argument).
 
-    block_slots: B, slots per inner-loop step (power of two, a multiple of G). Lowered to the
-        largest power of two dividing the split length when that is smaller (no padding copy).
+    block_slots: B, slots per inner-loop step (a power of two).
     num_splits: S, splits of the slot axis run as separate programs (flash-decoding, for long
-        tiers and small b * k). Lowered until G * S divides c.
+        tiers and small b * k); any c, at most ceil(c / B) splits.
     min_rows: the g query heads of a kv head are padded to r = max(min_rows, next_pow2(g))
         rows; Triton's tl.dot wants M >= 16.
     num_warps, num_stages: Triton compiler parameters (ignored elsewhere).
@@ -85,7 +87,7 @@ class DecodeBlocks:
     num_splits: int = 1
     min_rows: int = 16
     num_warps: int = 4
-    num_stages: int = 2
+    num_stages: int = 1
 
     def __post_init__(self):
         for name in ("block_slots", "num_splits", "min_rows", "num_warps", "num_stages"):
@@ -98,24 +100,32 @@ class DecodeBlocks:
             raise ValueError(f"DecodeBlocks.min_rows must be a power of two, got {self.min_rows}")
 
 
+def auto_blocks(b: int, k: int, c: int, cores: int = 132) -> DecodeBlocks:
+    """A tiling for b sequences x k kv heads over c slots (flash-decoding).
+
+    Splits the slots until the b * k * S programs give each GPU core (132 on an H100) about
+    four, keeping at least 256 slots per split. Chosen from `python -m pallas_kernels.bench
+    --sweep` on an H100 (BENCHMARKS.md): 128-slot blocks, 4 warps, no software pipelining.
+    """
+    splits = 1
+    while b * k * splits < 4 * cores and c // (2 * splits) >= 256:
+        splits *= 2
+    return DecodeBlocks(block_slots=128, num_splits=splits)
+
+
 @dataclasses.dataclass(frozen=True)
 class _Plan:
     splits: int  # S
-    split_slots: int  # L = c / S
-    block: int  # B, divides L, multiple of G
+    split_slots: int  # L, a multiple of B; S * L >= c
+    block: int  # B
     rows: int  # r
 
 
-def _plan(c: int, g: int, group_size: int, blocks: DecodeBlocks) -> _Plan:
-    if blocks.block_slots % group_size:
-        raise ValueError(f"block_slots={blocks.block_slots} must be a multiple of group_size={group_size}")
-    splits = blocks.num_splits
-    while c % (splits * group_size):
-        splits -= 1
-    split_slots = c // splits
+def _plan(c: int, g: int, blocks: DecodeBlocks) -> _Plan:
     block = blocks.block_slots
-    while split_slots % block:
-        block //= 2  # stops at G at the latest: G is a power of two dividing L
+    splits = min(blocks.num_splits, -(-c // block))
+    split_slots = block * -(-c // (splits * block))
+    splits = -(-c // split_slots)  # no split left empty
     rows = max(blocks.min_rows, 1 << (g - 1).bit_length())
     return _Plan(splits, split_slots, block, rows)
 
@@ -161,55 +171,52 @@ def _combine(o, m, l, axis: int):
 # --------------------------------------------------------------------------- kernel
 
 
-def _unpack(words, bits: int):
-    """uint32 [s, w] -> float32 codes [s, w * 32 / bits] (first code in the lowest bits)."""
-    s, w = words.shape
-    per = 32 // bits
-    shifts = lax.broadcasted_iota(jnp.uint32, (1, 1, per), 2) * jnp.uint32(bits)  # [1, 1, per]
-    codes = (words[:, :, None] >> shifts) & jnp.uint32(2**bits - 1)  # [s, w, per]
-    return codes.reshape(s, w * per).astype(jnp.float32)
-
-
-def _repeat(x, times: int, axis: int):
-    """Repeats each entry `times` times along axis 0 or 1 of a 2-d array (broadcast + reshape)."""
-    a, z = x.shape
-    if axis == 0:
-        return jnp.broadcast_to(x[:, None, :], (a, times, z)).reshape(a * times, z)
-    return jnp.broadcast_to(x[:, :, None], (a, z, times)).reshape(a, z * times)
-
-
 def _tier_kernel(count_ref, q_ref, kc_ref, ks_ref, kz_ref, vc_ref, vs_ref, vz_ref,  # inputs
                  o_ref, m_ref, l_ref,  # outputs
-                 *, bits: int, group_size: int, block: int, sm_scale: float):
-    # count_ref [b] (whole); q_ref [r, h]; kc_ref, vc_ref [L, w]; ks_ref, kz_ref [L/G, h];
-    # vs_ref, vz_ref [L, h/G]; o_ref [r, h]; m_ref, l_ref [r]
-    G, B = group_size, block
-    L = kc_ref.shape[0]
+                 *, bits: int, group_size: int, block: int, split_slots: int, sm_scale: float):
+    # count_ref [b] (whole); q_ref [r, h]; the whole tier of one (row, kv head): kc_ref, vc_ref
+    # [c, w]; ks_ref, kz_ref [c/G, h]; vs_ref, vz_ref [c, h/G]; o_ref [r, h]; m_ref, l_ref [r]
+    G, B, L = group_size, block, split_slots
+    c = kc_ref.shape[0]
     r, h = q_ref.shape
+    per = 32 // bits
     start = pl.program_id(2) * L  # first slot of this split
     count = count_ref[pl.program_id(0)]
     n_blocks = pl.cdiv(jnp.clip(count - start, 0, L), B)  # blocks holding a valid slot
-    q = q_ref[...].astype(jnp.float32)  # [r, h]
+    # float32 q: exact float32 dots; a 16-bit q: 16-bit operands (tensor cores), float32 sums.
+    compute = q_ref.dtype
+    precision = _HIGHEST if compute == jnp.float32 else None
+    q = q_ref[...]  # [r, h]
+    # Gather loads build [B, h] tiles straight from memory (each word / scale read once from
+    # memory, the repeats from cache): code d of a slot is in word d // per at shift
+    # (d % per) * bits, key scales repeat over the G slots of a group, value scales over G channels.
+    # Slots past the tier's end (a short last split) read its last slot and are masked out.
+    row = lax.broadcasted_iota(jnp.int32, (B, h), 0)
+    col = lax.broadcasted_iota(jnp.int32, (B, h), 1)
+    shift = ((col % per) * bits).astype(jnp.uint32)
+    mask = jnp.uint32(2**bits - 1)
 
     def body(i, carry):
         o, m, l = carry  # [r, h], [r], [r]
-        s0 = pl.multiple_of(i * B, B)
-        g0 = pl.multiple_of(i * (B // G), B // G)
-        k_scale = _repeat(ks_ref[pl.ds(g0, B // G), :].astype(jnp.float32), G, axis=0)  # [B, h]
-        k_zero = _repeat(kz_ref[pl.ds(g0, B // G), :].astype(jnp.float32), G, axis=0)
-        keys = _unpack(kc_ref[pl.ds(s0, B), :], bits) * k_scale + k_zero  # [B, h]
-        scores = lax.dot_general(q, keys, (((1,), (1,)), ((), ())), precision=_HIGHEST,
+        s0 = pl.multiple_of(start + i * B, B)
+        slot = jnp.minimum(s0 + row, c - 1)  # [B, h]
+        k_scale = ks_ref[slot // G, col].astype(jnp.float32)  # [B, h]
+        k_zero = kz_ref[slot // G, col].astype(jnp.float32)
+        k_codes = ((kc_ref[slot, col // per] >> shift) & mask).astype(jnp.float32)
+        keys = (k_codes * k_scale + k_zero).astype(compute)  # [B, h]
+        scores = lax.dot_general(q, keys, (((1,), (1,)), ((), ())), precision=precision,
                                  preferred_element_type=jnp.float32) * sm_scale  # [r, B]
-        valid = start + s0 + lax.broadcasted_iota(jnp.int32, (1, B), 1) < count  # [1, B]
+        valid = s0 + lax.broadcasted_iota(jnp.int32, (1, B), 1) < count  # [1, B]
         scores = jnp.where(valid, scores, EMPTY_MAX)
         m_new = jnp.maximum(m, jnp.max(scores, axis=1))  # real: the block has a valid slot
         corr = jnp.exp(m - m_new)  # [r]
         p = jnp.exp(scores - m_new[:, None])  # [r, B], 0 where invalid
-        v_scale = _repeat(vs_ref[pl.ds(s0, B), :].astype(jnp.float32), G, axis=1)  # [B, h]
-        v_zero = _repeat(vz_ref[pl.ds(s0, B), :].astype(jnp.float32), G, axis=1)
-        values = _unpack(vc_ref[pl.ds(s0, B), :], bits) * v_scale + v_zero  # [B, h]
-        values = jnp.where(valid.reshape(B, 1), values, 0.0)  # empty slots may hold anything
-        pv = lax.dot_general(p, values, (((1,), (0,)), ((), ())), precision=_HIGHEST,
+        v_scale = vs_ref[slot, col // G].astype(jnp.float32)  # [B, h]
+        v_zero = vz_ref[slot, col // G].astype(jnp.float32)
+        v_codes = ((vc_ref[slot, col // per] >> shift) & mask).astype(jnp.float32)
+        values = v_codes * v_scale + v_zero  # [B, h]
+        values = jnp.where(valid.reshape(B, 1), values, 0.0).astype(compute)  # empty slots may hold anything
+        pv = lax.dot_general(p.astype(compute), values, (((1,), (0,)), ((), ())), precision=precision,
                              preferred_element_type=jnp.float32)  # [r, h]
         return corr[:, None] * o + pv, m_new, corr * l + jnp.sum(p, axis=1)
 
@@ -226,10 +233,13 @@ def _tier_pallas_call(q4, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, co
     """q4 [b, k, r, h] -> o [b, k, S, r, h], m, l [b, k, S, r] (per split, unmerged)."""
     b, k, r, h = q4.shape
     w = k_codes.shape[-1]
-    S, L, G = plan.splits, plan.split_slots, group_size
-    kernel = functools.partial(_tier_kernel, bits=bits, group_size=G, block=plan.block, sm_scale=h ** -0.5)
-    slots = lambda minor: pl.BlockSpec((None, None, L, minor), lambda i, j, t: (i, j, t, 0))
-    groups = pl.BlockSpec((None, None, L // G, h), lambda i, j, t: (i, j, t, 0))
+    c = k_codes.shape[2]
+    S, G = plan.splits, group_size
+    kernel = functools.partial(_tier_kernel, bits=bits, group_size=G, block=plan.block,
+                               split_slots=plan.split_slots, sm_scale=h ** -0.5)
+    # Every program sees the whole tier of its (row, kv head) and reads only its split's slots.
+    slots = lambda minor: pl.BlockSpec((None, None, c, minor), lambda i, j, t: (i, j, 0, 0))
+    groups = pl.BlockSpec((None, None, c // G, h), lambda i, j, t: (i, j, 0, 0))
     count_spec = pl.BlockSpec((b,), lambda i, j, t: (0,))  # the whole [b]; a program reads its row
     compiler_params = None
     if not interpret and jax.default_backend() == "gpu":
@@ -276,7 +286,7 @@ def tier_attention_partials_kernel(q, k_codes, k_scale, k_zero, v_codes, v_scale
         return _empty(b, k * g, h)
     if not interpret and jax.default_backend() == "gpu" and not _is_pow2(h):
         raise ValueError(f"the Triton kernel needs a power-of-two head_dim, got {h}")
-    plan = _plan(c, g, group_size, blocks)
+    plan = _plan(c, g, blocks)
     q4 = q.reshape(b, k, g, h)
     q4 = jnp.pad(q4, ((0, 0), (0, 0), (0, plan.rows - g), (0, 0)))  # [b, k, r, h]
     o, m, l = _tier_pallas_call(q4, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero,
