@@ -27,6 +27,7 @@ from kvjax.config import ModelConfig
 from kvjax.errors import KvjaxError
 from kvjax.features import NUM_FEATURES
 from kvjax.policies import PolicySpec, preferred_widths, resolve_widths, tier_onehot
+import pallas_kernels.decode_attention as fused  # module import: pallas_kernels imports kvjax back
 
 
 @struct.dataclass
@@ -126,6 +127,30 @@ class PackedTier:
             v_scale=_put(self.v_scale, layer, at, vs[:, :, 0]),
             v_zero=_put(self.v_zero, layer, at, vz[:, :, 0]))
 
+    def partials(self, layer, q, count, interpret: bool):
+        """Flash-decoding partials of q [b, n, h] over this tier's first count [b] tokens.
+
+        KIVI: the fused kernel over the whole key groups, plus a 16-bit part for the keys of
+        the group being filled (the stage) with their quantized values. Symmetric tiers have no
+        fused kernel yet: they are dequantized and attended as a 16-bit part.
+        """
+        if self.symmetric:
+            keys, values = self.read(layer, count, q.dtype)
+            return [fused.dense_partials(q, keys, values, jnp.arange(self.slots)[None, :] < count[:, None])]
+        g, (b, k) = self.group_size, self.k_codes.shape[1:3]
+        full = count // g * g  # slots whose key group is quantized
+        packed = fused.tier_attention_partials(
+            q, self.k_codes[layer], self.k_scale[layer], self.k_zero[layer], self.v_codes[layer],
+            self.v_scale[layer], self.v_zero[layer], full, bits=self.bits, group_size=g,
+            blocks=fused.auto_blocks(b, k, self.slots), interpret=interpret)
+        rows = jnp.arange(b)[:, None]
+        slot = jnp.minimum(full[:, None] + jnp.arange(g), self.slots - 1)  # [b, G]
+        take = lambda x: x[layer][rows, :, slot].transpose(0, 2, 1, 3)  # [b, G, k, .] -> [b, k, G, .]
+        values = codecs.decode_values(take(self.v_codes), take(self.v_scale), take(self.v_zero), self.bits, g,
+                                      q.dtype)
+        staged = fused.dense_partials(q, self.k_stage[layer], values, jnp.arange(g)[None, :] < (count - full)[:, None])
+        return [packed, staged]
+
     def read(self, layer, count, dtype):
         """Dequantized keys, values [b, k, c, h]; keys of an unfinished group come from the stage."""
         if self.symmetric:
@@ -166,6 +191,7 @@ class TieredCache:
     spec: PolicySpec = struct.field(pytree_node=False)
     caps: tuple[int, ...] = struct.field(pytree_node=False)  # slots per tier, as tier_widths
     capacity: int = struct.field(pytree_node=False)  # tokens per sequence the cache was sized for
+    attention: str = struct.field(pytree_node=False, default="auto")  # see `attend`
 
     @classmethod
     def init(cls, spec: PolicySpec, cfg: ModelConfig, batch: int, capacity: int, dtype=jnp.float32):
@@ -246,7 +272,18 @@ class TieredCache:
                             window=self.window.write(layer, rows, ring, k, v), kept=kept, packed=packed)
 
     def attend(self, layer, q, positions):
-        """q [b, 1, n, h] over every tier of `layer`, dequantized, in one softmax."""
+        """q [b, 1, n, h] over every tier of `layer`: one softmax over their union.
+
+        `attention` "auto": on CPU every tier is dequantized and attended at once (the jnp
+        reference); on GPU/TPU the packed tiers are read by the fused Pallas kernel and merged
+        with the 16-bit tiers through flash-decoding partials. "reference", "kernel" and
+        "interpret" (the kernel run by the Pallas interpreter, for tests on CPU) force one path.
+        """
+        mode = self.attention
+        if mode == "auto":
+            mode = "reference" if jax.default_backend() == "cpu" else "kernel"
+        if mode != "reference":
+            return self._attend_partials(layer, q, positions, interpret=mode == "interpret")
         dtype = self.window.k.dtype
         parts = [(*self.sink.read(layer), self.sink.pos), (*self.window.read(layer), self.window.pos),
                  (*self.kept.read(layer), self.kept.pos)]
@@ -256,6 +293,18 @@ class TieredCache:
         values = jnp.concatenate([p[1] for p in parts], axis=2)
         pos = jnp.concatenate([p[2] for p in parts], axis=1)
         return masked_attention(q, keys, values, causal_mask(positions, pos))
+
+    def _attend_partials(self, layer, q, positions, interpret: bool):
+        qs, p = q[:, 0], positions[:, 0]  # [b, n, h], [b]
+        parts = []
+        for tier in (self.sink, self.window, self.kept):
+            if tier.slots:
+                visible = (tier.pos >= 0) & (tier.pos <= p[:, None])  # [b, c]
+                parts.append(fused.dense_partials(qs, *tier.read(layer), visible))
+        for i, tier in enumerate(self.packed):
+            if tier.slots:
+                parts += tier.partials(layer, qs, self.counts[:, i], interpret)
+        return fused.merge_partials(parts)[:, None].astype(q.dtype)
 
     def advance(self, positions):
         return self.replace(lengths=jnp.maximum(self.lengths, positions.max(axis=1) + 1), route=None)

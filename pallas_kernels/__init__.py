@@ -6,7 +6,12 @@ decode_attention: fused decode attention over one KIVI packed tier (issue #4). T
     (`dense_partials`) into the softmax over their union. `tier_attention_partials` runs the
     jnp reference on CPU and the kernel on GPU/TPU (interpret=True: the Pallas interpreter).
 
-Planned: grouped quantize + pack.
+quantize_pack: grouped asymmetric (KIVI keys per channel, values per token) and symmetric
+    quantization + bit packing, bit-identical to kvjax.codecs (`encode_values`,
+    `encode_key_groups`, `encode_sym`: the codecs on CPU, the kernel on GPU/TPU).
+
+kvjax.tiered.TieredCache.attend calls decode_attention on GPU/TPU; `python -m pallas_kernels.bench`
+times it against FP16 attention (BENCHMARKS.md).
 """
 
 from pallas_kernels.decode_attention import (
@@ -19,9 +24,13 @@ from pallas_kernels.decode_attention import (
     tier_attention_partials_kernel,
     tier_attention_partials_reference,
 )
+from pallas_kernels.quantize_pack import encode_key_groups, encode_sym, encode_values
 
 __all__ = [
     "EMPTY_MAX",
+    "encode_key_groups",
+    "encode_sym",
+    "encode_values",
     "DecodeBlocks",
     "Partials",
     "dense_partials",

@@ -26,7 +26,7 @@ def spec_of(name, **kw):
     return parse_policy(name, window=WINDOW, group_size=GROUP, **kw)
 
 
-def decode_all(spec, tokens, positions, capacity):
+def decode_all(spec, tokens, positions, capacity, attention="auto"):
     """Step-by-step decoding from an empty cache: logits [b, T, v] and the final cache."""
     b, T = tokens.shape
 
@@ -37,7 +37,7 @@ def decode_all(spec, tokens, positions, capacity):
             cache = cache.record_features(pos, token_features(logits, tok))
         return logits, cache
 
-    cache, out = make_cache(spec, CFG, b, capacity), []
+    cache, out = make_cache(spec, CFG, b, capacity).replace(attention=attention), []
     for t in range(T):
         logits, cache = step(cache, tokens[:, t:t + 1], positions[:, t:t + 1])
         out.append(logits[:, 0])
@@ -71,6 +71,19 @@ def test_teacher_forced_equals_step_by_step_decode(name):
         np.testing.assert_array_equal(stored, np.minimum(lengths, spec.sinks + spec.window))
     else:
         np.testing.assert_array_equal(stored, lengths)
+
+
+@pytest.mark.parametrize("name", ["kivi2", "kivi4", "int8-sink", "mixed@3"])
+def test_fused_kernel_attention_equals_reference(name):
+    """Decoding through the fused Pallas kernel (interpreted on CPU) equals the jnp reference path."""
+    spec = spec_of(name)
+    tokens, positions = ragged_batch(T=27, short=22, seed=3)
+    fused = "interpret" if jax.default_backend() == "cpu" else "kernel"
+    with jax.default_matmul_precision("highest"):  # GPUs default to TF32 matmuls
+        want, _ = decode_all(spec, tokens, positions, 30, attention="reference")
+        got, _ = decode_all(spec, tokens, positions, 30, attention=fused)
+    valid = np.asarray(positions) >= 0
+    np.testing.assert_allclose(np.asarray(got)[valid], np.asarray(want)[valid], atol=2e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("name", ["kivi2", "int8-sink", "streaming", "mixed-rule@3"])
