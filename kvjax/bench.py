@@ -1,14 +1,21 @@
-"""`python -m kvjax.bench`: prefill tokens/s and decode ms/token at several contexts.
+"""`python -m kvjax.bench`: prefill tokens/s and decode ms/token at several contexts and policies.
 
-Prompts are random token ids (speed does not depend on their values). Each context
-is compiled once, then prefill and a chunk of decode steps are timed after a warm-up.
+With a real model (`--model`, default: the embedded one) prompts are random token ids (speed
+does not depend on their values), prefilled through each policy, then a chunk of decode steps
+is timed after a warm-up. With `--preset NAME` the weights are random with the real shapes of
+that model and the cache is filled directly with `context` random tokens in the state decoding
+would have left (decode speed depends on neither weights nor K/V values; a 32k-token
+teacher-forced prefill would not fit in memory): only decode is timed.
 
     python -m kvjax.bench --contexts 128,1024,4096 --decode-steps 32
+    python -m kvjax.bench --preset SmolLM-360M --kv fp16,kivi4,kivi2,mixed@3 --contexts 1024,8192,32768
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import functools
 import platform
 import sys
 import time
@@ -17,18 +24,40 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kvjax import teacher_forced
+from kvjax.cache import DenseCache
+from kvjax.config import get_preset
 from kvjax.errors import KvjaxError
+from kvjax.features import NUM_FEATURES
 from kvjax.generation import decode_chunk, default_dtype, prefill, start_state
-from kvjax.loading import load_model
-from kvjax.model import DTYPES
+from kvjax.loading import LoadedModel, load_model
+from kvjax.model import DTYPES, init_params
 from kvjax.policies import add_policy_flags, make_cache, policy_from_flags
 from kvjax.sampling import SamplingConfig
+from kvjax.tiered import TieredCache
 
 GREEDY = SamplingConfig()
 
 
-def bench_context(model, context: int, decode_steps: int, batch: int, kv: str, dtype, repeats: int):
-    """-> (prefill tokens/s, decode ms/token, KV bytes) for prompts of `context` tokens."""
+@functools.partial(jax.jit, static_argnames=("policy", "cfg", "batch", "context", "capacity", "dtype"))
+def filled_cache(key, *, policy, cfg, batch: int, context: int, capacity: int, dtype):
+    """A cache of `policy` holding `context` random tokens per sequence, as decoding leaves it."""
+    cache = make_cache(policy, cfg, batch, capacity, dtype)
+    kk, kv = jax.random.split(key)
+    shape = (cfg.num_layers, batch, cfg.num_kv_heads, context, cfg.head_dim)
+    k_all, v_all = jax.random.normal(kk, shape, dtype), jax.random.normal(kv, shape, dtype)
+    if isinstance(cache, DenseCache):
+        pad = ((0, 0),) * 3 + ((0, capacity - context), (0, 0))
+        return cache.replace(k=jnp.pad(k_all, pad), v=jnp.pad(v_all, pad),
+                             lengths=jnp.full((batch,), context, jnp.int32))
+    positions = jnp.broadcast_to(jnp.arange(context, dtype=jnp.int32), (batch, context))
+    features = jnp.zeros((batch, context, NUM_FEATURES), jnp.float32)
+    widths, _ = teacher_forced.assign_widths(cache.spec, cache.caps, positions, features, cache.counts)
+    return TieredCache.from_sequence(cache, k_all, v_all, widths, features, positions)
+
+
+def bench_context(model, context: int, decode_steps: int, batch: int, kv, dtype, repeats: int, synthetic: bool):
+    """-> (prefill tokens/s or None, decode ms/token, KV bytes) for `context` tokens per sequence."""
     cfg = model.cfg
     rng = np.random.default_rng(context)
     tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (batch, context)), jnp.int32)
@@ -36,13 +65,20 @@ def bench_context(model, context: int, decode_steps: int, batch: int, kv: str, d
     capacity = context + decode_steps + 1
 
     def run_once():
-        cache = make_cache(kv, cfg, batch, capacity, dtype)
-        t0 = time.perf_counter()
-        logits, cache = prefill(model.params, tokens, positions, cache, cfg=cfg, dtype=dtype)
-        logits.block_until_ready()
-        t_prefill = time.perf_counter() - t0
+        t_prefill = None
+        if synthetic:
+            cache = filled_cache(jax.random.PRNGKey(context), policy=kv, cfg=cfg, batch=batch, context=context,
+                                 capacity=capacity, dtype=dtype)
+            logits = jnp.zeros((batch, cfg.vocab_size), jnp.float32)
+        else:
+            cache = make_cache(kv, cfg, batch, capacity, dtype)
+            t0 = time.perf_counter()
+            logits, cache = prefill(model.params, tokens, positions, cache, cfg=cfg, dtype=dtype)
+            logits.block_until_ready()
+            t_prefill = time.perf_counter() - t0
         # eos_id -1 never matches: every sequence decodes all steps.
         state = start_state(logits, cache, jax.random.PRNGKey(0), decode_steps + 1, GREEDY, -1)
+        jax.block_until_ready(state)
         t0 = time.perf_counter()
         state = decode_chunk(model.params, state, -1, cfg=cfg, dtype=dtype, sampling=GREEDY,
                              chunk=decode_steps)
@@ -52,14 +88,23 @@ def bench_context(model, context: int, decode_steps: int, batch: int, kv: str, d
 
     run_once()  # compile and warm up
     runs = [run_once() for _ in range(repeats)]
-    t_prefill = float(np.median([r[0] for r in runs]))
+    t_prefill = None if synthetic else float(np.median([r[0] for r in runs]))
     t_decode = float(np.median([r[1] for r in runs]))
-    return batch * context / t_prefill, 1e3 * t_decode / decode_steps, runs[0][2]
+    return (None if synthetic else batch * context / t_prefill), 1e3 * t_decode / decode_steps, runs[0][2]
+
+
+def random_model(preset: str, context: int, dtype) -> LoadedModel:
+    """Random weights of a preset's shapes, its context stretched to `context` (speed only)."""
+    cfg = get_preset(preset)
+    cfg = dataclasses.replace(cfg, max_position_embeddings=max(cfg.max_position_embeddings, context))
+    return LoadedModel(cfg, init_params(cfg, jax.random.PRNGKey(0), dtype), None, f"random {preset}")
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m kvjax.bench", description=__doc__.splitlines()[0])
-    p.add_argument("--model", default=None)
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--model", default=None, help="model to load (default: the embedded SmolLM2-135M)")
+    source.add_argument("--preset", default=None, help="random weights of this preset's shapes; decode only")
     p.add_argument("--contexts", default="128,1024,4096")
     p.add_argument("--decode-steps", type=int, default=32)
     p.add_argument("--batch", type=int, default=1)
@@ -70,23 +115,36 @@ def main(argv=None) -> int:
     try:
         contexts = [int(c) for c in args.contexts.split(",")]
         dtype_name = args.dtype or default_dtype()
-        kv = policy_from_flags(args)
-        model = load_model(args.model, DTYPES[dtype_name])
-        if max(contexts) + args.decode_steps + 1 > model.cfg.max_position_embeddings:
-            raise KvjaxError(f"context {max(contexts)} + decode steps exceeds the model's "
-                             f"{model.cfg.max_position_embeddings} tokens")
+        names = args.kv.split(",")
+        # Tuning flags apply to the quantized policies of the list.
+        policies = [name if name == "fp16" else policy_from_flags(argparse.Namespace(**{**vars(args), "kv": name}))
+                    for name in names]
+        last = max(contexts) + args.decode_steps + 1
+        if args.preset:
+            model = random_model(args.preset, last, DTYPES[dtype_name])
+        else:
+            model = load_model(args.model, DTYPES[dtype_name])
+            if last > model.cfg.max_position_embeddings:
+                raise KvjaxError(f"context {max(contexts)} + decode steps exceeds the model's "
+                                 f"{model.cfg.max_position_embeddings} tokens")
+        for kv in policies:
+            if kv != "fp16":
+                kv.check(model.cfg)
     except (KvjaxError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     device = jax.devices()[0]
-    print(f"model {model.cfg.name} | {device.platform} {device.device_kind} | {platform.processor() or platform.machine()} "
-          f"| jax {jax.__version__} | dtype {dtype_name} | kv {args.kv} | batch {args.batch}")
-    print(f"{'context':>8} {'prefill tok/s':>14} {'decode ms/tok':>14} {'decode tok/s':>13} {'KV MiB':>8}")
-    for context in contexts:
-        tps, ms, kv_bytes = bench_context(model, context, args.decode_steps, args.batch, kv,
-                                          DTYPES[dtype_name], args.repeats)
-        print(f"{context:>8} {tps:>14.1f} {ms:>14.2f} {args.batch * 1e3 / ms:>13.1f} {kv_bytes / 2**20:>8.1f}",
-              flush=True)
+    print(f"model {model.source if args.preset else model.cfg.name} | {device.platform} {device.device_kind} | "
+          f"{platform.processor() or platform.machine()} | jax {jax.__version__} | dtype {dtype_name} | "
+          f"batch {args.batch}")
+    print(f"{'kv':<10} {'context':>8} {'prefill tok/s':>14} {'decode ms/tok':>14} {'decode tok/s':>13} {'KV MiB':>8}")
+    for name, kv in zip(names, policies):
+        for context in contexts:
+            tps, ms, kv_bytes = bench_context(model, context, args.decode_steps, args.batch, kv,
+                                              DTYPES[dtype_name], args.repeats, synthetic=bool(args.preset))
+            prefill_col = "-" if tps is None else f"{tps:.1f}"
+            print(f"{name:<10} {context:>8} {prefill_col:>14} {ms:>14.2f} {args.batch * 1e3 / ms:>13.1f} "
+                  f"{kv_bytes / 2**20:>8.1f}", flush=True)
     return 0
 
 
