@@ -1,0 +1,49 @@
+"""The benchmark commands run end to end on a tiny model and refuse bad input with one line."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kvjax import bench
+from kvjax.config import get_preset
+from kvjax.policies import parse_policy
+from pallas_kernels import bench as kernel_bench
+
+
+def test_preset_bench_runs_every_policy(capsys):
+    rc = bench.main(["--preset", "tiny", "--kv", "fp16,kivi2,mixed@3,int8-sink", "--group-size", "16",
+                     "--contexts", "40", "--decode-steps", "2", "--repeats", "1"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    rows = [line.split() for line in out.splitlines()[2:]]
+    assert [r[0] for r in rows] == ["fp16", "kivi2", "mixed@3", "int8-sink"]
+    assert all(r[1] == "40" and r[2] == "-" and float(r[3]) > 0 for r in rows)
+
+
+@pytest.mark.parametrize("policy", ["fp16", "kivi2", "mixed@3"])
+def test_filled_cache_holds_the_context(policy):
+    spec = policy if policy == "fp16" else parse_policy(policy, window=8, group_size=4)
+    cache = bench.filled_cache(jax.random.PRNGKey(0), policy=spec, cfg=get_preset("tiny"), batch=2,
+                               context=37, capacity=45, dtype=jnp.float32)
+    per_tier = {k: np.asarray(v) for k, v in cache.tokens_per_tier().items()}
+    np.testing.assert_array_equal(sum(per_tier.values()), [37, 37])
+    np.testing.assert_array_equal(np.asarray(cache.lengths), [37, 37])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--preset", "nope"], "unknown model preset"),
+    (["--preset", "tiny", "--kv", "kivi2"], "does not divide head_dim"),
+    (["--preset", "tiny", "--kv", "kivi9"], "unknown KV-cache policy"),
+])
+def test_bad_input_is_one_line(argv, message, capsys):
+    assert bench.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and message in err and "\n" not in err
+
+
+def test_kernel_bench_needs_a_gpu(capsys):
+    if jax.default_backend() == "gpu":
+        pytest.skip("a GPU is present: the kernel benchmark would run")
+    assert kernel_bench.main(["--contexts", "1024"]) == 2
+    assert "needs a GPU" in capsys.readouterr().err
