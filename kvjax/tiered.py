@@ -130,14 +130,15 @@ class PackedTier:
     def partials(self, layer, q, count, interpret: bool):
         """Flash-decoding partials of q [b, n, h] over this tier's first count [b] tokens.
 
-        KIVI: the fused kernel over the whole key groups, plus a 16-bit part for the keys of
-        the group being filled (the stage) with their quantized values. Symmetric tiers have no
-        fused kernel yet: they are dequantized and attended as a 16-bit part.
+        The fused kernel over the packed codes; KIVI adds a 16-bit part for the keys of the
+        group being filled (the stage) with their quantized values.
         """
-        if self.symmetric:
-            keys, values = self.read(layer, count, q.dtype)
-            return [fused.dense_partials(q, keys, values, jnp.arange(self.slots)[None, :] < count[:, None])]
         g, (b, k) = self.group_size, self.k_codes.shape[1:3]
+        if self.symmetric:
+            return [fused.tier_attention_partials(
+                q, self.k_codes[layer], self.k_scale[layer], None, self.v_codes[layer], self.v_scale[layer], None,
+                count, bits=self.bits, group_size=g, blocks=fused.auto_blocks(b, k, self.slots),
+                interpret=interpret)]
         full = count // g * g  # slots whose key group is quantized
         packed = fused.tier_attention_partials(
             q, self.k_codes[layer], self.k_scale[layer], self.k_zero[layer], self.v_codes[layer],

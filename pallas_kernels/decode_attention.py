@@ -1,4 +1,4 @@
-"""Fused decode attention over one KIVI packed tier: unpack, dequantize and attend in one kernel.
+"""Fused decode attention over one packed tier: unpack, dequantize and attend in one kernel.
 
 Modelled on jax.experimental.pallas.ops.gpu.decode_attention (kernel -> pallas_call wrapper ->
 jitted public function -> pure-jnp reference). One decode step's queries attend to the valid
@@ -19,6 +19,8 @@ Tier layout (one layer, kvjax.codecs / kvjax.tiered.PackedTier, KIVI):
     k_codes, v_codes  uint32 [b, k, c, w]  code d of a slot = word d // per, bits (d % per) * bits
     k_scale, k_zero   [b, k, c/G, h]       key[s, d]   = code * k_scale[s // G, d] + k_zero[s // G, d]
     v_scale, v_zero   [b, k, c, h/G]       value[s, d] = code * v_scale[s, d // G] + v_zero[s, d // G]
+    symmetric tiers   k_zero = v_zero = None, k_scale, v_scale [b, k, c, 1]: codes offset by
+                      2**(bits-1), x = (code - 2**(bits-1)) * scale (kvjax.codecs.encode_sym)
     count             int32 [b]            slots >= count are empty (callers exclude the slots of
                                            an unfinished key group from the count)
     q                 [b, n, h]            heads [i*g:(i+1)*g] read kv head i
@@ -137,11 +139,16 @@ def _check_tier(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, count, bi
         raise ValueError(f"q must be [b, n, h] and codes [b, k, c, w], got {q.shape} and {k_codes.shape}")
     b, n, h = q.shape
     _, k, c, w = k_codes.shape
-    if h % group_size or c % group_size:
-        raise ValueError(f"group_size={group_size} must divide head_dim={h} and slots={c}")
-    expected = {"k_codes": (b, k, c, h * bits // 32), "v_codes": (b, k, c, h * bits // 32),
-                "k_scale": (b, k, c // group_size, h), "k_zero": (b, k, c // group_size, h),
-                "v_scale": (b, k, c, h // group_size), "v_zero": (b, k, c, h // group_size), "count": (b,)}
+    if (k_zero is None) != (v_zero is None):
+        raise ValueError("k_zero and v_zero must both be arrays (KIVI) or both None (symmetric)")
+    expected = {"k_codes": (b, k, c, h * bits // 32), "v_codes": (b, k, c, h * bits // 32), "count": (b,)}
+    if k_zero is None:  # symmetric: one scale per slot
+        expected.update(k_scale=(b, k, c, 1), v_scale=(b, k, c, 1))
+    else:
+        if h % group_size or c % group_size:
+            raise ValueError(f"group_size={group_size} must divide head_dim={h} and slots={c}")
+        expected.update(k_scale=(b, k, c // group_size, h), k_zero=(b, k, c // group_size, h),
+                        v_scale=(b, k, c, h // group_size), v_zero=(b, k, c, h // group_size))
     arrays = {"k_codes": k_codes, "v_codes": v_codes, "k_scale": k_scale, "k_zero": k_zero,
               "v_scale": v_scale, "v_zero": v_zero, "count": count}
     for name, shape in expected.items():
@@ -171,11 +178,16 @@ def _combine(o, m, l, axis: int):
 # --------------------------------------------------------------------------- kernel
 
 
-def _tier_kernel(count_ref, q_ref, kc_ref, ks_ref, kz_ref, vc_ref, vs_ref, vz_ref,  # inputs
-                 o_ref, m_ref, l_ref,  # outputs
-                 *, bits: int, group_size: int, block: int, split_slots: int, sm_scale: float):
+def _tier_kernel(*refs, bits: int, group_size: int, block: int, split_slots: int, sm_scale: float,
+                 symmetric: bool):
     # count_ref [b] (whole); q_ref [r, h]; the whole tier of one (row, kv head): kc_ref, vc_ref
-    # [c, w]; ks_ref, kz_ref [c/G, h]; vs_ref, vz_ref [c, h/G]; o_ref [r, h]; m_ref, l_ref [r]
+    # [c, w]; KIVI: ks_ref, kz_ref [c/G, h], vs_ref, vz_ref [c, h/G]; symmetric: ks_ref, vs_ref
+    # [c, 1], no zeros. Outputs o_ref [r, h]; m_ref, l_ref [r].
+    if symmetric:
+        count_ref, q_ref, kc_ref, ks_ref, vc_ref, vs_ref, o_ref, m_ref, l_ref = refs
+        kz_ref = vz_ref = None
+    else:
+        count_ref, q_ref, kc_ref, ks_ref, kz_ref, vc_ref, vs_ref, vz_ref, o_ref, m_ref, l_ref = refs
     G, B, L = group_size, block, split_slots
     c = kc_ref.shape[0]
     r, h = q_ref.shape
@@ -189,21 +201,28 @@ def _tier_kernel(count_ref, q_ref, kc_ref, ks_ref, kz_ref, vc_ref, vs_ref, vz_re
     q = q_ref[...]  # [r, h]
     # Gather loads build [B, h] tiles straight from memory (each word / scale read once from
     # memory, the repeats from cache): code d of a slot is in word d // per at shift
-    # (d % per) * bits, key scales repeat over the G slots of a group, value scales over G channels.
+    # (d % per) * bits, key scales repeat over the G slots of a group, value scales over G channels
+    # (symmetric: one scale per slot, codes offset by 2**(bits-1)).
     # Slots past the tier's end (a short last split) read its last slot and are masked out.
     row = lax.broadcasted_iota(jnp.int32, (B, h), 0)
     col = lax.broadcasted_iota(jnp.int32, (B, h), 1)
     shift = ((col % per) * bits).astype(jnp.uint32)
     mask = jnp.uint32(2**bits - 1)
 
+    def dequantize(codes_ref, scale_ref, zero_ref, at):  # -> float32 [B, h]; at = (rows, cols) of scales
+        codes = ((codes_ref[at[0], col // per] >> shift) & mask).astype(jnp.float32)
+        scale = scale_ref[at[1], at[2]].astype(jnp.float32)
+        if zero_ref is None:
+            return (codes - 2.0 ** (bits - 1)) * scale
+        return codes * scale + zero_ref[at[1], at[2]].astype(jnp.float32)
+
     def body(i, carry):
         o, m, l = carry  # [r, h], [r], [r]
         s0 = pl.multiple_of(start + i * B, B)
         slot = jnp.minimum(s0 + row, c - 1)  # [B, h]
-        k_scale = ks_ref[slot // G, col].astype(jnp.float32)  # [B, h]
-        k_zero = kz_ref[slot // G, col].astype(jnp.float32)
-        k_codes = ((kc_ref[slot, col // per] >> shift) & mask).astype(jnp.float32)
-        keys = (k_codes * k_scale + k_zero).astype(compute)  # [B, h]
+        first = jnp.zeros_like(col)
+        keys = dequantize(kc_ref, ks_ref, kz_ref, (slot, slot, first) if symmetric else (slot, slot // G, col))
+        keys = keys.astype(compute)  # [B, h]
         scores = lax.dot_general(q, keys, (((1,), (1,)), ((), ())), precision=precision,
                                  preferred_element_type=jnp.float32) * sm_scale  # [r, B]
         valid = s0 + lax.broadcasted_iota(jnp.int32, (1, B), 1) < count  # [1, B]
@@ -211,10 +230,7 @@ def _tier_kernel(count_ref, q_ref, kc_ref, ks_ref, kz_ref, vc_ref, vs_ref, vz_re
         m_new = jnp.maximum(m, jnp.max(scores, axis=1))  # real: the block has a valid slot
         corr = jnp.exp(m - m_new)  # [r]
         p = jnp.exp(scores - m_new[:, None])  # [r, B], 0 where invalid
-        v_scale = vs_ref[slot, col // G].astype(jnp.float32)  # [B, h]
-        v_zero = vz_ref[slot, col // G].astype(jnp.float32)
-        v_codes = ((vc_ref[slot, col // per] >> shift) & mask).astype(jnp.float32)
-        values = v_codes * v_scale + v_zero  # [B, h]
+        values = dequantize(vc_ref, vs_ref, vz_ref, (slot, slot, first) if symmetric else (slot, slot, col // G))
         values = jnp.where(valid.reshape(B, 1), values, 0.0).astype(compute)  # empty slots may hold anything
         pv = lax.dot_general(p.astype(compute), values, (((1,), (0,)), ((), ())), precision=precision,
                              preferred_element_type=jnp.float32)  # [r, h]
@@ -232,14 +248,14 @@ def _tier_pallas_call(q4, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, co
                       bits: int, group_size: int, plan: _Plan, blocks: DecodeBlocks, interpret: bool):
     """q4 [b, k, r, h] -> o [b, k, S, r, h], m, l [b, k, S, r] (per split, unmerged)."""
     b, k, r, h = q4.shape
-    w = k_codes.shape[-1]
     c = k_codes.shape[2]
     S, G = plan.splits, group_size
+    symmetric = k_zero is None
     kernel = functools.partial(_tier_kernel, bits=bits, group_size=G, block=plan.block,
-                               split_slots=plan.split_slots, sm_scale=h ** -0.5)
+                               split_slots=plan.split_slots, sm_scale=h ** -0.5, symmetric=symmetric)
     # Every program sees the whole tier of its (row, kv head) and reads only its split's slots.
-    slots = lambda minor: pl.BlockSpec((None, None, c, minor), lambda i, j, t: (i, j, 0, 0))
-    groups = pl.BlockSpec((None, None, c // G, h), lambda i, j, t: (i, j, 0, 0))
+    whole = lambda x: pl.BlockSpec((None, None, *x.shape[2:]), lambda i, j, t: (i, j, 0, 0))
+    tier = [x for x in (k_codes, k_scale, k_zero, v_codes, v_scale, v_zero) if x is not None]
     count_spec = pl.BlockSpec((b,), lambda i, j, t: (0,))  # the whole [b]; a program reads its row
     compiler_params = None
     if not interpret and jax.default_backend() == "gpu":
@@ -257,8 +273,7 @@ def _tier_pallas_call(q4, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, co
         in_specs=[
             count_spec,  # count
             pl.BlockSpec((None, None, r, h), lambda i, j, t: (i, j, 0, 0)),  # q
-            slots(w), groups, groups,  # k_codes, k_scale, k_zero
-            slots(w), slots(h // G), slots(h // G),  # v_codes, v_scale, v_zero
+            *(whole(x) for x in tier),  # codes, scales (and zeros) of keys, then of values
         ],
         out_specs=[
             pl.BlockSpec((None, None, None, r, h), lambda i, j, t: (i, j, t, 0, 0)),  # o
@@ -272,8 +287,8 @@ def _tier_pallas_call(q4, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, co
         ],
         compiler_params=compiler_params,
         interpret=interpret,
-        name="kivi_tier_decode_attention",
-    )(count, q4, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero)
+        name="packed_tier_decode_attention",
+    )(count, q4, *tier)
 
 
 @functools.partial(jax.jit, static_argnames=("bits", "group_size", "blocks", "interpret"))
@@ -329,8 +344,12 @@ def tier_attention_partials_reference(q, k_codes, k_scale, k_zero, v_codes, v_sc
     """
     del blocks, interpret
     b, k, g, h, c = _check_tier(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, count, bits, group_size)
-    keys = codecs.decode_key_groups(k_codes, k_scale, k_zero, bits, group_size, jnp.float32)  # [b, k, c, h]
-    values = codecs.decode_values(v_codes, v_scale, v_zero, bits, group_size, jnp.float32)  # [b, k, c, h]
+    if k_zero is None:  # symmetric
+        keys = codecs.decode_sym(k_codes, k_scale, bits, jnp.float32)  # [b, k, c, h]
+        values = codecs.decode_sym(v_codes, v_scale, bits, jnp.float32)
+    else:
+        keys = codecs.decode_key_groups(k_codes, k_scale, k_zero, bits, group_size, jnp.float32)
+        values = codecs.decode_values(v_codes, v_scale, v_zero, bits, group_size, jnp.float32)
     valid = jnp.arange(c)[None, :] < count[:, None]  # [b, c]
     return _grouped_partials(q, keys, values, valid)
 
