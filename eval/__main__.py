@@ -11,6 +11,7 @@ skips what is cached, so an interrupted run continues where it stopped.
 from __future__ import annotations
 
 import argparse
+import datetime
 import hashlib
 import json
 import math
@@ -19,6 +20,7 @@ import re
 import sys
 import time
 
+import jax
 from tqdm import tqdm
 
 from eval.scoring import accuracy, score_requests
@@ -186,7 +188,10 @@ def main(argv=None) -> int:
                   f"({results[t][p]['n']} examples, {seconds[t][p]:.0f} s)", flush=True)
     bits = {p: (None if math.isnan(b) else b) for p, b in ((p, average_bits(specs[p])) for p in policies)}
     os.makedirs(args.out, exist_ok=True)
-    report = {"model": model.source, "tasks": tasks, "policies": policies, "limit": args.limit,
+    device = jax.devices()[0]
+    report = {"command": "python -m eval " + " ".join(sys.argv[1:] if argv is None else argv),
+              "device": f"{device.platform} {device.device_kind}", "date": datetime.date.today().isoformat(),
+              "model": model.source, "tasks": tasks, "policies": policies, "limit": args.limit,
               "residual": args.residual, "group_size": args.group_size, "average_bits": bits,
               "results": results, "seconds": seconds}
     with open(os.path.join(args.out, "results.json"), "w") as f:

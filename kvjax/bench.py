@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime
 import functools
+import json
 import platform
 import sys
 import time
@@ -111,6 +113,7 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     add_policy_flags(p)
     p.add_argument("--dtype", default=None, choices=sorted(DTYPES))
+    p.add_argument("--json", default=None, help="append one JSON line per (policy, context) to this file")
     args = p.parse_args(argv)
     try:
         contexts = [int(c) for c in args.contexts.split(",")]
@@ -134,6 +137,10 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     device = jax.devices()[0]
+    common = {"model": model.source if args.preset else model.cfg.name, "device": device.device_kind,
+              "platform": device.platform, "jax": jax.__version__, "dtype": dtype_name, "batch": args.batch,
+              "decode_steps": args.decode_steps, "date": datetime.date.today().isoformat(),
+              "command": "python -m kvjax.bench " + " ".join(sys.argv[1:] if argv is None else argv)}
     print(f"model {model.source if args.preset else model.cfg.name} | {device.platform} {device.device_kind} | "
           f"{platform.processor() or platform.machine()} | jax {jax.__version__} | dtype {dtype_name} | "
           f"batch {args.batch}")
@@ -145,6 +152,11 @@ def main(argv=None) -> int:
             prefill_col = "-" if tps is None else f"{tps:.1f}"
             print(f"{name:<10} {context:>8} {prefill_col:>14} {ms:>14.2f} {args.batch * 1e3 / ms:>13.1f} "
                   f"{kv_bytes / 2**20:>8.1f}", flush=True)
+            if args.json:
+                row = {**common, "kv": name, "context": context, "prefill_tokens_per_s": tps,
+                       "decode_ms_per_token": ms, "decode_tokens_per_s": args.batch * 1e3 / ms, "kv_bytes": kv_bytes}
+                with open(args.json, "a") as f:
+                    f.write(json.dumps(row) + "\n")
     return 0
 
 

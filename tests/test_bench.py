@@ -1,5 +1,7 @@
 """The benchmark commands run end to end on a tiny model and refuse bad input with one line."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,14 +13,18 @@ from kvjax.policies import parse_policy
 from pallas_kernels import bench as kernel_bench
 
 
-def test_preset_bench_runs_every_policy(capsys):
+def test_preset_bench_runs_every_policy(capsys, tmp_path):
+    out_json = tmp_path / "bench.jsonl"
     rc = bench.main(["--preset", "tiny", "--kv", "fp16,kivi2,mixed@3,int8-sink", "--group-size", "16",
-                     "--contexts", "40", "--decode-steps", "2", "--repeats", "1"])
+                     "--contexts", "40", "--decode-steps", "2", "--repeats", "1", "--json", str(out_json)])
     out = capsys.readouterr().out
     assert rc == 0
     rows = [line.split() for line in out.splitlines()[2:]]
     assert [r[0] for r in rows] == ["fp16", "kivi2", "mixed@3", "int8-sink"]
     assert all(r[1] == "40" and r[2] == "-" and float(r[3]) > 0 for r in rows)
+    records = [json.loads(line) for line in out_json.read_text().splitlines()]
+    assert [r["kv"] for r in records] == ["fp16", "kivi2", "mixed@3", "int8-sink"]
+    assert all(r["context"] == 40 and r["decode_ms_per_token"] > 0 and r["model"] == "random tiny" for r in records)
 
 
 @pytest.mark.parametrize("policy", ["fp16", "kivi2", "mixed@3"])

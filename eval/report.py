@@ -1,0 +1,168 @@
+"""`python -m eval.report`: one Markdown report (with plots) from the measurement commands' outputs.
+
+    python -m eval --tasks hellaswag,arc_easy,arc_challenge,openbookqa,winogrande --kv ... --out results
+    python -m eval.perplexity --kv ... --text wikitext2 --json ppl.jsonl
+    python -m kvjax.bench --preset SmolLM-360M --kv ... --json bench.jsonl        (on the GPU)
+    python -m eval.report --accuracy results/results.json --perplexity ppl.jsonl \\
+        --latency bench.jsonl --out docs/RESULTS.md
+
+Each input is optional; the report has a section per input given: zero-shot accuracy (table and
+accuracy-vs-bits plot), perplexity (policy x text table), decode latency (table and ms/token vs
+context plot, one line per policy). Plots are written beside the report as PNG files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+
+from kvjax.errors import KvjaxError
+
+
+def read_json_lines(path: str) -> list[dict]:
+    """Records of a JSON-lines file; a missing file or a bad line is a KvjaxError."""
+    if not os.path.exists(path):
+        raise KvjaxError(f"no such file: {path}")
+    records = []
+    with open(path) as f:
+        for number, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except ValueError:
+                    raise KvjaxError(f"{path}:{number} is not a JSON line") from None
+    return records
+
+
+def read_accuracy(path: str) -> dict:
+    if not os.path.exists(path):
+        raise KvjaxError(f"no such file: {path}")
+    try:
+        with open(path) as f:
+            report = json.load(f)
+        report["results"], report["tasks"], report["policies"]
+    except (ValueError, KeyError, TypeError):
+        raise KvjaxError(f"{path} is not a results.json written by `python -m eval`") from None
+    return report
+
+
+def accuracy_section(report: dict, plot_path: str) -> str:
+    from eval.__main__ import markdown_table, plot
+
+    tasks, policies, results = report["tasks"], report["policies"], report["results"]
+    bits = report.get("average_bits", {p: None for p in policies})
+    plot(results, tasks, policies, bits, plot_path)
+    sizes = ", ".join(f"{t} {results[t][policies[0]]['n']}" for t in tasks)
+    lines = ["## Zero-shot accuracy", "", f"Model `{os.path.basename(report.get('model', '?'))}`; examples per "
+             f"task: {sizes}; device {report.get('device', '?')}; date {report.get('date', '?')}.", ""]
+    if report.get("command"):
+        lines += [f"`{report['command']}`", ""]
+    lines += [markdown_table(results, tasks, policies, bits), f"![accuracy vs bits]({os.path.basename(plot_path)})", ""]
+    return "\n".join(lines)
+
+
+def perplexity_section(records: list[dict], source: str) -> str:
+    texts = sorted({(r["text"], r["context"]) for r in records})
+    policies = list(dict.fromkeys(r["policy"] for r in records))
+    cell = {(r["policy"], r["text"], r["context"]): r for r in records}  # the last record of a cell wins
+    head = ["policy"] + [f"{t} @{c}" for t, c in texts] + ["KV bytes/token"]
+    lines = ["## Perplexity", "", f"From `{source}` (`python -m eval.perplexity`): exp(mean next-token NLL) "
+             "over the scored tokens, through each policy's exact teacher-forced path."
+             + (" WikiText-2 is the word-level *tokenized* test file (wiki.test.tokens, with `<unk>`), not the"
+                " raw one." if any(t == "wikitext2" for t, _ in texts) else ""), "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for p in policies:
+        row = [p] + [f"{cell[(p, t, c)]['perplexity']:.2f}" if (p, t, c) in cell else "-" for t, c in texts]
+        kv = [cell[k]["kv_bytes_per_token"] for k in cell if k[0] == p and "kv_bytes_per_token" in cell[k]]
+        row.append(f"{kv[-1]:.0f}" if kv else "-")
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def latency_plot(records: list[dict], path: str):
+    """ms/token vs context, one line per policy, one panel per (model, device, batch)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = list(dict.fromkeys((r["model"], r["device"], r["batch"]) for r in records))
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.2), squeeze=False)
+    for ax, (model, device, batch) in zip(axes[0], panels):
+        rows = [r for r in records if (r["model"], r["device"], r["batch"]) == (model, device, batch)]
+        for kv in dict.fromkeys(r["kv"] for r in rows):
+            pts = sorted((r["context"], r["decode_ms_per_token"]) for r in rows if r["kv"] == kv)
+            ax.plot([c for c, _ in pts], [ms for _, ms in pts], "o-", label=kv)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("context (tokens)")
+        ax.set_ylabel("decode ms/token")
+        ax.set_title(f"{model}, batch {batch}\n{device}", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def latency_section(records: list[dict], source: str, plot_path: str) -> str:
+    latency_plot(records, plot_path)
+    lines = ["## Decode latency and memory", "",
+             f"From `{source}` (`python -m kvjax.bench`): greedy decode steps in one jitted loop, median "
+             "after a warm-up.", ""]
+    for model, device, batch in dict.fromkeys((r["model"], r["device"], r["batch"]) for r in records):
+        rows = [r for r in records if (r["model"], r["device"], r["batch"]) == (model, device, batch)]
+        first = rows[0]
+        lines += [f"**{model}**, batch {batch}, {device}, {first.get('dtype', '?')}, jax {first.get('jax', '?')}, "
+                  f"{first.get('date', '?')}: `{first.get('command', '?')}`", "",
+                  "| policy | context | decode ms/token | tokens/s | KV MiB |", "|---|---:|---:|---:|---:|"]
+        lines += [f"| {r['kv']} | {r['context']} | {r['decode_ms_per_token']:.2f} | {r['decode_tokens_per_s']:.1f} "
+                  f"| {r['kv_bytes'] / 2**20:.1f} |" for r in rows]
+        lines.append("")
+    lines.append(f"![decode ms/token vs context]({os.path.basename(plot_path)})")
+    return "\n".join(lines) + "\n"
+
+
+def build(accuracy: str | None, perplexity: str | None, latency: str | None, out: str, command: str) -> str:
+    """Writes the report (and its plots beside it); returns its text."""
+    if not (accuracy or perplexity or latency):
+        raise KvjaxError("give at least one of --accuracy, --perplexity, --latency")
+    inputs = (read_accuracy(accuracy) if accuracy else None,
+              read_json_lines(perplexity) if perplexity else None,
+              read_json_lines(latency) if latency else None)
+    folder, stem = os.path.dirname(out) or ".", os.path.splitext(os.path.basename(out))[0]
+    os.makedirs(folder, exist_ok=True)
+    parts = [f"# Results\n\nMade by `{command}` on {datetime.date.today().isoformat()}.\n"]
+    if inputs[0] is not None:
+        parts.append(accuracy_section(inputs[0], os.path.join(folder, f"{stem}-accuracy.png")))
+    if inputs[1]:
+        parts.append(perplexity_section(inputs[1], perplexity))
+    if inputs[2]:
+        parts.append(latency_section(inputs[2], latency, os.path.join(folder, f"{stem}-latency.png")))
+    text = "\n".join(parts)
+    with open(out, "w") as f:
+        f.write(text)
+    return text
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m eval.report", description=__doc__.splitlines()[0])
+    p.add_argument("--accuracy", default=None, help="results.json from `python -m eval`")
+    p.add_argument("--perplexity", default=None, help="JSON lines from `python -m eval.perplexity --json`")
+    p.add_argument("--latency", default=None, help="JSON lines from `python -m kvjax.bench --json`")
+    p.add_argument("--out", default="docs/RESULTS.md")
+    args = p.parse_args(argv)
+    command = "python -m eval.report " + " ".join(sys.argv[1:] if argv is None else argv)
+    try:
+        build(args.accuracy, args.perplexity, args.latency, args.out, command)
+    except KvjaxError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
