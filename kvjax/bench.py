@@ -9,6 +9,10 @@ teacher-forced prefill would not fit in memory): only decode is timed.
 
     python -m kvjax.bench --contexts 128,1024,4096 --decode-steps 32
     python -m kvjax.bench --preset SmolLM-360M --kv fp16,kivi4,kivi2,mixed@3 --contexts 1024,8192,32768
+    python -m kvjax.bench --preset SmolLM-360M --kv fp16,kivi2 --contexts 4096 --kv-budget-gib 8
+
+`--kv-budget-gib` gives each policy the largest batch whose KV cache (sized for the largest
+context plus the decode steps; weights not counted) fits the budget: KIVI's "larger batches".
 """
 
 from __future__ import annotations
@@ -95,6 +99,19 @@ def bench_context(model, context: int, decode_steps: int, batch: int, kv, dtype,
     return (None if synthetic else batch * context / t_prefill), 1e3 * t_decode / decode_steps, runs[0][2]
 
 
+def cache_bytes(policy, cfg, batch: int, capacity: int, dtype) -> int:
+    """Bytes of an empty cache of `policy` (shapes only, nothing allocated)."""
+    shapes = jax.eval_shape(lambda: make_cache(policy, cfg, batch, capacity, dtype))
+    return sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(shapes))
+
+
+def largest_batch(policy, cfg, capacity: int, dtype, budget_bytes: int) -> int:
+    """The most sequences of `capacity` tokens whose cache fits `budget_bytes` (cache bytes are affine in batch)."""
+    one, two = cache_bytes(policy, cfg, 1, capacity, dtype), cache_bytes(policy, cfg, 2, capacity, dtype)
+    per_sequence, fixed = two - one, 2 * one - two
+    return max(0, (budget_bytes - fixed) // per_sequence)
+
+
 def random_model(preset: str, context: int, dtype) -> LoadedModel:
     """Random weights of a preset's shapes, its context stretched to `context` (speed only)."""
     cfg = get_preset(preset)
@@ -109,7 +126,10 @@ def main(argv=None) -> int:
     source.add_argument("--preset", default=None, help="random weights of this preset's shapes; decode only")
     p.add_argument("--contexts", default="128,1024,4096")
     p.add_argument("--decode-steps", type=int, default=32)
-    p.add_argument("--batch", type=int, default=1)
+    batch = p.add_mutually_exclusive_group()
+    batch.add_argument("--batch", type=int, default=1)
+    batch.add_argument("--kv-budget-gib", type=float, default=None,
+                       help="per policy, the largest batch whose KV cache at the largest context fits this many GiB")
     p.add_argument("--repeats", type=int, default=3)
     add_policy_flags(p)
     p.add_argument("--dtype", default=None, choices=sorted(DTYPES))
@@ -133,28 +153,36 @@ def main(argv=None) -> int:
         for kv in policies:
             if kv != "fp16":
                 kv.check(model.cfg)
+        batches = [args.batch] * len(policies)
+        if args.kv_budget_gib is not None:
+            budget = int(args.kv_budget_gib * 2**30)
+            batches = [largest_batch(kv, model.cfg, last, DTYPES[dtype_name], budget) for kv in policies]
+            if min(batches) < 1:
+                raise KvjaxError(f"one sequence of {last} tokens does not fit {args.kv_budget_gib} GiB of KV cache "
+                                 f"under {names[batches.index(min(batches))]}")
     except (KvjaxError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     device = jax.devices()[0]
     common = {"model": model.source if args.preset else model.cfg.name, "device": device.device_kind,
-              "platform": device.platform, "jax": jax.__version__, "dtype": dtype_name, "batch": args.batch,
-              "decode_steps": args.decode_steps, "date": datetime.date.today().isoformat(),
+              "platform": device.platform, "jax": jax.__version__, "dtype": dtype_name,
+              "kv_budget_gib": args.kv_budget_gib, "decode_steps": args.decode_steps, "date": datetime.date.today().isoformat(),
               "command": "python -m kvjax.bench " + " ".join(sys.argv[1:] if argv is None else argv)}
     print(f"model {model.source if args.preset else model.cfg.name} | {device.platform} {device.device_kind} | "
           f"{platform.processor() or platform.machine()} | jax {jax.__version__} | dtype {dtype_name} | "
-          f"batch {args.batch}")
-    print(f"{'kv':<10} {'context':>8} {'prefill tok/s':>14} {'decode ms/tok':>14} {'decode tok/s':>13} {'KV MiB':>8}")
-    for name, kv in zip(names, policies):
+          + (f"KV budget {args.kv_budget_gib} GiB" if args.kv_budget_gib else f"batch {args.batch}"))
+    print(f"{'kv':<10} {'batch':>6} {'context':>8} {'prefill tok/s':>14} {'decode ms/tok':>14} {'decode tok/s':>13} "
+          f"{'KV MiB':>8}")
+    for name, kv, batch in zip(names, policies, batches):
         for context in contexts:
-            tps, ms, kv_bytes = bench_context(model, context, args.decode_steps, args.batch, kv,
+            tps, ms, kv_bytes = bench_context(model, context, args.decode_steps, batch, kv,
                                               DTYPES[dtype_name], args.repeats, synthetic=bool(args.preset))
             prefill_col = "-" if tps is None else f"{tps:.1f}"
-            print(f"{name:<10} {context:>8} {prefill_col:>14} {ms:>14.2f} {args.batch * 1e3 / ms:>13.1f} "
+            print(f"{name:<10} {batch:>6} {context:>8} {prefill_col:>14} {ms:>14.2f} {batch * 1e3 / ms:>13.1f} "
                   f"{kv_bytes / 2**20:>8.1f}", flush=True)
             if args.json:
-                row = {**common, "kv": name, "context": context, "prefill_tokens_per_s": tps,
-                       "decode_ms_per_token": ms, "decode_tokens_per_s": args.batch * 1e3 / ms, "kv_bytes": kv_bytes}
+                row = {**common, "kv": name, "batch": batch, "context": context, "prefill_tokens_per_s": tps,
+                       "decode_ms_per_token": ms, "decode_tokens_per_s": batch * 1e3 / ms, "kv_bytes": kv_bytes}
                 with open(args.json, "a") as f:
                     f.write(json.dumps(row) + "\n")
     return 0

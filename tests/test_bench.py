@@ -21,7 +21,7 @@ def test_preset_bench_runs_every_policy(capsys, tmp_path):
     assert rc == 0
     rows = [line.split() for line in out.splitlines()[2:]]
     assert [r[0] for r in rows] == ["fp16", "kivi2", "mixed@3", "int8-sink"]
-    assert all(r[1] == "40" and r[2] == "-" and float(r[3]) > 0 for r in rows)
+    assert all(r[1:4] == ["1", "40", "-"] and float(r[4]) > 0 for r in rows)
     records = [json.loads(line) for line in out_json.read_text().splitlines()]
     assert [r["kv"] for r in records] == ["fp16", "kivi2", "mixed@3", "int8-sink"]
     assert all(r["context"] == 40 and r["decode_ms_per_token"] > 0 and r["model"] == "random tiny" for r in records)
@@ -53,3 +53,15 @@ def test_kernel_bench_needs_a_gpu(capsys):
         pytest.skip("a GPU is present: the kernel benchmark would run")
     assert kernel_bench.main(["--contexts", "1024"]) == 2
     assert "needs a GPU" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("policy", ["fp16", "kivi2", "mixed@3"])
+def test_largest_batch_fits_the_kv_budget(policy):
+    cfg, capacity, budget = get_preset("tiny"), 300, 3 * 2**20
+    spec = policy if policy == "fp16" else parse_policy(policy, group_size=16)
+    batch = bench.largest_batch(spec, cfg, capacity, jnp.float32, budget)
+    assert batch >= 1
+    assert bench.cache_bytes(spec, cfg, batch, capacity, jnp.float32) <= budget
+    assert bench.cache_bytes(spec, cfg, batch + 1, capacity, jnp.float32) > budget
+    real = bench.make_cache(spec, cfg, batch, capacity, jnp.float32)
+    assert real.nbytes == bench.cache_bytes(spec, cfg, batch, capacity, jnp.float32)
