@@ -31,16 +31,20 @@ A query with no valid slot has m = EMPTY_MAX (finite), l = 0, o = 0: it adds not
 
 Kernel grid (b, k, S); program (i, j, t) handles the r query rows of kv head j of row i, so each
 K/V tile is loaded once for all g heads, and loops over the ceil((count - t*L) / B) blocks of its
-split that hold valid slots. Splits are merged with a log-sum-exp in the wrapper. Each block's
-[B, h] code, scale and zero tiles are built by gather loads (word d // per, scale row s // G or
-column d // G), which measured ~15% faster on an H100 than unpacking with in-kernel reshapes.
-A float32 q gives exact float32 dots; a bf16/f16 q gives 16-bit dot operands with float32 sums.
+split that hold valid slots. Splits are merged with a log-sum-exp in the wrapper. On GPU each
+block's [B, h] code, scale and zero tiles are built by gather loads (word d // per, scale row
+s // G or column d // G), which measured ~15% faster on an H100 than unpacking with in-kernel
+reshapes; TPU has no gather loads, so there the tiles come from contiguous block loads unpacked
+by reshapes (`_block_tiles`). A float32 q gives exact float32 dots; a bf16/f16 q gives 16-bit
+dot operands with float32 sums.
 
 Backends: `tier_attention_partials` runs the pure-jnp reference on CPU and the kernel on GPU
-(Pallas Triton; jax >= 0.10 defaults to Mosaic GPU, so Triton compiler params are passed);
-`interpret=True` runs the kernel with the Pallas interpreter. Triton needs power-of-two tensor
-shapes: B, r, h are powers of two (h is checked). TPU: untested; the
-gather loads would need a Mosaic TPU formulation (strided loads) before it can run there.
+(Pallas Triton; jax >= 0.10 defaults to Mosaic GPU, so Triton compiler params are passed) and
+TPU (Mosaic); `interpret=True` runs the GPU kernel in the Pallas interpreter and
+`interpret=pltpu.InterpretParams()` the TPU one in the TPU interpreter (which enforces TPU block
+rules: every block here spans its array's two minor dims). Triton needs power-of-two tensor
+shapes: B, r, h are powers of two (h is checked). The TPU path has run only in the interpreter:
+its lane-dim reshapes ([B, w, per] -> [B, h]) may need another layout on a real TPU.
 """
 
 from __future__ import annotations
@@ -124,7 +128,7 @@ class _Plan:
 
 
 def _plan(c: int, g: int, blocks: DecodeBlocks) -> _Plan:
-    block = blocks.block_slots
+    block = min(blocks.block_slots, 1 << (c.bit_length() - 1))  # B <= c: a block fits in the tier
     splits = min(blocks.num_splits, -(-c // block))
     split_slots = block * -(-c // (splits * block))
     splits = -(-c // split_slots)  # no split left empty
@@ -178,8 +182,75 @@ def _combine(o, m, l, axis: int):
 # --------------------------------------------------------------------------- kernel
 
 
+def _unpack(words, bits: int):
+    """uint32 [s, w] -> float32 codes [s, w * 32 / bits] (first code in the lowest bits)."""
+    s, w = words.shape
+    per = 32 // bits
+    shifts = lax.broadcasted_iota(jnp.uint32, (1, 1, per), 2) * jnp.uint32(bits)  # [1, 1, per]
+    codes = (words[:, :, None] >> shifts) & jnp.uint32(2**bits - 1)  # [s, w, per]
+    return codes.reshape(s, w * per).astype(jnp.float32)
+
+
+def _repeat(x, times: int, axis: int):
+    """Repeats each entry `times` times along axis 0 or 1 of a 2-d array (broadcast + reshape)."""
+    a, z = x.shape
+    if axis == 0:
+        return jnp.broadcast_to(x[:, None, :], (a, times, z)).reshape(a * times, z)
+    return jnp.broadcast_to(x[:, :, None], (a, z, times)).reshape(a, z * times)
+
+
+def _gather_tiles(kc, ks, kz, vc, vs, vz, s0, *, bits: int, G: int, B: int, h: int, c: int):
+    """GPU: [B, h] key and value tiles of slots s0.. built by gather loads -> (keys, values, slot ids [1, B]).
+
+    Code d of a slot is in word d // per at shift (d % per) * bits; key scales repeat over the G
+    slots of a group, value scales over G channels (symmetric: one scale per slot). Each word and
+    scale comes from memory once, its repeats from cache. Slots past the tier's end (a short last
+    split) read its last slot; the caller masks them out.
+    """
+    per = 32 // bits
+    row = lax.broadcasted_iota(jnp.int32, (B, h), 0)
+    col = lax.broadcasted_iota(jnp.int32, (B, h), 1)
+    shift = ((col % per) * bits).astype(jnp.uint32)
+    slot = jnp.minimum(s0 + row, c - 1)  # [B, h]
+
+    def dequantize(codes_ref, scale_ref, zero_ref, scale_row, scale_col):
+        codes = ((codes_ref[slot, col // per] >> shift) & jnp.uint32(2**bits - 1)).astype(jnp.float32)
+        scale = scale_ref[scale_row, scale_col].astype(jnp.float32)
+        if zero_ref is None:
+            return (codes - 2.0 ** (bits - 1)) * scale
+        return codes * scale + zero_ref[scale_row, scale_col].astype(jnp.float32)
+
+    if kz is None:  # symmetric
+        first = jnp.zeros_like(col)
+        keys, values = dequantize(kc, ks, None, slot, first), dequantize(vc, vs, None, slot, first)
+    else:
+        keys, values = dequantize(kc, ks, kz, slot // G, col), dequantize(vc, vs, vz, slot, col // G)
+    return keys, values, s0 + lax.broadcasted_iota(jnp.int32, (1, B), 1)
+
+
+def _block_tiles(kc, ks, kz, vc, vs, vz, s0, *, bits: int, G: int, B: int, h: int, c: int):
+    """TPU (no gather loads): the same tiles from contiguous block loads, unpacked by reshapes.
+
+    The block starts at min(s0, c - B) so that it stays inside the tier; slots before s0 (done by
+    the previous block) are returned with their ids and masked out by the caller.
+    """
+    del h
+    base = pl.multiple_of(jnp.minimum(s0, c - B), G)
+    rows = pl.ds(base, B)
+    if kz is None:  # symmetric: [B, 1] scales broadcast over the head dim
+        keys = (_unpack(kc[rows, :], bits) - 2.0 ** (bits - 1)) * ks[rows, :].astype(jnp.float32)
+        values = (_unpack(vc[rows, :], bits) - 2.0 ** (bits - 1)) * vs[rows, :].astype(jnp.float32)
+    else:
+        groups = pl.ds(base // G, B // G)
+        keys = (_unpack(kc[rows, :], bits) * _repeat(ks[groups, :].astype(jnp.float32), G, axis=0)
+                + _repeat(kz[groups, :].astype(jnp.float32), G, axis=0))
+        values = (_unpack(vc[rows, :], bits) * _repeat(vs[rows, :].astype(jnp.float32), G, axis=1)
+                  + _repeat(vz[rows, :].astype(jnp.float32), G, axis=1))
+    return keys, values, base + lax.broadcasted_iota(jnp.int32, (1, B), 1)
+
+
 def _tier_kernel(*refs, bits: int, group_size: int, block: int, split_slots: int, sm_scale: float,
-                 symmetric: bool):
+                 symmetric: bool, gather: bool):
     # count_ref [b] (whole); q_ref [r, h]; the whole tier of one (row, kv head): kc_ref, vc_ref
     # [c, w]; KIVI: ks_ref, kz_ref [c/G, h], vs_ref, vz_ref [c, h/G]; symmetric: ks_ref, vs_ref
     # [c, 1], no zeros. Outputs o_ref [r, h]; m_ref, l_ref [r].
@@ -188,10 +259,9 @@ def _tier_kernel(*refs, bits: int, group_size: int, block: int, split_slots: int
         kz_ref = vz_ref = None
     else:
         count_ref, q_ref, kc_ref, ks_ref, kz_ref, vc_ref, vs_ref, vz_ref, o_ref, m_ref, l_ref = refs
-    G, B, L = group_size, block, split_slots
+    B, L = block, split_slots
     c = kc_ref.shape[0]
     r, h = q_ref.shape
-    per = 32 // bits
     start = pl.program_id(2) * L  # first slot of this split
     count = count_ref[pl.program_id(0)]
     n_blocks = pl.cdiv(jnp.clip(count - start, 0, L), B)  # blocks holding a valid slot
@@ -199,38 +269,20 @@ def _tier_kernel(*refs, bits: int, group_size: int, block: int, split_slots: int
     compute = q_ref.dtype
     precision = _HIGHEST if compute == jnp.float32 else None
     q = q_ref[...]  # [r, h]
-    # Gather loads build [B, h] tiles straight from memory (each word / scale read once from
-    # memory, the repeats from cache): code d of a slot is in word d // per at shift
-    # (d % per) * bits, key scales repeat over the G slots of a group, value scales over G channels
-    # (symmetric: one scale per slot, codes offset by 2**(bits-1)).
-    # Slots past the tier's end (a short last split) read its last slot and are masked out.
-    row = lax.broadcasted_iota(jnp.int32, (B, h), 0)
-    col = lax.broadcasted_iota(jnp.int32, (B, h), 1)
-    shift = ((col % per) * bits).astype(jnp.uint32)
-    mask = jnp.uint32(2**bits - 1)
-
-    def dequantize(codes_ref, scale_ref, zero_ref, at):  # -> float32 [B, h]; at = (rows, cols) of scales
-        codes = ((codes_ref[at[0], col // per] >> shift) & mask).astype(jnp.float32)
-        scale = scale_ref[at[1], at[2]].astype(jnp.float32)
-        if zero_ref is None:
-            return (codes - 2.0 ** (bits - 1)) * scale
-        return codes * scale + zero_ref[at[1], at[2]].astype(jnp.float32)
+    tiles = functools.partial(_gather_tiles if gather else _block_tiles, kc_ref, ks_ref, kz_ref, vc_ref, vs_ref,
+                              vz_ref, bits=bits, G=group_size, B=B, h=h, c=c)
 
     def body(i, carry):
         o, m, l = carry  # [r, h], [r], [r]
         s0 = pl.multiple_of(start + i * B, B)
-        slot = jnp.minimum(s0 + row, c - 1)  # [B, h]
-        first = jnp.zeros_like(col)
-        keys = dequantize(kc_ref, ks_ref, kz_ref, (slot, slot, first) if symmetric else (slot, slot // G, col))
-        keys = keys.astype(compute)  # [B, h]
-        scores = lax.dot_general(q, keys, (((1,), (1,)), ((), ())), precision=precision,
+        keys, values, ids = tiles(s0)  # [B, h], [B, h], [1, B]
+        scores = lax.dot_general(q, keys.astype(compute), (((1,), (1,)), ((), ())), precision=precision,
                                  preferred_element_type=jnp.float32) * sm_scale  # [r, B]
-        valid = s0 + lax.broadcasted_iota(jnp.int32, (1, B), 1) < count  # [1, B]
+        valid = (ids >= s0) & (ids < count)  # [1, B]
         scores = jnp.where(valid, scores, EMPTY_MAX)
         m_new = jnp.maximum(m, jnp.max(scores, axis=1))  # real: the block has a valid slot
         corr = jnp.exp(m - m_new)  # [r]
         p = jnp.exp(scores - m_new[:, None])  # [r, B], 0 where invalid
-        values = dequantize(vc_ref, vs_ref, vz_ref, (slot, slot, first) if symmetric else (slot, slot, col // G))
         values = jnp.where(valid.reshape(B, 1), values, 0.0).astype(compute)  # empty slots may hold anything
         pv = lax.dot_general(p.astype(compute), values, (((1,), (0,)), ((), ())), precision=precision,
                              preferred_element_type=jnp.float32)  # [r, h]
@@ -244,6 +296,13 @@ def _tier_kernel(*refs, bits: int, group_size: int, block: int, split_slots: int
     l_ref[...] = l
 
 
+def _tpu(interpret) -> bool:
+    """Whether the kernel runs as TPU code: compiled on a TPU, or in the TPU interpreter."""
+    from jax.experimental.pallas import tpu as pltpu
+
+    return isinstance(interpret, pltpu.InterpretParams) or (not interpret and jax.default_backend() == "tpu")
+
+
 def _tier_pallas_call(q4, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, count, *,
                       bits: int, group_size: int, plan: _Plan, blocks: DecodeBlocks, interpret: bool):
     """q4 [b, k, r, h] -> o [b, k, S, r, h], m, l [b, k, S, r] (per split, unmerged)."""
@@ -251,8 +310,11 @@ def _tier_pallas_call(q4, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, co
     c = k_codes.shape[2]
     S, G = plan.splits, group_size
     symmetric = k_zero is None
+    gather = not _tpu(interpret)
+    if not gather and not symmetric and plan.block % G:
+        raise ValueError(f"the TPU kernel needs block_slots ({plan.block}) to be a multiple of G ({G})")
     kernel = functools.partial(_tier_kernel, bits=bits, group_size=G, block=plan.block,
-                               split_slots=plan.split_slots, sm_scale=h ** -0.5, symmetric=symmetric)
+                               split_slots=plan.split_slots, sm_scale=h ** -0.5, symmetric=symmetric, gather=gather)
     # Every program sees the whole tier of its (row, kv head) and reads only its split's slots.
     whole = lambda x: pl.BlockSpec((None, None, *x.shape[2:]), lambda i, j, t: (i, j, 0, 0))
     tier = [x for x in (k_codes, k_scale, k_zero, v_codes, v_scale, v_zero) if x is not None]

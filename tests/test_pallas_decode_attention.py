@@ -232,3 +232,42 @@ def test_symmetric_tier_matches_reference(bits, c, counts, S):
     merged = merge_partials([got])
     rows = np.asarray(counts) > 0
     assert_close(np.asarray(merged)[rows], np.asarray(full)[rows])
+
+
+TPU_CASES = [  # the TPU path: contiguous block loads unpacked by reshapes instead of gathers
+    Case(bits=2, b=2, k=2, g=3, h=64, c=160, G=32, counts=(160, 100), B=64, S=2),  # a short last split
+    Case(bits=4, b=1, k=2, g=2, h=64, c=128, G=32, counts=(90,), B=32, S=2, scale_dtype="bfloat16"),
+    Case(bits=8, b=2, k=1, g=3, h=64, c=96, G=32, counts=(1, 96), B=64),
+]
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the TPU interpreter is checked on CPU")
+@pytest.mark.parametrize("case", TPU_CASES, ids=str)
+def test_tpu_interpret_matches_reference(case):
+    from jax.experimental.pallas import tpu as pltpu
+
+    tier, _, _ = random_tier(15, case.b, case.k, case.c, case.h, case.bits, case.G, jnp.dtype(case.scale_dtype))
+    q = random_q(16, case.b, case.k * case.g, case.h)
+    count = jnp.asarray(case.counts, jnp.int32)
+    kw = dict(bits=case.bits, group_size=case.G)
+    got = tier_attention_partials_kernel(q, *tier, count, **kw, blocks=DecodeBlocks(block_slots=case.B,
+                                         num_splits=case.S), interpret=pltpu.InterpretParams())
+    want = tier_attention_partials_reference(q, *tier, count, **kw)
+    for a, e in zip(got, want):
+        assert_close(a, e)
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the TPU interpreter is checked on CPU")
+def test_tpu_interpret_symmetric_tier():
+    from jax.experimental.pallas import tpu as pltpu
+
+    b, k, g, h, c, bits = 2, 1, 2, 64, 96, 8
+    rng = np.random.default_rng(17)
+    kc, ks = codecs.encode_sym(jnp.asarray(rng.normal(0.5, 2.0, (b, k, c, h)), jnp.float32), bits, jnp.float32)
+    vc, vs = codecs.encode_sym(jnp.asarray(rng.standard_normal((b, k, c, h)), jnp.float32), bits, jnp.float32)
+    args = (random_q(18, b, k * g, h), kc, ks, None, vc, vs, None, jnp.asarray([96, 50], jnp.int32))
+    got = tier_attention_partials_kernel(*args, bits=bits, group_size=32, blocks=DecodeBlocks(block_slots=64,
+                                         num_splits=2), interpret=pltpu.InterpretParams())
+    want = tier_attention_partials_reference(*args, bits=bits, group_size=32)
+    for a, e in zip(got, want):
+        assert_close(a, e)
