@@ -281,6 +281,8 @@ class TieredCache:
         "interpret" (the kernel run by the Pallas interpreter, for tests on CPU) force one path.
         """
         mode = self.attention
+        if mode not in ("auto", "reference", "kernel", "interpret"):
+            raise KvjaxError(f"unknown attention path {mode!r}; known: auto, reference, kernel, interpret")
         if mode == "auto":
             mode = "reference" if jax.default_backend() == "cpu" else "kernel"
         if mode != "reference":
