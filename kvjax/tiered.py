@@ -17,6 +17,9 @@ would have reached (kvjax.teacher_forced computes the prompt's K/V and widths).
 
 from __future__ import annotations
 
+import functools
+from typing import Callable, NamedTuple
+
 import jax
 import jax.numpy as jnp
 from flax import struct
@@ -27,7 +30,30 @@ from kvjax.config import ModelConfig
 from kvjax.errors import KvjaxError
 from kvjax.features import NUM_FEATURES
 from kvjax.policies import PolicySpec, preferred_widths, resolve_widths, tier_onehot
-import pallas_kernels.decode_attention as fused  # module import: pallas_kernels imports kvjax back
+# Module imports: pallas_kernels imports kvjax back.
+import pallas_kernels.decode_attention as fused
+import pallas_kernels.quantize_pack as quantize_pack
+
+KERNEL_MODES = ("auto", "reference", "kernel", "interpret")
+
+
+class Encoders(NamedTuple):
+    """The three row encoders of kvjax.codecs, from the codecs or from the Pallas kernels."""
+
+    values: Callable
+    key_groups: Callable
+    sym: Callable
+
+
+def encoders(mode: str) -> Encoders:
+    """Encoders for a resolved kernels mode: the codecs ("reference") or the Pallas quantize + pack
+    kernels ("kernel"; "interpret": run by the Pallas interpreter). Bit-identical outputs."""
+    if mode == "reference":
+        return Encoders(codecs.encode_values, codecs.encode_key_groups, codecs.encode_sym)
+    kw = dict(interpret=mode == "interpret")
+    return Encoders(functools.partial(quantize_pack.encode_values, **kw),
+                    functools.partial(quantize_pack.encode_key_groups, **kw),
+                    functools.partial(quantize_pack.encode_sym, **kw))
 
 
 @struct.dataclass
@@ -99,23 +125,23 @@ class PackedTier:
     def slots(self) -> int:
         return self.pos.shape[1]
 
-    def append(self, layer, rows, slot, k, v):
+    def append(self, layer, rows, slot, k, v, enc: Encoders):
         """Stores one token per row, k, v [b, k, h], at `slot` [b] (out of range = none)."""
         dtype, at = k.dtype, (rows, slice(None), slot)
         if self.symmetric:
-            kc, ks = codecs.encode_sym(k[:, :, None], self.bits, dtype)
-            vc, vs = codecs.encode_sym(v[:, :, None], self.bits, dtype)
+            kc, ks = enc.sym(k[:, :, None], self.bits, dtype)
+            vc, vs = enc.sym(v[:, :, None], self.bits, dtype)
             return self.replace(k_codes=_put(self.k_codes, layer, at, kc[:, :, 0]),
                                 k_scale=_put(self.k_scale, layer, at, ks[:, :, 0]),
                                 v_codes=_put(self.v_codes, layer, at, vc[:, :, 0]),
                                 v_scale=_put(self.v_scale, layer, at, vs[:, :, 0]))
         g = self.group_size
-        vc, vs, vz = codecs.encode_values(v[:, :, None], self.bits, g, dtype)
+        vc, vs, vz = enc.values(v[:, :, None], self.bits, g, dtype)
         stage_slot = jnp.where(slot < self.slots, slot % g, g)
         stage = _put(self.k_stage, layer, (rows, slice(None), stage_slot), k)
         # A group of G staged keys is complete: quantize it per channel into its G slots.
         complete = (slot < self.slots) & (slot % g == g - 1)
-        kc, ks, kz = codecs.encode_key_groups(stage[layer], self.bits, g, dtype)  # [b, k, G, w], [b, k, 1, h]
+        kc, ks, kz = enc.key_groups(stage[layer], self.bits, g, dtype)  # [b, k, G, w], [b, k, 1, h]
         group = (rows, slice(None), jnp.where(complete, slot // g, self.slots // g))
         group_slots = jnp.where(complete[:, None], (slot // g)[:, None] * g + jnp.arange(g), self.slots)
         return self.replace(
@@ -192,7 +218,7 @@ class TieredCache:
     spec: PolicySpec = struct.field(pytree_node=False)
     caps: tuple[int, ...] = struct.field(pytree_node=False)  # slots per tier, as tier_widths
     capacity: int = struct.field(pytree_node=False)  # tokens per sequence the cache was sized for
-    attention: str = struct.field(pytree_node=False, default="auto")  # see `attend`
+    kernels: str = struct.field(pytree_node=False, default="auto")  # one of KERNEL_MODES, see `kernel_mode`
 
     @classmethod
     def init(cls, spec: PolicySpec, cfg: ModelConfig, batch: int, capacity: int, dtype=jnp.float32):
@@ -221,6 +247,18 @@ class TieredCache:
         out = {"sink": valid(self.sink.pos), "window": valid(self.window.pos)}
         out.update({f"{w}-bit": self.counts[:, i] for i, w in enumerate(self.spec.tier_widths)})
         return out
+
+    def kernel_mode(self) -> str:
+        """How the cache quantizes and attends: "reference" (kvjax.codecs + jnp attention over
+        every tier dequantized) or "kernel" (the Pallas quantize + pack and fused decode attention
+        kernels); "interpret" runs those kernels in the Pallas interpreter (tests on CPU). "auto":
+        the kernels on GPU, the reference on CPU and TPU (the TPU kernels have only run in the
+        TPU interpreter; ask for "kernel" to compile them)."""
+        if self.kernels not in KERNEL_MODES:
+            raise KvjaxError(f"unknown kernels mode {self.kernels!r}; known: {', '.join(KERNEL_MODES)}")
+        if self.kernels == "auto":
+            return "kernel" if jax.default_backend() == "gpu" else "reference"
+        return self.kernels
 
     # -- the three steps the model calls ------------------------------------------------
 
@@ -265,8 +303,9 @@ class TieredCache:
         kept = self.kept
         if 16 in spec.tier_widths:
             kept = kept.write(layer, rows, jnp.where(r.leave_width == 16, r.leave_slot, kept.slots), old_k, old_v)
+        enc = encoders(self.kernel_mode())
         packed = tuple(t.append(layer, rows, jnp.where(r.leave_width == t.bits, r.leave_slot, t.slots),
-                                old_k, old_v) for t in self.packed)
+                                old_k, old_v, enc) for t in self.packed)
         k, v = k[:, 0].astype(self.window.k.dtype), v[:, 0].astype(self.window.v.dtype)
         sink_slot = jnp.where((r.new_pos >= 0) & (r.new_pos < spec.sinks), r.new_pos, spec.sinks)
         return self.replace(sink=self.sink.write(layer, rows, sink_slot, k, v),
@@ -275,16 +314,11 @@ class TieredCache:
     def attend(self, layer, q, positions):
         """q [b, 1, n, h] over every tier of `layer`: one softmax over their union.
 
-        `attention` "auto": on CPU every tier is dequantized and attended at once (the jnp
-        reference); on GPU/TPU the packed tiers are read by the fused Pallas kernel and merged
-        with the 16-bit tiers through flash-decoding partials. "reference", "kernel" and
-        "interpret" (the kernel run by the Pallas interpreter, for tests on CPU) force one path.
+        Reference (`kernel_mode`): every tier dequantized and attended at once. Kernel: the packed
+        tiers are read by the fused Pallas kernel and merged with the 16-bit tiers through
+        flash-decoding partials.
         """
-        mode = self.attention
-        if mode not in ("auto", "reference", "kernel", "interpret"):
-            raise KvjaxError(f"unknown attention path {mode!r}; known: auto, reference, kernel, interpret")
-        if mode == "auto":
-            mode = "reference" if jax.default_backend() == "cpu" else "kernel"
+        mode = self.kernel_mode()
         if mode != "reference":
             return self._attend_partials(layer, q, positions, interpret=mode == "interpret")
         dtype = self.window.k.dtype
@@ -358,13 +392,13 @@ class TieredCache:
                 kept = place(kept, jnp.where(members, rank, kept.slots))
                 continue
             tier = empty.packed[spec.quant_widths.index(w)]
-            packed.append(_fill_packed(tier, k_all, v_all, members, rank, pos))
+            packed.append(_fill_packed(tier, k_all, v_all, members, rank, pos, encoders(empty.kernel_mode())))
         return empty.replace(sink=sink, window=window, kept=kept, packed=tuple(packed),
                              counts=jnp.stack(counts, axis=1) if counts else empty.counts,
                              window_features=window_features, lengths=n[:, 0])
 
 
-def _fill_packed(tier: PackedTier, k_all, v_all, members, rank, pos) -> PackedTier:
+def _fill_packed(tier: PackedTier, k_all, v_all, members, rank, pos, enc: Encoders) -> PackedTier:
     """Writes the member tokens of a sequence, in rank order, into an empty packed tier."""
     b, T = members.shape
     rows = jnp.arange(b)[:, None]
@@ -376,20 +410,20 @@ def _fill_packed(tier: PackedTier, k_all, v_all, members, rank, pos) -> PackedTi
     to_slots = lambda x: x.transpose(1, 3, 0, 2, 4)  # [l, b, k, T, w] -> [b, T, l, k, w]
     tier = tier.replace(pos=tier.pos.at[rows, slot].set(pos, mode="drop"))
     if tier.symmetric:
-        kc, ks = codecs.encode_sym(k_all, tier.bits, dtype)
-        vc, vs = codecs.encode_sym(v_all, tier.bits, dtype)
+        kc, ks = enc.sym(k_all, tier.bits, dtype)
+        vc, vs = enc.sym(v_all, tier.bits, dtype)
         return tier.replace(k_codes=tier.k_codes.at[at].set(to_slots(kc), mode="drop"),
                             k_scale=tier.k_scale.at[at].set(to_slots(ks), mode="drop"),
                             v_codes=tier.v_codes.at[at].set(to_slots(vc), mode="drop"),
                             v_scale=tier.v_scale.at[at].set(to_slots(vs), mode="drop"))
-    vc, vs, vz = codecs.encode_values(v_all, tier.bits, g, dtype)
+    vc, vs, vz = enc.values(v_all, tier.bits, g, dtype)
     # Keys: gather the members in rank order, then quantize whole groups of G.
     order = jnp.argsort(jnp.where(members, rank, T + jnp.arange(T)), axis=1)  # [b, T]
     if T < c:
         order = jnp.concatenate([order, jnp.zeros((b, c - T), order.dtype)], axis=1)
     order = order[:, :c]
     k_sorted = jnp.take_along_axis(k_all, order[None, :, None, :, None], axis=3)  # [l, b, k, c, h]
-    kc, ks, kz = codecs.encode_key_groups(k_sorted, tier.bits, g, dtype)
+    kc, ks, kz = enc.key_groups(k_sorted, tier.bits, g, dtype)
     count = jnp.sum(members, axis=1)
     stage_idx = jnp.minimum((count // g * g)[:, None] + jnp.arange(g), c - 1)  # [b, G]
     stage = jnp.take_along_axis(k_sorted, stage_idx[None, :, None, :, None], axis=3)

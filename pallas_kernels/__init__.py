@@ -10,8 +10,9 @@ quantize_pack: grouped asymmetric (KIVI keys per channel, values per token) and 
     quantization + bit packing, bit-identical to kvjax.codecs (`encode_values`,
     `encode_key_groups`, `encode_sym`: the codecs on CPU, the kernel on GPU/TPU).
 
-kvjax.tiered.TieredCache.attend calls decode_attention on GPU/TPU; `python -m pallas_kernels.bench`
-times it against FP16 attention (BENCHMARKS.md).
+kvjax.tiered.TieredCache writes through quantize_pack and attends through decode_attention on GPU
+(`TieredCache.kernels`); `python -m pallas_kernels.bench` times the attention kernel against FP16
+attention (BENCHMARKS.md).
 """
 
 from pallas_kernels.decode_attention import (

@@ -11,7 +11,7 @@ fi
 export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore::DeprecationWarning
 POLICIES=fp16,kivi4,kivi2,mixed@3,int8-sink
 python3 -m pytest -q --tb=line -W ignore::DeprecationWarning tests/test_pallas_decode_attention.py \
-    tests/test_pallas_quantize_pack.py "tests/test_policies.py::test_fused_kernel_attention_equals_reference" \
+    tests/test_pallas_quantize_pack.py "tests/test_policies.py::test_pallas_kernels_decode_equals_reference" \
     2>&1 | tail -8 | tee "$OUT/tests.txt"
 python3 -m kvjax.bench --preset SmolLM-360M --kv $POLICIES --contexts 1024,8192,32768 \
     --batch 1 --decode-steps 16 --repeats 2 --json "$OUT/bench.jsonl" 2>&1 | tee "$OUT/e2e_b1.txt"

@@ -26,7 +26,7 @@ def spec_of(name, **kw):
     return parse_policy(name, window=WINDOW, group_size=GROUP, **kw)
 
 
-def decode_all(spec, tokens, positions, capacity, attention="auto"):
+def decode_all(spec, tokens, positions, capacity, kernels="auto"):
     """Step-by-step decoding from an empty cache: logits [b, T, v] and the final cache."""
     b, T = tokens.shape
 
@@ -37,7 +37,7 @@ def decode_all(spec, tokens, positions, capacity, attention="auto"):
             cache = cache.record_features(pos, token_features(logits, tok))
         return logits, cache
 
-    cache, out = make_cache(spec, CFG, b, capacity).replace(attention=attention), []
+    cache, out = make_cache(spec, CFG, b, capacity).replace(kernels=kernels), []
     for t in range(T):
         logits, cache = step(cache, tokens[:, t:t + 1], positions[:, t:t + 1])
         out.append(logits[:, 0])
@@ -74,16 +74,30 @@ def test_teacher_forced_equals_step_by_step_decode(name):
 
 
 @pytest.mark.parametrize("name", ["kivi2", "kivi4", "int8-sink", "mixed@3"])
-def test_fused_kernel_attention_equals_reference(name):
-    """Decoding through the fused Pallas kernel (interpreted on CPU) equals the jnp reference path."""
+def test_pallas_kernels_decode_equals_reference(name):
+    """Decoding through the Pallas kernels (quantize + pack, fused attention; interpreted on CPU)
+    equals the codecs + jnp reference path."""
     spec = spec_of(name)
     tokens, positions = ragged_batch(T=27, short=22, seed=3)
     fused = "interpret" if jax.default_backend() == "cpu" else "kernel"
     with jax.default_matmul_precision("highest"):  # GPUs default to TF32 matmuls
-        want, _ = decode_all(spec, tokens, positions, 30, attention="reference")
-        got, _ = decode_all(spec, tokens, positions, 30, attention=fused)
+        want, _ = decode_all(spec, tokens, positions, 30, kernels="reference")
+        got, _ = decode_all(spec, tokens, positions, 30, kernels=fused)
     valid = np.asarray(positions) >= 0
     np.testing.assert_allclose(np.asarray(got)[valid], np.asarray(want)[valid], atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["kivi2", "int4-sink", "mixed@3"])
+def test_prefill_with_pallas_kernels_is_bit_identical(name):
+    """Prompt prefill writes the same codes, scales and zeros through the quantize + pack kernels."""
+    spec = spec_of(name)
+    tokens, positions = ragged_batch(T=29, short=25, seed=4)
+    caches = [teacher_forced.prefill(PARAMS, CFG, tokens, positions,
+                                     make_cache(spec, CFG, 2, 32).replace(kernels=mode))[1]
+              for mode in ("reference", "interpret")]
+    assert int(jnp.sum(caches[0].counts)) > 0  # tokens did reach the quantized tiers
+    for a, b in zip(*(jax.tree_util.tree_leaves(c) for c in caches)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 @pytest.mark.parametrize("name", ["kivi2", "int8-sink", "streaming", "mixed-rule@3"])
