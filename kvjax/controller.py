@@ -19,6 +19,7 @@ field by field here; Orbax is used for the training checkpoints, which must resu
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -84,11 +85,12 @@ class Controller:
     model: dict  # vocab_size, num_layers, hidden_size, num_kv_heads of the model it was trained for
     info: dict = dataclasses.field(default_factory=dict)  # training summary (free-form)
 
-    @property
+    @functools.cached_property
     def digest(self) -> str:
         h = hashlib.sha256()
-        for leaf in jax.tree_util.tree_leaves(self.params) + [self.mean, self.std, self.counts]:
-            h.update(np.ascontiguousarray(leaf).tobytes())
+        for leaf in jax.tree_util.tree_leaves(self.params) + [self.mean, self.std]:
+            h.update(np.ascontiguousarray(leaf, np.float32).tobytes())
+        h.update(np.ascontiguousarray(self.counts, np.int32).tobytes())
         h.update(json.dumps([self.hidden, self.budget_bits, self.bias, self.model], sort_keys=True).encode())
         return h.hexdigest()
 

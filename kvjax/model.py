@@ -52,6 +52,7 @@ class Block(nn.Module):
     cfg: ModelConfig
     dtype: Any
     token_stats: bool = False
+    queries: bool = False
 
     @nn.compact
     def __call__(self, carry, layer: jax.Array, positions: jax.Array):
@@ -77,7 +78,8 @@ class Block(nn.Module):
         gate = dense(cfg.intermediate_size, "gate_proj")(h)
         up = dense(cfg.intermediate_size, "up_proj")(h)
         x = x + dense(cfg.hidden_size, "down_proj")(nn.silu(gate) * up)
-        return (x, cache), (layer_token_stats(q, k, v) if self.token_stats else None)
+        stats = layer_token_stats(q, k, v) if self.token_stats else None
+        return (x, cache), ((stats, q) if self.queries else stats)
 
 
 def layer_token_stats(q, k, v):
@@ -98,6 +100,7 @@ class Llama(nn.Module):
     cfg: ModelConfig
     dtype: Any = jnp.float32
     token_stats: bool = False  # also return per-layer token statistics [l, b, t, 3] (layer_token_stats)
+    queries: bool = False  # with token_stats: return (stats, queries [l, b, t, n, h] after RoPE)
 
     @nn.compact
     def __call__(self, tokens: jax.Array, positions: jax.Array, cache=None):
@@ -107,7 +110,8 @@ class Llama(nn.Module):
         if cache is not None:
             cache = cache.begin(positions)
         layers = nn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True},
-                         in_axes=(0, nn.broadcast), length=cfg.num_layers)(cfg, self.dtype, self.token_stats, name="layers")
+                         in_axes=(0, nn.broadcast), length=cfg.num_layers)(cfg, self.dtype, self.token_stats, self.queries,
+                                                                  name="layers")
         (x, cache), stats = layers((x, cache), jnp.arange(cfg.num_layers), positions)
         x = RMSNorm(cfg.rms_norm_eps, self.dtype, name="final_norm")(x)
         if cfg.tie_word_embeddings:
@@ -133,6 +137,9 @@ def forward(params, cfg: ModelConfig, tokens, positions, cache=None, dtype=jnp.f
     return Llama(cfg, dtype).apply({"params": params}, tokens, positions, cache)
 
 
-def forward_with_stats(params, cfg: ModelConfig, tokens, positions, cache=None, dtype=jnp.float32):
-    """`forward` that also returns each layer's token statistics float32 [l, b, t, 3] (for features)."""
-    return Llama(cfg, dtype, token_stats=True).apply({"params": params}, tokens, positions, cache)
+def forward_with_stats(params, cfg: ModelConfig, tokens, positions, cache=None, dtype=jnp.float32,
+                       queries: bool = False):
+    """`forward` that also returns each layer's token statistics float32 [l, b, t, 3] (for features);
+    with `queries`, (stats, queries [l, b, t, n, h]) (for controller training traces)."""
+    return Llama(cfg, dtype, token_stats=True, queries=queries).apply({"params": params}, tokens, positions,
+                                                                       cache)
