@@ -171,3 +171,15 @@ def test_generate_reports_tiers(tiny_checkpoint):
     assert sum(result.kv_tiers.values()) == 5 + 30 - 1
     assert result.kv_tiers["window"] == WINDOW and "2-bit" in result.stats_line()
     assert isinstance(make_cache(spec_of("kivi2"), CFG, 1, 64), TieredCache)
+
+
+def test_plain_mixed_uses_the_shipped_controller():
+    spec = parse_policy("mixed")
+    assert spec.precision == "learned" and spec.budget_bits == 3.0 and spec.controller is not None
+    assert spec.controller.model["vocab_size"] == get_preset("SmolLM2-135M").vocab_size
+    assert sum(spec.histogram().values()) == pytest.approx(1.0)
+    assert sum(w * f for w, f in spec.histogram().items()) <= 3.0 + 1e-6
+    assert parse_policy("mixed-learned@2.5").controller.budget_bits == 2.5
+    with pytest.raises(KvjaxError, match="no shipped controller for 2.7 bits"):
+        parse_policy("mixed-learned@2.7")
+    assert parse_policy("mixed@3").precision == "static"  # a budget in the name keeps the static default

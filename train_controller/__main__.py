@@ -100,8 +100,9 @@ def run(args) -> int:
     train_set, norm, scale = train.prepare(train_tr, counts, args.min_queries)
     held_set, _, _ = train.prepare(held_tr, counts, args.min_queries, norm, scale)
 
+    lam = train.oracle_lambda(train_set.costs[train_set.weight], args.budget_bits)
     cfg = train.TrainConfig(budget_bits=args.budget_bits, steps=args.steps, batch=args.batch, lr=args.lr,
-                            hidden=hidden, seed=args.seed, checkpoint_every=args.checkpoint_every)
+                            hidden=hidden, seed=args.seed, checkpoint_every=args.checkpoint_every, lambda_init=lam)
     ckpt = os.path.join(args.out, "checkpoints")
     if args.fresh and os.path.isdir(ckpt):
         shutil.rmtree(ckpt)

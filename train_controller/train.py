@@ -5,7 +5,8 @@
 pi = softmax of the MLP's logits, D the trace's distortion rate (kvjax traces, normalized by
 its training mean at 2 bits). lambda is a Lagrange multiplier updated by dual ascent in log
 space, log lambda += lambda_lr * (expected bits - budget), so training settles near the
-budget; afterwards `calibrate_bias` sets the per-bit logit bias so that argmax widths on
+budget (it starts at `oracle_lambda`, where per-token argmin widths would meet it, since
+a softmax pushed to saturation by a far-off lambda stops learning); afterwards `calibrate_bias` sets the per-bit logit bias so that argmax widths on
 held-out text average the budget exactly (or just under it).
 
 Optax AdamW with warmup + cosine decay and global-norm clipping. Data parallel: one
@@ -45,8 +46,8 @@ class TrainConfig:
     weight_decay: float = 1e-4
     clip: float = 1.0
     hidden: tuple[int, ...] = (128, 128)
-    lambda_init: float = 0.1
-    lambda_lr: float = 0.05
+    lambda_init: float = 0.1  # the CLI starts from `oracle_lambda` of the training set
+    lambda_lr: float = 0.01
     seed: int = 0
     checkpoint_every: int = 200
 
@@ -98,7 +99,7 @@ def train_step(state, inputs, costs, *, cfg: TrainConfig, tx):
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     step = state["step"]
     return {"params": optax.apply_updates(state["params"], updates), "opt_state": opt_state,
-            "log_lambda": state["log_lambda"] + cfg.lambda_lr * (bits - cfg.budget_bits),
+            "log_lambda": jnp.clip(state["log_lambda"] + cfg.lambda_lr * (bits - cfg.budget_bits), -12.0, 5.0),
             "step": step + 1, "history": state["history"].at[step].set(jnp.stack([loss, dist, bits]))}
 
 
@@ -189,6 +190,16 @@ def _check_run(ckpt_dir: str, info: dict):
 
 def logits_of(params, cfg: TrainConfig, inputs: np.ndarray) -> np.ndarray:
     return np.asarray(jax.jit(lambda p, x: ControllerMLP(cfg.hidden).apply({"params": p}, x))(params, inputs))
+
+
+def oracle_lambda(costs: np.ndarray, budget: float, iters: int = 60) -> float:
+    """The lambda at which per-token argmin_w cost_w + lambda * w averages `budget` bits (a good start)."""
+    bits = lambda lam: float(np.mean(BITS[np.argmin(costs + lam * BITS, axis=1)]))
+    lo, hi = 1e-8, 1e3
+    for _ in range(iters):
+        mid = np.sqrt(lo * hi)
+        lo, hi = (mid, hi) if bits(mid) > budget else (lo, mid)
+    return float(hi)
 
 
 def calibrate_bias(logits: np.ndarray, budget: float, iters: int = 60) -> float:
