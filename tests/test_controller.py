@@ -96,7 +96,7 @@ def test_sharded_step_equals_single_device_step():
         from train_controller import train
         assert jax.device_count() == 8, jax.devices()
         rng = np.random.default_rng(0)
-        x = rng.standard_normal((64, 7)).astype(np.float32)
+        x = rng.standard_normal((64, 6)).astype(np.float32)
         c = np.abs(rng.standard_normal((64, 4))).astype(np.float32)
         cfg = train.TrainConfig(steps=3, batch=64, hidden=(16, 16), warmup=1)
         tx = train.make_optimizer(cfg)

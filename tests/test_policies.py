@@ -28,8 +28,8 @@ def tiny_controller(budget=3.0, seed=1):
     params = ControllerMLP((8, 8)).init(jax.random.PRNGKey(seed), jnp.zeros((1, len(INPUTS))))["params"]
     counts = np.random.default_rng(seed).integers(0, 50, CFG.vocab_size)
     return Controller(params=jax.tree_util.tree_map(np.asarray, params), hidden=(8, 8),
-                      mean=np.asarray([5.0, 0.05, 5.5, 2.5, 3.9, 3.9, 0.5], np.float32),
-                      std=np.asarray([0.05, 0.01, 0.2, 0.5, 0.1, 0.2, 0.3], np.float32),
+                      mean=np.asarray([5.0, 0.05, 5.5, 3.9, 3.9, 0.5], np.float32),
+                      std=np.asarray([0.05, 0.01, 0.2, 0.1, 0.2, 0.3], np.float32),
                       counts=counts, budget_bits=budget, histogram={2: 0.7, 4: 0.2, 8: 0.05, 16: 0.05},
                       bias=0.0, model=model_signature(CFG))
 
