@@ -21,7 +21,7 @@ from flax import struct
 
 from kvjax import teacher_forced
 from kvjax.errors import KvjaxError
-from kvjax.features import token_features
+from kvjax.features import forward_recording_features
 from kvjax.loading import LoadedModel
 from kvjax.model import DTYPES, forward
 from kvjax.policies import PolicySpec, make_cache, parse_policy
@@ -76,9 +76,7 @@ def decode_chunk(params, state: DecodeState, eos_id, *, cfg, dtype, sampling: Sa
     def body(carry):
         i, s = carry
         positions = jnp.where(s.done, -1, s.cache.lengths)[:, None]
-        logits, cache = forward(params, cfg, s.last[:, None], positions, s.cache, dtype)
-        if cache.uses_features:
-            cache = cache.record_features(positions, token_features(logits, s.last[:, None]))
+        logits, cache = forward_recording_features(params, cfg, s.last[:, None], positions, s.cache, dtype)
         key, sub = jax.random.split(s.key)
         nxt = jnp.where(s.done, eos_id, sample(logits[:, 0], sub, sampling))
         s = DecodeState(last=nxt, cache=cache, key=key, done=s.done | (nxt == eos_id),

@@ -51,6 +51,8 @@ class Block(nn.Module):
 
     cfg: ModelConfig
     dtype: Any
+    token_stats: bool = False
+    queries: bool = False
 
     @nn.compact
     def __call__(self, carry, layer: jax.Array, positions: jax.Array):
@@ -76,7 +78,20 @@ class Block(nn.Module):
         gate = dense(cfg.intermediate_size, "gate_proj")(h)
         up = dense(cfg.intermediate_size, "up_proj")(h)
         x = x + dense(cfg.hidden_size, "down_proj")(nn.silu(gate) * up)
-        return (x, cache), None
+        stats = layer_token_stats(q, k, v) if self.token_stats else None
+        return (x, cache), ((stats, q) if self.queries else stats)
+
+
+def layer_token_stats(q, k, v):
+    """Per-token statistics of one layer's own q [b, t, n, h], k, v [b, t, k, h] -> float32 [b, t, 3]:
+    mean key norm and mean value norm over kv heads, and the variance across query heads of
+    the token's attention score on its own key (q.k / sqrt(h))."""
+    q, k, v = q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32)
+    b, t, n, h = q.shape
+    g = n // k.shape[2]
+    self_score = jnp.einsum("btkgh,btkh->btkg", q.reshape(b, t, k.shape[2], g, h), k).reshape(b, t, n) * h**-0.5
+    return jnp.stack([jnp.linalg.norm(k, axis=-1).mean(-1), jnp.linalg.norm(v, axis=-1).mean(-1),
+                      jnp.var(self_score, axis=-1)], axis=-1)
 
 
 class Llama(nn.Module):
@@ -84,6 +99,8 @@ class Llama(nn.Module):
 
     cfg: ModelConfig
     dtype: Any = jnp.float32
+    token_stats: bool = False  # also return per-layer token statistics [l, b, t, 3] (layer_token_stats)
+    queries: bool = False  # with token_stats: return (stats, queries [l, b, t, n, h] after RoPE)
 
     @nn.compact
     def __call__(self, tokens: jax.Array, positions: jax.Array, cache=None):
@@ -93,8 +110,9 @@ class Llama(nn.Module):
         if cache is not None:
             cache = cache.begin(positions)
         layers = nn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True},
-                         in_axes=(0, nn.broadcast), length=cfg.num_layers)(cfg, self.dtype, name="layers")
-        (x, cache), _ = layers((x, cache), jnp.arange(cfg.num_layers), positions)
+                         in_axes=(0, nn.broadcast), length=cfg.num_layers)(cfg, self.dtype, self.token_stats, self.queries,
+                                                                  name="layers")
+        (x, cache), stats = layers((x, cache), jnp.arange(cfg.num_layers), positions)
         x = RMSNorm(cfg.rms_norm_eps, self.dtype, name="final_norm")(x)
         if cfg.tie_word_embeddings:
             logits = embed.attend(x)
@@ -102,6 +120,8 @@ class Llama(nn.Module):
             logits = nn.Dense(cfg.vocab_size, use_bias=False, dtype=self.dtype, name="lm_head")(x)
         if cache is not None:
             cache = cache.advance(positions)
+        if self.token_stats:
+            return logits.astype(jnp.float32), cache, stats
         return logits.astype(jnp.float32), cache
 
 
@@ -115,3 +135,11 @@ def init_params(cfg: ModelConfig, rng: jax.Array, dtype=jnp.float32):
 def forward(params, cfg: ModelConfig, tokens, positions, cache=None, dtype=jnp.float32):
     """Functional entry point: (logits float32 [b, t, v], new cache)."""
     return Llama(cfg, dtype).apply({"params": params}, tokens, positions, cache)
+
+
+def forward_with_stats(params, cfg: ModelConfig, tokens, positions, cache=None, dtype=jnp.float32,
+                       queries: bool = False):
+    """`forward` that also returns each layer's token statistics float32 [l, b, t, 3] (for features);
+    with `queries`, (stats, queries [l, b, t, n, h]) (for controller training traces)."""
+    return Llama(cfg, dtype, token_stats=True, queries=queries).apply({"params": params}, tokens, positions,
+                                                                       cache)

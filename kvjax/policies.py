@@ -8,7 +8,10 @@
                   int2-sink are its 4- and 2-bit variants
   streaming       StreamingLLM: S sinks + W window, everything else evicted
   mixed           like KIVI, but each token leaving the residual gets a width in {2, 4, 8, 16}
-                  from a precision policy under an average-bit budget (`mixed@3` = 3.0 bits)
+                  from a precision policy under an average-bit budget (`mixed@3` = 3.0 bits):
+                  static (`mixed@3`), rule (`mixed-rule@3`), learned (`mixed-learned@3`, and
+                  plain `mixed`: the shipped controller, kvjax.controller) or random
+                  (`mixed-random@3`: static assignment at the learned controller's histogram)
 
 A token leaves the 16-bit window when W newer tokens have arrived; a policy decides its
 width then ("left" tokens). Tier capacities are static; when the preferred tier is full
@@ -28,7 +31,8 @@ from kvjax.errors import KvjaxError
 WIDTHS = (2, 4, 8, 16)
 EVICTED = 0  # width code of a token a streaming policy dropped
 POLICY_NAMES = ("fp16", "kivi2", "kivi4", "kivi8", "int8-sink", "int4-sink", "int2-sink", "streaming", "mixed")
-PRECISIONS = ("static", "rule")
+PRECISIONS = ("static", "rule", "learned", "random")
+CONTROLLED = ("learned", "random")  # precisions that need a controller
 # Share of the bits above 2 that `mixed` spends on 16-, 8- and 4-bit tokens.
 _UPGRADE_SHARES = {16: 0.2, 8: 0.3, 4: 0.5}
 
@@ -46,6 +50,7 @@ class PolicySpec:
     group_size: int = 32  # G
     budget_bits: float | None = None  # mixed: average bits of the tokens that left the window
     precision: str = "static"  # mixed: how preferred widths are chosen
+    controller: object = None  # kvjax.controller.Controller for precision learned / random
 
     def __post_init__(self):
         for w in self.quant_widths:
@@ -64,6 +69,12 @@ class PolicySpec:
                 raise KvjaxError(f"{self.name}: budget {self.budget_bits} bits is above {max_budget():.2f}")
         if self.precision not in PRECISIONS:
             raise KvjaxError(f"{self.name}: unknown precision policy {self.precision!r}; known: {PRECISIONS}")
+        if self.mixed and (self.precision in CONTROLLED) != (self.controller is not None):
+            raise KvjaxError(f"{self.name}: precision {self.precision!r} "
+                             f"{'needs' if self.precision in CONTROLLED else 'takes no'} controller")
+        if self.controller is not None and abs(self.controller.budget_bits - self.budget_bits) > 1e-6:
+            raise KvjaxError(f"{self.name}: the controller was trained for {self.controller.budget_bits:g} bits, "
+                             f"the policy asks for {self.budget_bits:g}")
 
     @property
     def mixed(self) -> bool:
@@ -72,7 +83,7 @@ class PolicySpec:
     @property
     def uses_features(self) -> bool:
         """Whether widths depend on model outputs (then scoring runs block by block)."""
-        return self.mixed and self.precision == "rule"
+        return self.mixed and self.precision in ("rule", "learned")
 
     @property
     def tier_widths(self) -> tuple[int, ...]:
@@ -87,6 +98,8 @@ class PolicySpec:
         for w in self.quant_widths:
             if (h * w) % 32:
                 raise KvjaxError(f"{self.name}: head_dim={h} at {w} bits does not fill whole 32-bit words")
+        if self.controller is not None:
+            self.controller.check(cfg)
         if self.sinks + self.window > cfg.max_position_embeddings:
             raise KvjaxError(f"{self.name}: sinks + window = {self.sinks + self.window} exceeds the "
                              f"model's context of {cfg.max_position_embeddings} tokens")
@@ -95,6 +108,8 @@ class PolicySpec:
         """Target share of left tokens per width; its mean width is the budget."""
         if not self.mixed:
             return {w: 1.0 for w in self.quant_widths}
+        if self.controller is not None:  # the controller's held-out histogram
+            return dict(self.controller.histogram)
         extra = self.budget_bits - 2.0
         shares = {w: share * extra / (w - 2) for w, share in _UPGRADE_SHARES.items()}
         return {2: 1.0 - sum(shares.values()), **shares}
@@ -119,13 +134,18 @@ def max_budget() -> float:
 
 def parse_policy(name: str, window: int | None = None, sinks: int | None = None,
                  group_size: int | None = None, budget_bits: float | None = None,
-                 precision: str | None = None) -> PolicySpec:
-    """Parses a policy name (`kivi2`, `mixed@3`, `mixed-rule@3.5`, ...) with optional overrides."""
+                 precision: str | None = None, controller=None) -> PolicySpec:
+    """Parses a policy name (`kivi2`, `mixed@3`, `mixed-rule@3.5`, ...) with optional overrides.
+
+    `controller` (a path or a kvjax.controller.Controller) is for precision learned / random;
+    without one they use the controller shipped for the budget. Plain `mixed` (no budget in
+    the name, no precision given) is the learned policy.
+    """
     base, _, budget = name.partition("@")
     base, _, prec = base.partition("-") if base.startswith("mixed-") else (base, "", "")
     if base not in POLICY_NAMES:
         raise KvjaxError(f"unknown KV-cache policy {name!r}; known: {', '.join(POLICY_NAMES)}, "
-                         "mixed@BITS, mixed-rule@BITS")
+                         "mixed@BITS, mixed-rule@BITS, mixed-learned@BITS, mixed-random@BITS")
     if budget:
         try:
             budget_bits = float(budget)
@@ -144,9 +164,20 @@ def parse_policy(name: str, window: int | None = None, sinks: int | None = None,
     elif base == "streaming":
         spec = PolicySpec(name, evict=True, sinks=4 if sinks is None else sinks, **opts)
     elif base == "mixed":
+        budget_bits = 3.0 if budget_bits is None else budget_bits
+        prec = prec or precision or ("static" if budget else "learned")
+        PolicySpec(name, budget_bits=budget_bits, **opts)  # budget errors before any controller loading
+        if prec in CONTROLLED:
+            from kvjax.controller import Controller, default_controller, load_controller
+            if controller is None:
+                controller = default_controller(budget_bits)
+            elif not isinstance(controller, Controller):
+                controller = load_controller(controller)
+        elif controller is not None:
+            raise KvjaxError(f"{name!r}: a controller applies to the learned and random precisions, not {prec!r}")
         spec = PolicySpec(name, quant_widths=(2, 4, 8), sinks=4 if sinks is None else sinks,
-                          budget_bits=3.0 if budget_bits is None else budget_bits,
-                          precision=prec or precision or "static", **opts)
+                          budget_bits=budget_bits, precision=prec,
+                          controller=controller if prec in CONTROLLED else None, **opts)
     else:
         raise KvjaxError(f"{name!r} is the plain FP16 cache, not a quantized policy")
     if budget and not spec.mixed:
@@ -180,8 +211,10 @@ def preferred_widths(spec: PolicySpec, positions, features):
         return jnp.full(positions.shape, EVICTED, jnp.int32)
     if not spec.mixed:
         return jnp.full(positions.shape, spec.quant_widths[0], jnp.int32)
-    if spec.precision == "static":  # random assignment at the target histogram
+    if spec.precision in ("static", "random"):  # random assignment at the target histogram
         return _quantile_width(_position_hash(positions), spec.histogram())
+    if spec.precision == "learned":
+        return spec.controller.widths(features)
     # rule: tokens the model was unsure after, or rare tokens, get more bits
     entropy, rarity = features[..., 0], features[..., 2]
     score = 0.5 * jnp.tanh(entropy / 4.0) + 0.5 * rarity
@@ -211,9 +244,12 @@ def add_policy_flags(parser):
     """The command-line flags that pick and tune a KV-cache policy (see `policy_from_flags`)."""
     parser.add_argument("--kv", default="fp16",
                         help="KV-cache policy: fp16, kivi2, kivi4, kivi8, int8-sink, int4-sink, int2-sink, "
-                             "streaming, mixed, mixed@BITS, mixed-rule@BITS")
+                             "streaming, mixed (learned controller), mixed@BITS, mixed-rule@BITS, "
+                             "mixed-learned@BITS, mixed-random@BITS")
     parser.add_argument("--budget-bits", type=float, default=None, help="mixed: average bits (default 3.0)")
     parser.add_argument("--precision", default=None, choices=PRECISIONS, help="mixed: precision policy")
+    parser.add_argument("--controller", default=None,
+                        help="mixed learned/random: a controller file (default: the one shipped for the budget)")
     parser.add_argument("--residual", type=int, default=None,
                         help="16-bit window W / KIVI residual R (default 128)")
     parser.add_argument("--group-size", type=int, default=None, help="quantization group size G (default 32)")
@@ -223,15 +259,17 @@ def add_policy_flags(parser):
 def policy_from_flags(args) -> str | PolicySpec:
     """'fp16' or the PolicySpec that `add_policy_flags`' flags describe."""
     tuned = any(x is not None for x in (args.budget_bits, args.precision, args.residual, args.group_size,
-                                         args.sinks))
+                                         args.sinks, args.controller))
     if args.kv == "fp16":
         if tuned:
-            raise KvjaxError("--budget-bits/--precision/--residual/--group-size/--sinks need a quantized --kv")
+            raise KvjaxError("--budget-bits/--precision/--controller/--residual/--group-size/--sinks "
+                             "need a quantized --kv")
         return "fp16"
     spec = parse_policy(args.kv, window=args.residual, sinks=args.sinks, group_size=args.group_size,
-                        budget_bits=args.budget_bits, precision=args.precision)
-    if (args.budget_bits is not None or args.precision is not None) and not spec.mixed:
-        raise KvjaxError(f"--budget-bits and --precision apply to mixed policies, not {args.kv!r}")
+                        budget_bits=args.budget_bits, precision=args.precision, controller=args.controller)
+    if (args.budget_bits is not None or args.precision is not None or args.controller is not None) \
+            and not spec.mixed:
+        raise KvjaxError(f"--budget-bits, --precision and --controller apply to mixed policies, not {args.kv!r}")
     return spec
 
 

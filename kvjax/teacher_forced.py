@@ -28,7 +28,7 @@ from kvjax.attention import MASK_VALUE, causal_mask, grouped_output, grouped_sco
 from kvjax.cache import write_by_position
 from kvjax.config import ModelConfig
 from kvjax.features import NUM_FEATURES, token_features
-from kvjax.model import forward
+from kvjax.model import forward, forward_with_stats
 from kvjax.policies import EVICTED, PolicySpec, preferred_widths, resolve_widths, tier_onehot
 from kvjax.tiered import TieredCache
 
@@ -171,8 +171,8 @@ def _score(params, tokens, positions, *, cfg, spec, capacity, dtype):
         cache, counts, logits, feats = carry
         tok = jax.lax.dynamic_slice_in_dim(tokens_p, m * W, W, axis=1)
         pos = jax.lax.dynamic_slice_in_dim(positions_p, m * W, W, axis=1)
-        block_logits, cache = forward(params, cfg, tok, pos, cache, dtype)
-        block_feats = token_features(block_logits, tok)
+        block_logits, cache, stats = forward_with_stats(params, cfg, tok, pos, cache, dtype)
+        block_feats = token_features(block_logits, tok, pos, stats)
         widths, counts = assign_widths(spec, caps, pos, block_feats, counts)
         cache = cache.replace(widths=jax.lax.dynamic_update_slice_in_dim(cache.widths, widths, m * W, axis=1))
         logits = jax.lax.dynamic_update_slice_in_dim(logits, block_logits, m * W, axis=1)

@@ -8,8 +8,9 @@ import pytest
 from kvjax import teacher_forced
 from kvjax.cache import DenseCache
 from kvjax.config import get_preset
+from kvjax.controller import INPUTS, Controller, ControllerMLP, model_signature
 from kvjax.errors import KvjaxError
-from kvjax.features import token_features
+from kvjax.features import forward_recording_features
 from kvjax.model import forward, init_params
 from kvjax.policies import PolicySpec, make_cache, parse_policy, resolve_widths
 from kvjax.tiered import TieredCache
@@ -19,10 +20,23 @@ PARAMS = init_params(CFG, jax.random.PRNGKey(0))
 # Small window and groups so that short sequences cross many window and group boundaries.
 WINDOW, GROUP = 8, 4
 POLICIES = ["kivi2", "kivi4", "kivi8", "int8-sink", "int4-sink", "int2-sink", "streaming", "mixed@3", "mixed@2.5", "mixed-rule@3",
-            "mixed-rule@4"]
+            "mixed-rule@4", "mixed-learned@3", "mixed-random@3"]
+
+
+def tiny_controller(budget=3.0, seed=1):
+    """A small random controller for the tiny model (its widths vary from token to token)."""
+    params = ControllerMLP((8, 8)).init(jax.random.PRNGKey(seed), jnp.zeros((1, len(INPUTS))))["params"]
+    counts = np.random.default_rng(seed).integers(0, 50, CFG.vocab_size)
+    return Controller(params=jax.tree_util.tree_map(np.asarray, params), hidden=(8, 8),
+                      mean=np.asarray([5.0, 0.05, 5.5, 3.9, 3.9, 0.5], np.float32),
+                      std=np.asarray([0.05, 0.01, 0.2, 0.1, 0.2, 0.3], np.float32),
+                      counts=counts, budget_bits=budget, histogram={2: 0.7, 4: 0.2, 8: 0.05, 16: 0.05},
+                      bias=0.0, model=model_signature(CFG))
 
 
 def spec_of(name, **kw):
+    if "learned" in name or "random" in name:
+        kw.setdefault("controller", tiny_controller(float(name.split("@")[1])))
     return parse_policy(name, window=WINDOW, group_size=GROUP, **kw)
 
 
@@ -32,10 +46,7 @@ def decode_all(spec, tokens, positions, capacity, kernels="auto"):
 
     @jax.jit
     def step(cache, tok, pos):
-        logits, cache = forward(PARAMS, CFG, tok, pos, cache)
-        if cache.uses_features:
-            cache = cache.record_features(pos, token_features(logits, tok))
-        return logits, cache
+        return forward_recording_features(PARAMS, CFG, tok, pos, cache)
 
     cache, out = make_cache(spec, CFG, b, capacity).replace(kernels=kernels), []
     for t in range(T):
@@ -100,7 +111,7 @@ def test_prefill_with_pallas_kernels_is_bit_identical(name):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-@pytest.mark.parametrize("name", ["kivi2", "int8-sink", "streaming", "mixed-rule@3"])
+@pytest.mark.parametrize("name", ["kivi2", "int8-sink", "streaming", "mixed-rule@3", "mixed-learned@3"])
 def test_prefill_then_decode_equals_teacher_forced(name):
     spec = spec_of(name)
     tokens, positions = ragged_batch(T=37, short=37, seed=1)
@@ -111,9 +122,7 @@ def test_prefill_then_decode_equals_teacher_forced(name):
     np.testing.assert_allclose(logits, want[:, :P], atol=2e-5, rtol=1e-5)
     for t in range(P, tokens.shape[1]):
         pos = positions[:, t:t + 1]
-        logits, cache = forward(PARAMS, CFG, tokens[:, t:t + 1], pos, cache)
-        if cache.uses_features:
-            cache = cache.record_features(pos, token_features(logits, tokens[:, t:t + 1]))
+        logits, cache = forward_recording_features(PARAMS, CFG, tokens[:, t:t + 1], pos, cache)
         np.testing.assert_allclose(logits[:, 0], want[:, t], atol=2e-5, rtol=1e-5)
 
 
@@ -189,3 +198,15 @@ def test_generate_reports_tiers(tiny_checkpoint):
     assert sum(result.kv_tiers.values()) == 5 + 30 - 1
     assert result.kv_tiers["window"] == WINDOW and "2-bit" in result.stats_line()
     assert isinstance(make_cache(spec_of("kivi2"), CFG, 1, 64), TieredCache)
+
+
+def test_plain_mixed_uses_the_shipped_controller():
+    spec = parse_policy("mixed")
+    assert spec.precision == "learned" and spec.budget_bits == 3.0 and spec.controller is not None
+    assert spec.controller.model["vocab_size"] == get_preset("SmolLM2-135M").vocab_size
+    assert sum(spec.histogram().values()) == pytest.approx(1.0)
+    assert sum(w * f for w, f in spec.histogram().items()) <= 3.0 + 1e-6
+    assert parse_policy("mixed-learned@2.5").controller.budget_bits == 2.5
+    with pytest.raises(KvjaxError, match="no shipped controller for 2.7 bits"):
+        parse_policy("mixed-learned@2.7")
+    assert parse_policy("mixed@3").precision == "static"  # a budget in the name keeps the static default
