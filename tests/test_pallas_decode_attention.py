@@ -93,14 +93,14 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("case", CASES, ids=str)
-def test_kernel_matches_reference(case):
-    tier, _, _ = random_tier(0, case.b, case.k, case.c, case.h, case.bits, case.G, jnp.dtype(case.scale_dtype))
-    q = random_q(1, case.b, case.k * case.g, case.h)
+def check_case(case, interpret, seed=0):
+    """The kernel (run with `interpret`) against the reference on one random KIVI tier."""
+    tier, _, _ = random_tier(seed, case.b, case.k, case.c, case.h, case.bits, case.G, jnp.dtype(case.scale_dtype))
+    q = random_q(seed + 1, case.b, case.k * case.g, case.h)
     count = jnp.asarray(case.counts, jnp.int32)
     kw = dict(bits=case.bits, group_size=case.G)
     blocks = DecodeBlocks(block_slots=case.B, num_splits=case.S)
-    got = tier_attention_partials_kernel(q, *tier, count, **kw, blocks=blocks, interpret=INTERPRET)
+    got = tier_attention_partials_kernel(q, *tier, count, **kw, blocks=blocks, interpret=interpret)
     want = tier_attention_partials_reference(q, *tier, count, **kw)
     for name, a, e in zip("oml", got, want):
         assert a.shape == e.shape and a.dtype == jnp.float32, name
@@ -108,6 +108,11 @@ def test_kernel_matches_reference(case):
     empty = np.asarray(case.counts) == 0
     assert np.all(np.asarray(got.m)[empty] == EMPTY_MAX)
     assert np.all(np.asarray(got.l)[empty] == 0) and np.all(np.asarray(got.o)[empty] == 0)
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_kernel_matches_reference(case):
+    check_case(case, INTERPRET)
 
 
 MERGE_CASES = [  # (b, k, g, h, G, tier slots, dense slots)
@@ -208,23 +213,25 @@ def test_bf16_queries_use_16bit_dots(bits):
     np.testing.assert_allclose(np.asarray(got.m), np.asarray(want.m), rtol=2e-2, atol=2e-2)
 
 
-@pytest.mark.parametrize("bits,c,counts,S", [(8, 96, (96, 41), 2), (4, 64, (0, 17), 1), (2, 160, (160, 129), 4)])
-def test_symmetric_tier_matches_reference(bits, c, counts, S):
-    """Symmetric per-token tiers (selective int8/int4/int2): no zeros, one scale per slot."""
+def check_symmetric(bits, c, counts, S, interpret, seed=13):
+    """The kernel (run with `interpret`) against the reference on a random symmetric tier -> inputs, partials."""
     b, k, g, h = 2, 2, 3, 64
-    rng = np.random.default_rng(13)
-    keys = jnp.asarray(rng.normal(0.5, 2.0, (b, k, c, h)), jnp.float32)
-    values = jnp.asarray(rng.standard_normal((b, k, c, h)), jnp.float32)
-    kc, ks = codecs.encode_sym(keys, bits, jnp.float32)
-    vc, vs = codecs.encode_sym(values, bits, jnp.float32)
-    q = random_q(14, b, k * g, h)
-    count = jnp.asarray(counts, jnp.int32)
-    args = (q, kc, ks, None, vc, vs, None, count)
+    rng = np.random.default_rng(seed)
+    kc, ks = codecs.encode_sym(jnp.asarray(rng.normal(0.5, 2.0, (b, k, c, h)), jnp.float32), bits, jnp.float32)
+    vc, vs = codecs.encode_sym(jnp.asarray(rng.standard_normal((b, k, c, h)), jnp.float32), bits, jnp.float32)
+    args = (random_q(seed + 1, b, k * g, h), kc, ks, None, vc, vs, None, jnp.asarray(counts, jnp.int32))
     got = tier_attention_partials_kernel(*args, bits=bits, group_size=32,
-                                         blocks=DecodeBlocks(block_slots=32, num_splits=S), interpret=INTERPRET)
+                                         blocks=DecodeBlocks(block_slots=32, num_splits=S), interpret=interpret)
     want = tier_attention_partials_reference(*args, bits=bits, group_size=32)
     for a, e in zip(got, want):
         assert_close(a, e)
+    return args, got
+
+
+@pytest.mark.parametrize("bits,c,counts,S", [(8, 96, (96, 41), 2), (4, 64, (0, 17), 1), (2, 160, (160, 129), 4)])
+def test_symmetric_tier_matches_reference(bits, c, counts, S):
+    """Symmetric per-token tiers (selective int8/int4/int2): no zeros, one scale per slot."""
+    (q, kc, ks, _, vc, vs, _, count), got = check_symmetric(bits, c, counts, S, INTERPRET)
     deq_k = codecs.decode_sym(kc, ks, bits, jnp.float32)
     deq_v = codecs.decode_sym(vc, vs, bits, jnp.float32)
     mask = (jnp.arange(c)[None, :] < count[:, None])[:, None, :]
@@ -246,28 +253,11 @@ TPU_CASES = [  # the TPU path: contiguous block loads unpacked by reshapes inste
 def test_tpu_interpret_matches_reference(case):
     from jax.experimental.pallas import tpu as pltpu
 
-    tier, _, _ = random_tier(15, case.b, case.k, case.c, case.h, case.bits, case.G, jnp.dtype(case.scale_dtype))
-    q = random_q(16, case.b, case.k * case.g, case.h)
-    count = jnp.asarray(case.counts, jnp.int32)
-    kw = dict(bits=case.bits, group_size=case.G)
-    got = tier_attention_partials_kernel(q, *tier, count, **kw, blocks=DecodeBlocks(block_slots=case.B,
-                                         num_splits=case.S), interpret=pltpu.InterpretParams())
-    want = tier_attention_partials_reference(q, *tier, count, **kw)
-    for a, e in zip(got, want):
-        assert_close(a, e)
+    check_case(case, pltpu.InterpretParams(), seed=15)
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="the TPU interpreter is checked on CPU")
 def test_tpu_interpret_symmetric_tier():
     from jax.experimental.pallas import tpu as pltpu
 
-    b, k, g, h, c, bits = 2, 1, 2, 64, 96, 8
-    rng = np.random.default_rng(17)
-    kc, ks = codecs.encode_sym(jnp.asarray(rng.normal(0.5, 2.0, (b, k, c, h)), jnp.float32), bits, jnp.float32)
-    vc, vs = codecs.encode_sym(jnp.asarray(rng.standard_normal((b, k, c, h)), jnp.float32), bits, jnp.float32)
-    args = (random_q(18, b, k * g, h), kc, ks, None, vc, vs, None, jnp.asarray([96, 50], jnp.int32))
-    got = tier_attention_partials_kernel(*args, bits=bits, group_size=32, blocks=DecodeBlocks(block_slots=64,
-                                         num_splits=2), interpret=pltpu.InterpretParams())
-    want = tier_attention_partials_reference(*args, bits=bits, group_size=32)
-    for a, e in zip(got, want):
-        assert_close(a, e)
+    check_symmetric(8, 96, (96, 50), 2, pltpu.InterpretParams(), seed=17)
