@@ -65,10 +65,11 @@ def filled_cache(key, *, policy, cfg, batch: int, context: int, capacity: int, d
 def bench_context(model, context: int, decode_steps: int, batch: int, kv, dtype, repeats: int, synthetic: bool):
     """-> (prefill tokens/s or None, decode ms/token, KV bytes) for `context` tokens per sequence."""
     cfg = model.cfg
-    rng = np.random.default_rng(context)
-    tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (batch, context)), jnp.int32)
-    positions = jnp.broadcast_to(jnp.arange(context, dtype=jnp.int32), (batch, context))
     capacity = context + decode_steps + 1
+    if not synthetic:
+        rng = np.random.default_rng(context)
+        tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (batch, context)), jnp.int32)
+        positions = jnp.broadcast_to(jnp.arange(context, dtype=jnp.int32), (batch, context))
 
     def run_once():
         t_prefill = None
@@ -164,11 +165,12 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     device = jax.devices()[0]
-    common = {"model": model.source if args.preset else model.cfg.name, "device": device.device_kind,
+    model_name = model.source if args.preset else model.cfg.name
+    common = {"model": model_name, "device": device.device_kind,
               "platform": device.platform, "jax": jax.__version__, "dtype": dtype_name,
               "kv_budget_gib": args.kv_budget_gib, "decode_steps": args.decode_steps, "date": datetime.date.today().isoformat(),
               "command": "python -m kvjax.bench " + " ".join(sys.argv[1:] if argv is None else argv)}
-    print(f"model {model.source if args.preset else model.cfg.name} | {device.platform} {device.device_kind} | "
+    print(f"model {model_name} | {device.platform} {device.device_kind} | "
           f"{platform.processor() or platform.machine()} | jax {jax.__version__} | dtype {dtype_name} | "
           + (f"KV budget {args.kv_budget_gib} GiB" if args.kv_budget_gib else f"batch {args.batch}"))
     print(f"{'kv':<10} {'batch':>6} {'context':>8} {'prefill tok/s':>14} {'decode ms/tok':>14} {'decode tok/s':>13} "
