@@ -45,9 +45,17 @@ def average_bits(spec: PolicySpec | None) -> float:
 
 
 def model_tag(source: str) -> str:
-    """A folder name for the model's cache: its file name plus a hash of its full path."""
+    """A folder name for the model's cache: its file name plus a hash of the file's bytes (of the
+    full path for a folder or hub id), so a cache follows the file and never mixes two models."""
     base = re.sub(r"[^A-Za-z0-9._-]+", "_", os.path.basename(os.path.normpath(source)))
-    return f"{base}-{hashlib.sha1(os.path.abspath(source).encode()).hexdigest()[:8]}"
+    digest = hashlib.sha1()
+    if os.path.isfile(source):
+        with open(source, "rb") as f:
+            while chunk := f.read(1 << 24):
+                digest.update(chunk)
+    else:
+        digest.update(os.path.abspath(source).encode())
+    return f"{base}-{digest.hexdigest()[:8]}"
 
 
 def read_cache(path: str) -> dict[int, list[float]]:

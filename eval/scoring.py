@@ -22,7 +22,10 @@ from kvjax.policies import PolicySpec, parse_policy
 
 from eval.tasks import TARGET_DELIMITER, Request
 
-BUCKET = 64  # padded lengths are multiples of this (capped at the model's context)
+# Padded lengths are multiples of this (capped at the model's context). Scoring is compute-bound
+# on a CPU (~350 tokens/s for the default model at any batch shape), so padding is lost time:
+# the report's task sets pad 365k real tokens to 462k at 16, 794k at 64.
+BUCKET = 16
 
 
 def encode_pair(tokenizer, context: str, continuation: str, prefix_id: int) -> tuple[list[int], list[int]]:
