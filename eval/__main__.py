@@ -3,9 +3,9 @@
     python -m eval --tasks hellaswag,arc_easy --kv fp16,kivi2,mixed@3 --limit 50 --batch-size 8
 
 Writes results.json, results.md (a table: one row per policy, acc / acc_norm per task) and
-results.png (accuracy vs average bits) to --out. Scores are cached per (model, task, policy)
-as JSON lines under --cache-dir, one line per example, written after each batch: a rerun
-skips what is cached, so an interrupted run continues where it stopped.
+results.png (accuracy vs average bits) to --out. Scores are cached per (model, task, policy,
+controller) as JSON lines under --cache-dir, one line per example, written after each batch: a
+rerun skips what is cached, so an interrupted run continues where it stopped.
 """
 
 from __future__ import annotations
@@ -56,6 +56,14 @@ def model_tag(source: str) -> str:
     else:
         digest.update(os.path.abspath(source).encode())
     return f"{base}-{digest.hexdigest()[:8]}"
+
+
+def cache_suffix(spec: PolicySpec | None, overrides: str) -> str:
+    """What besides the names tells score caches apart: the R/G overrides of quantized policies and
+    a digest of the controller of learned and random ones (a retrained controller starts afresh)."""
+    if spec is None:
+        return ""
+    return overrides + (f"-c{spec.controller.digest[:8]}" if spec.controller is not None else "")
 
 
 def read_cache(path: str) -> dict[int, list[float]]:
@@ -188,7 +196,7 @@ def main(argv=None) -> int:
     for t in tasks:
         for p in policies:
             t0 = time.perf_counter()
-            path = os.path.join(cache_root, f"{t}__{p}{suffix if specs[p] else ''}.jsonl")
+            path = os.path.join(cache_root, f"{t}__{p}{cache_suffix(specs[p], suffix)}.jsonl")
             scores = evaluate(model, requests[t], specs[p] or "fp16", path, args.batch_size, desc=f"{t} {p}")
             results[t][p] = accuracy(requests[t], scores)
             seconds[t][p] = round(time.perf_counter() - t0, 2)

@@ -29,7 +29,7 @@ from kvjax import teacher_forced
 from kvjax.errors import KvjaxError
 from kvjax.loading import load_model
 from kvjax.model import forward
-from kvjax.policies import make_cache, parse_policy
+from kvjax.policies import PolicySpec, make_cache, parse_policy, takes_controller
 
 TEXTS = {"wikitext2": "wikitext-2/test.txt", "sherlock": "gutenberg/sherlock.txt"}
 
@@ -63,14 +63,23 @@ class PerplexityResult:
         return math.exp(self.nll)
 
 
-def segment_nll(params, cfg, tokens: np.ndarray, policy: str, dtype=jnp.float32) -> np.ndarray:
+def policy_spec(name: str, controller: str | None = None):
+    """"fp16" or the PolicySpec of `name`; `controller` (a file) replaces the shipped controller
+    of learned and random policies."""
+    if name == "fp16":
+        return name
+    return parse_policy(name, controller=controller if takes_controller(name) else None)
+
+
+def segment_nll(params, cfg, tokens: np.ndarray, policy: str | PolicySpec, dtype=jnp.float32) -> np.ndarray:
     """Next-token NLL [T-1] of one segment under `policy` (teacher-forced, exact)."""
     ids = jnp.asarray(tokens, jnp.int32)[None]
     positions = jnp.arange(ids.shape[1], dtype=jnp.int32)[None]
     if policy == "fp16":
         logits, _ = _plain_forward(params, ids, positions, cfg=cfg, dtype=dtype)
     else:
-        logits, _ = teacher_forced.score(params, cfg, ids, positions, parse_policy(policy), ids.shape[1], dtype)
+        spec = policy if isinstance(policy, PolicySpec) else parse_policy(policy)
+        logits, _ = teacher_forced.score(params, cfg, ids, positions, spec, ids.shape[1], dtype)
     logp = jax.nn.log_softmax(logits[0, :-1], axis=-1)
     return -np.asarray(jnp.take_along_axis(logp, ids[0, 1:, None], axis=-1)[:, 0])
 
@@ -80,7 +89,7 @@ _plain_forward = jax.jit(lambda params, tokens, positions, cfg, dtype: forward(p
                          static_argnames=("cfg", "dtype"))
 
 
-def kv_bytes_per_token(policy: str, cfg, context: int) -> float:
+def kv_bytes_per_token(policy: str | PolicySpec, cfg, context: int) -> float:
     """Allocated bytes per token of a batch-1 cache for `context` tokens, 16-bit storage."""
     cache = jax.eval_shape(lambda: make_cache(policy, cfg, 1, context, jnp.float16))
     return sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(cache)) / context
@@ -94,13 +103,12 @@ def main(argv=None) -> int:
     p.add_argument("--context", type=int, default=4096)
     p.add_argument("--segments", type=int, default=2)
     p.add_argument("--data-dir", default=DATA_DIR)
+    p.add_argument("--controller", default=None, help="controller file for mixed-learned/-random (default: shipped)")
     p.add_argument("--json", default=None, help="append results as JSON lines to this file")
     args = p.parse_args(argv)
     try:
         policies = [x.strip() for x in args.kv.split(",") if x.strip()]
-        for policy in policies:
-            if policy != "fp16":
-                parse_policy(policy)
+        specs = {policy: policy_spec(policy, args.controller) for policy in policies}
         model = load_model(args.model)
         ids = np.asarray(model.tokenizer.encode(read_text(args.text, args.data_dir)), np.int32)
         if len(ids) < args.context * args.segments:
@@ -114,16 +122,18 @@ def main(argv=None) -> int:
     for policy in policies:
         t0, nll = time.perf_counter(), []
         for s in tqdm(range(args.segments), desc=policy, leave=False):
-            nll.append(segment_nll(model.params, model.cfg, ids[s * args.context:(s + 1) * args.context], policy))
+            nll.append(segment_nll(model.params, model.cfg, ids[s * args.context:(s + 1) * args.context], specs[policy]))
         nll = np.concatenate(nll)
         result = PerplexityResult(policy, args.text, args.context, len(nll), float(nll.mean()),
-                                  time.perf_counter() - t0, kv_bytes_per_token(policy, model.cfg, args.context))
+                                  time.perf_counter() - t0, kv_bytes_per_token(specs[policy], model.cfg, args.context))
         print(f"{policy:>16}  ppl {result.perplexity:8.3f}  KV {result.kv_bytes_per_token:7.1f} B/token  "
               f"({result.tokens} tokens, {result.seconds:.0f} s)",
               flush=True)
         if args.json:
             with open(args.json, "a") as f:
-                f.write(json.dumps({**dataclasses.asdict(result), "perplexity": result.perplexity}) + "\n")
+                custom = isinstance(specs[policy], PolicySpec) and specs[policy].controller is not None
+                extra = {"controller": args.controller} if custom and args.controller else {}
+                f.write(json.dumps({**dataclasses.asdict(result), "perplexity": result.perplexity, **extra}) + "\n")
     return 0
 
 

@@ -185,6 +185,12 @@ def parse_policy(name: str, window: int | None = None, sinks: int | None = None,
     return spec
 
 
+def takes_controller(name: str) -> bool:
+    """Whether policy `name` reads a controller: mixed-learned@B, mixed-random@B and plain mixed."""
+    base, _, budget = name.partition("@")
+    return base in ("mixed-learned", "mixed-random") or (base == "mixed" and not budget)
+
+
 # ----------------------------------------------------------------------------- precision
 
 

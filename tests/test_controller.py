@@ -163,3 +163,19 @@ def test_cli_bad_input_is_one_error_line(capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: --budget-bits")
     assert main(["--nonsense"]) == 2
+
+
+def test_eval_commands_tell_controllers_apart(tmp_path):
+    """`eval.perplexity --controller` reaches only the policies that read one, and `python -m eval`
+    keeps the scores of two controllers in separate cache files."""
+    from eval.__main__ import cache_suffix
+    from eval.perplexity import policy_spec
+    from test_policies import tiny_controller
+
+    path = _tiny_controller_file(tmp_path)
+    assert policy_spec("mixed-learned@3", path).controller == load_controller(path)
+    assert policy_spec("mixed@3", path).controller is None and policy_spec("kivi2", path).controller is None
+    assert policy_spec("fp16", path) == "fp16"
+    one, two = (parse_policy("mixed-learned@3", controller=tiny_controller(seed=s)) for s in (1, 2))
+    assert cache_suffix(one, "-R8").startswith("-R8-c") and cache_suffix(one, "-R8") != cache_suffix(two, "-R8")
+    assert cache_suffix(parse_policy("kivi2"), "-R8") == "-R8" and cache_suffix(None, "-R8") == ""
