@@ -3,8 +3,8 @@
     python -m eval --tasks hellaswag,arc_easy,arc_challenge,openbookqa,winogrande --kv ... --out results
     python -m eval.perplexity --kv ... --text wikitext2 --json ppl.jsonl
     python -m kvjax.bench --preset SmolLM-360M --kv ... --json bench.jsonl        (on the GPU)
-    python -m eval.report --accuracy results/results.json --perplexity ppl.jsonl \\
-        --latency bench.jsonl --out docs/RESULTS.md
+    python -m eval.report --accuracy results/results.json --perplexity ppl.jsonl [more.jsonl ...] \\
+        --latency bench.jsonl [more.jsonl ...] --out docs/RESULTS.md
 
 Each input is optional; the report has a section per input given: zero-shot accuracy (table and
 accuracy-vs-bits plot), perplexity (policy x text table), decode latency (table and ms/token vs
@@ -64,10 +64,15 @@ def accuracy_section(report: dict, plot_path: str) -> str:
     return "\n".join(lines)
 
 
+def perplexity_row(record: dict) -> str:
+    """A perplexity record's row label: its policy, and the controller file when one was given."""
+    return record["policy"] + (f" ({record['controller']})" if record.get("controller") else "")
+
+
 def perplexity_section(records: list[dict], source: str) -> str:
     texts = sorted({(r["text"], r["context"]) for r in records})
-    policies = list(dict.fromkeys(r["policy"] for r in records))
-    cell = {(r["policy"], r["text"], r["context"]): r for r in records}  # the last record of a cell wins
+    policies = list(dict.fromkeys(perplexity_row(r) for r in records))
+    cell = {(perplexity_row(r), r["text"], r["context"]): r for r in records}  # the last record of a cell wins
     head = ["policy"] + [f"{t} @{c}" for t, c in texts] + ["KV bytes/token"]
     lines = ["## Perplexity", "", f"From `{source}` (`python -m eval.perplexity`): exp(mean next-token NLL) "
              "over the scored tokens, through each policy's exact teacher-forced path."
@@ -125,22 +130,24 @@ def latency_section(records: list[dict], source: str, plot_path: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def build(accuracy: str | None, perplexity: str | None, latency: str | None, out: str, command: str) -> str:
+def build(accuracy: str | None, perplexity: list[str] | None, latency: list[str] | None, out: str,
+          command: str) -> str:
     """Writes the report (and its plots beside it); returns its text."""
     if not (accuracy or perplexity or latency):
         raise KvjaxError("give at least one of --accuracy, --perplexity, --latency")
+    lines_of = lambda paths: [r for path in paths for r in read_json_lines(path)]
     inputs = (read_accuracy(accuracy) if accuracy else None,
-              read_json_lines(perplexity) if perplexity else None,
-              read_json_lines(latency) if latency else None)
+              lines_of(perplexity) if perplexity else None,
+              lines_of(latency) if latency else None)
     folder, stem = os.path.dirname(out) or ".", os.path.splitext(os.path.basename(out))[0]
     os.makedirs(folder, exist_ok=True)
     parts = [f"# Results\n\nMade by `{command}` on {datetime.date.today().isoformat()}.\n"]
     if inputs[0] is not None:
         parts.append(accuracy_section(inputs[0], os.path.join(folder, f"{stem}-accuracy.png")))
     if inputs[1]:
-        parts.append(perplexity_section(inputs[1], perplexity))
+        parts.append(perplexity_section(inputs[1], ", ".join(perplexity)))
     if inputs[2]:
-        parts.append(latency_section(inputs[2], latency, os.path.join(folder, f"{stem}-latency.png")))
+        parts.append(latency_section(inputs[2], ", ".join(latency), os.path.join(folder, f"{stem}-latency.png")))
     text = "\n".join(parts)
     with open(out, "w") as f:
         f.write(text)
@@ -150,8 +157,8 @@ def build(accuracy: str | None, perplexity: str | None, latency: str | None, out
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m eval.report", description=__doc__.splitlines()[0])
     p.add_argument("--accuracy", default=None, help="results.json from `python -m eval`")
-    p.add_argument("--perplexity", default=None, help="JSON lines from `python -m eval.perplexity --json`")
-    p.add_argument("--latency", default=None, help="JSON lines from `python -m kvjax.bench --json`")
+    p.add_argument("--perplexity", nargs="+", default=None, help="JSON lines from `python -m eval.perplexity --json`")
+    p.add_argument("--latency", nargs="+", default=None, help="JSON lines from `python -m kvjax.bench --json`")
     p.add_argument("--out", default="docs/RESULTS.md")
     args = p.parse_args(argv)
     command = "python -m eval.report " + " ".join(sys.argv[1:] if argv is None else argv)

@@ -31,6 +31,9 @@ LATENCY = [
 def write_inputs(folder):
     (folder / "results.json").write_text(json.dumps(ACCURACY))
     (folder / "ppl.jsonl").write_text("".join(json.dumps(r) + "\n" for r in PERPLEXITY))
+    (folder / "ppl2.jsonl").write_text(json.dumps({"policy": "mixed-learned@3", "text": "wikitext2", "context": 4096,
+                                                   "perplexity": 20.18, "kv_bytes_per_token": 6598,
+                                                   "controller": "mine.npz"}) + "\n")
     (folder / "bench.jsonl").write_text("".join(json.dumps(r) + "\n" for r in LATENCY))
 
 
@@ -38,11 +41,12 @@ def test_report_has_every_section_and_plot(tmp_path):
     write_inputs(tmp_path)
     out = tmp_path / "docs" / "RESULTS.md"
     assert main(["--accuracy", str(tmp_path / "results.json"), "--perplexity", str(tmp_path / "ppl.jsonl"),
-                 "--latency", str(tmp_path / "bench.jsonl"), "--out", str(out)]) == 0
+                 str(tmp_path / "ppl2.jsonl"), "--latency", str(tmp_path / "bench.jsonl"), "--out", str(out)]) == 0
     text = out.read_text()
     assert "| kivi2 | 2 | 0.750 | 0.500 |" in text  # accuracy row
     assert "| fp16 | - | 19.04 | 23040 |" in text  # sherlock @4096 column first (sorted), fp16 has none
     assert "| kivi2 | 25.49 | 23.86 | 4999 |" in text
+    assert "| mixed-learned@3 (mine.npz) | - | 20.18 | 6598 |" in text  # from the second file
     assert "| kivi2 | 32768 | 4.37 | 228.8 | 245.0 |" in text  # latency row
     assert "python -m kvjax.bench --preset SmolLM-360M" in text and "gpu NVIDIA H100" in text
     for png in ("RESULTS-accuracy.png", "RESULTS-latency.png"):
