@@ -21,9 +21,10 @@ import sys
 import time
 
 import jax
+import numpy as np
 from tqdm import tqdm
 
-from eval.scoring import accuracy, score_requests
+from eval.scoring import accuracy, picks, score_requests
 from eval.tasks import DATA_DIR, TASKS, check_task, load_task
 from kvjax.errors import KvjaxError
 from kvjax.loading import load_model
@@ -103,14 +104,31 @@ def evaluate(model, requests, policy, cache_path: str, batch_size: int, desc: st
     return [cached[i] for i in range(len(requests))]
 
 
+def count_changed(requests: list, scores: dict[str, list], results: dict):
+    """Adds to each policy's results how many answers differ from fp16's: `changed` (acc's choice)
+    and `changed_norm` (acc_norm's). Near chance, these show a policy's effect long before
+    accuracy does."""
+    base = picks(requests, scores["fp16"])
+    for p, s in scores.items():
+        mine = picks(requests, s)
+        results[p]["changed"], results[p]["changed_norm"] = (int(np.sum(m != b)) for m, b in zip(mine, base))
+
+
 def markdown_table(results: dict, tasks: list[str], policies: list[str], bits: dict) -> str:
-    """Rows: policy (and its average bits); columns: acc and acc_norm of each task."""
+    """Rows: policy (and its average bits); columns: acc and acc_norm of each task, and, when fp16
+    was run, a second table of the answers that differ from fp16's."""
     head = ["policy", "bits"] + [f"{t} {m}" for t in tasks for m in ("acc", "acc_norm")]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for p in policies:
         cells = [p, "-" if bits[p] is None else f"{bits[p]:g}"]
         cells += [f"{results[t][p][m]:.3f}" for t in tasks for m in ("acc", "acc_norm")]
         lines.append("| " + " | ".join(cells) + " |")
+    if all("changed" in results[t][p] for t in tasks for p in policies):
+        lines += ["", "Answers that differ from fp16's (by acc's choice / by acc_norm's choice):", "",
+                  "| policy | " + " | ".join(tasks) + " |", "|" + "---|" * (len(tasks) + 1)]
+        for p in policies:
+            cells = [p] + [f"{results[t][p]['changed']} / {results[t][p]['changed_norm']}" for t in tasks]
+            lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -192,16 +210,18 @@ def main(argv=None) -> int:
         return 2
     cache_root = os.path.join(args.cache_dir, model_tag(model.source))
     suffix = "".join(f"-{k}{v}" for k, v in (("R", args.residual), ("G", args.group_size)) if v is not None)
-    results, seconds = {t: {} for t in tasks}, {t: {} for t in tasks}
+    results, seconds, scores = {t: {} for t in tasks}, {t: {} for t in tasks}, {t: {} for t in tasks}
     for t in tasks:
         for p in policies:
             t0 = time.perf_counter()
             path = os.path.join(cache_root, f"{t}__{p}{cache_suffix(specs[p], suffix)}.jsonl")
-            scores = evaluate(model, requests[t], specs[p] or "fp16", path, args.batch_size, desc=f"{t} {p}")
-            results[t][p] = accuracy(requests[t], scores)
+            scores[t][p] = evaluate(model, requests[t], specs[p] or "fp16", path, args.batch_size, desc=f"{t} {p}")
+            results[t][p] = accuracy(requests[t], scores[t][p])
             seconds[t][p] = round(time.perf_counter() - t0, 2)
             print(f"{t:>14} {p:>12}  acc {results[t][p]['acc']:.3f}  acc_norm {results[t][p]['acc_norm']:.3f}  "
                   f"({results[t][p]['n']} examples, {seconds[t][p]:.0f} s)", flush=True)
+        if "fp16" in policies:
+            count_changed(requests[t], scores[t], results[t])
     bits = {p: (None if math.isnan(b) else b) for p, b in ((p, average_bits(specs[p])) for p in policies)}
     os.makedirs(args.out, exist_ok=True)
     device = jax.devices()[0]

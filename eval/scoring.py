@@ -101,13 +101,18 @@ def choice_bytes(continuation: str) -> int:
     return max(len(continuation.removeprefix(TARGET_DELIMITER).encode("utf-8")), 1)
 
 
+def picks(requests: list[Request], scores: list[list[float]]) -> tuple[np.ndarray, np.ndarray]:
+    """The chosen answer of each request: by summed log-prob (acc) and by log-prob per byte (acc_norm)."""
+    by_sum = [int(np.argmax(np.asarray(s, np.float64))) for s in scores]
+    by_byte = [int(np.argmax(np.asarray(s, np.float64) / [choice_bytes(c) for c in req.continuations]))
+               for req, s in zip(requests, scores, strict=True)]
+    return np.asarray(by_sum, np.int64), np.asarray(by_byte, np.int64)
+
+
 def accuracy(requests: list[Request], scores: list[list[float]]) -> dict:
     """acc: argmax of summed log-prob; acc_norm: argmax of log-prob per byte of the choice."""
     if not requests:
         return {"acc": float("nan"), "acc_norm": float("nan"), "n": 0}
-    acc = acc_norm = 0
-    for req, s in zip(requests, scores, strict=True):
-        s = np.asarray(s, np.float64)
-        acc += int(np.argmax(s)) == req.label
-        acc_norm += int(np.argmax(s / [choice_bytes(c) for c in req.continuations])) == req.label
-    return {"acc": acc / len(requests), "acc_norm": acc_norm / len(requests), "n": len(requests)}
+    labels = np.asarray([req.label for req in requests])
+    by_sum, by_byte = picks(requests, scores)
+    return {"acc": float(np.mean(by_sum == labels)), "acc_norm": float(np.mean(by_byte == labels)), "n": len(requests)}

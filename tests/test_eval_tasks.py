@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from eval import scoring, tasks
-from eval.__main__ import main, read_cache
+from eval.__main__ import count_changed, main, read_cache
 from eval.tasks import Request, load_task
 from kvjax import teacher_forced
 from kvjax.errors import KvjaxError
@@ -87,6 +87,11 @@ def test_accuracy_on_fixture_scores():
     assert [scoring.choice_bytes(c) for c in reqs[2].continuations] == [2, 3]  # by characters abc would win
     result = scoring.accuracy(reqs, scores)
     assert result == {"acc": pytest.approx(1 / 3), "acc_norm": pytest.approx(1.0), "n": 3}
+    # another policy's scores: the second request's answers move (x -> yy by sum, zzz -> yy per byte)
+    other = [[-1.0, -1.5], [-0.5, -0.4, -0.9], [-1.0, -1.6]]
+    results = {"fp16": {}, "q": {}}
+    count_changed(reqs, {"fp16": scores, "q": other}, results)
+    assert results == {"fp16": {"changed": 0, "changed_norm": 0}, "q": {"changed": 1, "changed_norm": 1}}
 
 
 def test_hellaswag_preprocess():
@@ -160,6 +165,8 @@ def test_interrupted_run_resumes_to_the_same_results(tiny_checkpoint, tmp_path):
     results = [json.load(open(tmp_path / name / "results.json")) for name in ("full", "cut")]
     assert results[0]["results"] == results[1]["results"]
     assert results[0]["results"]["arc_easy"]["kivi2"]["n"] == 4
+    assert results[0]["results"]["arc_easy"]["fp16"]["changed"] == 0
+    assert "Answers that differ from fp16's" in open(tmp_path / "cut" / "results.md").read()
     for name in ("results.md", "results.png"):
         assert os.path.getsize(tmp_path / "cut" / name) > 0
     for path in cache_files:
