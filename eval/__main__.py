@@ -133,21 +133,23 @@ def markdown_table(results: dict, tasks: list[str], policies: list[str], bits: d
 
 
 def plot(results: dict, tasks: list[str], policies: list[str], bits: dict, path: str):
-    """Accuracy vs average bits, one line per task (acc solid, acc_norm dashed); streaming skipped."""
+    """Accuracy vs average bits: one point per policy and task (acc filled, acc_norm hollow), no
+    lines (several policies share a bit count); streaming (no bit count) skipped."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    shown = sorted((p for p in policies if bits[p] is not None), key=lambda p: bits[p])
+    shown = [p for p in policies if bits[p] is not None]
     for t in tasks:
         xs = [bits[p] for p in shown]
-        line, = ax.plot(xs, [results[t][p]["acc"] for p in shown], "o-", label=f"{t} acc")
-        ax.plot(xs, [results[t][p]["acc_norm"] for p in shown], "s--", color=line.get_color(), alpha=0.6,
-                label=f"{t} acc_norm")
-        for p in shown:
-            ax.annotate(p, (bits[p], results[t][p]["acc"]), fontsize=7, textcoords="offset points", xytext=(3, 3))
+        dots = ax.scatter(xs, [results[t][p]["acc"] for p in shown], marker="o", label=f"{t} acc")
+        ax.scatter(xs, [results[t][p]["acc_norm"] for p in shown], marker="s", facecolors="none",
+                   edgecolors=dots.get_facecolor(), label=f"{t} acc_norm")
+        for i, p in enumerate(shown):  # stagger the labels of policies at the same point
+            ax.annotate(p, (bits[p], results[t][p]["acc"]), fontsize=7, textcoords="offset points",
+                        xytext=(4, 4 - 9 * (i % 3)))
     ax.set_xscale("log", base=2)
     ax.set_xlabel("average bits per cached value")
     ax.set_ylabel("accuracy")
