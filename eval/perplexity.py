@@ -131,8 +131,7 @@ def main(argv=None) -> int:
               flush=True)
         if args.json:
             with open(args.json, "a") as f:
-                custom = isinstance(specs[policy], PolicySpec) and specs[policy].controller is not None
-                extra = {"controller": args.controller} if custom and args.controller else {}
+                extra = {"controller": args.controller} if args.controller and takes_controller(policy) else {}
                 f.write(json.dumps({**dataclasses.asdict(result), "perplexity": result.perplexity, **extra}) + "\n")
     return 0
 
