@@ -7,6 +7,8 @@ Texts (from ../shared/data, see its MANIFEST.md): `wikitext2` is the WikiText-2 
 in its word-level *tokenized* form (wiki.test.tokens: `<unk>`, ` @-@ `), read as one stream;
 `sherlock` is Project Gutenberg #1661 between its START/END markers. Each segment of
 `context` tokens is scored on its own; perplexity is exp(mean next-token NLL) over all of them.
+Each result also records the widths the policy gave the tokens that had left the 16-bit window
+by the last query of their segment (the tokens a budget counts): their average bits and shares.
 """
 
 from __future__ import annotations
@@ -57,6 +59,8 @@ class PerplexityResult:
     nll: float  # mean negative log-likelihood (nats)
     seconds: float
     kv_bytes_per_token: float  # bytes a decode cache for `context` tokens allocates, per token
+    average_bits: float  # mean width of the left tokens (evicted = 0 bits); fp16: 16
+    histogram: dict[str, float]  # width ("0" = evicted) -> share of the left tokens
 
     @property
     def perplexity(self) -> float:
@@ -71,17 +75,35 @@ def policy_spec(name: str, controller: str | None = None):
     return parse_policy(name, controller=controller if takes_controller(name) else None)
 
 
-def segment_nll(params, cfg, tokens: np.ndarray, policy: str | PolicySpec, dtype=jnp.float32) -> np.ndarray:
-    """Next-token NLL [T-1] of one segment under `policy` (teacher-forced, exact)."""
+def segment_nll(params, cfg, tokens: np.ndarray, policy: str | PolicySpec, dtype=jnp.float32):
+    """Next-token NLL [T-1] of one segment under `policy` (teacher-forced, exact), and the widths
+    of its left tokens [L] (0 = evicted; fp16: none left)."""
     ids = jnp.asarray(tokens, jnp.int32)[None]
     positions = jnp.arange(ids.shape[1], dtype=jnp.int32)[None]
     if policy == "fp16":
         logits, _ = _plain_forward(params, ids, positions, cfg=cfg, dtype=dtype)
+        left = np.zeros((0,), np.int32)
     else:
         spec = policy if isinstance(policy, PolicySpec) else parse_policy(policy)
-        logits, _ = teacher_forced.score(params, cfg, ids, positions, spec, ids.shape[1], dtype)
+        logits, cache = teacher_forced.score(params, cfg, ids, positions, spec, ids.shape[1], dtype)
+        left = left_widths(spec, np.asarray(cache.widths[0]))
     logp = jax.nn.log_softmax(logits[0, :-1], axis=-1)
-    return -np.asarray(jnp.take_along_axis(logp, ids[0, 1:, None], axis=-1)[:, 0])
+    return -np.asarray(jnp.take_along_axis(logp, ids[0, 1:, None], axis=-1)[:, 0]), left
+
+
+def left_widths(spec: PolicySpec, widths: np.ndarray) -> np.ndarray:
+    """Widths [T] of a segment's tokens -> those of the tokens that left the window by its last
+    query: not a sink, and at least W tokens older than the last one."""
+    last = len(widths) - 1
+    return widths[spec.sinks:max(last - spec.window + 1, spec.sinks)]
+
+
+def width_summary(left: np.ndarray) -> tuple[float, dict[str, float]]:
+    """(average bits, width -> share) of the left tokens' widths; no left tokens (fp16): 16 bits."""
+    if left.size == 0:
+        return 16.0, {"16": 1.0}
+    values, counts = np.unique(left, return_counts=True)
+    return float(left.mean()), {str(int(w)): float(c / left.size) for w, c in zip(values, counts)}
 
 
 _plain_forward = jax.jit(lambda params, tokens, positions, cfg, dtype: forward(params, cfg, tokens, positions,
@@ -120,14 +142,18 @@ def main(argv=None) -> int:
         return 2
     print(f"{args.text}: {len(ids)} tokens; {args.segments} segment(s) of {args.context}")
     for policy in policies:
-        t0, nll = time.perf_counter(), []
+        t0, nll, left = time.perf_counter(), [], []
         for s in tqdm(range(args.segments), desc=policy, leave=False):
-            nll.append(segment_nll(model.params, model.cfg, ids[s * args.context:(s + 1) * args.context], specs[policy]))
+            seg_nll, seg_left = segment_nll(model.params, model.cfg, ids[s * args.context:(s + 1) * args.context],
+                                            specs[policy])
+            nll.append(seg_nll)
+            left.append(seg_left)
         nll = np.concatenate(nll)
         result = PerplexityResult(policy, args.text, args.context, len(nll), float(nll.mean()),
-                                  time.perf_counter() - t0, kv_bytes_per_token(specs[policy], model.cfg, args.context))
+                                  time.perf_counter() - t0, kv_bytes_per_token(specs[policy], model.cfg, args.context),
+                                  *width_summary(np.concatenate(left)))
         print(f"{policy:>16}  ppl {result.perplexity:8.3f}  KV {result.kv_bytes_per_token:7.1f} B/token  "
-              f"({result.tokens} tokens, {result.seconds:.0f} s)",
+              f"bits {result.average_bits:5.2f}  ({result.tokens} tokens, {result.seconds:.0f} s)",
               flush=True)
         if args.json:
             with open(args.json, "a") as f:

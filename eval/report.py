@@ -84,7 +84,24 @@ def perplexity_section(records: list[dict], source: str) -> str:
         kv = [cell[k]["kv_bytes_per_token"] for k in cell if k[0] == p and "kv_bytes_per_token" in cell[k]]
         row.append(f"{kv[-1]:.0f}" if kv else "-")
         lines.append("| " + " | ".join(row) + " |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + widths_table(cell)) + "\n"
+
+
+def widths_table(cell: dict) -> list[str]:
+    """Lines of a table of the widths each policy gave the tokens that left the window, per text
+    (from records that carry a histogram; none: no lines)."""
+    keyed = [(key, r) for key, r in cell.items() if "histogram" in r]
+    if not keyed:
+        return []
+    codes = ["16", "8", "4", "2", "0"]
+    lines = ["", "Widths of the tokens that had left the 16-bit window by the last query of their segment "
+             "(average bits, and the share at each width; 0 = evicted):", "",
+             "| policy | text | average bits | " + " | ".join(f"{c} bits" for c in codes) + " |",
+             "|" + "---|" * (3 + len(codes))]
+    for (policy, text, context), r in keyed:
+        shares = [f"{r['histogram'].get(c, 0.0):.3f}" for c in codes]
+        lines.append(f"| {policy} | {text} @{context} | {r['average_bits']:.2f} | " + " | ".join(shares) + " |")
+    return lines
 
 
 def latency_plot(records: list[dict], path: str):
@@ -121,8 +138,10 @@ def latency_section(records: list[dict], source: str, plot_path: str) -> str:
         rows = [r for r in records if (r["model"], r["device"], r["batch"]) == (model, device, batch)]
         first = rows[0]
         lines += [f"**{model}**, batch {batch}, {device}, {first.get('dtype', '?')}, jax {first.get('jax', '?')}, "
-                  f"{first.get('date', '?')}: `{first.get('command', '?')}`", "",
-                  "| policy | context | decode ms/token | tokens/s | KV MiB |", "|---|---:|---:|---:|---:|"]
+                  f"{first.get('date', '?')}: `{first.get('command', '?')}`", ""]
+        for note in dict.fromkeys(r["note"] for r in rows if r.get("note")):  # e.g. where the numbers came from
+            lines += [f"Note: {note}", ""]
+        lines += ["| policy | context | decode ms/token | tokens/s | KV MiB |", "|---|---:|---:|---:|---:|"]
         lines += [f"| {r['kv']} | {r['context']} | {r['decode_ms_per_token']:.2f} | {r['decode_tokens_per_s']:.1f} "
                   f"| {r['kv_bytes'] / 2**20:.1f} |" for r in rows]
         lines.append("")

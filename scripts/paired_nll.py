@@ -28,7 +28,7 @@ def main():
     nll = {}
     for policy in (args.a, args.b):
         nll[policy] = np.concatenate([segment_nll(model.params, model.cfg, ids[s * args.context:(s + 1) * args.context],
-                                                  policy) for s in range(args.segments)])
+                                                  policy)[0] for s in range(args.segments)])
         print(f"{policy}: perplexity {np.exp(nll[policy].mean()):.3f}", flush=True)
     diff = nll[args.b] - nll[args.a]
     blocks = diff[:len(diff) // BLOCK * BLOCK].reshape(-1, BLOCK).mean(axis=1)

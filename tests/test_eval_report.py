@@ -17,12 +17,14 @@ ACCURACY = {
 PERPLEXITY = [
     {"policy": "fp16", "text": "wikitext2", "context": 4096, "perplexity": 19.04, "kv_bytes_per_token": 23040},
     {"policy": "kivi2", "text": "wikitext2", "context": 4096, "perplexity": 23.86, "kv_bytes_per_token": 4999},
-    {"policy": "kivi2", "text": "sherlock", "context": 4096, "perplexity": 25.49, "kv_bytes_per_token": 4999},
+    {"policy": "kivi2", "text": "sherlock", "context": 4096, "perplexity": 25.49, "kv_bytes_per_token": 4999,
+     "average_bits": 2.0, "histogram": {"2": 1.0}},
 ]
 LATENCY = [
     {"model": "random SmolLM-360M", "device": "NVIDIA H100", "batch": 1, "dtype": "bfloat16", "jax": "0.11.2",
      "date": "2026-11-23", "command": "python -m kvjax.bench --preset SmolLM-360M", "kv": kv, "context": c,
-     "decode_ms_per_token": ms, "decode_tokens_per_s": 1e3 / ms, "kv_bytes": 2**20 * mib}
+     "decode_ms_per_token": ms, "decode_tokens_per_s": 1e3 / ms, "kv_bytes": 2**20 * mib,
+     "note": "transcribed from BENCHMARKS.md."}
     for kv, c, ms, mib in [("fp16", 8192, 2.76, 320.7), ("fp16", 32768, 4.44, 1280.7),
                            ("kivi2", 8192, 3.92, 65.0), ("kivi2", 32768, 4.37, 245.0)]
 ]
@@ -47,7 +49,9 @@ def test_report_has_every_section_and_plot(tmp_path):
     assert "| fp16 | - | 19.04 | 23040 |" in text  # sherlock @4096 column first (sorted), fp16 has none
     assert "| kivi2 | 25.49 | 23.86 | 4999 |" in text
     assert "| mixed-learned@3 (mine.npz) | - | 20.18 | 6598 |" in text  # from the second file
+    assert "| kivi2 | sherlock @4096 | 2.00 | 0.000 | 0.000 | 0.000 | 1.000 | 0.000 |" in text  # widths
     assert "| kivi2 | 32768 | 4.37 | 228.8 | 245.0 |" in text  # latency row
+    assert text.count("Note: transcribed from BENCHMARKS.md.") == 1
     assert "python -m kvjax.bench --preset SmolLM-360M" in text and "gpu NVIDIA H100" in text
     for png in ("RESULTS-accuracy.png", "RESULTS-latency.png"):
         assert os.path.getsize(out.parent / png) > 1000 and f"]({png})" in text

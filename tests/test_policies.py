@@ -126,6 +126,29 @@ def test_prefill_then_decode_equals_teacher_forced(name):
         np.testing.assert_allclose(logits[:, 0], want[:, t], atol=2e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("name", ["kivi2", "streaming", "int8-sink", "mixed@3", "fp16"])
+def test_perplexity_summarizes_the_widths_of_left_tokens(name):
+    """eval.perplexity's width record: the tokens older than the window at the last query, sinks
+    excluded, at the widths the policy gave them (0 = evicted)."""
+    from eval.perplexity import segment_nll, width_summary
+
+    spec = name if name == "fp16" else spec_of(name)
+    tokens = np.random.default_rng(0).integers(0, CFG.vocab_size, 40)
+    nll, left = segment_nll(PARAMS, CFG, tokens, spec)
+    bits, shares = width_summary(left)
+    assert nll.shape == (39,) and np.isfinite(nll).all()
+    if name == "fp16":
+        assert left.size == 0 and (bits, shares) == (16.0, {"16": 1.0})
+        return
+    assert len(left) == 40 - WINDOW - spec.sinks  # positions sinks..31 are 8+ older than position 39
+    assert abs(sum(shares.values()) - 1) < 1e-9 and bits == pytest.approx(left.mean())
+    expected = {"kivi2": {"2": 1.0}, "streaming": {"0": 1.0}, "int8-sink": {"8": 1.0}}
+    if name in expected:
+        assert shares == expected[name]
+    else:
+        assert set(shares) <= {"2", "4", "8", "16"} and len(shares) > 1
+
+
 def test_fp16_policy_is_the_plain_cache_bit_for_bit():
     tokens, positions = ragged_batch(T=12, short=12)
     a = forward(PARAMS, CFG, tokens, positions, make_cache("fp16", CFG, 2, 16))[0]
