@@ -92,10 +92,8 @@ def segment_nll(params, cfg, tokens: np.ndarray, policy: str | PolicySpec, dtype
 
 
 def left_widths(spec: PolicySpec, widths: np.ndarray) -> np.ndarray:
-    """Widths [T] of a segment's tokens -> those of the tokens that left the window by its last
-    query: not a sink, and at least W tokens older than the last one."""
-    last = len(widths) - 1
-    return widths[spec.sinks:max(last - spec.window + 1, spec.sinks)]
+    """Widths [T] of a segment's tokens -> those of the tokens that left the window by its last query."""
+    return widths[spec.has_left(np.arange(len(widths)), len(widths) - 1)]
 
 
 def width_summary(left: np.ndarray) -> tuple[float, dict[str, float]]:

@@ -104,6 +104,11 @@ class PolicySpec:
             raise KvjaxError(f"{self.name}: sinks + window = {self.sinks + self.window} exceeds the "
                              f"model's context of {cfg.max_position_embeddings} tokens")
 
+    def has_left(self, positions, query_positions):
+        """Whether tokens at `positions` have left the 16-bit window as seen from queries at
+        `query_positions` (numpy or jnp, broadcast): not a sink, and at least W tokens older."""
+        return (positions >= self.sinks) & (query_positions - positions >= self.window)
+
     def histogram(self) -> dict[int, float]:
         """Target share of left tokens per width; its mean width is the budget."""
         if not self.mixed:

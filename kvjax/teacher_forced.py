@@ -68,7 +68,7 @@ class TeacherForcedCache:
         b, _, T, _ = keys.shape
         j = jnp.arange(T)
         qp = positions[:, :, None]  # [b, t, 1]
-        left = (j >= spec.sinks) & (qp - j >= spec.window)  # [b, t, T]
+        left = spec.has_left(j, qp)  # [b, t, T]
         q_keys, q_values = keys, values
         key_quantized = jnp.zeros(left.shape, bool)
         value_quantized = jnp.zeros(left.shape, bool)

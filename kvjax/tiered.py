@@ -382,7 +382,7 @@ class TieredCache:
         window = place(empty.window, ring)
         window_features = empty.window_features.at[rows, ring].set(features, mode="drop")
 
-        left = valid & (j >= spec.sinks) & (j < n - spec.window)
+        left = valid & spec.has_left(j, n - 1)
         counts, kept, packed = [], empty.kept, []
         for i, w in enumerate(spec.tier_widths):
             members = left & (widths == w)

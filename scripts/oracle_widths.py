@@ -75,8 +75,7 @@ def main():
         _, dist, _ = trace_chunk(model.params, jnp.asarray(seg)[None], cfg=model.cfg, window=spec.window,
                                  sinks=spec.sinks, group_size=spec.group_size)
         dist = np.asarray(dist[0])  # [T, 4]: summed over the queries that see each token quantized
-        j = np.arange(T)
-        left = (j >= spec.sinks) & (T - 1 - j >= spec.window)
+        left = spec.has_left(np.arange(T), T - 1)
         for (budget, name), allowed in runs.items():
             widths = oracle(dist, left, budget, allowed)
             widths[:spec.sinks] = -1  # sinks stay 16-bit (UNDECIDED)
