@@ -132,31 +132,49 @@ def markdown_table(results: dict, tasks: list[str], policies: list[str], bits: d
     return "\n".join(lines) + "\n"
 
 
+def device_name() -> str:
+    """The first device in words: "cpu (2 cores)" or e.g. "gpu NVIDIA H100 80GB HBM3"."""
+    device = jax.devices()[0]
+    if device.platform == "cpu":
+        return f"cpu ({os.cpu_count()} cores)"
+    return f"{device.platform} {device.device_kind}"
+
+
 def plot(results: dict, tasks: list[str], policies: list[str], bits: dict, path: str):
-    """Accuracy vs average bits: one point per policy and task (acc filled, acc_norm hollow), no
-    lines (several policies share a bit count); streaming (no bit count) skipped."""
+    """Accuracy vs average bits, one panel per task: a colour per policy (acc filled, acc_norm
+    hollow), fp16's two values as dashed lines; policies at the same bits are spread a little
+    along x. Streaming (no bit count) is skipped."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
     shown = [p for p in policies if bits[p] is not None]
-    for t in tasks:
-        xs = [bits[p] for p in shown]
-        dots = ax.scatter(xs, [results[t][p]["acc"] for p in shown], marker="o", label=f"{t} acc")
-        ax.scatter(xs, [results[t][p]["acc_norm"] for p in shown], marker="s", facecolors="none",
-                   edgecolors=dots.get_facecolor(), label=f"{t} acc_norm")
-        for i, p in enumerate(shown):  # stagger the labels of policies at the same point
-            ax.annotate(p, (bits[p], results[t][p]["acc"]), fontsize=7, textcoords="offset points",
-                        xytext=(4, 4 - 9 * (i % 3)))
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("average bits per cached value")
-    ax.set_ylabel("accuracy")
-    ax.set_title("Zero-shot accuracy vs KV-cache bits")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
+    columns = min(3, len(tasks))
+    rows = -(-len(tasks) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.4 * rows + 0.8), squeeze=False)
+    colors = {p: plt.cm.tab10(i % 10) for i, p in enumerate(shown)}
+    for ax, t in zip(axes.flat, tasks):
+        for i, p in enumerate(shown):
+            x = bits[p] * 2 ** (0.05 * (i - (len(shown) - 1) / 2))
+            ax.scatter([x], [results[t][p]["acc"]], marker="o", color=colors[p], label=p)
+            ax.scatter([x], [results[t][p]["acc_norm"]], marker="s", facecolors="none", edgecolors=colors[p])
+        if "fp16" in results[t]:
+            for metric in ("acc", "acc_norm"):
+                ax.axhline(results[t]["fp16"][metric], color="gray", linestyle="--", linewidth=0.8)
+        ax.set_xscale("log", base=2)
+        ax.set_xlim(1.6, 20)
+        ax.set_xticks([2, 4, 8, 16], ["2", "4", "8", "16"])
+        ax.set_title(f"{t} (n = {next(iter(results[t].values()))['n']})", fontsize=9)
+        ax.set_xlabel("average bits per cached value", fontsize=8)
+        ax.set_ylabel("accuracy", fontsize=8)
+        ax.grid(alpha=0.3)
+    for ax in axes.flat[len(tasks):]:
+        ax.axis("off")
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(shown), 5), fontsize=8)
+    fig.suptitle("Zero-shot accuracy vs KV-cache bits (filled: acc, hollow: acc_norm; dashed: fp16)", fontsize=10)
+    fig.tight_layout(rect=(0, 0.06 + 0.02 * (len(shown) > 5), 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
@@ -226,9 +244,8 @@ def main(argv=None) -> int:
             count_changed(requests[t], scores[t], results[t])
     bits = {p: (None if math.isnan(b) else b) for p, b in ((p, average_bits(specs[p])) for p in policies)}
     os.makedirs(args.out, exist_ok=True)
-    device = jax.devices()[0]
     report = {"command": "python -m eval " + " ".join(sys.argv[1:] if argv is None else argv),
-              "device": f"{device.platform} {device.device_kind}", "date": datetime.date.today().isoformat(),
+              "device": device_name(), "date": datetime.date.today().isoformat(),
               "model": model.source, "tasks": tasks, "policies": policies, "limit": args.limit,
               "residual": args.residual, "group_size": args.group_size, "average_bits": bits,
               "results": results, "seconds": seconds}
