@@ -37,10 +37,10 @@ def policy_spec(name: str, residual: int | None = None, group_size: int | None =
 
 
 def average_bits(spec: PolicySpec | None) -> float:
-    """Nominal bits per cached value: fp16 16, kivi{b}/int{b}-sink b, mixed@B B, streaming NaN."""
+    """Nominal bits per cached value: fp16 16, kivi{b}/int{b}-sink b, mixed@B and band@B B, streaming NaN."""
     if spec is None:
         return 16.0
-    if spec.mixed:
+    if spec.budget_bits is not None:
         return float(spec.budget_bits)
     return float("nan") if spec.evict else float(spec.quant_widths[0])
 

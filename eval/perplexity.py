@@ -86,7 +86,7 @@ def segment_nll(params, cfg, tokens: np.ndarray, policy: str | PolicySpec, dtype
     else:
         spec = policy if isinstance(policy, PolicySpec) else parse_policy(policy)
         logits, cache = teacher_forced.score(params, cfg, ids, positions, spec, ids.shape[1], dtype)
-        left = left_widths(spec, np.asarray(cache.widths[0]))
+        left = left_widths(spec, np.asarray(cache.widths_at(ids.shape[1] - 1)[0]))
     logp = jax.nn.log_softmax(logits[0, :-1], axis=-1)
     return -np.asarray(jnp.take_along_axis(logp, ids[0, 1:, None], axis=-1)[:, 0]), left
 

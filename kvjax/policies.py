@@ -12,6 +12,10 @@
                   static (`mixed@3`), rule (`mixed-rule@3`), learned (`mixed-learned@3`, and
                   plain `mixed`: the shipped controller, kvjax.controller) or random
                   (`mixed-random@3`: static assignment at the learned controller's histogram)
+  band@B          widths by age: every token leaving the window is stored at 4 bits (KIVI) and
+                  re-quantized to 2 bits once enough newer tokens have left; the 4-bit band holds
+                  (B - 2) / 2 of the left tokens a full cache has, so a full cache averages B bits
+                  (keys move in whole groups of G: group g is demoted when group g + n4/G starts)
 
 A token leaves the 16-bit window when W newer tokens have arrived; a policy decides its
 width then ("left" tokens). Tier capacities are static; when the preferred tier is full
@@ -30,7 +34,8 @@ from kvjax.errors import KvjaxError
 
 WIDTHS = (2, 4, 8, 16)
 EVICTED = 0  # width code of a token a streaming policy dropped
-POLICY_NAMES = ("fp16", "kivi2", "kivi4", "kivi8", "int8-sink", "int4-sink", "int2-sink", "streaming", "mixed")
+POLICY_NAMES = ("fp16", "kivi2", "kivi4", "kivi8", "int8-sink", "int4-sink", "int2-sink", "streaming", "mixed",
+                "band")
 PRECISIONS = ("static", "rule", "learned", "random")
 CONTROLLED = ("learned", "random")  # precisions that need a controller
 # Share of the bits above 2 that `mixed` spends on 16-, 8- and 4-bit tokens.
@@ -48,7 +53,8 @@ class PolicySpec:
     sinks: int = 0  # S: the first S tokens stay in 16 bits
     window: int = 128  # W (KIVI's residual R): the newest tokens in 16 bits
     group_size: int = 32  # G
-    budget_bits: float | None = None  # mixed: average bits of the tokens that left the window
+    budget_bits: float | None = None  # mixed, band: average bits of the tokens that left the window
+    band: bool = False  # band: widths by age (a 4-bit band, then 2 bits), see the module docstring
     precision: str = "static"  # mixed: how preferred widths are chosen
     controller: object = None  # kvjax.controller.Controller for precision learned / random
 
@@ -65,8 +71,9 @@ class PolicySpec:
         if self.budget_bits is not None:
             if self.budget_bits < 2:
                 raise KvjaxError(f"{self.name}: a budget of {self.budget_bits} bits is below 2 bits")
-            if self.budget_bits > max_budget():
-                raise KvjaxError(f"{self.name}: budget {self.budget_bits} bits is above {max_budget():.2f}")
+            limit = 4.0 if self.band else max_budget()
+            if self.budget_bits > limit:
+                raise KvjaxError(f"{self.name}: budget {self.budget_bits} bits is above {limit:.2f}")
         if self.precision not in PRECISIONS:
             raise KvjaxError(f"{self.name}: unknown precision policy {self.precision!r}; known: {PRECISIONS}")
         if self.mixed and (self.precision in CONTROLLED) != (self.controller is not None):
@@ -78,7 +85,7 @@ class PolicySpec:
 
     @property
     def mixed(self) -> bool:
-        return self.budget_bits is not None
+        return self.budget_bits is not None and not self.band
 
     @property
     def uses_features(self) -> bool:
@@ -110,7 +117,9 @@ class PolicySpec:
         return (positions >= self.sinks) & (query_positions - positions >= self.window)
 
     def histogram(self) -> dict[int, float]:
-        """Target share of left tokens per width; its mean width is the budget."""
+        """Target share of left tokens per width; its mean width is the budget (band: in a full cache)."""
+        if self.band:
+            return {2: (4.0 - self.budget_bits) / 2.0, 4: (self.budget_bits - 2.0) / 2.0}
         if not self.mixed:
             return {w: 1.0 for w in self.quant_widths}
         if self.controller is not None:  # the controller's held-out histogram
@@ -124,6 +133,9 @@ class PolicySpec:
         left = max(capacity - self.sinks - self.window, 0)
         g = self.group_size
         round_up = lambda n: -(-n // g) * g
+        if self.band:  # the 4-bit band (a ring of whole groups), then the demoted groups
+            band = max(g, math.floor((self.budget_bits - 2.0) / 2.0 * left / g) * g)
+            return {2: max(round_up(left) - band, 0), 4: band}
         if not self.mixed:
             return {w: round_up(left) for w in self.quant_widths}
         hist = self.histogram()
@@ -150,7 +162,7 @@ def parse_policy(name: str, window: int | None = None, sinks: int | None = None,
     base, _, prec = base.partition("-") if base.startswith("mixed-") else (base, "", "")
     if base not in POLICY_NAMES:
         raise KvjaxError(f"unknown KV-cache policy {name!r}; known: {', '.join(POLICY_NAMES)}, "
-                         "mixed@BITS, mixed-rule@BITS, mixed-learned@BITS, mixed-random@BITS")
+                         "mixed@BITS, mixed-rule@BITS, mixed-learned@BITS, mixed-random@BITS, band@BITS")
     if budget:
         try:
             budget_bits = float(budget)
@@ -168,6 +180,11 @@ def parse_policy(name: str, window: int | None = None, sinks: int | None = None,
                           **opts)
     elif base == "streaming":
         spec = PolicySpec(name, evict=True, sinks=4 if sinks is None else sinks, **opts)
+    elif base == "band":
+        if controller is not None or precision is not None:
+            raise KvjaxError(f"{name!r}: a band policy takes no precision policy or controller")
+        spec = PolicySpec(name, quant_widths=(2, 4), sinks=4 if sinks is None else sinks,
+                          budget_bits=3.0 if budget_bits is None else budget_bits, band=True, **opts)
     elif base == "mixed":
         budget_bits = 3.0 if budget_bits is None else budget_bits
         prec = prec or precision or ("static" if budget else "learned")
@@ -185,8 +202,8 @@ def parse_policy(name: str, window: int | None = None, sinks: int | None = None,
                           controller=controller if prec in CONTROLLED else None, **opts)
     else:
         raise KvjaxError(f"{name!r} is the plain FP16 cache, not a quantized policy")
-    if budget and not spec.mixed:
-        raise KvjaxError(f"{name!r}: only mixed policies take a bit budget")
+    if budget and spec.budget_bits is None:
+        raise KvjaxError(f"{name!r}: only mixed and band policies take a bit budget")
     return spec
 
 
@@ -220,6 +237,8 @@ def preferred_widths(spec: PolicySpec, positions, features):
     """Preferred width of tokens leaving the window: positions [...], features [..., F]."""
     if spec.evict:
         return jnp.full(positions.shape, EVICTED, jnp.int32)
+    if spec.band:  # every left token enters the 4-bit band
+        return jnp.full(positions.shape, 4, jnp.int32)
     if not spec.mixed:
         return jnp.full(positions.shape, spec.quant_widths[0], jnp.int32)
     if spec.precision in ("static", "random"):  # random assignment at the target histogram
@@ -235,10 +254,11 @@ def preferred_widths(spec: PolicySpec, positions, features):
 def resolve_widths(spec: PolicySpec, preferred, counts, caps):
     """Nearest tier with room: preferred [b], counts [b, n] (per tier_widths), caps [n] -> width [b].
 
-    Widths are tried by |log2(w) - log2(preferred)|, ties to the wider one.
+    Widths are tried by |log2(w) - log2(preferred)|, ties to the wider one. A band policy's
+    4-bit tier is a ring that makes room by demoting, so its tokens always enter it.
     """
     tiers = spec.tier_widths
-    if not tiers:
+    if not tiers or spec.band:
         return preferred
     width = jnp.zeros_like(preferred)
     for pref in tiers:
@@ -256,8 +276,8 @@ def add_policy_flags(parser):
     parser.add_argument("--kv", default="fp16",
                         help="KV-cache policy: fp16, kivi2, kivi4, kivi8, int8-sink, int4-sink, int2-sink, "
                              "streaming, mixed (learned controller), mixed@BITS, mixed-rule@BITS, "
-                             "mixed-learned@BITS, mixed-random@BITS")
-    parser.add_argument("--budget-bits", type=float, default=None, help="mixed: average bits (default 3.0)")
+                             "mixed-learned@BITS, mixed-random@BITS, band@BITS (4-bit band, then 2 bits)")
+    parser.add_argument("--budget-bits", type=float, default=None, help="mixed, band: average bits (default 3.0)")
     parser.add_argument("--precision", default=None, choices=PRECISIONS, help="mixed: precision policy")
     parser.add_argument("--controller", default=None,
                         help="mixed learned/random: a controller file (default: the one shipped for the budget)")
@@ -278,9 +298,10 @@ def policy_from_flags(args) -> str | PolicySpec:
         return "fp16"
     spec = parse_policy(args.kv, window=args.residual, sinks=args.sinks, group_size=args.group_size,
                         budget_bits=args.budget_bits, precision=args.precision, controller=args.controller)
-    if (args.budget_bits is not None or args.precision is not None or args.controller is not None) \
-            and not spec.mixed:
-        raise KvjaxError(f"--budget-bits, --precision and --controller apply to mixed policies, not {args.kv!r}")
+    if args.budget_bits is not None and spec.budget_bits is None:
+        raise KvjaxError(f"--budget-bits applies to mixed and band policies, not {args.kv!r}")
+    if (args.precision is not None or args.controller is not None) and not spec.mixed:
+        raise KvjaxError(f"--precision and --controller apply to mixed policies, not {args.kv!r}")
     return spec
 
 

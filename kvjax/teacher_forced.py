@@ -9,6 +9,8 @@ in exactly the state the step-by-step cache (kvjax.tiered) would hold it in at t
                                     quantized: value per token at once; key per channel once
                                     the G-th token of its width group has left too
                                     (p >= position of that token + W), else 16 bits
+                                    band policies: 4 bits as above, then 2 bits (re-quantized
+                                    from 4) once the group n4/G groups later has started
 
 Widths come from `kvjax.policies`. A policy that reads model outputs (features) decides a
 token's width from its own step, and that width matters only W steps later, so such
@@ -44,12 +46,14 @@ class TeacherForcedCache:
     widths: jax.Array  # int32 [b, T]: resolved widths (UNDECIDED until known)
     lengths: jax.Array  # int32 [b]
     spec: PolicySpec = struct.field(pytree_node=False)
+    band_slots: int = struct.field(pytree_node=False, default=0)  # band policies: the 4-bit ring's size
 
     @classmethod
-    def init(cls, spec: PolicySpec, cfg: ModelConfig, batch: int, length: int, dtype):
+    def init(cls, spec: PolicySpec, cfg: ModelConfig, batch: int, length: int, dtype, band_slots: int = 0):
         shape = (cfg.num_layers, batch, cfg.num_kv_heads, length, cfg.head_dim)
         return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
-                   jnp.full((batch, length), UNDECIDED, jnp.int32), jnp.zeros((batch,), jnp.int32), spec)
+                   jnp.full((batch, length), UNDECIDED, jnp.int32), jnp.zeros((batch,), jnp.int32), spec,
+                   band_slots)
 
     def begin(self, positions):
         return self
@@ -69,6 +73,24 @@ class TeacherForcedCache:
         j = jnp.arange(T)
         qp = positions[:, :, None]  # [b, t, 1]
         left = spec.has_left(j, qp)  # [b, t, T]
+        parts = self._band_parts(keys, values, left, qp) if spec.band else self._width_parts(keys, values, left, qp)
+        visible = causal_mask(positions, jnp.broadcast_to(j, (b, T)))
+        if spec.evict:
+            visible &= ~(left & (self.widths == EVICTED)[:, None, :])
+        scores = grouped_scores(q, keys)
+        for key_mask, kq, _, _ in parts:
+            scores = jnp.where(key_mask[:, None, None], grouped_scores(q, kq), scores)
+        probs = jax.nn.softmax(jnp.where(visible[:, None, None], scores, MASK_VALUE), axis=-1)
+        out, full = 0.0, 1.0
+        for _, _, value_mask, vq in parts:
+            mask = value_mask[:, None, None].astype(probs.dtype)
+            out, full = out + grouped_output(probs * mask, vq, jnp.float32), full - mask
+        out = out + grouped_output(probs * full, values, jnp.float32)
+        return out.astype(q.dtype)
+
+    def _width_parts(self, keys, values, left, qp):
+        """[(key mask [b, t, T], keys, value mask, values)]: where each query reads a quantized K/V."""
+        spec = self.spec
         q_keys, q_values = keys, values
         key_quantized = jnp.zeros(left.shape, bool)
         value_quantized = jnp.zeros(left.shape, bool)
@@ -79,15 +101,31 @@ class TeacherForcedCache:
             q_values = jnp.where(is_w[:, :, :, None], vq, q_values)
             key_quantized |= left & is_w & (ready[:, None, :] <= qp)
             value_quantized |= left & is_w
-        visible = causal_mask(positions, jnp.broadcast_to(j, (b, T)))
-        if spec.evict:
-            visible &= ~(left & (self.widths == EVICTED)[:, None, :])
-        scores = jnp.where(key_quantized[:, None, None], grouped_scores(q, q_keys), grouped_scores(q, keys))
-        probs = jax.nn.softmax(jnp.where(visible[:, None, None], scores, MASK_VALUE), axis=-1)
-        vq_mask = value_quantized[:, None, None].astype(probs.dtype)
-        out = (grouped_output(probs * vq_mask, q_values, jnp.float32)
-               + grouped_output(probs * (1.0 - vq_mask), values, jnp.float32))
-        return out.astype(q.dtype)
+        return [(key_quantized, q_keys, value_quantized, q_values)]
+
+    def _band_parts(self, keys, values, left, qp):
+        """Band policies: the 4-bit parts, then the 2-bit parts of the demoted groups."""
+        members = self.widths == 4  # [b, T]: every token that leaves the window enters the band
+        k4, v4, ready = _roundtrip(self.spec, keys, values, members, 4)
+        k2, v2, _ = _roundtrip(self.spec, k4, v4, members, 2)
+        demoted = members[:, None, :] & (qp >= self.demoted_from()[:, None, :])  # [b, t, T]
+        key_4bit = left & members[:, None, :] & (ready[:, None, :] <= qp) & ~demoted
+        return [(key_4bit, k4, left & ~demoted, v4), (demoted, k2, demoted, v2)]
+
+    def demoted_from(self):
+        """Band policies: the step from which each token is read at 2 bits, int32 [b, T]: its
+        group g is demoted when the first token of group g + n4/G leaves the window."""
+        spec, g = self.spec, self.spec.group_size
+        members = self.widths == 4
+        rank = jnp.cumsum(members, axis=1) - 1
+        first_of_next = (rank // g + self.band_slots // g) * g  # rank of the token that starts it
+        return spec.sinks + first_of_next + spec.window  # left tokens are ranked in position order
+
+    def widths_at(self, query: int):
+        """Widths [b, T] of the tokens as the query at position `query` reads them."""
+        if not self.spec.band:
+            return self.widths
+        return jnp.where((self.widths == 4) & (query >= self.demoted_from()), 2, self.widths)
 
 
 def _roundtrip(spec: PolicySpec, keys, values, members, bits):
@@ -153,7 +191,8 @@ def _score(params, tokens, positions, *, cfg, spec, capacity, dtype):
     b, T = tokens.shape
     caps = tuple(spec.capacities(capacity)[w] for w in spec.tier_widths)
     counts = jnp.zeros((b, len(spec.tier_widths)), jnp.int32)
-    cache = TeacherForcedCache.init(spec, cfg, b, T, dtype)
+    band_slots = spec.capacities(capacity)[4] if spec.band else 0
+    cache = TeacherForcedCache.init(spec, cfg, b, T, dtype, band_slots)
     if not spec.uses_features:  # widths known from positions alone: one parallel pass
         no_features = jnp.zeros((b, T, NUM_FEATURES), jnp.float32)
         widths, _ = assign_widths(spec, caps, positions, no_features, counts)

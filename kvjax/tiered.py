@@ -11,6 +11,10 @@ policy picks its width (kvjax.policies) and it is appended to that tier, or drop
 eviction policy. KIVI keys are staged in 16 bits until their width's group of G tokens is
 full, then quantized per channel; values are quantized at once, per token.
 
+A band policy's 4-bit tier is a ring of whole groups: when the first token of a new group
+arrives and the ring is full, the oldest group is decoded, re-encoded at 2 bits into the 2-bit
+tier (which fills in order) and its slots are freed for the new group.
+
 Prompts enter through `from_sequence`, which builds the state that step-by-step decoding
 would have reached (kvjax.teacher_forced computes the prompt's K/V and widths).
 """
@@ -179,20 +183,52 @@ class PackedTier:
         return [packed, staged]
 
     def read(self, layer, count, dtype):
-        """Dequantized keys, values [b, k, c, h]; keys of an unfinished group come from the stage."""
+        """Dequantized keys, values [b, k, c, h]; keys of an unfinished group come from the stage.
+
+        count [b]: tokens that entered the tier (a band's ring: ever, so its slot wraps around)."""
         if self.symmetric:
             return (codecs.decode_sym(self.k_codes[layer], self.k_scale[layer], self.bits, dtype),
                     codecs.decode_sym(self.v_codes[layer], self.v_scale[layer], self.bits, dtype))
         g = self.group_size
         keys = codecs.decode_key_groups(self.k_codes[layer], self.k_scale[layer], self.k_zero[layer],
                                         self.bits, g, dtype)
+        start = count // g * g % max(self.slots, 1)  # the group being filled (a band's ring wraps around)
         slot = jnp.arange(self.slots)
-        staged = (slot >= (count // g * g)[:, None]) & (slot < count[:, None])  # [b, c]
+        staged = (slot >= start[:, None]) & (slot < (start + count % g)[:, None])  # [b, c]
         stage = jnp.tile(self.k_stage[layer], (1, 1, self.slots // g, 1))  # [b, k, c, h]
         keys = jnp.where(staged[:, None, :, None], stage, keys)
         values = codecs.decode_values(self.v_codes[layer], self.v_scale[layer], self.v_zero[layer],
                                       self.bits, g, dtype)
         return keys, values
+
+    def read_group(self, layer, start, dtype):
+        """Dequantized keys, values [b, k, G, h] of the complete KIVI group at slots start.. (start [b])."""
+        g, b = self.group_size, start.shape[0]
+        rows = jnp.arange(b)[:, None]
+        slots = jnp.minimum(start[:, None] + jnp.arange(g), self.slots - 1)  # [b, G]
+        take = lambda x: x[layer][rows, :, slots].transpose(0, 2, 1, 3)  # [b, G, k, .] -> [b, k, G, .]
+        group = jnp.minimum(start // g, self.slots // g - 1)
+        scale_of = lambda x: x[layer][jnp.arange(b), :, group][:, :, None]  # [b, k, 1, h]
+        keys = codecs.decode_key_groups(take(self.k_codes), scale_of(self.k_scale), scale_of(self.k_zero),
+                                        self.bits, g, dtype)
+        values = codecs.decode_values(take(self.v_codes), take(self.v_scale), take(self.v_zero), self.bits, g, dtype)
+        return keys, values
+
+    def write_group(self, layer, rows, start, k, v, enc: Encoders):
+        """Stores a complete KIVI group k, v [b, k, G, h] at slots start.. (start [b]; out of range = none)."""
+        g, dtype = self.group_size, k.dtype
+        kc, ks, kz = enc.key_groups(k, self.bits, g, dtype)  # [b, k, G, w], [b, k, 1, h]
+        vc, vs, vz = enc.values(v, self.bits, g, dtype)  # [b, k, G, w], [b, k, G, h/G]
+        inside = start < self.slots
+        slots = (rows[:, None], slice(None), jnp.where(inside[:, None], start[:, None] + jnp.arange(g), self.slots))
+        group = (rows, slice(None), jnp.where(inside, start // g, self.slots // g))
+        by_slot = lambda x: x.transpose(0, 2, 1, 3)  # [b, k, G, .] -> [b, G, k, .]
+        return self.replace(k_codes=_put(self.k_codes, layer, slots, by_slot(kc)),
+                            k_scale=_put(self.k_scale, layer, group, ks[:, :, 0]),
+                            k_zero=_put(self.k_zero, layer, group, kz[:, :, 0]),
+                            v_codes=_put(self.v_codes, layer, slots, by_slot(vc)),
+                            v_scale=_put(self.v_scale, layer, slots, by_slot(vs)),
+                            v_zero=_put(self.v_zero, layer, slots, by_slot(vz)))
 
 
 @struct.dataclass
@@ -203,6 +239,9 @@ class Route:
     leave_pos: jax.Array  # int32 [b]: the token leaving the window (-1 = none)
     leave_width: jax.Array  # int32 [b]: its width (0 = evicted)
     leave_slot: jax.Array  # int32 [b]: its slot in the tier of that width
+    demote: jax.Array | None = None  # bool [b], band policies: the ring's oldest group moves to 2 bits
+    demote_from: jax.Array | None = None  # int32 [b]: that group's first slot in the 4-bit ring
+    demote_to: jax.Array | None = None  # int32 [b]: its first slot in the 2-bit tier
 
 
 @struct.dataclass
@@ -246,6 +285,8 @@ class TieredCache:
         valid = lambda pos: jnp.sum(pos >= 0, axis=1)
         out = {"sink": valid(self.sink.pos), "window": valid(self.window.pos)}
         out.update({f"{w}-bit": self.counts[:, i] for i, w in enumerate(self.spec.tier_widths)})
+        if self.spec.band:  # the ring's count is of every token that entered it, demoted ones too
+            out["4-bit"] = out["4-bit"] - out["2-bit"]
         return out
 
     def kernel_mode(self) -> str:
@@ -257,7 +298,10 @@ class TieredCache:
         if self.kernels not in KERNEL_MODES:
             raise KvjaxError(f"unknown kernels mode {self.kernels!r}; known: {', '.join(KERNEL_MODES)}")
         if self.kernels == "auto":
-            return "kernel" if jax.default_backend() == "gpu" else "reference"
+            return "kernel" if jax.default_backend() == "gpu" and not self.spec.band else "reference"
+        if self.spec.band and self.kernels != "reference":
+            raise KvjaxError(f"{self.spec.name}: band policies run on the reference path only "
+                             "(the fused kernel reads tiers filled in order, not a ring)")
         return self.kernels
 
     # -- the three steps the model calls ------------------------------------------------
@@ -283,7 +327,29 @@ class TieredCache:
             sink=self.sink.replace(pos=self.sink.pos.at[rows, sink_slot].set(p, mode="drop")),
             window=self.window.replace(pos=self.window.pos.at[rows, ring].set(p, mode="drop")),
             counts=counts, route=Route(p, leave_pos, width, slot))
-        return cache._set_tier_positions(rows, width, slot, leave_pos)
+        if spec.band:
+            cache = cache._route_band(rows, leaving)
+        return cache._set_tier_positions(rows, width, cache.route.leave_slot, leave_pos)
+
+    def _route_band(self, rows, leaving):
+        """Band policies: the leaving token's slot in the 4-bit ring and, when it starts a group
+        and the ring is full, the demotion of the ring's oldest group (positions and counts)."""
+        g, r = self.spec.group_size, self.route
+        low, ring = self.packed  # a band policy's tiers: 2 and 4 bits
+        entered = r.leave_slot  # tokens that entered the ring before this one
+        slot = entered % ring.slots
+        demote = leaving & (entered % g == 0) & (entered >= ring.slots)
+        i2 = self.spec.tier_widths.index(2)
+        demote_to = self.counts[:, i2]
+        group = slot[:, None] + jnp.arange(g)  # [b, G]: the oldest group's slots, where this group goes
+        old_pos = ring.pos[rows[:, None], group]
+        ring = ring.replace(pos=ring.pos.at[rows[:, None], jnp.where(demote[:, None], group, ring.slots)]
+                            .set(-1, mode="drop"))
+        to = jnp.where(demote[:, None], demote_to[:, None] + jnp.arange(g), low.slots)
+        low = low.replace(pos=low.pos.at[rows[:, None], to].set(old_pos, mode="drop"))
+        counts = self.counts.at[:, i2].add(jnp.where(demote, g, 0))
+        return self.replace(packed=(low, ring), counts=counts,
+                            route=r.replace(leave_slot=slot, demote=demote, demote_from=slot, demote_to=demote_to))
 
     def _set_tier_positions(self, rows, width, slot, leave_pos):
         def put(tier, w):
@@ -304,8 +370,14 @@ class TieredCache:
         if 16 in spec.tier_widths:
             kept = kept.write(layer, rows, jnp.where(r.leave_width == 16, r.leave_slot, kept.slots), old_k, old_v)
         enc = encoders(self.kernel_mode())
+        packed = self.packed
+        if spec.band:  # demote first: the leaving token's value goes into the demoted group's slots
+            low, band = packed
+            k_old, v_old = band.read_group(layer, r.demote_from, self.window.k.dtype)
+            low = low.write_group(layer, rows, jnp.where(r.demote, r.demote_to, low.slots), k_old, v_old, enc)
+            packed = (low, band)
         packed = tuple(t.append(layer, rows, jnp.where(r.leave_width == t.bits, r.leave_slot, t.slots),
-                                old_k, old_v, enc) for t in self.packed)
+                                old_k, old_v, enc) for t in packed)
         k, v = k[:, 0].astype(self.window.k.dtype), v[:, 0].astype(self.window.v.dtype)
         sink_slot = jnp.where((r.new_pos >= 0) & (r.new_pos < spec.sinks), r.new_pos, spec.sinks)
         return self.replace(sink=self.sink.write(layer, rows, sink_slot, k, v),
@@ -383,6 +455,11 @@ class TieredCache:
         window_features = empty.window_features.at[rows, ring].set(features, mode="drop")
 
         left = valid & spec.has_left(j, n - 1)
+        enc = encoders(empty.kernel_mode())
+        if spec.band:
+            counts, packed = _fill_band(empty.packed, k_all, v_all, left, pos, enc)
+            return empty.replace(sink=sink, window=window, packed=packed, counts=counts,
+                                 window_features=window_features, lengths=n[:, 0])
         counts, kept, packed = [], empty.kept, []
         for i, w in enumerate(spec.tier_widths):
             members = left & (widths == w)
@@ -392,20 +469,26 @@ class TieredCache:
                 kept = place(kept, jnp.where(members, rank, kept.slots))
                 continue
             tier = empty.packed[spec.quant_widths.index(w)]
-            packed.append(_fill_packed(tier, k_all, v_all, members, rank, pos, encoders(empty.kernel_mode())))
+            stage_start = counts[-1] // tier.group_size * tier.group_size
+            packed.append(_fill_packed(tier, k_all, v_all, members, rank, pos, stage_start, enc))
         return empty.replace(sink=sink, window=window, kept=kept, packed=tuple(packed),
                              counts=jnp.stack(counts, axis=1) if counts else empty.counts,
                              window_features=window_features, lengths=n[:, 0])
 
 
-def _fill_packed(tier: PackedTier, k_all, v_all, members, rank, pos, enc: Encoders) -> PackedTier:
-    """Writes the member tokens of a sequence, in rank order, into an empty packed tier."""
+def _fill_packed(tier: PackedTier, k_all, v_all, members, slot, pos, stage_start, enc: Encoders) -> PackedTier:
+    """Writes a sequence's member tokens into an empty packed tier.
+
+    k_all, v_all [l, b, k, T, h]; members [b, T]; slot [b, T]: each member's slot (distinct);
+    pos [b, T]: their positions; stage_start [b]: the first slot of the KIVI group being filled,
+    whose keys are also kept in 16 bits (the stage).
+    """
     b, T = members.shape
     rows = jnp.arange(b)[:, None]
     c, g, dtype = tier.slots, tier.group_size, k_all.dtype
     if c == 0:
         return tier
-    slot = jnp.where(members, rank, c)
+    slot = jnp.where(members, slot, c)
     at = (slice(None), rows, slice(None), slot)
     to_slots = lambda x: x.transpose(1, 3, 0, 2, 4)  # [l, b, k, T, w] -> [b, T, l, k, w]
     tier = tier.replace(pos=tier.pos.at[rows, slot].set(pos, mode="drop"))
@@ -417,17 +500,40 @@ def _fill_packed(tier: PackedTier, k_all, v_all, members, rank, pos, enc: Encode
                             v_codes=tier.v_codes.at[at].set(to_slots(vc), mode="drop"),
                             v_scale=tier.v_scale.at[at].set(to_slots(vs), mode="drop"))
     vc, vs, vz = enc.values(v_all, tier.bits, g, dtype)
-    # Keys: gather the members in rank order, then quantize whole groups of G.
-    order = jnp.argsort(jnp.where(members, rank, T + jnp.arange(T)), axis=1)  # [b, T]
-    if T < c:
-        order = jnp.concatenate([order, jnp.zeros((b, c - T), order.dtype)], axis=1)
-    order = order[:, :c]
-    k_sorted = jnp.take_along_axis(k_all, order[None, :, None, :, None], axis=3)  # [l, b, k, c, h]
-    kc, ks, kz = enc.key_groups(k_sorted, tier.bits, g, dtype)
-    count = jnp.sum(members, axis=1)
-    stage_idx = jnp.minimum((count // g * g)[:, None] + jnp.arange(g), c - 1)  # [b, G]
-    stage = jnp.take_along_axis(k_sorted, stage_idx[None, :, None, :, None], axis=3)
+    # Keys: put the members in their slots, then quantize whole groups of G.
+    l, _, k, _, h = k_all.shape
+    k_slots = jnp.zeros((l, b, k, c, h), dtype).at[at].set(to_slots(k_all), mode="drop")  # [l, b, k, c, h]
+    kc, ks, kz = enc.key_groups(k_slots, tier.bits, g, dtype)
+    stage_idx = jnp.minimum(stage_start[:, None] + jnp.arange(g), c - 1)  # [b, G]
+    stage = jnp.take_along_axis(k_slots, stage_idx[None, :, None, :, None], axis=3)
     return tier.replace(k_codes=kc, k_scale=ks, k_zero=kz, k_stage=stage,
                         v_codes=tier.v_codes.at[at].set(to_slots(vc), mode="drop"),
                         v_scale=tier.v_scale.at[at].set(to_slots(vs), mode="drop"),
                         v_zero=tier.v_zero.at[at].set(to_slots(vz), mode="drop"))
+
+
+def _fill_band(tiers: tuple[PackedTier, PackedTier], k_all, v_all, left, pos, enc: Encoders):
+    """A band policy's (2-bit, 4-bit ring) tiers after its `left` tokens [b, T] left in order:
+    counts [b, 2] (as TieredCache.counts) and the two tiers."""
+    low, ring = tiers
+    g, c4 = ring.group_size, ring.slots
+    b, T = left.shape
+    rank = jnp.cumsum(left, axis=1) - 1
+    n = jnp.sum(left, axis=1)  # [b]: tokens that entered the ring
+    demoted = jnp.maximum(-(-n // g) - c4 // g, 0) * g  # [b]: tokens of the groups moved to 2 bits
+    in_ring = left & (rank >= demoted[:, None])
+    ring = _fill_packed(ring, k_all, v_all, in_ring, rank % c4, pos, n // g * g % c4, enc)
+    # The demoted groups: 4-bit codes decoded, in rank order, then stored at 2 bits.
+    padded = -(-T // g) * g
+    by_rank = jnp.where(left, rank, padded)
+    rows = jnp.arange(b)[:, None]
+    lin = lambda x: jnp.zeros(x.shape[:3] + (padded,) + x.shape[4:], x.dtype).at[:, rows, :, by_rank].set(
+        x.transpose(1, 3, 0, 2, 4), mode="drop")  # [l, b, k, T, h] -> [l, b, k, T', h], token j at its rank
+    k_lin, v_lin = lin(k_all), lin(v_all)
+    dtype = k_all.dtype
+    k4 = codecs.decode_key_groups(*enc.key_groups(k_lin, 4, g, dtype), 4, g, dtype)
+    v4 = codecs.decode_values(*enc.values(v_lin, 4, g, dtype), 4, g, dtype)
+    ranks = jnp.broadcast_to(jnp.arange(padded), (b, padded))
+    pos_lin = jnp.full((b, padded), -1, jnp.int32).at[rows, by_rank].set(pos, mode="drop")
+    low = _fill_packed(low, k4, v4, ranks < demoted[:, None], ranks, pos_lin, demoted, enc)
+    return jnp.stack([demoted, n], axis=1), (low, ring)

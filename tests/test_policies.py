@@ -20,7 +20,7 @@ PARAMS = init_params(CFG, jax.random.PRNGKey(0))
 # Small window and groups so that short sequences cross many window and group boundaries.
 WINDOW, GROUP = 8, 4
 POLICIES = ["kivi2", "kivi4", "kivi8", "int8-sink", "int4-sink", "int2-sink", "streaming", "mixed@3", "mixed@2.5", "mixed-rule@3",
-            "mixed-rule@4", "mixed-learned@3", "mixed-random@3"]
+            "mixed-rule@4", "mixed-learned@3", "mixed-random@3", "band@3", "band@2.5"]
 
 
 def tiny_controller(budget=3.0, seed=1):
@@ -111,7 +111,7 @@ def test_prefill_with_pallas_kernels_is_bit_identical(name):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-@pytest.mark.parametrize("name", ["kivi2", "int8-sink", "streaming", "mixed-rule@3", "mixed-learned@3"])
+@pytest.mark.parametrize("name", ["kivi2", "int8-sink", "streaming", "mixed-rule@3", "mixed-learned@3", "band@2.5"])
 def test_prefill_then_decode_equals_teacher_forced(name):
     spec = spec_of(name)
     tokens, positions = ragged_batch(T=37, short=37, seed=1)
@@ -194,12 +194,31 @@ def test_mixed_budget_histogram_and_capacities():
         assert sum(caps.values()) >= 4096 and all(c % spec.group_size == 0 for c in caps.values())
 
 
+def test_band_demotes_whole_groups_and_fills_its_budget():
+    """band@B: the 4-bit ring holds (B - 2) / 2 of a full cache's left tokens; older groups move
+    to the 2-bit tier, a whole group at a time, and a full cache averages B bits."""
+    spec = spec_of("band@2.5")
+    caps = spec.capacities(44)  # 32 left tokens: 8 in the band, 24 at 2 bits
+    assert caps == {2: 24, 4: 8}
+    assert sum(w * c for w, c in caps.items()) / sum(caps.values()) == pytest.approx(2.5)
+    tokens, positions = ragged_batch()
+    _, cache = decode_all(spec, tokens, positions, 44)
+    tiers = {k: np.asarray(v) for k, v in cache.tokens_per_tier().items()}
+    left = np.asarray(positions >= 0).sum(1) - spec.sinks - spec.window  # 29 and 21
+    np.testing.assert_array_equal(tiers["2-bit"], [24, 16])  # a group is demoted when one starts, 8 later
+    np.testing.assert_array_equal(tiers["4-bit"], left - tiers["2-bit"])
+    assert (tiers["4-bit"] <= caps[4]).all()
+
+
 @pytest.mark.parametrize("make, message", [
     (lambda: PolicySpec("x", quant_widths=(3,)), "width 3"),
     (lambda: parse_policy("kivi2", window=100), "not a multiple of G"),
     (lambda: parse_policy("mixed@1.5"), "below 2 bits"),
     (lambda: parse_policy("mixed@abc"), "not a number"),
     (lambda: parse_policy("kivi2@3"), "only mixed"),
+    (lambda: parse_policy("band@4.5"), "above 4.00"),
+    (lambda: parse_policy("band@3", precision="rule"), "takes no precision"),
+    (lambda: make_cache(spec_of("band@3"), CFG, 1, 64).replace(kernels="kernel").kernel_mode(), "reference path only"),
     (lambda: parse_policy("kivi3"), "unknown KV-cache policy"),
     (lambda: make_cache(parse_policy("kivi2", group_size=12, window=120), CFG, 1, 64), "does not divide head_dim"),
     (lambda: make_cache(parse_policy("streaming", window=600), CFG, 1, 64), "exceeds the model's context"),
