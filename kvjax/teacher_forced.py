@@ -189,10 +189,10 @@ def score(params, cfg: ModelConfig, tokens, positions, spec: PolicySpec, capacit
 @functools.partial(jax.jit, static_argnames=("cfg", "spec", "capacity", "dtype"))
 def _score(params, tokens, positions, *, cfg, spec, capacity, dtype):
     b, T = tokens.shape
-    caps = tuple(spec.capacities(capacity)[w] for w in spec.tier_widths)
+    slots = spec.capacities(capacity)
+    caps = tuple(slots[w] for w in spec.tier_widths)
     counts = jnp.zeros((b, len(spec.tier_widths)), jnp.int32)
-    band_slots = spec.capacities(capacity)[4] if spec.band else 0
-    cache = TeacherForcedCache.init(spec, cfg, b, T, dtype, band_slots)
+    cache = TeacherForcedCache.init(spec, cfg, b, T, dtype, slots[4] if spec.band else 0)
     if not spec.uses_features:  # widths known from positions alone: one parallel pass
         no_features = jnp.zeros((b, T, NUM_FEATURES), jnp.float32)
         widths, _ = assign_widths(spec, caps, positions, no_features, counts)

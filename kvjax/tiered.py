@@ -239,8 +239,7 @@ class Route:
     leave_pos: jax.Array  # int32 [b]: the token leaving the window (-1 = none)
     leave_width: jax.Array  # int32 [b]: its width (0 = evicted)
     leave_slot: jax.Array  # int32 [b]: its slot in the tier of that width
-    demote: jax.Array | None = None  # bool [b], band policies: the ring's oldest group moves to 2 bits
-    demote_from: jax.Array | None = None  # int32 [b]: that group's first slot in the 4-bit ring
+    demote: jax.Array | None = None  # bool [b], band: the ring group at leave_slot.. moves to 2 bits
     demote_to: jax.Array | None = None  # int32 [b]: its first slot in the 2-bit tier
 
 
@@ -349,7 +348,7 @@ class TieredCache:
         low = low.replace(pos=low.pos.at[rows[:, None], to].set(old_pos, mode="drop"))
         counts = self.counts.at[:, i2].add(jnp.where(demote, g, 0))
         return self.replace(packed=(low, ring), counts=counts,
-                            route=r.replace(leave_slot=slot, demote=demote, demote_from=slot, demote_to=demote_to))
+                            route=r.replace(leave_slot=slot, demote=demote, demote_to=demote_to))
 
     def _set_tier_positions(self, rows, width, slot, leave_pos):
         def put(tier, w):
@@ -371,9 +370,9 @@ class TieredCache:
             kept = kept.write(layer, rows, jnp.where(r.leave_width == 16, r.leave_slot, kept.slots), old_k, old_v)
         enc = encoders(self.kernel_mode())
         packed = self.packed
-        if spec.band:  # demote first: the leaving token's value goes into the demoted group's slots
+        if spec.band:  # demote first: the leaving token's slot starts the demoted group's slots
             low, band = packed
-            k_old, v_old = band.read_group(layer, r.demote_from, self.window.k.dtype)
+            k_old, v_old = band.read_group(layer, r.leave_slot, self.window.k.dtype)
             low = low.write_group(layer, rows, jnp.where(r.demote, r.demote_to, low.slots), k_old, v_old, enc)
             packed = (low, band)
         packed = tuple(t.append(layer, rows, jnp.where(r.leave_width == t.bits, r.leave_slot, t.slots),
