@@ -253,7 +253,8 @@ def main(argv=None) -> int:
         json.dump(report, f, indent=2)
     table = markdown_table(results, tasks, policies, bits)
     with open(os.path.join(args.out, "results.md"), "w") as f:
-        f.write(f"Model: `{os.path.basename(model.source)}`, {args.limit or 'all'} examples per task\n\n{table}")
+        counts = ", ".join(f"{t} {len(requests[t])}" for t in tasks)
+        f.write(f"Model: `{os.path.basename(model.source)}`; examples per task: {counts}\n\n{table}")
     plot(results, tasks, policies, bits, os.path.join(args.out, "results.png"))
     print("\n" + table + f"\nwrote {args.out}/results.json, results.md, results.png")
     return 0
