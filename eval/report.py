@@ -7,7 +7,8 @@
         --latency bench.jsonl [more.jsonl ...] --out docs/RESULTS.md
 
 Each input is optional; the report has a section per input given: zero-shot accuracy (table and
-accuracy-vs-bits plot), perplexity (policy x text table), decode latency (table and ms/token vs
+accuracy-vs-bits plot), perplexity (policy x text table; widths table and stacked-bar plot for
+records that carry a histogram of widths), decode latency (table and ms/token vs
 context plot, one line per policy). Plots are written beside the report as PNG files.
 """
 
@@ -69,7 +70,7 @@ def perplexity_row(record: dict) -> str:
     return record["policy"] + (f" ({record['controller']})" if record.get("controller") else "")
 
 
-def perplexity_section(records: list[dict], source: str) -> str:
+def perplexity_section(records: list[dict], source: str, widths_plot_path: str) -> str:
     texts = sorted({(r["text"], r["context"]) for r in records})
     policies = list(dict.fromkeys(perplexity_row(r) for r in records))
     cell = {(perplexity_row(r), r["text"], r["context"]): r for r in records}  # the last record of a cell wins
@@ -84,7 +85,46 @@ def perplexity_section(records: list[dict], source: str) -> str:
         kv = [cell[k]["kv_bytes_per_token"] for k in cell if k[0] == p and "kv_bytes_per_token" in cell[k]]
         row.append(f"{kv[-1]:.0f}" if kv else "-")
         lines.append("| " + " | ".join(row) + " |")
-    return "\n".join(lines + widths_table(cell)) + "\n"
+    widths = widths_table(cell)
+    if widths:
+        widths_plot(cell, widths_plot_path)
+        widths += ["", f"![widths of the left tokens]({os.path.basename(widths_plot_path)})"]
+    return "\n".join(lines + widths) + "\n"
+
+
+WIDTH_CODES = ["16", "8", "4", "2", "0"]  # histogram keys, widest first; "0" = evicted
+
+
+def widths_plot(cell: dict, path: str):
+    """Stacked bars of the widths each policy gave its left tokens, one panel per text."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keyed = [(key, r) for key, r in cell.items() if "histogram" in r]
+    texts = list(dict.fromkeys((text, context) for (_, text, context), _ in keyed))
+    most_rows = max(sum((t, c) == text for (_, t, c), _ in keyed) for text in texts)
+    fig, axes = plt.subplots(1, len(texts), figsize=(6 * len(texts), 0.35 * most_rows + 2), squeeze=False)
+    colours = {"16": "tab:blue", "8": "tab:green", "4": "tab:orange", "2": "tab:red", "0": "lightgrey"}
+    for ax, (text, context) in zip(axes[0], texts):
+        rows = [(policy, r) for (policy, t, c), r in keyed if (t, c) == (text, context)]
+        left = [0.0] * len(rows)
+        for code in WIDTH_CODES:
+            shares = [r["histogram"].get(code, 0.0) for _, r in rows]
+            ax.barh(range(len(rows)), shares, left=left, color=colours[code],
+                    label="evicted" if code == "0" else f"{code} bits")
+            left = [a + b for a, b in zip(left, shares)]
+        ax.set_yticks(range(len(rows)), [f"{p} ({r['average_bits']:.2f})" for p, r in rows], fontsize=8)
+        ax.invert_yaxis()
+        ax.set_xlim(0, 1)
+        ax.set_xlabel("share of the tokens that left the window")
+        ax.set_title(f"{text} @{context} (average bits in brackets)", fontsize=9)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(WIDTH_CODES), fontsize=8)
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def widths_table(cell: dict) -> list[str]:
@@ -93,7 +133,7 @@ def widths_table(cell: dict) -> list[str]:
     keyed = [(key, r) for key, r in cell.items() if "histogram" in r]
     if not keyed:
         return []
-    codes = ["16", "8", "4", "2", "0"]
+    codes = WIDTH_CODES
     lines = ["", "Widths of the tokens that had left the 16-bit window by the last query of their segment "
              "(average bits, and the share at each width; 0 = evicted):", "",
              "| policy | text | average bits | " + " | ".join(f"{c} bits" for c in codes) + " |",
@@ -164,7 +204,7 @@ def build(accuracy: str | None, perplexity: list[str] | None, latency: list[str]
     if inputs[0] is not None:
         parts.append(accuracy_section(inputs[0], os.path.join(folder, f"{stem}-accuracy.png")))
     if inputs[1]:
-        parts.append(perplexity_section(inputs[1], ", ".join(perplexity)))
+        parts.append(perplexity_section(inputs[1], ", ".join(perplexity), os.path.join(folder, f"{stem}-widths.png")))
     if inputs[2]:
         parts.append(latency_section(inputs[2], ", ".join(latency), os.path.join(folder, f"{stem}-latency.png")))
     text = "\n".join(parts)

@@ -53,7 +53,7 @@ def test_report_has_every_section_and_plot(tmp_path):
     assert "| kivi2 | 32768 | 4.37 | 228.8 | 245.0 |" in text  # latency row
     assert text.count("Note: transcribed from BENCHMARKS.md.") == 1
     assert "python -m kvjax.bench --preset SmolLM-360M" in text and "gpu NVIDIA H100" in text
-    for png in ("RESULTS-accuracy.png", "RESULTS-latency.png"):
+    for png in ("RESULTS-accuracy.png", "RESULTS-latency.png", "RESULTS-widths.png"):
         assert os.path.getsize(out.parent / png) > 1000 and f"]({png})" in text
 
 
