@@ -95,6 +95,14 @@ def perplexity_section(records: list[dict], source: str, widths_plot_path: str) 
 WIDTH_CODES = ["16", "8", "4", "2", "0"]  # histogram keys, widest first; "0" = evicted
 
 
+def width_records(cell: dict) -> list[tuple[tuple, dict]]:
+    """The (policy, text, context) cells that carry a histogram of widths, by text, then in
+    the perplexity table's policy order."""
+    order = {policy: i for i, policy in enumerate(dict.fromkeys(key[0] for key in cell))}
+    keyed = [(key, r) for key, r in cell.items() if "histogram" in r]
+    return sorted(keyed, key=lambda kr: (kr[0][1], kr[0][2], order[kr[0][0]]))
+
+
 def widths_plot(cell: dict, path: str):
     """Stacked bars of the widths each policy gave its left tokens, one panel per text."""
     import matplotlib
@@ -102,7 +110,7 @@ def widths_plot(cell: dict, path: str):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keyed = [(key, r) for key, r in cell.items() if "histogram" in r]
+    keyed = width_records(cell)
     texts = list(dict.fromkeys((text, context) for (_, text, context), _ in keyed))
     most_rows = max(sum((t, c) == text for (_, t, c), _ in keyed) for text in texts)
     fig, axes = plt.subplots(1, len(texts), figsize=(6 * len(texts), 0.35 * most_rows + 2), squeeze=False)
@@ -130,7 +138,7 @@ def widths_plot(cell: dict, path: str):
 def widths_table(cell: dict) -> list[str]:
     """Lines of a table of the widths each policy gave the tokens that left the window, per text
     (from records that carry a histogram; none: no lines)."""
-    keyed = [(key, r) for key, r in cell.items() if "histogram" in r]
+    keyed = width_records(cell)
     if not keyed:
         return []
     codes = WIDTH_CODES
