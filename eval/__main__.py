@@ -114,6 +114,11 @@ def count_changed(requests: list, scores: dict[str, list], results: dict):
         results[p]["changed"], results[p]["changed_norm"] = (int(np.sum(m != b)) for m, b in zip(mine, base))
 
 
+def example_counts(results: dict, tasks: list[str]) -> str:
+    """"arc_easy 570, hellaswag 1000": the examples scored per task (the same for every policy)."""
+    return ", ".join(f"{t} {next(iter(results[t].values()))['n']}" for t in tasks)
+
+
 def markdown_table(results: dict, tasks: list[str], policies: list[str], bits: dict) -> str:
     """Rows: policy (and its average bits); columns: acc and acc_norm of each task, and, when fp16
     was run, a second table of the answers that differ from fp16's."""
@@ -253,8 +258,8 @@ def main(argv=None) -> int:
         json.dump(report, f, indent=2)
     table = markdown_table(results, tasks, policies, bits)
     with open(os.path.join(args.out, "results.md"), "w") as f:
-        counts = ", ".join(f"{t} {len(requests[t])}" for t in tasks)
-        f.write(f"Model: `{os.path.basename(model.source)}`; examples per task: {counts}\n\n{table}")
+        f.write(f"Model: `{os.path.basename(model.source)}`; examples per task: {example_counts(results, tasks)}"
+                f"\n\n{table}")
     plot(results, tasks, policies, bits, os.path.join(args.out, "results.png"))
     print("\n" + table + f"\nwrote {args.out}/results.json, results.md, results.png")
     return 0

@@ -51,12 +51,12 @@ def read_accuracy(path: str) -> dict:
 
 
 def accuracy_section(report: dict, plot_path: str) -> str:
-    from eval.__main__ import markdown_table, plot
+    from eval.__main__ import example_counts, markdown_table, plot
 
     tasks, policies, results = report["tasks"], report["policies"], report["results"]
     bits = report.get("average_bits", {p: None for p in policies})
     plot(results, tasks, policies, bits, plot_path)
-    sizes = ", ".join(f"{t} {results[t][policies[0]]['n']}" for t in tasks)
+    sizes = example_counts(results, tasks)
     lines = ["## Zero-shot accuracy", "", f"Model `{os.path.basename(report.get('model', '?'))}`; examples per "
              f"task: {sizes}; device {report.get('device', '?')}; date {report.get('date', '?')}.", ""]
     if report.get("command"):
@@ -85,14 +85,16 @@ def perplexity_section(records: list[dict], source: str, widths_plot_path: str) 
         kv = [cell[k]["kv_bytes_per_token"] for k in cell if k[0] == p and "kv_bytes_per_token" in cell[k]]
         row.append(f"{kv[-1]:.0f}" if kv else "-")
         lines.append("| " + " | ".join(row) + " |")
-    widths = widths_table(cell)
+    keyed = width_records(cell)
+    widths = widths_table(keyed)
     if widths:
-        widths_plot(cell, widths_plot_path)
+        widths_plot(keyed, widths_plot_path)
         widths += ["", f"![widths of the left tokens]({os.path.basename(widths_plot_path)})"]
     return "\n".join(lines + widths) + "\n"
 
 
-WIDTH_CODES = ["16", "8", "4", "2", "0"]  # histogram keys, widest first; "0" = evicted
+# histogram keys, widest first ("0" = evicted), and their colours in the widths plot
+WIDTH_COLOURS = {"16": "tab:blue", "8": "tab:green", "4": "tab:orange", "2": "tab:red", "0": "lightgrey"}
 
 
 def width_records(cell: dict) -> list[tuple[tuple, dict]]:
@@ -103,24 +105,22 @@ def width_records(cell: dict) -> list[tuple[tuple, dict]]:
     return sorted(keyed, key=lambda kr: (kr[0][1], kr[0][2], order[kr[0][0]]))
 
 
-def widths_plot(cell: dict, path: str):
-    """Stacked bars of the widths each policy gave its left tokens, one panel per text."""
+def widths_plot(keyed: list[tuple[tuple, dict]], path: str):
+    """Stacked bars of the widths each policy gave its left tokens (`width_records`), one panel per text."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keyed = width_records(cell)
     texts = list(dict.fromkeys((text, context) for (_, text, context), _ in keyed))
     most_rows = max(sum((t, c) == text for (_, t, c), _ in keyed) for text in texts)
     fig, axes = plt.subplots(1, len(texts), figsize=(6 * len(texts), 0.35 * most_rows + 2), squeeze=False)
-    colours = {"16": "tab:blue", "8": "tab:green", "4": "tab:orange", "2": "tab:red", "0": "lightgrey"}
     for ax, (text, context) in zip(axes[0], texts):
         rows = [(policy, r) for (policy, t, c), r in keyed if (t, c) == (text, context)]
         left = [0.0] * len(rows)
-        for code in WIDTH_CODES:
+        for code, colour in WIDTH_COLOURS.items():
             shares = [r["histogram"].get(code, 0.0) for _, r in rows]
-            ax.barh(range(len(rows)), shares, left=left, color=colours[code],
+            ax.barh(range(len(rows)), shares, left=left, color=colour,
                     label="evicted" if code == "0" else f"{code} bits")
             left = [a + b for a, b in zip(left, shares)]
         ax.set_yticks(range(len(rows)), [f"{p} ({r['average_bits']:.2f})" for p, r in rows], fontsize=8)
@@ -129,19 +129,18 @@ def widths_plot(cell: dict, path: str):
         ax.set_xlabel("share of the tokens that left the window")
         ax.set_title(f"{text} @{context} (average bits in brackets)", fontsize=9)
     handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=len(WIDTH_CODES), fontsize=8)
+    fig.legend(handles, labels, loc="lower center", ncol=len(WIDTH_COLOURS), fontsize=8)
     fig.tight_layout(rect=(0, 0.1, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
-def widths_table(cell: dict) -> list[str]:
+def widths_table(keyed: list[tuple[tuple, dict]]) -> list[str]:
     """Lines of a table of the widths each policy gave the tokens that left the window, per text
-    (from records that carry a histogram; none: no lines)."""
-    keyed = width_records(cell)
+    (`width_records`; none: no lines)."""
     if not keyed:
         return []
-    codes = WIDTH_CODES
+    codes = list(WIDTH_COLOURS)
     lines = ["", "Widths of the tokens that had left the 16-bit window by the last query of their segment "
              "(average bits, and the share at each width; 0 = evicted):", "",
              "| policy | text | average bits | " + " | ".join(f"{c} bits" for c in codes) + " |",
