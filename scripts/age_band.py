@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from cache_nll import nll_through
 from eval.perplexity import read_text
 from kvjax import codecs
 from kvjax.attention import MASK_VALUE, causal_mask, grouped_output, grouped_scores
@@ -37,7 +38,7 @@ from kvjax.cache import write_by_position
 from kvjax.loading import load_model
 from kvjax.controller import default_controller
 from kvjax.features import token_features
-from kvjax.model import forward, forward_with_stats
+from kvjax.model import forward_with_stats
 from kvjax.policies import PolicySpec, parse_policy
 
 
@@ -108,9 +109,6 @@ class AgeBandCache:
         return out.astype(q.dtype)
 
 
-_forward = jax.jit(forward, static_argnums=1)
-
-
 def controller_pins(model, ids, spec: PolicySpec, budget: float, pins: int) -> np.ndarray:
     """bool [T]: the `pins` left tokens with the largest 4-bit minus 2-bit logit of the shipped
     controller for `budget`, from FP16 features (an oracle over the segment's ranking: a decode
@@ -130,15 +128,10 @@ def controller_pins(model, ids, spec: PolicySpec, budget: float, pins: int) -> n
 def segment_nll(model, ids, spec: PolicySpec, band: int, band_bits: int = 4, pinned=None) -> np.ndarray:
     """Next-token NLL [T-1] of one segment with a band of `band` tokens at `band_bits` (4 or 16)
     and optional `pinned` tokens (bool [T]) that are never demoted."""
-    T = len(ids)
-    tokens = jnp.asarray(ids, jnp.int32)[None]
-    positions = jnp.arange(T, dtype=jnp.int32)[None]
-    shape = (model.cfg.num_layers, 1, model.cfg.num_kv_heads, T, model.cfg.head_dim)
+    shape = (model.cfg.num_layers, 1, model.cfg.num_kv_heads, len(ids), model.cfg.head_dim)
     cache = AgeBandCache(jnp.zeros(shape, jnp.float32), jnp.zeros(shape, jnp.float32), spec, band, band_bits,
                          None if pinned is None else jnp.asarray(pinned)[None])
-    logits, _ = _forward(model.params, model.cfg, tokens, positions, cache)
-    logp = jax.nn.log_softmax(logits[0, :-1], axis=-1)
-    return -np.asarray(jnp.take_along_axis(logp, tokens[0, 1:, None], axis=-1)[:, 0])
+    return nll_through(model, ids, cache)
 
 
 def main():

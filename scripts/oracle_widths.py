@@ -15,21 +15,17 @@ from __future__ import annotations
 
 import argparse
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cache_nll import nll_through
 from eval.perplexity import read_text
 from kvjax.loading import load_model
-from kvjax.model import forward
 from kvjax.policies import parse_policy
 from kvjax.teacher_forced import TeacherForcedCache
 from train_controller.traces import trace_chunk
 
 WIDTHS = np.array([2, 4, 8, 16])
-_forward = jax.jit(forward, static_argnums=1)
-
-
 def oracle(dist: np.ndarray, left: np.ndarray, budget: float, allowed) -> np.ndarray:
     """dist [T, 4] (per width of WIDTHS), left bool [T] -> widths [T] averaging ~`budget` over left."""
     cost = np.where(np.isin(WIDTHS, allowed)[None], dist, np.inf)
@@ -43,14 +39,8 @@ def oracle(dist: np.ndarray, left: np.ndarray, budget: float, allowed) -> np.nda
 
 def nll_with_widths(model, ids, spec, widths):
     """Next-token NLL [T-1] through the exact teacher-forced path with the given widths [T]."""
-    T = len(ids)
-    tokens = jnp.asarray(ids, jnp.int32)[None]
-    positions = jnp.arange(T, dtype=jnp.int32)[None]
-    cache = TeacherForcedCache.init(spec, model.cfg, 1, T, jnp.float32)
-    cache = cache.replace(widths=jnp.asarray(widths, jnp.int32)[None])
-    logits, _ = _forward(model.params, model.cfg, tokens, positions, cache)
-    logp = jax.nn.log_softmax(logits[0, :-1], axis=-1)
-    return -np.asarray(jnp.take_along_axis(logp, tokens[0, 1:, None], axis=-1)[:, 0])
+    cache = TeacherForcedCache.init(spec, model.cfg, 1, len(ids), jnp.float32)
+    return nll_through(model, ids, cache.replace(widths=jnp.asarray(widths, jnp.int32)[None]))
 
 
 def main():

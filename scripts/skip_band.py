@@ -3,13 +3,13 @@
     python scripts/skip_band.py --text wikitext2 --budget 3.0 --skip-shares 0,0.1,0.25 --chooser controller
 
 `band@B` keeps every left token at 4 bits in a ring of n4 slots and demotes the ring's
-oldest group to 2 bits when it is full. Here a share of the left tokens goes straight to
-2 bits instead (their keys in groups of G of their own), so the ring covers older tokens at
-the same memory. Which tokens skip: those with the lowest 4-bit minus 2-bit logit of the
-shipped controller for the budget (`controller`, from FP16 features of the segment, ranked
-over the segment); the least FP16 attention received from the W queries while in the window
-(`window-attention`, known when the token leaves); the least FP16 attention received from all
-later queries (`later-attention`, an oracle); or a random choice of the same size (`random`).
+oldest group to 2 bits when it is full. Here a share of the tokens that leave the window
+within the segment goes straight to 2 bits instead (their keys in groups of G of their own),
+so the ring covers older tokens at the same memory. Which tokens skip, ranked over the
+segment: the lowest 4-bit minus 2-bit logit of the shipped controller for the budget, from
+FP16 features (`controller`); the least FP16 attention received from the W queries while in
+the window (`window-attention`, known when the token leaves); the least FP16 attention
+received from all later queries (`later-attention`, an oracle); or random (`random`).
 Exact teacher-forced scoring as `kvjax.teacher_forced` (skip share 0 reproduces band@B).
 An experiment, not a cache policy (README, "Per-token choice on top of the band").
 """
@@ -23,13 +23,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from cache_nll import nll_through
 from eval.perplexity import read_text
 from kvjax.attention import MASK_VALUE, grouped_scores
 from kvjax.cache import DenseCache
 from kvjax.controller import default_controller
 from kvjax.features import token_features
 from kvjax.loading import load_model
-from kvjax.model import forward, forward_with_stats
+from kvjax.model import forward_with_stats
 from kvjax.policies import parse_policy
 from kvjax.teacher_forced import TeacherForcedCache, _roundtrip
 
@@ -95,18 +96,10 @@ def skip_scores(model, ids, budget: float, chooser: str, seed: int, window: int)
     return out[:, 1] - out[:, 0]
 
 
-_forward = jax.jit(forward, static_argnums=1)
-
-
 def segment_nll(model, ids, spec, widths, band_slots):
-    T = len(ids)
-    tokens = jnp.asarray(ids, jnp.int32)[None]
-    positions = jnp.arange(T, dtype=jnp.int32)[None]
-    cache = SkipBandCache.init(spec, model.cfg, 1, T, jnp.float32, band_slots).replace(
-        widths=jnp.asarray(widths)[None])
-    logits, _ = _forward(model.params, model.cfg, tokens, positions, cache)
-    logp = jax.nn.log_softmax(logits[0, :-1], axis=-1)
-    return -np.asarray(jnp.take_along_axis(logp, tokens[0, 1:, None], axis=-1)[:, 0])
+    """Next-token NLL [T-1] of one segment whose left tokens have `widths` [T] (4: band, 2: skip)."""
+    cache = SkipBandCache.init(spec, model.cfg, 1, len(ids), jnp.float32, band_slots)
+    return nll_through(model, ids, cache.replace(widths=jnp.asarray(widths)[None]))
 
 
 def main():
@@ -114,7 +107,8 @@ def main():
     p.add_argument("--text", default="wikitext2")
     p.add_argument("--budget", type=float, default=3.0)
     p.add_argument("--skip-shares", default="0,0.1")
-    p.add_argument("--chooser", default="controller", choices=("controller", "random", "window-attention", "later-attention"))
+    p.add_argument("--chooser", default="controller",
+                   choices=("controller", "random", "window-attention", "later-attention"))
     p.add_argument("--context", type=int, default=4096)
     p.add_argument("--segments", type=int, default=2)
     args = p.parse_args()
@@ -128,10 +122,10 @@ def main():
         nll = []
         for seg, sc in zip(segs, scores):
             T = len(seg)
-            left = np.arange(T) >= spec.sinks
-            sc = np.where(left, sc, np.inf)
-            widths = np.where(left, 4, -1).astype(np.int32)
-            widths[np.argsort(sc)[:round(share * left.sum())]] = 2
+            j = np.arange(T)
+            widths = np.where(j >= spec.sinks, 4, -1).astype(np.int32)
+            leaves = (j >= spec.sinks) & (j < T - spec.window)  # the tokens whose width is ever read
+            widths[np.argsort(np.where(leaves, sc, np.inf))[:round(share * leaves.sum())]] = 2
             nll.append(segment_nll(model, seg, spec, widths, band_slots))
         print(f"{args.text} @{args.context} x{args.segments} band@{args.budget:g} ({band_slots} slots) "
               f"skip {share:g} by {args.chooser}: perplexity {np.exp(np.concatenate(nll).mean()):.3f}", flush=True)
