@@ -26,6 +26,8 @@ from kvjax.teacher_forced import TeacherForcedCache
 from train_controller.traces import trace_chunk
 
 WIDTHS = np.array([2, 4, 8, 16])
+
+
 def oracle(dist: np.ndarray, left: np.ndarray, budget: float, allowed) -> np.ndarray:
     """dist [T, 4] (per width of WIDTHS), left bool [T] -> widths [T] averaging ~`budget` over left."""
     cost = np.where(np.isin(WIDTHS, allowed)[None], dist, np.inf)
