@@ -40,6 +40,9 @@ class SkipBandCache(TeacherForcedCache):
     """widths: 4 for tokens that enter the band, 2 for tokens that skip it."""
 
     def _band_parts(self, keys, values, left, qp):
+        """As TeacherForcedCache's, but a group is demoted when the member that starts the group
+        n4/G later leaves the window (members are no longer every left token), plus the 2-bit
+        parts of the tokens that skip."""
         spec, g = self.spec, self.spec.group_size
         b, T = self.widths.shape
         members = self.widths == 4
