@@ -30,15 +30,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from cache_nll import nll_through
+from experiments import controller_margin, nll_through
 from eval.perplexity import read_text
 from kvjax import codecs
 from kvjax.attention import MASK_VALUE, causal_mask, grouped_output, grouped_scores
 from kvjax.cache import write_by_position
 from kvjax.loading import load_model
-from kvjax.controller import default_controller
-from kvjax.features import token_features
-from kvjax.model import forward_with_stats
 from kvjax.policies import PolicySpec, parse_policy
 
 
@@ -113,11 +110,7 @@ def controller_pins(model, ids, spec: PolicySpec, budget: float, pins: int) -> n
     """bool [T]: the `pins` left tokens with the largest 4-bit minus 2-bit logit of the shipped
     controller for `budget`, from FP16 features (an oracle over the segment's ranking: a decode
     policy would pin by a calibrated threshold)."""
-    out = jax.jit(forward_with_stats, static_argnums=1)(model.params, model.cfg, jnp.asarray(ids)[None],
-                                                         jnp.arange(len(ids))[None])
-    feats = token_features(out[0], jnp.asarray(ids)[None], jnp.arange(len(ids))[None], out[2])
-    logits = np.asarray(default_controller(budget).logits(feats))[0]  # [T, 4] over WIDTHS
-    score = logits[:, 1] - logits[:, 0]
+    score = controller_margin(model, ids, budget)
     T = len(ids)
     score[~spec.has_left(np.arange(T), T - 1)] = -np.inf
     pinned = np.zeros(T, bool)

@@ -18,7 +18,7 @@ import argparse
 import jax.numpy as jnp
 import numpy as np
 
-from cache_nll import nll_through
+from experiments import nll_through
 from eval.perplexity import read_text
 from kvjax.loading import load_model
 from kvjax.policies import parse_policy

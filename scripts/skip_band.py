@@ -23,12 +23,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from cache_nll import nll_through
+from experiments import controller_margin, nll_through
 from eval.perplexity import read_text
 from kvjax.attention import MASK_VALUE, grouped_scores
 from kvjax.cache import DenseCache
-from kvjax.controller import default_controller
-from kvjax.features import token_features
 from kvjax.loading import load_model
 from kvjax.model import forward_with_stats
 from kvjax.policies import parse_policy
@@ -92,11 +90,7 @@ def skip_scores(model, ids, budget: float, chooser: str, seed: int, window: int)
         return np.random.default_rng(seed).random(len(ids))
     if chooser in ("window-attention", "later-attention"):
         return attention_received(model, ids, window)[chooser == "later-attention"]
-    tok = jnp.asarray(ids)[None]
-    pos = jnp.arange(len(ids))[None]
-    logits, _, stats = jax.jit(forward_with_stats, static_argnums=1)(model.params, model.cfg, tok, pos)
-    out = np.asarray(default_controller(budget).logits(token_features(logits, tok, pos, stats)))[0]
-    return out[:, 1] - out[:, 0]
+    return controller_margin(model, ids, budget)
 
 
 def segment_nll(model, ids, spec, widths, band_slots):
