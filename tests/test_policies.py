@@ -1,9 +1,16 @@
-"""Quantized cache policies: teacher-forced scoring equals step-by-step decoding, for every policy."""
+"""Quantized cache policies: teacher-forced scoring equals step-by-step decoding, for every policy.
+
+The proofs decode through `replay.Replay`, which stores the teacher-forced path's K/V and features
+in the step-by-step cache, so that both paths quantize bit-identical inputs whatever the CPU's
+summation order (see tests/replay.py); the drift it records bounds how far the model's own K/V
+and features differ between the paths.
+"""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import struct
 
 from kvjax import teacher_forced
 from kvjax.cache import DenseCache
@@ -14,6 +21,7 @@ from kvjax.features import forward_recording_features
 from kvjax.model import forward, init_params
 from kvjax.policies import PolicySpec, make_cache, parse_policy, resolve_widths
 from kvjax.tiered import TieredCache
+from replay import Replay
 
 CFG = get_preset("tiny")  # head_dim 16
 PARAMS = init_params(CFG, jax.random.PRNGKey(0))
@@ -40,19 +48,40 @@ def spec_of(name, **kw):
     return parse_policy(name, window=WINDOW, group_size=GROUP, **kw)
 
 
-def decode_all(spec, tokens, positions, capacity, kernels="auto"):
-    """Step-by-step decoding from an empty cache: logits [b, T, v] and the final cache."""
-    b, T = tokens.shape
+# Largest difference between the two paths' own K/V (and features) that the proofs accept: float32
+# rounding through two layers, far below a quantization step.
+DRIFT = 1e-4
 
-    @jax.jit
-    def step(cache, tok, pos):
-        return forward_recording_features(PARAMS, CFG, tok, pos, cache)
 
-    cache, out = make_cache(spec, CFG, b, capacity).replace(kernels=kernels), []
-    for t in range(T):
-        logits, cache = step(cache, tokens[:, t:t + 1], positions[:, t:t + 1])
+def reference(spec, tokens, positions, capacity):
+    """Teacher-forced logits [b, T, v], K/V and features of `tokens` under `spec`."""
+    logits, tf, features = teacher_forced._score(PARAMS, tokens, positions, cfg=CFG, spec=spec, capacity=capacity,
+                                                 dtype=jnp.float32)
+    return logits, tf, features
+
+
+@jax.jit
+def _step(cache, tok, pos):
+    return forward_recording_features(PARAMS, CFG, tok, pos, cache)
+
+
+def decode_steps(cache, tokens, positions, start=0):
+    """Step-by-step decoding of tokens[:, start:] into `cache`: logits [b, T - start, v] and the cache."""
+    out = []
+    for t in range(start, tokens.shape[1]):
+        logits, cache = _step(cache, tokens[:, t:t + 1], positions[:, t:t + 1])
         out.append(logits[:, 0])
     return jnp.stack(out, axis=1), cache
+
+
+def decode_all(spec, tokens, positions, capacity, kernels="auto"):
+    """Step-by-step decoding from an empty cache that replays the teacher-forced K/V and features:
+    logits [b, T, v], the final cache (unwrapped), and the teacher-forced logits."""
+    want, tf, features = reference(spec, tokens, positions, capacity)
+    empty = make_cache(spec, CFG, tokens.shape[0], capacity).replace(kernels=kernels)
+    got, cache = decode_steps(Replay.around(empty, tf, features), tokens, positions)
+    assert float(cache.drift.max()) < DRIFT, cache.drift
+    return got, cache.inner, want
 
 
 def ragged_batch(T=41, short=33, seed=0):
@@ -67,8 +96,7 @@ def test_teacher_forced_equals_step_by_step_decode(name):
     spec = spec_of(name)
     tokens, positions = ragged_batch()
     capacity = 44
-    want, cache = decode_all(spec, tokens, positions, capacity)
-    got, _ = teacher_forced.score(PARAMS, CFG, tokens, positions, spec, capacity)
+    got, cache, want = decode_all(spec, tokens, positions, capacity)
     valid = np.asarray(positions) >= 0
     np.testing.assert_allclose(np.asarray(got)[valid], np.asarray(want)[valid], atol=2e-5, rtol=1e-5)
     # the policy really changed something: not equal to the full-precision forward
@@ -84,6 +112,26 @@ def test_teacher_forced_equals_step_by_step_decode(name):
         np.testing.assert_array_equal(stored, lengths)
 
 
+@struct.dataclass
+class _NudgedKV(Replay):
+    """Replay, with the step's own K/V moved one ulp up before they reach it."""
+
+    def update(self, layer, k, v, positions):
+        up = lambda x: jnp.nextafter(x, jnp.full_like(x, jnp.inf))
+        return super().update(layer, up(k), up(v), positions)
+
+
+def test_an_ulp_in_the_decoded_kv_changes_nothing():
+    """The proofs hold whatever the last bit of the K/V the model computes step by step: int8-sink,
+    whose prefill once failed on an Intel Xeon from one flipped code, decodes bit-identically."""
+    spec = spec_of("int8-sink")
+    tokens, positions = ragged_batch(T=20, short=20, seed=1)
+    _, tf, features = reference(spec, tokens, positions, 24)
+    runs = [decode_steps(wrap.around(make_cache(spec, CFG, 2, 24), tf, features), tokens, positions)[0]
+            for wrap in (Replay, _NudgedKV)]
+    np.testing.assert_array_equal(*runs)
+
+
 @pytest.mark.parametrize("name", ["kivi2", "kivi4", "int8-sink", "mixed@3"])
 def test_pallas_kernels_decode_equals_reference(name):
     """Decoding through the Pallas kernels (quantize + pack, fused attention; interpreted on CPU)
@@ -92,8 +140,8 @@ def test_pallas_kernels_decode_equals_reference(name):
     tokens, positions = ragged_batch(T=27, short=22, seed=3)
     fused = "interpret" if jax.default_backend() == "cpu" else "kernel"
     with jax.default_matmul_precision("highest"):  # GPUs default to TF32 matmuls
-        want, _ = decode_all(spec, tokens, positions, 30, kernels="reference")
-        got, _ = decode_all(spec, tokens, positions, 30, kernels=fused)
+        want, _, _ = decode_all(spec, tokens, positions, 30, kernels="reference")
+        got, _, _ = decode_all(spec, tokens, positions, 30, kernels=fused)
     valid = np.asarray(positions) >= 0
     np.testing.assert_allclose(np.asarray(got)[valid], np.asarray(want)[valid], atol=2e-5, rtol=1e-5)
 
@@ -113,17 +161,24 @@ def test_prefill_with_pallas_kernels_is_bit_identical(name):
 
 @pytest.mark.parametrize("name", ["kivi2", "int8-sink", "streaming", "mixed-rule@3", "mixed-learned@3", "band@2.5"])
 def test_prefill_then_decode_equals_teacher_forced(name):
+    """A prompt of P tokens prefilled, then decoded step by step, equals teacher forcing of the whole.
+
+    The prompt is given at the full length with its tail as padding (position -1): the prefill then
+    runs the same program on the same shapes as the reference, and padding is masked before any
+    reduction, so the prompt's logits, K/V and widths are bit-identical to the reference's (not
+    only close: a different matmul shape could flip a code, see tests/replay.py). The decode steps
+    replay the reference K/V.
+    """
     spec = spec_of(name)
     tokens, positions = ragged_batch(T=37, short=37, seed=1)
     capacity, P = 40, 23
-    want, _ = teacher_forced.score(PARAMS, CFG, tokens, positions, spec, capacity)
-    logits, cache = teacher_forced.prefill(PARAMS, CFG, tokens[:, :P], positions[:, :P],
-                                           make_cache(spec, CFG, 2, capacity))
-    np.testing.assert_allclose(logits, want[:, :P], atol=2e-5, rtol=1e-5)
-    for t in range(P, tokens.shape[1]):
-        pos = positions[:, t:t + 1]
-        logits, cache = forward_recording_features(PARAMS, CFG, tokens[:, t:t + 1], pos, cache)
-        np.testing.assert_allclose(logits[:, 0], want[:, t], atol=2e-5, rtol=1e-5)
+    want, tf, features = reference(spec, tokens, positions, capacity)
+    prompt_positions = positions.at[:, P:].set(-1)
+    logits, cache = teacher_forced.prefill(PARAMS, CFG, tokens, prompt_positions, make_cache(spec, CFG, 2, capacity))
+    np.testing.assert_array_equal(logits[:, :P], want[:, :P])
+    got, cache = decode_steps(Replay.around(cache, tf, features), tokens, positions, start=P)
+    assert float(cache.drift.max()) < DRIFT, cache.drift
+    np.testing.assert_allclose(got, want[:, P:], atol=2e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("name", ["kivi2", "streaming", "int8-sink", "mixed@3", "fp16"])
@@ -202,7 +257,7 @@ def test_band_demotes_whole_groups_and_fills_its_budget():
     assert caps == {2: 24, 4: 8}
     assert sum(w * c for w, c in caps.items()) / sum(caps.values()) == pytest.approx(2.5)
     tokens, positions = ragged_batch()
-    _, cache = decode_all(spec, tokens, positions, 44)
+    _, cache, _ = decode_all(spec, tokens, positions, 44)
     tiers = {k: np.asarray(v) for k, v in cache.tokens_per_tier().items()}
     left = np.asarray(positions >= 0).sum(1) - spec.sinks - spec.window  # 29 and 21
     np.testing.assert_array_equal(tiers["2-bit"], [24, 16])  # a group is demoted when one starts, 8 later
