@@ -28,21 +28,13 @@ from eval.scoring import accuracy, picks, score_requests
 from eval.tasks import DATA_DIR, TASKS, check_task, load_task
 from kvjax.errors import KvjaxError
 from kvjax.loading import load_model
-from kvjax.policies import PolicySpec, parse_policy
+from kvjax.policies import Policy, add_policy_flags, policies_from_flags
 
 
-def policy_spec(name: str, residual: int | None = None, group_size: int | None = None) -> PolicySpec | None:
-    """None for fp16; raises KvjaxError for an unknown name or bad overrides."""
-    return None if name == "fp16" else parse_policy(name, window=residual, group_size=group_size)
-
-
-def average_bits(spec: PolicySpec | None) -> float:
-    """Nominal bits per cached value: fp16 16, kivi{b}/int{b}-sink b, mixed@B and band@B B, streaming NaN."""
-    if spec is None:
-        return 16.0
-    if spec.budget_bits is not None:
-        return float(spec.budget_bits)
-    return float("nan") if spec.evict else float(spec.quant_widths[0])
+def average_bits(policy: Policy) -> float | None:
+    """Bits per cached value of the left tokens (fp16 16, kivi{b} b, mixed@B and band@B B); None for
+    an evicting policy (no bit count)."""
+    return policy.average_bits or None
 
 
 def model_tag(source: str) -> str:
@@ -59,12 +51,13 @@ def model_tag(source: str) -> str:
     return f"{base}-{digest.hexdigest()[:8]}"
 
 
-def cache_suffix(spec: PolicySpec | None, overrides: str) -> str:
+def cache_suffix(policy: Policy, overrides: str) -> str:
     """What besides the names tells score caches apart: the R/G overrides of quantized policies and
     a digest of the controller of learned and random ones (a retrained controller starts afresh)."""
-    if spec is None:
+    if policy.name == "fp16":
         return ""
-    return overrides + (f"-c{spec.controller.digest[:8]}" if spec.controller is not None else "")
+    controller = getattr(policy, "controller", None)
+    return overrides + (f"-c{controller.digest[:8]}" if controller is not None else "")
 
 
 def read_cache(path: str) -> dict[int, list[float]]:
@@ -187,12 +180,9 @@ def plot(results: dict, tasks: list[str], policies: list[str], bits: dict, path:
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m eval", description=__doc__.splitlines()[0])
     p.add_argument("--tasks", default="arc_easy,hellaswag", help=f"comma-separated: {', '.join(TASKS)}")
-    p.add_argument("--kv", default="fp16,kivi2", help="comma-separated KV-cache policies (fp16, kivi2, mixed@3, ...)")
+    add_policy_flags(p, default="fp16,kivi2")
     p.add_argument("--limit", type=int, default=None, help="first N examples of each task (default: all)")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass")
-    p.add_argument("--residual", type=int, default=None,
-                   help="16-bit window W / KIVI residual R of the quantized policies (default 128)")
-    p.add_argument("--group-size", type=int, default=None, help="quantization group size G (default 32)")
     p.add_argument("--model", default=None, help=".gguf file, HF folder or hub id (default: embedded SmolLM2)")
     p.add_argument("--data-dir", default=DATA_DIR, help="the shared data folder (holds hf_datasets/)")
     p.add_argument("--out", default="results", help="folder for results.json, results.md, results.png")
@@ -203,16 +193,16 @@ def parse_args(argv):
 def setup(args):
     """Validates everything before any scoring: (tasks, policies, specs, model, requests)."""
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    policies = [p.strip() for p in args.kv.split(",") if p.strip()]
-    if not tasks or not policies:
-        raise KvjaxError("--tasks and --kv need at least one name each")
+    if not tasks:
+        raise KvjaxError("--tasks needs at least one name")
     if args.limit is not None and args.limit < 1:
         raise KvjaxError(f"--limit must be >= 1, got {args.limit}")
     if args.batch_size < 1:
         raise KvjaxError(f"--batch-size must be >= 1, got {args.batch_size}")
     for t in tasks:
         check_task(t)
-    specs = {p: policy_spec(p, args.residual, args.group_size) for p in policies}
+    specs = {policy.name: policy for policy in policies_from_flags(args)}
+    policies = list(specs)
     requests = {t: load_task(t, args.data_dir, args.limit) for t in tasks}
     try:
         model = load_model(args.model)
@@ -220,9 +210,8 @@ def setup(args):
         if isinstance(e, KvjaxError):
             raise
         raise KvjaxError(f"cannot load model {args.model!r}: {type(e).__name__}: {e}") from None
-    for spec in specs.values():
-        if spec is not None:
-            spec.check(model.cfg)
+    for policy in specs.values():
+        policy.check(model.cfg)
     return tasks, policies, specs, model, requests
 
 
@@ -234,25 +223,25 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     cache_root = os.path.join(args.cache_dir, model_tag(model.source))
-    suffix = "".join(f"-{k}{v}" for k, v in (("R", args.residual), ("G", args.group_size)) if v is not None)
+    suffix = "".join(f"-{k}{v}" for k, v in (("R", args.window), ("G", args.group_size)) if v is not None)
     results, seconds, scores = {t: {} for t in tasks}, {t: {} for t in tasks}, {t: {} for t in tasks}
     for t in tasks:
         for p in policies:
             t0 = time.perf_counter()
             path = os.path.join(cache_root, f"{t}__{p}{cache_suffix(specs[p], suffix)}.jsonl")
-            scores[t][p] = evaluate(model, requests[t], specs[p] or "fp16", path, args.batch_size, desc=f"{t} {p}")
+            scores[t][p] = evaluate(model, requests[t], specs[p], path, args.batch_size, desc=f"{t} {p}")
             results[t][p] = accuracy(requests[t], scores[t][p])
             seconds[t][p] = round(time.perf_counter() - t0, 2)
             print(f"{t:>14} {p:>12}  acc {results[t][p]['acc']:.3f}  acc_norm {results[t][p]['acc_norm']:.3f}  "
                   f"({results[t][p]['n']} examples, {seconds[t][p]:.0f} s)", flush=True)
         if "fp16" in policies:
             count_changed(requests[t], scores[t], results[t])
-    bits = {p: (None if math.isnan(b) else b) for p, b in ((p, average_bits(specs[p])) for p in policies)}
+    bits = {p: average_bits(specs[p]) for p in policies}
     os.makedirs(args.out, exist_ok=True)
     report = {"command": "python -m eval " + " ".join(sys.argv[1:] if argv is None else argv),
               "device": device_name(), "date": datetime.date.today().isoformat(),
               "model": model.source, "tasks": tasks, "policies": policies, "limit": args.limit,
-              "residual": args.residual, "group_size": args.group_size, "average_bits": bits,
+              "residual": args.window, "group_size": args.group_size, "average_bits": bits,
               "results": results, "seconds": seconds}
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(report, f, indent=2)

@@ -30,8 +30,7 @@ from eval.tasks import DATA_DIR
 from kvjax import teacher_forced
 from kvjax.errors import KvjaxError
 from kvjax.loading import load_model
-from kvjax.model import forward
-from kvjax.policies import PolicySpec, make_cache, parse_policy, takes_controller
+from kvjax.policies import Policy, add_policy_flags, policies_from_flags
 
 TEXTS = {"wikitext2": "wikitext-2/test.txt", "sherlock": "gutenberg/sherlock.txt"}
 
@@ -67,68 +66,48 @@ class PerplexityResult:
         return math.exp(self.nll)
 
 
-def policy_spec(name: str, controller: str | None = None):
-    """"fp16" or the PolicySpec of `name`; `controller` (a file) replaces the shipped controller
-    of learned and random policies."""
-    if name == "fp16":
-        return name
-    return parse_policy(name, controller=controller if takes_controller(name) else None)
-
-
-def segment_nll(params, cfg, tokens: np.ndarray, policy: str | PolicySpec, dtype=jnp.float32):
-    """Next-token NLL [T-1] of one segment under `policy` (teacher-forced, exact), and the widths
-    of its left tokens [L] (0 = evicted; fp16: none left)."""
+def segment_nll(params, cfg, tokens: np.ndarray, policy: Policy, dtype=jnp.float32):
+    """Next-token NLL [T-1] of one segment under `policy` (teacher-forced, exact), and the bits at
+    which its left tokens were stored at the last query [L] (0 = evicted; fp16: none left)."""
     ids = jnp.asarray(tokens, jnp.int32)[None]
     positions = jnp.arange(ids.shape[1], dtype=jnp.int32)[None]
-    if policy == "fp16":
-        logits, _ = _plain_forward(params, ids, positions, cfg=cfg, dtype=dtype)
-        left = np.zeros((0,), np.int32)
-    else:
-        spec = policy if isinstance(policy, PolicySpec) else parse_policy(policy)
-        logits, cache = teacher_forced.score(params, cfg, ids, positions, spec, ids.shape[1], dtype)
-        left = left_widths(spec, np.asarray(cache.widths_at(ids.shape[1] - 1)[0]))
+    logits, cache = teacher_forced.score(params, cfg, ids, positions, policy, ids.shape[1], dtype)
+    left = np.zeros((0,), np.float32)
+    if cache is not None:
+        last = ids.shape[1] - 1
+        bits = np.asarray(cache.bits_at(last)[0])
+        left = bits[cache.layout.has_left(np.arange(len(bits)), last)]
     logp = jax.nn.log_softmax(logits[0, :-1], axis=-1)
     return -np.asarray(jnp.take_along_axis(logp, ids[0, 1:, None], axis=-1)[:, 0]), left
 
 
-def left_widths(spec: PolicySpec, widths: np.ndarray) -> np.ndarray:
-    """Widths [T] of a segment's tokens -> those of the tokens that left the window by its last query."""
-    return widths[spec.has_left(np.arange(len(widths)), len(widths) - 1)]
-
-
 def width_summary(left: np.ndarray) -> tuple[float, dict[str, float]]:
-    """(average bits, width -> share) of the left tokens' widths; no left tokens (fp16): 16 bits."""
+    """(average bits, bits -> share) of the left tokens; no left tokens (fp16): 16 bits."""
     if left.size == 0:
         return 16.0, {"16": 1.0}
     values, counts = np.unique(left, return_counts=True)
-    return float(left.mean()), {str(int(w)): float(c / left.size) for w, c in zip(values, counts)}
+    return float(left.mean()), {f"{w:g}": float(c / left.size) for w, c in zip(values, counts)}
 
 
-_plain_forward = jax.jit(lambda params, tokens, positions, cfg, dtype: forward(params, cfg, tokens, positions,
-                                                                                  None, dtype),
-                         static_argnames=("cfg", "dtype"))
-
-
-def kv_bytes_per_token(policy: str | PolicySpec, cfg, context: int) -> float:
+def kv_bytes_per_token(policy: Policy, cfg, context: int) -> float:
     """Allocated bytes per token of a batch-1 cache for `context` tokens, 16-bit storage."""
-    cache = jax.eval_shape(lambda: make_cache(policy, cfg, 1, context, jnp.float16))
+    cache = jax.eval_shape(lambda: policy.make_cache(cfg, 1, context, jnp.float16))
     return sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(cache)) / context
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m eval.perplexity", description=__doc__.splitlines()[0])
     p.add_argument("--model", default=None)
-    p.add_argument("--kv", default="fp16,kivi4,kivi2", help="comma-separated policies")
+    add_policy_flags(p, default="fp16,kivi4,kivi2")
     p.add_argument("--text", default="wikitext2", choices=sorted(TEXTS))
     p.add_argument("--context", type=int, default=4096)
     p.add_argument("--segments", type=int, default=2)
     p.add_argument("--data-dir", default=DATA_DIR)
-    p.add_argument("--controller", default=None, help="controller file for mixed-learned/-random (default: shipped)")
     p.add_argument("--json", default=None, help="append results as JSON lines to this file")
     args = p.parse_args(argv)
     try:
-        policies = [x.strip() for x in args.kv.split(",") if x.strip()]
-        specs = {policy: policy_spec(policy, args.controller) for policy in policies}
+        specs = {policy.name: policy for policy in policies_from_flags(args)}
+        policies = list(specs)
         model = load_model(args.model)
         ids = np.asarray(model.tokenizer.encode(read_text(args.text, args.data_dir)), np.int32)
         if len(ids) < args.context * args.segments:
@@ -155,7 +134,7 @@ def main(argv=None) -> int:
               flush=True)
         if args.json:
             with open(args.json, "a") as f:
-                extra = {"controller": args.controller} if args.controller and takes_controller(policy) else {}
+                extra = {"controller": args.controller} if args.controller and getattr(specs[policy], "controller", None) else {}
                 f.write(json.dumps({**dataclasses.asdict(result), "perplexity": result.perplexity, **extra}) + "\n")
     return 0
 

@@ -5,7 +5,7 @@ continuation_enc` (trailing spaces of the context move to the continuation), and
 scored in one teacher-forced pass: the sum of the continuation tokens' log-probabilities.
 Pairs of several requests run together, right-padded (position -1) to a bucketed length
 (multiples of BUCKET tokens) and a fixed batch size, so jit compiles only a few shapes.
-Quantized policies go through `kvjax.teacher_forced.score`, fp16 through a plain `forward`.
+Every policy goes through `kvjax.teacher_forced.score` (for fp16, a plain causal forward).
 """
 
 from __future__ import annotations
@@ -17,8 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kvjax import teacher_forced
-from kvjax.model import forward
-from kvjax.policies import PolicySpec, parse_policy
+from kvjax.policies import Policy, get_policy
 
 from eval.tasks import TARGET_DELIMITER, Request
 
@@ -36,20 +35,11 @@ def encode_pair(tokenizer, context: str, continuation: str, prefix_id: int) -> t
     return tokenizer.encode(context) or [prefix_id], tokenizer.encode(continuation)
 
 
-def resolve_policy(policy: str | PolicySpec) -> PolicySpec | None:
-    """None for fp16, else the PolicySpec (names are parsed with defaults)."""
-    if isinstance(policy, PolicySpec):
-        return policy
-    return None if policy == "fp16" else parse_policy(policy)
-
-
-@functools.partial(jax.jit, static_argnames=("cfg", "spec"))
-def target_logprobs(params, inputs, targets, positions, *, cfg, spec):
-    """log p(targets[b, t] | inputs[b, :t+1]) -> [b, T] float32; spec None = fp16."""
-    if spec is None:
-        logits, _ = forward(params, cfg, inputs, positions)
-    else:  # capacity = the padded length: every row fits its tiers, as in a cache sized for it
-        logits, _ = teacher_forced.score(params, cfg, inputs, positions, spec, inputs.shape[1])
+@functools.partial(jax.jit, static_argnames=("cfg", "policy"))
+def target_logprobs(params, inputs, targets, positions, *, cfg, policy):
+    """log p(targets[b, t] | inputs[b, :t+1]) -> [b, T] float32."""
+    # capacity = the padded length: every row fits its tiers, as in a cache sized for it
+    logits, _ = teacher_forced.score(params, cfg, inputs, positions, policy, inputs.shape[1])
     picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]  # [b, T]
     return picked - jax.nn.logsumexp(logits, axis=-1)
 
@@ -70,12 +60,11 @@ def _bucket(n: int, max_len: int) -> int:
     return min(-(-n // BUCKET) * BUCKET, max_len)
 
 
-def score_requests(model, requests: list[Request], policy: str | PolicySpec = "fp16",
+def score_requests(model, requests: list[Request], policy: str | Policy = "fp16",
                    batch_size: int = 8) -> list[list[float]]:
     """Summed log-probability of each request's continuations: one list per request."""
-    spec = resolve_policy(policy)
-    if spec is not None:
-        spec.check(model.cfg)
+    policy = get_policy(policy) if isinstance(policy, str) else policy
+    policy.check(model.cfg)
     rows = sorted(_rows(model, requests), key=lambda row: -len(row[2]))  # longest first, as the harness
     scores = [[0.0] * len(req.continuations) for req in requests]
     by_bucket: dict[int, list] = {}
@@ -90,7 +79,7 @@ def score_requests(model, requests: list[Request], policy: str | PolicySpec = "f
             for i, (_, _, inp, tgt, _) in enumerate(batch):
                 inputs[i, :len(inp)], targets[i, :len(tgt)] = inp, tgt
                 positions[i, :len(inp)] = np.arange(len(inp))
-            logp = np.asarray(target_logprobs(model.params, inputs, targets, positions, cfg=model.cfg, spec=spec))
+            logp = np.asarray(target_logprobs(model.params, inputs, targets, positions, cfg=model.cfg, policy=policy))
             for i, (r, c, inp, _, k) in enumerate(batch):
                 scores[r][c] = float(logp[i, len(inp) - k:len(inp)].sum())
     return scores

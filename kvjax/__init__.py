@@ -3,11 +3,13 @@
 from kvjax.config import PRESETS, ModelConfig, get_preset
 from kvjax.errors import KvjaxError
 from kvjax.generation import GenerationResult, generate
+from kvjax.kernels import Kernels
 from kvjax.loading import LoadedModel, load_model
-from kvjax.model import Llama, forward, init_params
-from kvjax.policies import POLICY_NAMES, PolicySpec, make_cache, parse_policy
+from kvjax.model import forward, init_params
+from kvjax.policies import REGISTRY, Policy, get_policy, make_cache, policy_names
 from kvjax.sampling import SamplingConfig
+from kvjax.teacher_forced import score
 
-__all__ = ["PRESETS", "ModelConfig", "get_preset", "KvjaxError", "GenerationResult", "generate",
-           "LoadedModel", "load_model", "Llama", "forward", "init_params", "POLICY_NAMES", "PolicySpec", "make_cache", "parse_policy",
-           "SamplingConfig"]
+__all__ = ["PRESETS", "ModelConfig", "get_preset", "KvjaxError", "GenerationResult", "generate", "Kernels",
+           "LoadedModel", "load_model", "forward", "init_params", "REGISTRY", "Policy", "get_policy", "make_cache",
+           "policy_names", "SamplingConfig", "score"]

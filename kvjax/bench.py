@@ -30,39 +30,30 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kvjax import teacher_forced
-from kvjax.cache import DenseCache
 from kvjax.config import get_preset
 from kvjax.errors import KvjaxError
-from kvjax.features import NUM_FEATURES
 from kvjax.generation import decode_chunk, default_dtype, prefill, start_state
 from kvjax.loading import LoadedModel, load_model
 from kvjax.model import DTYPES, init_params
-from kvjax.policies import add_policy_flags, make_cache, policy_from_flags
+from kvjax.policies import add_policy_flags, policies_from_flags
 from kvjax.sampling import SamplingConfig
-from kvjax.tiered import TieredCache
 
 GREEDY = SamplingConfig()
 
 
-@functools.partial(jax.jit, static_argnames=("policy", "cfg", "batch", "context", "capacity", "dtype"))
-def filled_cache(key, *, policy, cfg, batch: int, context: int, capacity: int, dtype):
+@functools.partial(jax.jit, static_argnames=("policy", "cfg", "batch", "context", "capacity", "dtype", "kernels"))
+def filled_cache(key, *, policy, cfg, batch: int, context: int, capacity: int, dtype, kernels="auto"):
     """A cache of `policy` holding `context` random tokens per sequence, as decoding leaves it."""
-    cache = make_cache(policy, cfg, batch, capacity, dtype)
+    cache = policy.make_cache(cfg, batch, capacity, dtype, kernels)
     kk, kv = jax.random.split(key)
     shape = (cfg.num_layers, batch, cfg.num_kv_heads, context, cfg.head_dim)
     k_all, v_all = jax.random.normal(kk, shape, dtype), jax.random.normal(kv, shape, dtype)
-    if isinstance(cache, DenseCache):
-        pad = ((0, 0),) * 3 + ((0, capacity - context), (0, 0))
-        return cache.replace(k=jnp.pad(k_all, pad), v=jnp.pad(v_all, pad),
-                             lengths=jnp.full((batch,), context, jnp.int32))
     positions = jnp.broadcast_to(jnp.arange(context, dtype=jnp.int32), (batch, context))
-    features = jnp.zeros((batch, context, NUM_FEATURES), jnp.float32)
-    widths, _ = teacher_forced.assign_widths(cache.spec, cache.caps, positions, features, cache.counts)
-    return TieredCache.from_sequence(cache, k_all, v_all, widths, features, positions)
+    return cache.filled(k_all, v_all, positions)
 
 
-def bench_context(model, context: int, decode_steps: int, batch: int, kv, dtype, repeats: int, synthetic: bool):
+def bench_context(model, context: int, decode_steps: int, batch: int, kv, dtype, repeats: int, synthetic: bool,
+                  kernels="auto"):
     """-> (prefill tokens/s or None, decode ms/token, KV bytes) for `context` tokens per sequence."""
     cfg = model.cfg
     capacity = context + decode_steps + 1
@@ -75,10 +66,10 @@ def bench_context(model, context: int, decode_steps: int, batch: int, kv, dtype,
         t_prefill = None
         if synthetic:
             cache = filled_cache(jax.random.PRNGKey(context), policy=kv, cfg=cfg, batch=batch, context=context,
-                                 capacity=capacity, dtype=dtype)
+                                 capacity=capacity, dtype=dtype, kernels=kernels)
             logits = jnp.zeros((batch, cfg.vocab_size), jnp.float32)
         else:
-            cache = make_cache(kv, cfg, batch, capacity, dtype)
+            cache = kv.make_cache(cfg, batch, capacity, dtype, kernels)
             t0 = time.perf_counter()
             logits, cache = prefill(model.params, tokens, positions, cache, cfg=cfg, dtype=dtype)
             logits.block_until_ready()
@@ -102,7 +93,7 @@ def bench_context(model, context: int, decode_steps: int, batch: int, kv, dtype,
 
 def cache_bytes(policy, cfg, batch: int, capacity: int, dtype) -> int:
     """Bytes of an empty cache of `policy` (shapes only, nothing allocated)."""
-    shapes = jax.eval_shape(lambda: make_cache(policy, cfg, batch, capacity, dtype))
+    shapes = jax.eval_shape(lambda: policy.make_cache(cfg, batch, capacity, dtype))
     return sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(shapes))
 
 
@@ -139,10 +130,8 @@ def main(argv=None) -> int:
     try:
         contexts = [int(c) for c in args.contexts.split(",")]
         dtype_name = args.dtype or default_dtype()
-        names = args.kv.split(",")
-        # Tuning flags apply to the quantized policies of the list.
-        policies = [name if name == "fp16" else policy_from_flags(argparse.Namespace(**{**vars(args), "kv": name}))
-                    for name in names]
+        policies = policies_from_flags(args)
+        names = [p.name for p in policies]
         last = max(contexts) + args.decode_steps + 1
         if args.preset:
             model = random_model(args.preset, last, DTYPES[dtype_name])
@@ -152,8 +141,7 @@ def main(argv=None) -> int:
                 raise KvjaxError(f"context {max(contexts)} + decode steps exceeds the model's "
                                  f"{model.cfg.max_position_embeddings} tokens")
         for kv in policies:
-            if kv != "fp16":
-                kv.check(model.cfg)
+            kv.check(model.cfg)
         batches = [args.batch] * len(policies)
         if args.kv_budget_gib is not None:
             budget = int(args.kv_budget_gib * 2**30)
@@ -178,7 +166,8 @@ def main(argv=None) -> int:
     for name, kv, batch in zip(names, policies, batches):
         for context in contexts:
             tps, ms, kv_bytes = bench_context(model, context, args.decode_steps, batch, kv,
-                                              DTYPES[dtype_name], args.repeats, synthetic=bool(args.preset))
+                                              DTYPES[dtype_name], args.repeats, synthetic=bool(args.preset),
+                                              kernels=args.kernels)
             prefill_col = "-" if tps is None else f"{tps:.1f}"
             print(f"{name:<10} {batch:>6} {context:>8} {prefill_col:>14} {ms:>14.2f} {batch * 1e3 / ms:>13.1f} "
                   f"{kv_bytes / 2**20:>8.1f}", flush=True)

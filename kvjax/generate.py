@@ -63,7 +63,7 @@ def main(argv=None) -> int:
             print(text, end="", flush=True)
 
         result = generate(model, prompts, args.max_new_tokens, sampling, args.seed, kv, dtype,
-                          chunk=args.chunk, on_text=show if stream else None)
+                          chunk=args.chunk, on_text=show if stream else None, kernels=args.kernels)
         if stream:
             print()
         else:

@@ -19,14 +19,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from kvjax import teacher_forced
 from kvjax.errors import KvjaxError
 from kvjax.features import forward_recording_features
+from kvjax.kernels import Kernels
 from kvjax.loading import LoadedModel
-from kvjax.model import DTYPES, forward
-from kvjax.policies import PolicySpec, make_cache, parse_policy
+from kvjax.model import DTYPES
+from kvjax.policies import Policy, get_policy
 from kvjax.sampling import SamplingConfig, sample
-from kvjax.tiered import TieredCache
 
 
 @struct.dataclass
@@ -46,10 +45,7 @@ def prefill(params, tokens, positions, cache, *, cfg, dtype):
     A quantized cache is filled through the exact teacher-forced path, so it ends in the
     state that step-by-step decoding of the prompt would have left.
     """
-    if isinstance(cache, TieredCache):
-        logits, cache = teacher_forced.prefill(params, cfg, tokens, positions, cache)
-    else:
-        logits, cache = forward(params, cfg, tokens, positions, cache, dtype)
+    logits, cache = cache.prefill(params, cfg, tokens, positions, dtype)
     last = jnp.argmax(positions, axis=1)  # index of each row's last real token
     return logits[jnp.arange(tokens.shape[0]), last], cache
 
@@ -130,9 +126,9 @@ def _visible_text(text: str) -> str:
 
 
 def generate(model: LoadedModel, prompts: list[str] | list[list[int]], max_new_tokens: int = 64,
-             sampling: SamplingConfig = SamplingConfig(), seed: int = 0, kv: str | PolicySpec = "fp16",
+             sampling: SamplingConfig = SamplingConfig(), seed: int = 0, kv: str | Policy = "fp16",
              dtype: str = "float32", chunk: int | None = None,
-             on_text: Callable[[str], None] | None = None) -> GenerationResult:
+             on_text: Callable[[str], None] | None = None, kernels: Kernels | str = Kernels.AUTO) -> GenerationResult:
     """Generates up to `max_new_tokens` per prompt (strings or token-id lists).
 
     `chunk` decode steps run per device dispatch (default: all of them); `on_text`
@@ -141,8 +137,7 @@ def generate(model: LoadedModel, prompts: list[str] | list[list[int]], max_new_t
     cfg, tok = model.cfg, model.tokenizer
     if max_new_tokens < 1:
         raise KvjaxError(f"max-new-tokens must be >= 1, got {max_new_tokens}")
-    if kv != "fp16" and not isinstance(kv, PolicySpec):
-        kv = parse_policy(kv)
+    policy = get_policy(kv) if isinstance(kv, str) else kv
     if dtype not in DTYPES:
         raise KvjaxError(f"unknown dtype {dtype!r}; known: {', '.join(DTYPES)}")
     ids = [tok.encode(p) if isinstance(p, str) else list(p) for p in prompts]
@@ -156,7 +151,8 @@ def generate(model: LoadedModel, prompts: list[str] | list[list[int]], max_new_t
     eos_id = cfg.eos_token_id if cfg.eos_token_id is not None else -1
     chunk = chunk or max_new_tokens
     tokens, positions = _pad_prompts(ids)
-    cache = make_cache(kv, cfg, len(ids), longest + max_new_tokens, jdtype)
+    policy.check(cfg)
+    cache = policy.make_cache(cfg, len(ids), longest + max_new_tokens, jdtype, kernels)
 
     t0 = time.perf_counter()
     prefill_fn = prefill.lower(model.params, tokens, positions, cache, cfg=cfg, dtype=jdtype).compile()
@@ -194,7 +190,7 @@ def generate(model: LoadedModel, prompts: list[str] | list[list[int]], max_new_t
     return GenerationResult(tokens=out, texts=[tok.decode(t) for t in out],
                             prompt_lengths=[len(p) for p in ids], prefill_s=prefill_s,
                             decode_s=decode_s, decode_steps=int(state.step) - 1, compile_s=compile_s,
-                            kv_bytes=kv_bytes, kv_policy=kv if isinstance(kv, str) else kv.name,
+                            kv_bytes=kv_bytes, kv_policy=policy.name,
                             kv_tiers={k: int(v[0]) for k, v in state.cache.tokens_per_tier().items()})
 
 

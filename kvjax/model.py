@@ -1,16 +1,17 @@
-"""Llama-architecture decoder (SmolLM) as a pure-functional Flax module.
+"""Llama-architecture decoder (SmolLM): pure functions over a params pytree, Flax modules inside.
 
-    logits, cache = Llama(cfg).apply({"params": params}, tokens, positions, cache)
+    logits, cache = forward(params, cfg, tokens, positions, cache)
 
 tokens int32 [b, t]; positions int32 [b, t] (-1 marks right padding); cache is an
-explicit pytree (kvjax.cache) or None for a plain causal forward over the t tokens.
+explicit pytree (kvjax.cache.KVCache) or None for a plain causal forward over the t tokens.
 Layers are stacked ([l, ...] params) and run with a scan, so the step compiles once
-whatever the depth. Shape letters: see kvjax.config.
+whatever the depth; a cache whose widths differ by layer splits the layers into segments
+(kvjax.layout), one scan each. Shape letters: see kvjax.config.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -20,6 +21,13 @@ from kvjax.attention import causal_mask, masked_attention
 from kvjax.config import ModelConfig
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+class Layer(NamedTuple):
+    """How the model names a layer to its cache."""
+
+    segment: int  # static: which run of equally stored layers (the cache's `segments`)
+    index: jax.Array  # int32 []: the layer's index in the model
 
 
 def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
@@ -53,6 +61,7 @@ class Block(nn.Module):
     dtype: Any
     token_stats: bool = False
     queries: bool = False
+    segment: int = 0  # the cache's segment this layer is in (kvjax.layout.Layout.segments)
 
     @nn.compact
     def __call__(self, carry, layer: jax.Array, positions: jax.Array):
@@ -70,8 +79,9 @@ class Block(nn.Module):
             mask = causal_mask(positions, positions)
             attn = masked_attention(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), mask)
         else:
-            cache = cache.update(layer, k, v, positions)
-            attn = cache.attend(layer, q, positions)
+            ref = Layer(self.segment, layer)
+            cache = cache.update(ref, k, v, positions)
+            attn = cache.attend(ref, q, positions)
         x = x + dense(cfg.hidden_size, "o_proj")(attn.reshape(b, t, -1))
 
         h = RMSNorm(cfg.rms_norm_eps, self.dtype, name="mlp_norm")(x)
@@ -94,52 +104,64 @@ def layer_token_stats(q, k, v):
                       jnp.var(self_score, axis=-1)], axis=-1)
 
 
-class Llama(nn.Module):
-    """Decoder-only Llama: embed -> l x Block -> RMSNorm -> logits (float32)."""
+def _embed(cfg: ModelConfig, dtype):
+    return nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype)
 
-    cfg: ModelConfig
-    dtype: Any = jnp.float32
-    token_stats: bool = False  # also return per-layer token statistics [l, b, t, 3] (layer_token_stats)
-    queries: bool = False  # with token_stats: return (stats, queries [l, b, t, n, h] after RoPE)
 
-    @nn.compact
-    def __call__(self, tokens: jax.Array, positions: jax.Array, cache=None):
-        cfg = self.cfg
-        embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=self.dtype, name="embed")
-        x = embed(tokens)
-        if cache is not None:
-            cache = cache.begin(positions)
-        layers = nn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True},
-                         in_axes=(0, nn.broadcast), length=cfg.num_layers)(cfg, self.dtype, self.token_stats, self.queries,
-                                                                  name="layers")
-        (x, cache), stats = layers((x, cache), jnp.arange(cfg.num_layers), positions)
-        x = RMSNorm(cfg.rms_norm_eps, self.dtype, name="final_norm")(x)
-        if cfg.tie_word_embeddings:
-            logits = embed.attend(x)
-        else:
-            logits = nn.Dense(cfg.vocab_size, use_bias=False, dtype=self.dtype, name="lm_head")(x)
-        if cache is not None:
-            cache = cache.advance(positions)
-        if self.token_stats:
-            return logits.astype(jnp.float32), cache, stats
-        return logits.astype(jnp.float32), cache
+def _apply(params, cfg: ModelConfig, tokens, positions, cache, dtype, token_stats: bool, queries: bool):
+    """embed -> the layers, one scan per cache segment -> RMSNorm -> logits float32 [b, t, v]."""
+    embed = _embed(cfg, dtype)
+    x = embed.apply({"params": params["embed"]}, tokens)
+    if cache is not None:
+        cache = cache.begin(positions)
+    segments = ((0, cfg.num_layers),) if cache is None else cache.segments
+    outs = []
+    for s, (start, stop) in enumerate(segments):
+        block = Block(cfg, dtype, token_stats, queries, segment=s)
+
+        def body(carry, layer, block=block):
+            layer_params = jax.tree_util.tree_map(lambda a: a[layer], params["layers"])  # no copy of the stack
+            return block.apply({"params": layer_params}, carry, layer, positions)
+
+        (x, cache), out = jax.lax.scan(body, (x, cache), jnp.arange(start, stop))
+        outs.append(out)
+    x = RMSNorm(cfg.rms_norm_eps, dtype).apply({"params": params["final_norm"]}, x)
+    if cfg.tie_word_embeddings:
+        logits = embed.apply({"params": params["embed"]}, x, method="attend")
+    else:
+        logits = nn.Dense(cfg.vocab_size, use_bias=False, dtype=dtype).apply({"params": params["lm_head"]}, x)
+    if cache is not None:
+        cache = cache.advance(positions)
+    stats = jax.tree_util.tree_map(lambda *a: jnp.concatenate(a), *outs) if token_stats else None
+    return logits.astype(jnp.float32), cache, stats
 
 
 def init_params(cfg: ModelConfig, rng: jax.Array, dtype=jnp.float32):
-    """Random params of the real shapes (Flax's default initializers), for tests and speed work."""
+    """Random params of the real shapes (Flax's default initializers), for tests and speed work.
+
+    The tree: embed/embedding [v, d], layers/<name>/kernel|scale stacked on a leading [l] axis,
+    final_norm/scale, and lm_head/kernel unless the embeddings are tied (kvjax.loading builds it too).
+    """
+    k_embed, k_layers, k_head = jax.random.split(rng, 3)
     tokens = jnp.zeros((1, 1), jnp.int32)
-    params = Llama(cfg).init(rng, tokens, tokens)["params"]
-    return jax.tree_util.tree_map(lambda x: x.astype(dtype), params)
+    x = jnp.zeros((1, 1, cfg.hidden_size), jnp.float32)
+    init_layer = lambda key: Block(cfg, jnp.float32).init(key, (x, None), jnp.int32(0), tokens)["params"]
+    params = {"embed": _embed(cfg, jnp.float32).init(k_embed, tokens)["params"],
+              "layers": jax.vmap(init_layer)(jax.random.split(k_layers, cfg.num_layers)),
+              "final_norm": {"scale": jnp.ones((cfg.hidden_size,), jnp.float32)}}
+    if not cfg.tie_word_embeddings:
+        params["lm_head"] = nn.Dense(cfg.vocab_size, use_bias=False).init(k_head, x)["params"]
+    return jax.tree_util.tree_map(lambda a: a.astype(dtype), params)
 
 
 def forward(params, cfg: ModelConfig, tokens, positions, cache=None, dtype=jnp.float32):
     """Functional entry point: (logits float32 [b, t, v], new cache)."""
-    return Llama(cfg, dtype).apply({"params": params}, tokens, positions, cache)
+    logits, cache, _ = _apply(params, cfg, tokens, positions, cache, dtype, False, False)
+    return logits, cache
 
 
 def forward_with_stats(params, cfg: ModelConfig, tokens, positions, cache=None, dtype=jnp.float32,
                        queries: bool = False):
     """`forward` that also returns each layer's token statistics float32 [l, b, t, 3] (for features);
     with `queries`, (stats, queries [l, b, t, n, h]) (for controller training traces)."""
-    return Llama(cfg, dtype, token_stats=True, queries=queries).apply({"params": params}, tokens, positions,
-                                                                       cache)
+    return _apply(params, cfg, tokens, positions, cache, dtype, True, queries)

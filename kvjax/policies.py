@@ -1,147 +1,202 @@
-"""KV-cache policies by name, the precision policies of `mixed`, and tier capacities.
+"""KV-cache policies: one class each, registered by name.
 
-  fp16            every token in full precision (kvjax.cache.DenseCache)
-  kivi2/4/8       KIVI: a 16-bit residual of the R newest tokens; older values per token and
-                  keys per channel (whole groups of G tokens) in 2/4/8 bits
-  int8-sink       selective quantization: S sink tokens + a window of W newest in 16 bits,
-                  the middle int8 per token (symmetric, keys and values); int4-sink and
-                  int2-sink are its 4- and 2-bit variants
-  streaming       StreamingLLM: S sinks + W window, everything else evicted
-  mixed           like KIVI, but each token leaving the residual gets a width in {2, 4, 8, 16}
-                  from a precision policy under an average-bit budget (`mixed@3` = 3.0 bits):
-                  static (`mixed@3`), rule (`mixed-rule@3`), learned (`mixed-learned@3`, and
-                  plain `mixed`: the shipped controller, kvjax.controller) or random
-                  (`mixed-random@3`: static assignment at the learned controller's histogram)
-  band@B          widths by age: every token leaving the window is stored at 4 bits (KIVI) and
-                  re-quantized to 2 bits once enough newer tokens have left; the 4-bit band holds
-                  (B - 2) / 2 of the left tokens a full cache has, so a full cache averages B bits
-                  (keys move in whole groups of G: group g is demoted when group g + n4/G starts)
+  fp16                every token in 16 bits (kvjax.cache.DenseCache)
+  kivi2, kivi4, kivi8 KIVI: the R newest tokens in 16 bits, the older ones at 2/4/8 bits,
+                      keys per channel (groups of G tokens), values per token (groups of G channels)
+  kivi-k4v2, ...      KIVI with keys and values at different widths (kivi-kAvB, A, B in 2, 4, 8)
+  int8-sink           selective quantization: S sink tokens and the W newest in 16 bits, the
+                      middle int8 per token (symmetric); int4-sink, int2-sink at 4 and 2 bits
+  streaming           StreamingLLM: S sinks and the W newest; everything else evicted
+  band@B              widths by age: left tokens are stored at 4 bits (KIVI), then re-encoded at 2
+                      bits once enough newer ones have left; a full cache averages B bits
+  mixed-static@B      a width in {2, 4, 8, 16} per token under an average of B bits: static
+  mixed-rule@B        (pseudo-random by position), rule (entropy and rarity), learned (the
+  mixed-learned@B     controller of kvjax.controller; shipped for the default model at 2.5, 3
+  mixed-random@B      and 4 bits) or random at the learned controller's histogram
+  aliases             mixed@B = mixed-static@B, mixed = mixed-learned@3
 
-A token leaves the 16-bit window when W newer tokens have arrived; a policy decides its
-width then ("left" tokens). Tier capacities are static; when the preferred tier is full
-the token goes to the nearest width (in log2 bits, ties to the wider) with room.
+A policy says, once, what becomes of a token when it leaves the 16-bit window: `tiers` lists
+where left tokens can be stored (slots, widths per layer for keys and values, rings that demote)
+given how many can leave; `entry` picks the tier of a leaving token. kvjax.layout holds the rules
+every policy shares; the step-by-step cache, the prompt fill and the exact teacher-forced scorer
+all derive from this description, and tests/test_policies.py proves them equal for every name in
+`REGISTRY`. Adding a policy: docs/DESIGN.md.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Callable
 
 import jax.numpy as jnp
 
+from kvjax import kernels as kernel_choice
+from kvjax.cache import DenseCache
 from kvjax.config import ModelConfig
+from kvjax.controller import Controller, default_controller, load_controller
 from kvjax.errors import KvjaxError
+from kvjax.layout import EVICTED, Layout, Tier
+from kvjax.tiered import TieredCache
 
-WIDTHS = (2, 4, 8, 16)
-EVICTED = 0  # width code of a token a streaming policy dropped
-POLICY_NAMES = ("fp16", "kivi2", "kivi4", "kivi8", "int8-sink", "int4-sink", "int2-sink", "streaming", "mixed",
-                "band")
-PRECISIONS = ("static", "rule", "learned", "random")
-CONTROLLED = ("learned", "random")  # precisions that need a controller
-# Share of the bits above 2 that `mixed` spends on 16-, 8- and 4-bit tokens.
-_UPGRADE_SHARES = {16: 0.2, 8: 0.3, 4: 0.5}
+DEFAULT_WINDOW = 128  # W (KIVI's residual R)
+DEFAULT_GROUP = 32  # G
+DEFAULT_SINKS = 4  # S, for the policies that keep sinks
 
 
 @dataclasses.dataclass(frozen=True)
-class PolicySpec:
-    """A quantized cache policy (static under jit)."""
+class Policy:
+    """A KV-cache policy (static under jit: frozen and hashable)."""
 
     name: str
-    quant_widths: tuple[int, ...] = ()  # packed tiers
-    symmetric: bool = False  # per-token symmetric keys and values (int8-sink)
-    evict: bool = False  # streaming: tokens leaving the window are dropped
-    sinks: int = 0  # S: the first S tokens stay in 16 bits
-    window: int = 128  # W (KIVI's residual R): the newest tokens in 16 bits
-    group_size: int = 32  # G
-    budget_bits: float | None = None  # mixed, band: average bits of the tokens that left the window
-    band: bool = False  # band: widths by age (a 4-bit band, then 2 bits), see the module docstring
-    precision: str = "static"  # mixed: how preferred widths are chosen
-    controller: object = None  # kvjax.controller.Controller for precision learned / random
+    uses_features = False  # whether token widths depend on model outputs (then scoring runs block by block)
+
+    def layout(self, cfg: ModelConfig, capacity: int) -> Layout | None:
+        """The static shape of a cache for sequences of up to `capacity` tokens; None: plain 16-bit."""
+        raise NotImplementedError
+
+    def make_cache(self, cfg: ModelConfig, batch: int, capacity: int, dtype=jnp.float32,
+                   kernels=kernel_choice.Kernels.AUTO):
+        raise NotImplementedError
+
+    def check(self, cfg: ModelConfig):
+        """Raises a KvjaxError if the policy cannot run on this model."""
+
+    @property
+    def average_bits(self) -> float:
+        """Bits per K/V element of the tokens that left the window, in a full cache (16 for fp16)."""
+        return 16.0
+
+
+@dataclasses.dataclass(frozen=True)
+class FP16(Policy):
+    name: str = "fp16"
+
+    def layout(self, cfg, capacity):
+        return None
+
+    def make_cache(self, cfg, batch, capacity, dtype=jnp.float32, kernels=kernel_choice.Kernels.AUTO):
+        return DenseCache.init(cfg, batch, capacity, dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class Quantized(Policy):
+    """A policy whose left tokens go to tiers (kvjax.tiered.TieredCache)."""
+
+    sinks: int = DEFAULT_SINKS
+    window: int = DEFAULT_WINDOW
+    group_size: int = DEFAULT_GROUP
 
     def __post_init__(self):
-        for w in self.quant_widths:
-            if w not in WIDTHS[:-1]:
-                raise KvjaxError(f"{self.name}: width {w} is not one of {WIDTHS}")
         if self.window < 1 or self.sinks < 0:
             raise KvjaxError(f"{self.name}: window must be >= 1 and sinks >= 0")
         if self.group_size < 1:
             raise KvjaxError(f"{self.name}: group size must be >= 1, got {self.group_size}")
-        if not self.symmetric and self.quant_widths and self.window % self.group_size:
-            raise KvjaxError(f"{self.name}: residual R={self.window} is not a multiple of G={self.group_size}")
-        if self.budget_bits is not None:
-            if self.budget_bits < 2:
-                raise KvjaxError(f"{self.name}: a budget of {self.budget_bits} bits is below 2 bits")
-            limit = 4.0 if self.band else max_budget()
-            if self.budget_bits > limit:
-                raise KvjaxError(f"{self.name}: budget {self.budget_bits} bits is above {limit:.2f}")
-        if self.precision not in PRECISIONS:
-            raise KvjaxError(f"{self.name}: unknown precision policy {self.precision!r}; known: {PRECISIONS}")
-        if self.mixed and (self.precision in CONTROLLED) != (self.controller is not None):
-            raise KvjaxError(f"{self.name}: precision {self.precision!r} "
-                             f"{'needs' if self.precision in CONTROLLED else 'takes no'} controller")
-        if self.controller is not None and abs(self.controller.budget_bits - self.budget_bits) > 1e-6:
-            raise KvjaxError(f"{self.name}: the controller was trained for {self.controller.budget_bits:g} bits, "
-                             f"the policy asks for {self.budget_bits:g}")
 
-    @property
-    def mixed(self) -> bool:
-        return self.budget_bits is not None and not self.band
+    def tiers(self, cfg: ModelConfig, left: int) -> tuple[Tier, ...]:
+        """The tiers of a cache in which `left` tokens can leave the window."""
+        raise NotImplementedError
 
-    @property
-    def uses_features(self) -> bool:
-        """Whether widths depend on model outputs (then scoring runs block by block)."""
-        return self.mixed and self.precision in ("rule", "learned")
+    def entry(self, positions, features, entered, layout: Layout):
+        """The tier each leaving token enters (int32 [b]; EVICTED drops it): positions [b], features
+        [b, F] of its own step, entered [b, tiers] (tokens that entered each tier before it)."""
+        return jnp.zeros(positions.shape, jnp.int32)
 
-    @property
-    def tier_widths(self) -> tuple[int, ...]:
-        """Widths with a tier of their own (16 = the dense tier of kept tokens)."""
-        return self.quant_widths + ((16,) if self.mixed else ())
-
-    def check(self, cfg: ModelConfig):
-        """Checks the policy against the model's head dim and context."""
-        h = cfg.head_dim
-        if self.quant_widths and not self.symmetric and h % self.group_size:
-            raise KvjaxError(f"{self.name}: G={self.group_size} does not divide head_dim={h}")
-        for w in self.quant_widths:
-            if (h * w) % 32:
-                raise KvjaxError(f"{self.name}: head_dim={h} at {w} bits does not fill whole 32-bit words")
-        if self.controller is not None:
-            self.controller.check(cfg)
-        if self.sinks + self.window > cfg.max_position_embeddings:
-            raise KvjaxError(f"{self.name}: sinks + window = {self.sinks + self.window} exceeds the "
-                             f"model's context of {cfg.max_position_embeddings} tokens")
-
-    def has_left(self, positions, query_positions):
-        """Whether tokens at `positions` have left the 16-bit window as seen from queries at
-        `query_positions` (numpy or jnp, broadcast): not a sink, and at least W tokens older."""
-        return (positions >= self.sinks) & (query_positions - positions >= self.window)
-
-    def histogram(self) -> dict[int, float]:
-        """Target share of left tokens per width; its mean width is the budget (band: in a full cache)."""
-        if self.band:
-            return {2: (4.0 - self.budget_bits) / 2.0, 4: (self.budget_bits - 2.0) / 2.0}
-        if not self.mixed:
-            return {w: 1.0 for w in self.quant_widths}
-        if self.controller is not None:  # the controller's held-out histogram
-            return dict(self.controller.histogram)
-        extra = self.budget_bits - 2.0
-        shares = {w: share * extra / (w - 2) for w, share in _UPGRADE_SHARES.items()}
-        return {2: 1.0 - sum(shares.values()), **shares}
-
-    def capacities(self, capacity: int) -> dict[int, int]:
-        """Slots per tier for sequences of up to `capacity` tokens (multiples of G)."""
+    def layout(self, cfg, capacity):
         left = max(capacity - self.sinks - self.window, 0)
-        g = self.group_size
-        round_up = lambda n: -(-n // g) * g
-        if self.band:  # the 4-bit band (a ring of whole groups), then the demoted groups
-            band = max(g, math.floor((self.budget_bits - 2.0) / 2.0 * left / g) * g)
-            return {2: max(round_up(left) - band, 0), 4: band}
-        if not self.mixed:
-            return {w: round_up(left) for w in self.quant_widths}
-        hist = self.histogram()
-        caps = {w: round_up(math.floor(hist[w] * left)) for w in (4, 8, 16)}
-        caps[2] = round_up(max(left - sum(caps.values()), 0))
-        return {w: caps[w] for w in self.tier_widths}
+        return Layout(self.sinks, self.window, self.group_size, self.tiers(cfg, left), cfg.num_layers,
+                      min(self.sinks, capacity), min(self.window, max(capacity - self.sinks, 0)))
+
+    def make_cache(self, cfg, batch, capacity, dtype=jnp.float32, kernels=kernel_choice.Kernels.AUTO):
+        self.check(cfg)
+        return TieredCache.init(self, cfg, batch, capacity, dtype, kernels)
+
+    def check(self, cfg):
+        h = cfg.head_dim
+        for t in self.tiers(cfg, self.group_size):
+            for bits in t.key_bits + t.value_bits:
+                if bits < 16 and (h * bits) % 32:
+                    raise KvjaxError(f"{self.name}: head_dim={h} at {bits} bits does not fill whole 32-bit words")
+                if bits < 16 and not t.symmetric and h % self.group_size:
+                    raise KvjaxError(f"{self.name}: G={self.group_size} does not divide head_dim={h}")
+        if self.sinks + self.window > cfg.max_position_embeddings:
+            raise KvjaxError(f"{self.name}: sinks + window = {self.sinks + self.window} exceeds the model's "
+                             f"context of {cfg.max_position_embeddings} tokens")
+
+
+def _round_up(n: int, g: int) -> int:
+    return -(-n // g) * g
+
+
+def _per_layer(bits, num_layers: int, name: str) -> tuple[int, ...]:
+    if isinstance(bits, int):
+        return (bits,) * num_layers
+    if len(bits) != num_layers:
+        raise KvjaxError(f"{name}: widths for {len(bits)} layers, the model has {num_layers}")
+    return tuple(bits)
+
+
+@dataclasses.dataclass(frozen=True)
+class Bands(Quantized):
+    """Widths by age. Every left token enters the first band; each band but the last is a ring of
+    whole groups holding its share of a full cache's left tokens, whose oldest group moves on to the
+    next band when a new one starts. Widths per band: (keys, values), each an int or one per layer.
+    One band is KIVI (or int8-sink, symmetric)."""
+
+    bands: tuple = ((2, 2),)
+    shares: tuple[float, ...] = ()  # per band but the last: its share of the left tokens
+    symmetric: bool = False
+    sinks: int = 0
+
+    def __post_init__(self):
+        super().__post_init__()
+        if len(self.shares) != len(self.bands) - 1 or any(s <= 0 for s in self.shares) or sum(self.shares) > 1:
+            raise KvjaxError(f"{self.name}: {len(self.bands)} bands need {len(self.bands) - 1} positive shares "
+                             f"summing to at most 1, got {self.shares}")
+
+    def tiers(self, cfg, left):
+        g, total = self.group_size, _round_up(left, self.group_size)
+        out, used = [], 0
+        for i, (kb, vb) in enumerate(self.bands):
+            last = i == len(self.bands) - 1
+            slots = total - used if last else min(max(g, math.floor(self.shares[i] * left / g) * g), total - used)
+            keys, values = _per_layer(kb, cfg.num_layers, self.name), _per_layer(vb, cfg.num_layers, self.name)
+            out.append(Tier(_label(keys, values, i), slots, keys, values, self.symmetric, None if last else i + 1))
+            used += slots
+        return tuple(out)
+
+    @property
+    def average_bits(self) -> float:
+        shares = list(self.shares) + [1.0 - sum(self.shares)]
+        mean = lambda b: sum(b) / len(b) if isinstance(b, tuple) else float(b)
+        return sum(s * (mean(kb) + mean(vb)) / 2 for s, (kb, vb) in zip(shares, self.bands))
+
+
+def _label(keys, values, index: int) -> str:
+    if len(set(keys)) == 1 and len(set(values)) == 1:
+        return f"{keys[0]}-bit" if keys[0] == values[0] else f"K{keys[0]}V{values[0]}"
+    return f"band {index + 1}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Streaming(Quantized):
+    """StreamingLLM: tokens that leave the window are evicted."""
+
+    def tiers(self, cfg, left):
+        return ()
+
+    def entry(self, positions, features, entered, layout):
+        return jnp.full(positions.shape, EVICTED, jnp.int32)
+
+    @property
+    def average_bits(self) -> float:
+        return 0.0
+
+
+PRECISIONS = ("static", "rule", "learned", "random")
+CONTROLLED = ("learned", "random")  # precisions that need a controller
+MIXED_WIDTHS = (2, 4, 8, 16)  # the tiers of a mixed policy, in this order
+_UPGRADE_SHARES = {16: 0.2, 8: 0.3, 4: 0.5}  # share of the bits above 2 spent on 16-, 8- and 4-bit tokens
 
 
 def max_budget() -> float:
@@ -149,71 +204,81 @@ def max_budget() -> float:
     return 2.0 + 1.0 / sum(share / (w - 2) for w, share in _UPGRADE_SHARES.items())
 
 
-def parse_policy(name: str, window: int | None = None, sinks: int | None = None,
-                 group_size: int | None = None, budget_bits: float | None = None,
-                 precision: str | None = None, controller=None) -> PolicySpec:
-    """Parses a policy name (`kivi2`, `mixed@3`, `mixed-rule@3.5`, ...) with optional overrides.
+@dataclasses.dataclass(frozen=True)
+class Mixed(Quantized):
+    """A width in {2, 4, 8, 16} per token under an average-bit budget: a precision policy prefers a
+    width; the token enters the nearest tier with room (in log2 bits, ties to the wider)."""
 
-    `controller` (a path or a kvjax.controller.Controller) is for precision learned / random;
-    without one they use the controller shipped for the budget. Plain `mixed` (no budget in
-    the name, no precision given) is the learned policy.
-    """
-    base, _, budget = name.partition("@")
-    base, _, prec = base.partition("-") if base.startswith("mixed-") else (base, "", "")
-    if base not in POLICY_NAMES:
-        raise KvjaxError(f"unknown KV-cache policy {name!r}; known: {', '.join(POLICY_NAMES)}, "
-                         "mixed@BITS, mixed-rule@BITS, mixed-learned@BITS, mixed-random@BITS, band@BITS")
-    if budget:
-        try:
-            budget_bits = float(budget)
-        except ValueError:
-            raise KvjaxError(f"bad budget in {name!r}: {budget!r} is not a number") from None
-    opts = {}
-    if window is not None:
-        opts["window"] = window
-    if group_size is not None:
-        opts["group_size"] = group_size
-    if base.startswith("kivi"):
-        spec = PolicySpec(name, quant_widths=(int(base[4:]),), sinks=sinks or 0, **opts)
-    elif base.endswith("-sink"):
-        spec = PolicySpec(name, quant_widths=(int(base[3]),), symmetric=True, sinks=4 if sinks is None else sinks,
-                          **opts)
-    elif base == "streaming":
-        spec = PolicySpec(name, evict=True, sinks=4 if sinks is None else sinks, **opts)
-    elif base == "band":
-        if controller is not None or precision is not None:
-            raise KvjaxError(f"{name!r}: a band policy takes no precision policy or controller")
-        spec = PolicySpec(name, quant_widths=(2, 4), sinks=4 if sinks is None else sinks,
-                          budget_bits=3.0 if budget_bits is None else budget_bits, band=True, **opts)
-    elif base == "mixed":
-        budget_bits = 3.0 if budget_bits is None else budget_bits
-        prec = prec or precision or ("static" if budget else "learned")
-        PolicySpec(name, budget_bits=budget_bits, **opts)  # budget errors before any controller loading
-        if prec in CONTROLLED:
-            from kvjax.controller import Controller, default_controller, load_controller
-            if controller is None:
-                controller = default_controller(budget_bits)
-            elif not isinstance(controller, Controller):
-                controller = load_controller(controller)
-        elif controller is not None:
-            raise KvjaxError(f"{name!r}: a controller applies to the learned and random precisions, not {prec!r}")
-        spec = PolicySpec(name, quant_widths=(2, 4, 8), sinks=4 if sinks is None else sinks,
-                          budget_bits=budget_bits, precision=prec,
-                          controller=controller if prec in CONTROLLED else None, **opts)
-    else:
-        raise KvjaxError(f"{name!r} is the plain FP16 cache, not a quantized policy")
-    if budget and spec.budget_bits is None:
-        raise KvjaxError(f"{name!r}: only mixed and band policies take a bit budget")
-    return spec
+    budget_bits: float = 3.0
+    precision: str = "static"
+    controller: Controller | None = None  # for precision learned / random
 
+    def __post_init__(self):
+        super().__post_init__()
+        if self.budget_bits < 2:
+            raise KvjaxError(f"{self.name}: a budget of {self.budget_bits:g} bits is below 2 bits")
+        if self.budget_bits > max_budget():
+            raise KvjaxError(f"{self.name}: budget {self.budget_bits:g} bits is above {max_budget():.2f}")
+        if self.precision not in PRECISIONS:
+            raise KvjaxError(f"{self.name}: unknown precision policy {self.precision!r}; known: {PRECISIONS}")
+        if (self.precision in CONTROLLED) != (self.controller is not None):
+            raise KvjaxError(f"{self.name}: precision {self.precision!r} "
+                             f"{'needs' if self.precision in CONTROLLED else 'takes no'} controller")
+        if self.controller is not None and abs(self.controller.budget_bits - self.budget_bits) > 1e-6:
+            raise KvjaxError(f"{self.name}: the controller was trained for {self.controller.budget_bits:g} bits, "
+                             f"the policy asks for {self.budget_bits:g}")
 
-def takes_controller(name: str) -> bool:
-    """Whether policy `name` reads a controller: mixed-learned@B, mixed-random@B and plain mixed."""
-    base, _, budget = name.partition("@")
-    return base in ("mixed-learned", "mixed-random") or (base == "mixed" and not budget)
+    @property
+    def uses_features(self) -> bool:
+        return self.precision in ("rule", "learned")
 
+    @property
+    def average_bits(self) -> float:
+        return self.budget_bits
 
-# ----------------------------------------------------------------------------- precision
+    def histogram(self) -> dict[int, float]:
+        """Target share of left tokens per width; its mean width is the budget."""
+        if self.controller is not None:  # the controller's held-out histogram
+            return dict(self.controller.histogram)
+        extra = self.budget_bits - 2.0
+        shares = {w: share * extra / (w - 2) for w, share in _UPGRADE_SHARES.items()}
+        return {2: 1.0 - sum(shares.values()), **shares}
+
+    def tiers(self, cfg, left):
+        g, hist = self.group_size, self.histogram()
+        caps = {w: _round_up(math.floor(hist[w] * left), g) for w in (4, 8, 16)}
+        caps[2] = _round_up(max(left - sum(caps.values()), 0), g)
+        return tuple(Tier(f"{w}-bit", caps[w], (w,) * cfg.num_layers, (w,) * cfg.num_layers) for w in MIXED_WIDTHS)
+
+    def check(self, cfg):
+        super().check(cfg)
+        if self.controller is not None:
+            self.controller.check(cfg)
+
+    def preferred(self, positions, features):
+        """Preferred width int32 [...] of tokens leaving the window: positions [...], features [..., F]."""
+        if self.precision in ("static", "random"):  # random assignment at the target histogram
+            return _quantile_width(_position_hash(positions), self.histogram())
+        if self.precision == "learned":
+            return self.controller.widths(features)
+        # rule: tokens the model was unsure after, or rare tokens, get more bits
+        entropy, rarity = features[..., 0], features[..., 2]
+        score = 0.5 * jnp.tanh(entropy / 4.0) + 0.5 * rarity
+        return _quantile_width(jnp.clip(score, 0.0, 1.0 - 1e-6), self.histogram())
+
+    def entry(self, positions, features, entered, layout):
+        """The nearest tier with room to the preferred width: widths tried by |log2 w - log2 preferred|,
+        ties to the wider."""
+        preferred, caps = self.preferred(positions, features), layout.caps
+        tier = jnp.zeros_like(preferred)
+        for pref in MIXED_WIDTHS:
+            order = sorted(MIXED_WIDTHS, key=lambda w: (abs(math.log2(w) - math.log2(pref)), -w))
+            chosen = jnp.full_like(preferred, EVICTED)  # every tier full (cannot happen within the capacity)
+            for w in reversed(order):  # the first in `order` with room wins
+                i = MIXED_WIDTHS.index(w)
+                chosen = jnp.where(entered[:, i] < caps[i], i, chosen)
+            tier = jnp.where(preferred == pref, chosen, tier)
+        return tier
 
 
 def _position_hash(positions):
@@ -233,91 +298,186 @@ def _quantile_width(u, hist: dict[int, float]):
     return width
 
 
-def preferred_widths(spec: PolicySpec, positions, features):
-    """Preferred width of tokens leaving the window: positions [...], features [..., F]."""
-    if spec.evict:
-        return jnp.full(positions.shape, EVICTED, jnp.int32)
-    if spec.band:  # every left token enters the 4-bit band
-        return jnp.full(positions.shape, 4, jnp.int32)
-    if not spec.mixed:
-        return jnp.full(positions.shape, spec.quant_widths[0], jnp.int32)
-    if spec.precision in ("static", "random"):  # random assignment at the target histogram
-        return _quantile_width(_position_hash(positions), spec.histogram())
-    if spec.precision == "learned":
-        return spec.controller.widths(features)
-    # rule: tokens the model was unsure after, or rare tokens, get more bits
-    entropy, rarity = features[..., 0], features[..., 2]
-    score = 0.5 * jnp.tanh(entropy / 4.0) + 0.5 * rarity
-    return _quantile_width(jnp.clip(score, 0.0, 1.0 - 1e-6), spec.histogram())
+# ----------------------------------------------------------------------------- the registry
 
 
-def resolve_widths(spec: PolicySpec, preferred, counts, caps):
-    """Nearest tier with room: preferred [b], counts [b, n] (per tier_widths), caps [n] -> width [b].
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """Policies that share a name: `name` or `name@BITS`."""
 
-    Widths are tried by |log2(w) - log2(preferred)|, ties to the wider one. A band policy's
-    4-bit tier is a ring that makes room by demoting, so its tokens always enter it.
-    """
-    tiers = spec.tier_widths
-    if not tiers or spec.band:
-        return preferred
-    width = jnp.zeros_like(preferred)
-    for pref in tiers:
-        order = sorted(tiers, key=lambda w: (abs(math.log2(w) - math.log2(pref)), -w))
-        chosen = jnp.zeros_like(preferred)
-        for w in reversed(order):  # the first in `order` with room wins
-            i = tiers.index(w)
-            chosen = jnp.where(counts[:, i] < caps[i], w, chosen)
-        width = jnp.where(preferred == pref, chosen, width)
-    return width
+    name: str
+    make: Callable  # (full name, budget or None, overrides dict) -> Policy
+    help: str
+    budget: str = "none"  # "none", "optional" (with a default) or "required"
+    examples: tuple[str, ...] = ()  # instances the equivalence tests run (default: the name)
+    takes_controller: bool = False
 
 
-def add_policy_flags(parser):
-    """The command-line flags that pick and tune a KV-cache policy (see `policy_from_flags`)."""
-    parser.add_argument("--kv", default="fp16",
-                        help="KV-cache policy: fp16, kivi2, kivi4, kivi8, int8-sink, int4-sink, int2-sink, "
-                             "streaming, mixed (learned controller), mixed@BITS, mixed-rule@BITS, "
-                             "mixed-learned@BITS, mixed-random@BITS, band@BITS (4-bit band, then 2 bits)")
-    parser.add_argument("--budget-bits", type=float, default=None, help="mixed, band: average bits (default 3.0)")
-    parser.add_argument("--precision", default=None, choices=PRECISIONS, help="mixed: precision policy")
-    parser.add_argument("--controller", default=None,
-                        help="mixed learned/random: a controller file (default: the one shipped for the budget)")
-    parser.add_argument("--residual", type=int, default=None,
-                        help="16-bit window W / KIVI residual R (default 128)")
-    parser.add_argument("--group-size", type=int, default=None, help="quantization group size G (default 32)")
-    parser.add_argument("--sinks", type=int, default=None, help="attention-sink tokens kept in 16 bits")
+REGISTRY: dict[str, Family] = {}
+ALIASES = {"mixed": "mixed-learned@3"}  # and mixed@B -> mixed-static@B
+_PREFIX_ALIASES = {"mixed@": "mixed-static@"}
 
 
-def policy_from_flags(args) -> str | PolicySpec:
-    """'fp16' or the PolicySpec that `add_policy_flags`' flags describe."""
-    tuned = any(x is not None for x in (args.budget_bits, args.precision, args.residual, args.group_size,
-                                         args.sinks, args.controller))
-    if args.kv == "fp16":
-        if tuned:
-            raise KvjaxError("--budget-bits/--precision/--controller/--residual/--group-size/--sinks "
-                             "need a quantized --kv")
-        return "fp16"
-    spec = parse_policy(args.kv, window=args.residual, sinks=args.sinks, group_size=args.group_size,
-                        budget_bits=args.budget_bits, precision=args.precision, controller=args.controller)
-    if args.budget_bits is not None and spec.budget_bits is None:
-        raise KvjaxError(f"--budget-bits applies to mixed and band policies, not {args.kv!r}")
-    if (args.precision is not None or args.controller is not None) and not spec.mixed:
-        raise KvjaxError(f"--precision and --controller apply to mixed policies, not {args.kv!r}")
-    return spec
+def register(family: Family) -> Family:
+    if family.name in REGISTRY:
+        raise ValueError(f"policy {family.name!r} is registered twice")
+    REGISTRY[family.name] = family
+    return family
 
 
-def tier_onehot(spec: PolicySpec, width):
-    """width int32 [b] -> bool [b, len(spec.tier_widths)]: the tier each token enters (none: all False)."""
-    if not spec.tier_widths:
-        return jnp.zeros((width.shape[0], 0), bool)
-    return jnp.stack([width == w for w in spec.tier_widths], axis=1)
+def _controlled(precision):
+    def make(name, budget, o):
+        controller = o.pop("controller", None)
+        if controller is None:
+            controller = default_controller(budget)
+        elif not isinstance(controller, Controller):
+            controller = load_controller(controller)
+        return Mixed(name, budget_bits=budget, precision=precision, controller=controller, **o)
+    return make
 
 
-def make_cache(policy: str | PolicySpec, cfg: ModelConfig, batch: int, capacity: int, dtype=jnp.float32):
+def _register_builtins():
+    register(Family("fp16", lambda name, budget, o: FP16(), "every token in 16 bits"))
+    for bits in (2, 4, 8):
+        register(Family(f"kivi{bits}", lambda name, budget, o, b=bits: Bands(name, bands=((b, b),), **o),
+                        f"KIVI at {bits} bits: 16-bit residual of R tokens, keys per channel, values per token"))
+        register(Family(f"int{bits}-sink", lambda name, budget, o, b=bits: Bands(
+            name, bands=((b, b),), symmetric=True, **{"sinks": DEFAULT_SINKS, **o}),
+            f"S sinks + W newest in 16 bits, the rest {bits}-bit symmetric per token"))
+    for kb in (2, 4, 8):
+        for vb in (2, 4, 8):
+            if kb != vb:
+                register(Family(f"kivi-k{kb}v{vb}", lambda name, budget, o, k=kb, v=vb: Bands(
+                    name, bands=((k, v),), **o), f"KIVI with keys at {kb} bits and values at {vb}"))
+    register(Family("streaming", lambda name, budget, o: Streaming(name, **o),
+                    "StreamingLLM: S sinks + W newest, the rest evicted"))
+    register(Family("band", lambda name, budget, o: _band(name, budget, o),
+                    "a 4-bit band of the newest left tokens, older ones at 2 bits; B in (2, 4]",
+                    budget="required", examples=("band@3", "band@2.5")))
+    register(Family("mixed-static", lambda name, budget, o: Mixed(name, budget_bits=budget, **o),
+                    "a width per token in {2,4,8,16}, pseudo-random at the budget's histogram",
+                    budget="required", examples=("mixed-static@3", "mixed-static@2.5")))
+    register(Family("mixed-rule", lambda name, budget, o: Mixed(name, budget_bits=budget, precision="rule", **o),
+                    "widths by next-token entropy and token rarity", budget="required",
+                    examples=("mixed-rule@3", "mixed-rule@4")))
+    register(Family("mixed-learned", _controlled("learned"), "widths from the learned controller (shipped: 2.5, 3, 4)",
+                    budget="required", examples=("mixed-learned@3",), takes_controller=True))
+    register(Family("mixed-random", _controlled("random"), "random widths at the learned controller's histogram",
+                    budget="required", examples=("mixed-random@3",), takes_controller=True))
+
+
+def _band(name, budget, o):
+    if not 2.0 < budget <= 4.0:
+        raise KvjaxError(f"{name}: a band policy takes 2 < B <= 4 bits, got {budget:g}")
+    return Bands(name, bands=((4, 4), (2, 2)), shares=((budget - 2.0) / 2.0,), **{"sinks": DEFAULT_SINKS, **o})
+
+
+_register_builtins()
+
+
+def canonical_name(name: str) -> str:
+    """`name` with aliases resolved (mixed -> mixed-learned@3, mixed@B -> mixed-static@B)."""
+    name = ALIASES.get(name, name)
+    for prefix, target in _PREFIX_ALIASES.items():
+        if name.startswith(prefix):
+            name = target + name[len(prefix):]
+    return name
+
+
+def family_of(name: str) -> Family:
+    base = canonical_name(name).partition("@")[0]
+    if base not in REGISTRY:
+        raise KvjaxError(f"unknown KV-cache policy {name!r}; known: {', '.join(policy_names())}")
+    return REGISTRY[base]
+
+
+def get_policy(name: str, *, window: int | None = None, sinks: int | None = None, group_size: int | None = None,
+               controller=None) -> Policy:
+    """The policy called `name` (`kivi2`, `band@3`, `mixed-rule@2.5`, an alias), with optional overrides of
+    W, S, G and, for learned and random policies, the controller (a path or a Controller)."""
+    full = canonical_name(name)
+    family = family_of(full)
+    base, _, text = full.partition("@")
+    budget = None
+    if text:
+        if family.budget == "none":
+            raise KvjaxError(f"{name!r}: only mixed and band policies take a bit budget")
+        try:
+            budget = float(text)
+        except ValueError:
+            raise KvjaxError(f"bad budget in {name!r}: {text!r} is not a number") from None
+    elif family.budget == "required":
+        raise KvjaxError(f"{name!r} needs a bit budget: {base}@BITS")
+    overrides = {k: v for k, v in (("window", window), ("sinks", sinks), ("group_size", group_size)) if v is not None}
+    if base == "fp16" and overrides:
+        raise KvjaxError("--window/--group-size/--sinks need a quantized --kv")
+    if controller is not None:
+        if not family.takes_controller:
+            raise KvjaxError(f"{name!r}: a controller applies to mixed-learned and mixed-random policies")
+        overrides["controller"] = controller
+    canonical = base if budget is None else f"{base}@{budget:g}"
+    return family.make(canonical, budget, overrides)
+
+
+def policy_names() -> list[str]:
+    """Every registered name, with @BITS where a budget is taken."""
+    return [f.name + ("@BITS" if f.budget == "required" else "") for f in REGISTRY.values()]
+
+
+def make_cache(policy: str | Policy, cfg: ModelConfig, batch: int, capacity: int, dtype=jnp.float32,
+               kernels=kernel_choice.Kernels.AUTO):
     """An empty cache of `policy` for `batch` sequences of up to `capacity` tokens each."""
-    from kvjax.cache import DenseCache
-    from kvjax.tiered import TieredCache
+    policy = get_policy(policy) if isinstance(policy, str) else policy
+    return policy.make_cache(cfg, batch, capacity, dtype, kernels)
 
-    if policy == "fp16":
-        return DenseCache.init(cfg, batch, capacity, dtype)
-    spec = policy if isinstance(policy, PolicySpec) else parse_policy(policy)
-    return TieredCache.init(spec, cfg, batch, capacity, dtype)
+
+# ----------------------------------------------------------------------------- command lines
+
+
+def policy_help() -> str:
+    lines = [f"{f.name}{'@BITS' if f.budget == 'required' else ''}: {f.help}" for f in REGISTRY.values()]
+    aliases = ", ".join(f"{a} = {t}" for a, t in ALIASES.items()) + ", mixed@BITS = mixed-static@BITS"
+    return "KV-cache policy (comma-separated where several are run). " + "; ".join(lines) + f". Aliases: {aliases}"
+
+
+def add_policy_flags(parser, default: str = "fp16"):
+    """The flags that pick and tune KV-cache policies, the same in every command (see `policies_from_flags`)."""
+    parser.add_argument("--kv", default=default, help=policy_help())
+    parser.add_argument("--window", "--residual", dest="window", type=int, default=None,
+                        help=f"16-bit window W (KIVI's residual R) of the quantized policies (default {DEFAULT_WINDOW})")
+    parser.add_argument("--group-size", type=int, default=None,
+                        help=f"quantization group size G of the quantized policies (default {DEFAULT_GROUP})")
+    parser.add_argument("--sinks", type=int, default=None,
+                        help=f"attention-sink tokens kept in 16 bits (default {DEFAULT_SINKS}; 0 for kivi)")
+    parser.add_argument("--controller", default=None,
+                        help="mixed-learned/-random: a controller file (default: the one shipped for the budget)")
+    parser.add_argument("--kernels", default="auto", choices=[k.value for k in kernel_choice.Kernels],
+                        help="Pallas kernels or the jnp/XLA reference (auto: kernels on GPU)")
+
+
+def policies_from_flags(args) -> list[Policy]:
+    """The policies of --kv (comma-separated); the tuning flags apply to the quantized ones."""
+    names = [n.strip() for n in args.kv.split(",") if n.strip()]
+    if not names:
+        raise KvjaxError("--kv needs at least one policy")
+    tuned = {"window": args.window, "sinks": args.sinks, "group_size": args.group_size}
+    if names == ["fp16"] and (any(v is not None for v in tuned.values()) or args.controller):
+        raise KvjaxError("--window/--group-size/--sinks/--controller need a quantized --kv")
+    out = []
+    for name in names:
+        family = family_of(name)
+        if family.name == "fp16":
+            out.append(get_policy(name))
+        else:
+            out.append(get_policy(name, **tuned, controller=args.controller if family.takes_controller else None))
+    if args.controller and not any(family_of(n).takes_controller for n in names):
+        raise KvjaxError("--controller applies to mixed-learned and mixed-random policies")
+    return out
+
+
+def policy_from_flags(args) -> Policy:
+    """The one policy of --kv."""
+    policies = policies_from_flags(args)
+    if len(policies) > 1:
+        raise KvjaxError(f"--kv takes one policy here, got {args.kv!r}")
+    return policies[0]

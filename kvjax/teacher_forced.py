@@ -1,20 +1,21 @@
-"""Exact teacher-forced scoring through a quantized cache policy, and prompt prefill.
+"""Exact teacher-forced scoring through a cache policy.
 
-`score` runs a whole sequence in parallel while every query attends to each earlier token
-in exactly the state the step-by-step cache (kvjax.tiered) would hold it in at that step:
+`score` runs a whole sequence in parallel while every query attends to each earlier token in
+exactly the state the step-by-step cache (kvjax.tiered) would hold it in at that step:
 
   token j, seen from query p        state
   j < S (sink), or p - j < W        16 bits (window)
-  otherwise, j has left the window  its width w_j: evicted (streaming), 16 bits (kept), or
-                                    quantized: value per token at once; key per channel once
-                                    the G-th token of its width group has left too
-                                    (p >= position of that token + W), else 16 bits
-                                    band policies: 4 bits as above, then 2 bits (re-quantized
-                                    from 4) once the group n4/G groups later has started
+  otherwise, j has left the window  evicted, or in the tier of its chain it has reached by step p
+                                    (kvjax.history): values as that tier stores them; keys too,
+                                    once j's group of G is complete (KIVI), else still 16 bits
 
-Widths come from `kvjax.policies`. A policy that reads model outputs (features) decides a
-token's width from its own step, and that width matters only W steps later, so such
-policies are scored block by block, W queries at a time; the others in one pass.
+A tier's stored form of a token is a round trip through its codec (kvjax.stores), applied down
+the chain: a token demoted from a 4-bit ring to a 2-bit tier is read as 2-bit codes of its 4-bit
+codes, as the step-by-step cache re-encodes it. Widths are per layer (static per segment).
+
+Widths come from the policy. A policy that reads model outputs (features) decides a token's
+tier from its own step, and that decision matters only W steps later, so such policies are scored
+block by block, W queries at a time; the others in one pass.
 """
 
 from __future__ import annotations
@@ -25,59 +26,59 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from kvjax import codecs
 from kvjax.attention import MASK_VALUE, causal_mask, grouped_output, grouped_scores
-from kvjax.cache import write_by_position
+from kvjax.cache import KVCache, write_by_position
 from kvjax.config import ModelConfig
 from kvjax.features import NUM_FEATURES, token_features
+from kvjax.history import History, entries
+from kvjax.layout import NO_ENTRY, Layout
 from kvjax.model import forward, forward_with_stats
-from kvjax.policies import EVICTED, PolicySpec, preferred_widths, resolve_widths, tier_onehot
-from kvjax.tiered import TieredCache
-
-UNDECIDED = -1
+from kvjax.stores import KiviKeys, same_codes, store_class
 
 
 @struct.dataclass
-class TeacherForcedCache:
-    """All tokens' 16-bit K/V plus their widths; attention applies each query's exact state."""
+class TeacherForcedCache(KVCache):
+    """All tokens' 16-bit K/V plus where each was stored; attention applies each query's exact state."""
 
     k: jax.Array  # [l, b, k, T, h]
     v: jax.Array  # [l, b, k, T, h]
-    widths: jax.Array  # int32 [b, T]: resolved widths (UNDECIDED until known)
+    tier: jax.Array  # int32 [b, T]: the tier each token entered (NO_ENTRY until decided)
+    rank: jax.Array  # int32 [b, T]
     lengths: jax.Array  # int32 [b]
-    spec: PolicySpec = struct.field(pytree_node=False)
-    band_slots: int = struct.field(pytree_node=False, default=0)  # band policies: the 4-bit ring's size
+    history: History | None  # derived from tier and rank by `begin`
+    layout: Layout = struct.field(pytree_node=False)
 
     @classmethod
-    def init(cls, spec: PolicySpec, cfg: ModelConfig, batch: int, length: int, dtype, band_slots: int = 0):
+    def init(cls, layout: Layout, cfg: ModelConfig, batch: int, length: int, dtype):
         shape = (cfg.num_layers, batch, cfg.num_kv_heads, length, cfg.head_dim)
-        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
-                   jnp.full((batch, length), UNDECIDED, jnp.int32), jnp.zeros((batch,), jnp.int32), spec,
-                   band_slots)
+        undecided = jnp.full((batch, length), NO_ENTRY, jnp.int32)
+        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), undecided, jnp.zeros_like(undecided),
+                   jnp.zeros((batch,), jnp.int32), None, layout)
+
+    @property
+    def segments(self):
+        return self.layout.segments
 
     def begin(self, positions):
-        return self
+        return self.replace(history=History.of(self.layout, self.tier, self.rank))
 
     def update(self, layer, k, v, positions):
-        keys, values = write_by_position(self.k, self.v, layer, k, v, positions)
+        keys, values = write_by_position(self.k, self.v, layer.index, k, v, positions)
         return self.replace(k=keys, v=values)
 
     def advance(self, positions):
-        return self.replace(lengths=jnp.maximum(self.lengths, positions.max(axis=1) + 1))
+        return self.replace(lengths=jnp.maximum(self.lengths, positions.max(axis=1) + 1), history=None)
 
     def attend(self, layer, q, positions):
         """q [b, t, n, h] at `positions` over all tokens, each in its state at that query's step."""
-        spec = self.spec
-        keys, values = self.k[layer], self.v[layer]  # [b, k, T, h]
+        keys, values = self.k[layer.index], self.v[layer.index]  # [b, k, T, h]
         b, _, T, _ = keys.shape
+        hist, qp = self.history, positions[:, :, None]  # qp [b, t, 1]
         j = jnp.arange(T)
-        qp = positions[:, :, None]  # [b, t, 1]
-        left = spec.has_left(j, qp)  # [b, t, T]
-        parts = self._band_parts(keys, values, left, qp) if spec.band else self._width_parts(keys, values, left, qp)
-        visible = causal_mask(positions, jnp.broadcast_to(j, (b, T)))
-        if spec.evict:
-            visible &= ~(left & (self.widths == EVICTED)[:, None, :])
+        left = self.layout.has_left(j, qp)  # [b, t, T]
+        visible = causal_mask(positions, jnp.broadcast_to(j, (b, T))) & ~(left & hist.evicted()[:, None, :])
         scores = grouped_scores(q, keys)
+        parts = self._parts(layer.segment, keys, values, qp)
         for key_mask, kq, _, _ in parts:
             scores = jnp.where(key_mask[:, None, None], grouped_scores(q, kq), scores)
         probs = jax.nn.softmax(jnp.where(visible[:, None, None], scores, MASK_VALUE), axis=-1)
@@ -88,148 +89,129 @@ class TeacherForcedCache:
         out = out + grouped_output(probs * full, values, jnp.float32)
         return out.astype(q.dtype)
 
-    def _width_parts(self, keys, values, left, qp):
-        """[(key mask [b, t, T], keys, value mask, values)]: where each query reads a quantized K/V."""
-        spec = self.spec
-        q_keys, q_values = keys, values
-        key_quantized = jnp.zeros(left.shape, bool)
-        value_quantized = jnp.zeros(left.shape, bool)
-        for bits in spec.quant_widths:
-            is_w = (self.widths == bits)[:, None, :]  # [b, 1, T]
-            kq, vq, ready = _roundtrip(spec, keys, values, self.widths == bits, bits)
-            q_keys = jnp.where(is_w[:, :, :, None], kq, q_keys)
-            q_values = jnp.where(is_w[:, :, :, None], vq, q_values)
-            key_quantized |= left & is_w & (ready[:, None, :] <= qp)
-            value_quantized |= left & is_w
-        return [(key_quantized, q_keys, value_quantized, q_values)]
+    def _parts(self, segment: int, keys, values, qp):
+        """Per depth of the chains: (key mask [b, t, T], keys, value mask, values) where queries read a
+        token's stored form instead of its 16-bit K/V."""
+        hist, parts = self.history, []
+        forms = stored_forms(self.layout, segment, keys, values, hist)
+        for d, (kq, vq) in enumerate(forms):
+            here = hist.at_depth(d, qp)  # [b, t, T]
+            key_read, key_waits, value_read = (jnp.zeros(hist.tier.shape, bool) for _ in range(3))
+            for _, t, member in hist.members(d):
+                tier, (kbits, vbits) = self.layout.tiers[t], self.layout.segment_bits(segment, t)
+                key_read |= member & (kbits < 16)
+                value_read |= member & (vbits < 16)
+                if d == 0 and store_class(kbits, tier.symmetric, keys=True) is KiviKeys:
+                    key_waits |= member
+            ready = ~key_waits[:, None, :] | (hist.key_ready[:, None, :] <= qp)
+            parts.append((here & key_read[:, None, :] & ready, kq, here & value_read[:, None, :], vq))
+        return parts
 
-    def _band_parts(self, keys, values, left, qp):
-        """Band policies: the 4-bit parts, then the 2-bit parts of the demoted groups."""
-        members = self.widths == 4  # [b, T]: every token that leaves the window enters the band
-        k4, v4, ready = _roundtrip(self.spec, keys, values, members, 4)
-        k2, v2, _ = _roundtrip(self.spec, k4, v4, members, 2)
-        demoted = members[:, None, :] & (qp >= self.demoted_from()[:, None, :])  # [b, t, T]
-        key_4bit = left & members[:, None, :] & (ready[:, None, :] <= qp) & ~demoted
-        return [(key_4bit, k4, left & ~demoted, v4), (demoted, k2, demoted, v2)]
-
-    def demoted_from(self):
-        """Band policies: the step from which each token is read at 2 bits, int32 [b, T]: its
-        group g is demoted when the first token of group g + n4/G leaves the window."""
-        spec, g = self.spec, self.spec.group_size
-        members = self.widths == 4
-        rank = jnp.cumsum(members, axis=1) - 1
-        first_of_next = (rank // g + self.band_slots // g) * g  # rank of the token that starts it
-        return spec.sinks + first_of_next + spec.window  # left tokens are ranked in position order
-
-    def widths_at(self, query: int):
-        """Widths [b, T] of the tokens as the query at position `query` reads them."""
-        if not self.spec.band:
-            return self.widths
-        return jnp.where((self.widths == 4) & (query >= self.demoted_from()), 2, self.widths)
+    def bits_at(self, query):
+        """float32 [b, T]: average bits (over layers, keys and values) each token is stored at, as the
+        query at position `query` reads it: 16 in the window or a sink, 0 if evicted."""
+        hist = History.of(self.layout, self.tier, self.rank)
+        where = hist.tier_at(query)
+        bits = jnp.where(hist.evicted() & self.layout.has_left(jnp.arange(self.tier.shape[1]), query), 0.0, 16.0)
+        for i, t in enumerate(self.layout.tiers):
+            bits = jnp.where(where == i, t.mean_bits(), bits)
+        return bits
 
 
-def _roundtrip(spec: PolicySpec, keys, values, members, bits):
-    """Quantize-dequantize every token as a `bits` member: keys, values [b, k, T, h], members [b, T].
+def stored_forms(layout: Layout, segment: int, keys, values, hist: History):
+    """[(keys, values)] per depth d: every token as the tier at depth d of its chain gives it back.
 
-    Returns (keys, values, ready [b, T]): ready is the step from which a member's key is read
-    quantized (its group's last member left the window); a large number if never.
+    keys, values [..., b, k, T, h] (the segment's layers may lead); a tier's input is the form of the
+    depth before (the 16-bit K/V at depth 0), so demoted tokens are re-encoded from their codes.
     """
-    dtype = keys.dtype
-    b, _, T, _ = keys.shape
-    never = jnp.iinfo(jnp.int32).max
-    if spec.symmetric:
-        kq = codecs.decode_sym(*codecs.encode_sym(keys, bits, dtype), bits, dtype)
-        vq = codecs.decode_sym(*codecs.encode_sym(values, bits, dtype), bits, dtype)
-        return kq, vq, jnp.zeros((b, T), jnp.int32)
-    g = spec.group_size
-    vq = codecs.decode_values(*codecs.encode_values(values, bits, g, dtype), bits, g, dtype)
-    rank = jnp.cumsum(members, axis=1) - 1  # [b, T]
-    order = jnp.argsort(jnp.where(members, rank, T + jnp.arange(T)), axis=1)  # members first, in order
-    padded = -(-T // g) * g
-    order = jnp.concatenate([order, jnp.zeros((b, padded - T), order.dtype)], axis=1)
-    k_sorted = jnp.take_along_axis(keys, order[:, None, :, None], axis=2)  # [b, k, T', h]
-    k_deq = codecs.decode_key_groups(*codecs.encode_key_groups(k_sorted, bits, g, dtype), bits, g, dtype)
-    member_rank = jnp.where(members, rank, 0)
-    kq = jnp.take_along_axis(k_deq, member_rank[:, None, :, None], axis=2)  # back to token order
-    count = jnp.sum(members, axis=1, keepdims=True)
-    last_rank = member_rank // g * g + g - 1
-    last_pos = jnp.take_along_axis(order, jnp.minimum(last_rank, padded - 1), axis=1)
-    ready = jnp.where(members & (last_rank < count), last_pos + spec.window, never)
-    return kq, vq, ready
+    g, dtype = layout.group_size, keys.dtype
+    forms = []
+    for d in range(hist.depth):
+        kq, vq = keys, values
+        for h, t, member in hist.members(d):
+            tier, (kbits, vbits) = layout.tiers[t], layout.segment_bits(segment, t)
+            k_in, v_in = (keys, values) if d == 0 else forms[d - 1]
+            before = layout.tiers[layout.chain(h)[d - 1]] if d else None
+            vstore = store_class(vbits, tier.symmetric, False)
+            here = member[:, None, :, None]  # [b, 1, T, 1]
+            if before is None or not _copied(layout, segment, layout.chain(h)[d - 1], t, True):
+                k_in = _keys_form(k_in, kbits, tier, hist, h, g, dtype)
+            if before is None or not _copied(layout, segment, layout.chain(h)[d - 1], t, False):
+                v_in = vstore.roundtrip(v_in, vbits, g, dtype)
+            kq, vq = jnp.where(here, k_in, kq), jnp.where(here, v_in, vq)
+        forms.append((kq, vq))
+    return forms
 
 
-def assign_widths(spec: PolicySpec, caps, positions, features, counts):
-    """Resolves widths token by token in position order, as tokens leave the window.
-
-    positions [b, t], features [b, t, F], counts [b, n] -> (widths [b, t], counts).
-    """
-    caps = jnp.asarray(caps, jnp.int32)
-
-    def step(counts, xs):
-        pos, feat = xs
-        can_leave = pos >= spec.sinks
-        width = resolve_widths(spec, preferred_widths(spec, pos, feat), counts, caps)
-        width = jnp.where(can_leave, width, UNDECIDED)
-        return counts + tier_onehot(spec, width).astype(jnp.int32), width
-
-    counts, widths = jax.lax.scan(step, counts, (positions.T, features.transpose(1, 0, 2)))
-    return widths.T, counts
+def _copied(layout: Layout, segment: int, src: int, dst: int, keys: bool) -> bool:
+    """Whether a demotion from tier src to dst copies the codes of one side (same store, same width)."""
+    a, b = layout.tiers[src], layout.tiers[dst]
+    bits_a, bits_b = (layout.segment_bits(segment, i)[0 if keys else 1] for i in (src, dst))
+    return same_codes(store_class(bits_a, a.symmetric, keys), store_class(bits_b, b.symmetric, keys), bits_a, bits_b)
 
 
-def score(params, cfg: ModelConfig, tokens, positions, spec: PolicySpec, capacity: int, dtype=jnp.float32):
-    """Teacher-forced logits [b, T, v] of `tokens` under `spec`, and the final TeacherForcedCache.
+def _keys_form(x, bits, tier, hist: History, head: int, g: int, dtype):
+    """Keys of the tokens of `head`'s chain as a tier at `bits` stores them: x [..., b, k, T, h]."""
+    store = store_class(bits, tier.symmetric, keys=True)
+    if store is not KiviKeys:
+        return store.roundtrip(x, bits, g, dtype)
+    deq = store.roundtrip(_gather_tokens(x, hist.order[:, head]), bits, g, dtype)  # groups in rank order
+    return _gather_tokens(deq, jnp.where(hist.tier == head, hist.rank, 0))  # back in token order
+
+
+def _gather_tokens(x, index):
+    """x [..., b, k, T, h] at token index [b, T'] -> [..., b, k, T', h]."""
+    b, t = index.shape
+    return jnp.take_along_axis(x, index.reshape((1,) * (x.ndim - 4) + (b, 1, t, 1)), axis=-2)
+
+
+def score(params, cfg: ModelConfig, tokens, positions, policy, capacity: int, dtype=jnp.float32):
+    """Teacher-forced logits [b, T, v] of `tokens` under `policy`, and the final scoring cache (None for
+    fp16: a plain causal forward).
 
     positions [b, T] run 0.. per row, -1 on right padding; `capacity` sizes the tiers as in
     `make_cache` (the same value gives the same overflow behaviour as decoding).
     """
-    logits, cache, _ = _score(params, tokens, positions, cfg=cfg, spec=spec, capacity=capacity, dtype=dtype)
+    logits, cache, _ = score_with_features(params, cfg, tokens, positions, policy, capacity, dtype)
     return logits, cache
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "spec", "capacity", "dtype"))
-def _score(params, tokens, positions, *, cfg, spec, capacity, dtype):
+@functools.partial(jax.jit, static_argnames=("cfg", "policy", "capacity", "dtype"))
+def score_with_features(params, cfg, tokens, positions, policy, capacity, dtype=jnp.float32):
+    """`score`, and the token features [b, T, F] the policy read (zeros for a policy that reads none)."""
     b, T = tokens.shape
-    slots = spec.capacities(capacity)
-    caps = tuple(slots[w] for w in spec.tier_widths)
-    counts = jnp.zeros((b, len(spec.tier_widths)), jnp.int32)
-    cache = TeacherForcedCache.init(spec, cfg, b, T, dtype, slots[4] if spec.band else 0)
-    if not spec.uses_features:  # widths known from positions alone: one parallel pass
-        no_features = jnp.zeros((b, T, NUM_FEATURES), jnp.float32)
-        widths, _ = assign_widths(spec, caps, positions, no_features, counts)
-        logits, cache = forward(params, cfg, tokens, positions, cache.replace(widths=widths), dtype)
-        return logits, cache, no_features  # nothing reads features under this policy
+    no_features = jnp.zeros((b, T, NUM_FEATURES), jnp.float32)
+    layout = policy.layout(cfg, capacity)
+    if layout is None:  # fp16
+        return forward(params, cfg, tokens, positions, None, dtype)[0], None, no_features
+    cache = TeacherForcedCache.init(layout, cfg, b, T, dtype)
+    entered = jnp.zeros((b, len(layout.tiers)), jnp.int32)
+    if not policy.uses_features:  # tiers known from positions alone: one parallel pass
+        tier, rank, _ = entries(policy, layout, positions, no_features, entered)
+        logits, cache = forward(params, cfg, tokens, positions, cache.replace(tier=tier, rank=rank), dtype)
+        return logits, cache, no_features
 
-    W = spec.window
+    W = layout.window
     blocks = -(-T // W)
     pad = blocks * W - T
     tokens_p = jnp.pad(tokens, ((0, 0), (0, pad)))
     positions_p = jnp.pad(positions, ((0, 0), (0, pad)), constant_values=-1)
-    cache = TeacherForcedCache.init(spec, cfg, b, blocks * W, dtype)
+    cache = TeacherForcedCache.init(layout, cfg, b, blocks * W, dtype)
 
     def block(m, carry):
-        cache, counts, logits, feats = carry
+        cache, entered, logits, feats = carry
         tok = jax.lax.dynamic_slice_in_dim(tokens_p, m * W, W, axis=1)
         pos = jax.lax.dynamic_slice_in_dim(positions_p, m * W, W, axis=1)
         block_logits, cache, stats = forward_with_stats(params, cfg, tok, pos, cache, dtype)
         block_feats = token_features(block_logits, tok, pos, stats)
-        widths, counts = assign_widths(spec, caps, pos, block_feats, counts)
-        cache = cache.replace(widths=jax.lax.dynamic_update_slice_in_dim(cache.widths, widths, m * W, axis=1))
-        logits = jax.lax.dynamic_update_slice_in_dim(logits, block_logits, m * W, axis=1)
-        feats = jax.lax.dynamic_update_slice_in_dim(feats, block_feats, m * W, axis=1)
-        return cache, counts, logits, feats
+        tier, rank, entered = entries(policy, layout, pos, block_feats, entered)
+        put = lambda full, part: jax.lax.dynamic_update_slice_in_dim(full, part, m * W, axis=1)
+        cache = cache.replace(tier=put(cache.tier, tier), rank=put(cache.rank, rank))
+        return cache, entered, put(logits, block_logits), put(feats, block_feats)
 
-    init = (cache, counts, jnp.zeros((b, blocks * W, cfg.vocab_size), jnp.float32),
+    init = (cache, entered, jnp.zeros((b, blocks * W, cfg.vocab_size), jnp.float32),
             jnp.zeros((b, blocks * W, NUM_FEATURES), jnp.float32))
     cache, _, logits, feats = jax.lax.fori_loop(0, blocks, block, init)
-    cache = cache.replace(k=cache.k[:, :, :, :T], v=cache.v[:, :, :, :T], widths=cache.widths[:, :T])
+    cache = cache.replace(k=cache.k[:, :, :, :T], v=cache.v[:, :, :, :T], tier=cache.tier[:, :T],
+                          rank=cache.rank[:, :T])
     return logits[:, :T], cache, feats[:, :T]
-
-
-def prefill(params, cfg: ModelConfig, tokens, positions, empty: TieredCache):
-    """Scores the prompts and builds the cache that step-by-step decoding would hold.
-
-    tokens/positions [b, T] (right padding: position -1); returns (logits [b, T, v], cache).
-    """
-    logits, tf, feats = _score(params, tokens, positions, cfg=cfg, spec=empty.spec,
-                               capacity=empty.capacity, dtype=empty.window.k.dtype)
-    return logits, TieredCache.from_sequence(empty, tf.k, tf.v, tf.widths, feats, positions)

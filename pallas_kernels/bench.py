@@ -31,10 +31,30 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kvjax.config import get_preset
-from pallas_kernels.decode_attention import DecodeBlocks, auto_blocks, tier_attention_partials_kernel
+from typing import NamedTuple
+
+from pallas_kernels.decode_attention import DecodeBlocks, auto_blocks, tier_attention_partials
 
 GROUP = 32
+
+
+class Shapes(NamedTuple):
+    """One layer's attention shapes of a model (from its Hugging Face config.json)."""
+
+    name: str
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+
+
+MODELS = {s.name: s for s in (Shapes("SmolLM-135M", 9, 3, 64), Shapes("SmolLM-360M", 15, 5, 64),
+                              Shapes("SmolLM-1.7B", 32, 32, 64))}
+
+
+def model_shapes(name: str) -> Shapes:
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; known: {', '.join(MODELS)}")
+    return MODELS[name]
 L2_BYTES = 64 << 20  # rotate input sets until they exceed this (H100 L2: 50 MB)
 MAX_SET_BYTES = 6 << 30  # memory for all input sets of one path
 
@@ -123,7 +143,7 @@ def bench_case(cfg, b, c, repeats, copy_gbs, blocks: DecodeBlocks | None):
         sets = n_sets(nbytes)
         chosen = blocks or auto_blocks(b, k, c)
         ts = [tier_inputs(kk, b, k, n, c, h, bits) for kk in jax.random.split(jax.random.PRNGKey(c + bits), sets)]
-        fn = functools.partial(tier_attention_partials_kernel, bits=bits, group_size=GROUP, blocks=chosen)
+        fn = functools.partial(tier_attention_partials, bits=bits, group_size=GROUP, blocks=chosen)
         try:
             us = time_us(fn, ts, repeats)
         except Exception as e:  # noqa: BLE001 - report the case, keep the table going
@@ -144,20 +164,18 @@ def sweep(cfg, b, c, repeats):
     out = []
     variants = [DecodeBlocks(block_slots=B, num_splits=S, num_warps=w, num_stages=st) for B in (32, 64, 128)
                 for S in (1, 8, 32, 64) for w in (4, 8) for st in (1, 2) if c // S >= B]
-    variants += [DecodeBlocks(block_slots=128, num_splits=S, gather=False) for S in (16, 64)]
     for blocks in variants:
-        fn = functools.partial(tier_attention_partials_kernel, bits=2, group_size=GROUP, blocks=blocks)
+        fn = functools.partial(tier_attention_partials, bits=2, group_size=GROUP, blocks=blocks)
         try:
             out.append((time_us(fn, ts, repeats), blocks))
         except Exception as e:  # noqa: BLE001 - a tiling the GPU cannot run (shared memory)
             print(f"  {blocks}: {str(e).splitlines()[0][:100]}")
     out.sort(key=lambda x: x[0])
-    name = lambda d: (f"B{d.block_slots} S{d.num_splits} w{d.num_warps} st{d.num_stages}"
-                      f"{'' if d.gather else ' nogather'}")
+    name = lambda d: f"B{d.block_slots} S{d.num_splits} w{d.num_warps} st{d.num_stages}"
     auto = auto_blocks(b, k, c)
     print(f"sweep {cfg.name} b{b} c{c} (auto {name(auto)}): "
           + ", ".join(f"{name(d)}: {us:.1f}" for us, d in out[:8])
-          + " | " + ", ".join(f"{name(d)}: {us:.1f}" for us, d in out if not d.gather or d == auto), flush=True)
+          + " | auto: " + ", ".join(f"{us:.1f}" for us, d in out if d == auto), flush=True)
     return out
 
 
@@ -174,7 +192,7 @@ def main(argv=None) -> int:
         print("error: the kernel benchmark needs a GPU (the kernels run compiled only there)", file=sys.stderr)
         return 2
     try:
-        models = [get_preset(m) for m in args.models.split(",")]
+        models = [model_shapes(m) for m in args.models.split(",")]
         contexts = [int(x) for x in args.contexts.split(",")]
         batches = [int(x) for x in args.batches.split(",")]
     except Exception as e:  # noqa: BLE001 - one line for any bad flag
@@ -185,7 +203,7 @@ def main(argv=None) -> int:
     print(f"{dev.device_kind} | jax {jax.__version__} | copy bandwidth {copy_gbs:.0f} GB/s (read + write)", flush=True)
     for spec in filter(None, args.sweep.split(",")):
         name, b, c = spec.split(":")
-        sweep(get_preset(name), int(b), int(c), args.repeats)
+        sweep(model_shapes(name), int(b), int(c), args.repeats)
     rows = []
     head = (f"{'model':<12} {'b':>3} {'ctx':>6} {'xla-fp16':>9} {'pl-fp16':>9} {'kivi4':>8} {'kivi2':>8} "
             f"{'2b GB/s':>8} {'2b %copy':>8} {'2b/xla':>7} {'2b/pl':>6} {'4b/xla':>7}  (µs per call)")

@@ -15,12 +15,12 @@ Notation (kvjax/docs/DESIGN.md letters):
     S slot splits, L = B * ceil(c / (S * B)) slots per split (the last may be short), B slots per
     inner block.
 
-Tier layout (one layer, kvjax.codecs / kvjax.tiered.PackedTier, KIVI):
+Tier layout (one layer; pallas_kernels.quantize_pack's codecs, KIVI):
     k_codes, v_codes  uint32 [b, k, c, w]  code d of a slot = word d // per, bits (d % per) * bits
     k_scale, k_zero   [b, k, c/G, h]       key[s, d]   = code * k_scale[s // G, d] + k_zero[s // G, d]
     v_scale, v_zero   [b, k, c, h/G]       value[s, d] = code * v_scale[s, d // G] + v_zero[s, d // G]
     symmetric tiers   k_zero = v_zero = None, k_scale, v_scale [b, k, c, 1]: codes offset by
-                      2**(bits-1), x = (code - 2**(bits-1)) * scale (kvjax.codecs.encode_sym)
+                      2**(bits-1), x = (code - 2**(bits-1)) * scale (quantize_pack.encode_sym)
     count             int32 [b]            slots >= count are empty (callers exclude the slots of
                                            an unfinished key group from the count)
     q                 [b, n, h]            heads [i*g:(i+1)*g] read kv head i
@@ -38,13 +38,14 @@ reshapes; TPU has no gather loads, so there the tiles come from contiguous block
 by reshapes (`_block_tiles`). A float32 q gives exact float32 dots; a bf16/f16 q gives 16-bit
 dot operands with float32 sums.
 
-Backends: `tier_attention_partials` runs the pure-jnp reference on CPU and the kernel on GPU
-(Pallas Triton; jax >= 0.10 defaults to Mosaic GPU, so Triton compiler params are passed) and
-TPU (Mosaic); `interpret=True` runs the GPU kernel in the Pallas interpreter and
-`interpret=pltpu.InterpretParams()` the TPU one in the TPU interpreter (which enforces TPU block
-rules: every block here spans its array's two minor dims). Triton needs power-of-two tensor
-shapes: B, r, h are powers of two (h is checked). The TPU path has run only in the interpreter:
-its lane-dim reshapes ([B, w, per] -> [B, h]) may need another layout on a real TPU.
+Backends: `tier_attention_partials` compiles for GPU (Pallas Triton; jax >= 0.10 defaults to
+Mosaic GPU, so Triton compiler params are passed) and TPU (Mosaic); `interpret=True` runs the GPU
+kernel in the Pallas interpreter and `interpret=pltpu.InterpretParams()` the TPU one in the TPU
+interpreter (which enforces TPU block rules: every block here spans its array's two minor dims).
+Which of kernel and reference runs is decided by the caller (kvjax.kernels), never here. Triton
+needs power-of-two tensor shapes: B, r, h are powers of two (h is checked). The TPU path has run
+only in the interpreter: its lane-dim reshapes ([B, w, per] -> [B, h]) may need another layout on
+a real TPU.
 """
 
 from __future__ import annotations
@@ -58,7 +59,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from kvjax import codecs, quant
+from pallas_kernels import quant
+from pallas_kernels.quantize_pack import decode_key_groups, decode_sym, decode_values
 
 # Running max of a query with no valid slot (finite: merging it never makes inf - inf).
 EMPTY_MAX = float(jnp.finfo(jnp.float32).min)
@@ -354,10 +356,10 @@ def _tier_pallas_call(q4, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, co
 
 
 @functools.partial(jax.jit, static_argnames=("bits", "group_size", "blocks", "interpret"))
-def tier_attention_partials_kernel(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, count, *,
+def tier_attention_partials(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, count, *,
                                    bits: int, group_size: int, blocks: DecodeBlocks = DecodeBlocks(),
                                    interpret: bool = False) -> Partials:
-    """The Pallas kernel path of `tier_attention_partials` (any backend with interpret=True)."""
+    """Partials (o [b, n, h], m [b, n], l [b, n]) of q [b, n, h] over the first count [b] slots of a tier."""
     b, k, g, h, c = _check_tier(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, count, bits, group_size)
     if c == 0:
         return _empty(b, k * g, h)
@@ -400,35 +402,20 @@ def _grouped_partials(q, keys, values, valid) -> Partials:
 def tier_attention_partials_reference(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, count, *,
                                       bits: int, group_size: int, blocks: DecodeBlocks | None = None,
                                       interpret: bool = False) -> Partials:
-    """Ground truth and CPU path: dequantize with kvjax.codecs, then `_grouped_partials`.
+    """Ground truth: dequantize with quantize_pack's decoders, then `_grouped_partials`.
 
     Same signature as the kernel; `blocks` and `interpret` are accepted and ignored.
     """
     del blocks, interpret
     b, k, g, h, c = _check_tier(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, count, bits, group_size)
     if k_zero is None:  # symmetric
-        keys = codecs.decode_sym(k_codes, k_scale, bits, jnp.float32)  # [b, k, c, h]
-        values = codecs.decode_sym(v_codes, v_scale, bits, jnp.float32)
+        keys = decode_sym(k_codes, k_scale, bits, jnp.float32)  # [b, k, c, h]
+        values = decode_sym(v_codes, v_scale, bits, jnp.float32)
     else:
-        keys = codecs.decode_key_groups(k_codes, k_scale, k_zero, bits, group_size, jnp.float32)
-        values = codecs.decode_values(v_codes, v_scale, v_zero, bits, group_size, jnp.float32)
+        keys = decode_key_groups(k_codes, k_scale, k_zero, bits, group_size, jnp.float32)
+        values = decode_values(v_codes, v_scale, v_zero, bits, group_size, jnp.float32)
     valid = jnp.arange(c)[None, :] < count[:, None]  # [b, c]
     return _grouped_partials(q, keys, values, valid)
-
-
-def tier_attention_partials(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, count, *,
-                            bits: int, group_size: int, blocks: DecodeBlocks = DecodeBlocks(),
-                            interpret: bool = False) -> Partials:
-    """Partials (o [b, n, h], m [b, n], l [b, n]) of q [b, n, h] over the first count [b] slots of a tier.
-
-    On CPU the jnp reference; on GPU/TPU the Pallas kernel; interpret=True forces the kernel,
-    run by the Pallas interpreter (any backend).
-    """
-    args = (q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, count)
-    if interpret or jax.default_backend() != "cpu":
-        return tier_attention_partials_kernel(*args, bits=bits, group_size=group_size, blocks=blocks,
-                                              interpret=interpret)
-    return tier_attention_partials_reference(*args, bits=bits, group_size=group_size)
 
 
 @jax.jit

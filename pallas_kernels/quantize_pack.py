@@ -1,15 +1,17 @@
-"""Fused grouped quantize + bit pack: the kvjax.codecs encoders as one Pallas kernel each.
+"""KV row codecs: fused grouped quantize + bit pack (one Pallas kernel each), their references, decoders.
 
 Each program reads a block of rows in the input dtype, computes the group min/max (or absmax)
 in float32, quantizes, packs 32 / bits codes per uint32 word and writes codes, scales and zeros,
 so a 16-bit K/V row is read once and its float32 codes never reach memory. The outputs are
-bit-identical to kvjax.codecs (same float32 operations in the same order, round half to even).
+bit-identical to the pure-jnp references below (same float32 operations in the same order, round
+half to even).
 
 Notation (kvjax/docs/DESIGN.md letters): c tokens, h head dim, G group size, w = h * bits / 32
 code words per row, per = 32 / bits codes per word, R rows = prod(leading dims) * c (leading dims
 are flattened into rows), BR rows per program.
 
-Public functions (the kvjax.codecs signatures, plus interpret):
+Public functions (jitted; `interpret=True`, or a `pltpu.InterpretParams()` for the TPU interpreter,
+runs the kernel in the Pallas interpreter on any backend):
     encode_values(v, bits, G, dtype)      v [..., c, h] -> codes uint32 [..., c, w],
                                           scale, zero [..., c, h/G] (`dtype`); per token, groups
                                           of G consecutive channels.
@@ -18,7 +20,9 @@ Public functions (the kvjax.codecs signatures, plus interpret):
                                           consecutive tokens.
     encode_sym(x, bits, dtype)            x [..., c, h] -> codes uint32 [..., c, w] (codes offset
                                           by 2**(bits-1)), scale [..., c, 1]; symmetric per token.
-Math (kvjax.quant): asymmetric zero = min, scale = (max - min) / (2**bits - 1),
+Each has its pure-jnp reference (`*_reference`, the ground truth and the path of backends without
+the kernel), and `decode_values`, `decode_key_groups`, `decode_sym` read codes back (pure jnp).
+Math (pallas_kernels.quant): asymmetric zero = min, scale = (max - min) / (2**bits - 1),
 codes = clip(round((x - zero) / safe(scale)), 0, 2**bits - 1) with safe(0) = 1; symmetric
 scale = max|x| / (2**(bits-1) - 1), codes = clip(round(x / safe(scale)), -q, q) + 2**(bits-1).
 Code d of a row goes to word d // per, bits (d % per) * bits (first code in the lowest bits).
@@ -31,9 +35,8 @@ the lanes (a sum of disjoint bit fields is their OR; int32 arithmetic wraps like
 Mosaic TPU has no unsigned reductions), then bitcasts to uint32. R is padded with zero rows to a
 multiple of BR (whole key groups: BR % G == 0), and the outputs are sliced back.
 
-Backends: the dispatching functions run kvjax.codecs (the reference) on CPU and the kernel on
-GPU (Pallas Triton) / TPU (Mosaic); `interpret=True` (or a `pltpu.InterpretParams()`, the TPU
-interpreter) runs the kernel in the Pallas interpreter on any backend.
+Backends: the kernels compile for GPU (Pallas Triton) and TPU (Mosaic); which of kernel and
+reference runs is decided by the caller (kvjax.kernels), never here.
   * Triton: block shapes are powers of two, so h and G must be powers of two (ValueError
     otherwise) and a single-block grid pads R to the next power of two. Triton has no lowering
     for lax.round, so the kernel rounds with inline PTX (cvt.rni.f32.f32, half to even): CUDA
@@ -63,7 +66,7 @@ import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
-from kvjax import codecs, quant
+from pallas_kernels import quant
 
 
 def _is_pow2(x: int) -> bool:
@@ -134,7 +137,7 @@ def _check(x, bits: int, group_size: int | None, kind: str):
         raise ValueError(f"cannot pack head_dim={h} codes of {bits} bits: head_dim (axis -1) must be a "
                          f"multiple of {per}, got shape {x.shape}")
     if group_size is not None:
-        group_size = quant._check_group_size(group_size)
+        group_size = quant.check_group_size(group_size)
         if kind == "values" and h % group_size:
             raise ValueError(f"per-token value quantization needs head_dim (axis -1) divisible by "
                              f"group_size={group_size}, got shape {x.shape}")
@@ -307,9 +310,9 @@ _STATIC = ("bits", "group_size", "dtype", "blocks", "interpret")
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
-def encode_values_kernel(v, bits: int, group_size: int, dtype, *, blocks: PackBlocks = PackBlocks(),
+def encode_values(v, bits: int, group_size: int, dtype, *, blocks: PackBlocks = PackBlocks(),
                          interpret=False):
-    """Kernel path of `encode_values`: v [..., c, h] -> (codes [..., c, w], scale, zero [..., c, h/G])."""
+    """KIVI values, per token: v [..., c, h] -> (codes uint32 [..., c, w], scale, zero [..., c, h/G])."""
     bits, group_size, lead, c, h = _check(v, bits, group_size, "values")
     codes, scale, zero = _encode_pallas_call(
         v.reshape(-1, h), kind="values", bits=bits, group_size=group_size, dtype=jnp.dtype(dtype),
@@ -320,9 +323,9 @@ def encode_values_kernel(v, bits: int, group_size: int, dtype, *, blocks: PackBl
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
-def encode_key_groups_kernel(k, bits: int, group_size: int, dtype, *, blocks: PackBlocks = PackBlocks(),
+def encode_key_groups(k, bits: int, group_size: int, dtype, *, blocks: PackBlocks = PackBlocks(),
                              interpret=False):
-    """Kernel path of `encode_key_groups`: k [..., c, h] -> (codes [..., c, w], scale, zero [..., c/G, h])."""
+    """KIVI keys, per channel in groups of G tokens: k [..., c, h] -> (codes [..., c, w], scale, zero [..., c/G, h])."""
     bits, group_size, lead, c, h = _check(k, bits, group_size, "keys")
     codes, scale, zero = _encode_pallas_call(
         k.reshape(-1, h), kind="keys", bits=bits, group_size=group_size, dtype=jnp.dtype(dtype),
@@ -333,58 +336,59 @@ def encode_key_groups_kernel(k, bits: int, group_size: int, dtype, *, blocks: Pa
 
 
 @functools.partial(jax.jit, static_argnames=("bits", "dtype", "blocks", "interpret"))
-def encode_sym_kernel(x, bits: int, dtype, *, blocks: PackBlocks = PackBlocks(), interpret=False):
-    """Kernel path of `encode_sym`: x [..., c, h] -> (codes [..., c, w], scale [..., c, 1])."""
+def encode_sym(x, bits: int, dtype, *, blocks: PackBlocks = PackBlocks(), interpret=False):
+    """Symmetric per token: x [..., c, h] -> (codes uint32 [..., c, w], scale [..., c, 1])."""
     bits, _, lead, c, h = _check(x, bits, None, "x")
     codes, scale = _encode_pallas_call(x.reshape(-1, h), kind="sym", bits=bits, group_size=None,
                                        dtype=jnp.dtype(dtype), blocks=blocks, interpret=interpret)
     return codes.reshape(*lead, c, h * bits // 32), scale.reshape(*lead, c, 1)
 
 
-# --------------------------------------------------------------------------- dispatch
-
-
-def _use_kernel(interpret) -> bool:
-    return _is_tpu_interpret(interpret) or bool(interpret) or jax.default_backend() != "cpu"
-
-
-def encode_values(v, bits: int, group_size: int, dtype, *, interpret=False):
-    """KIVI values, per token (kvjax.codecs.encode_values): CPU: the codec; GPU/TPU/interpret: the kernel."""
-    if _use_kernel(interpret):
-        return encode_values_kernel(v, bits, group_size, dtype, interpret=interpret)
-    return codecs.encode_values(v, bits, group_size, dtype)
-
-
-def encode_key_groups(k, bits: int, group_size: int, dtype, *, interpret=False):
-    """KIVI keys, per channel (kvjax.codecs.encode_key_groups): CPU: the codec; GPU/TPU/interpret: the kernel."""
-    if _use_kernel(interpret):
-        return encode_key_groups_kernel(k, bits, group_size, dtype, interpret=interpret)
-    return codecs.encode_key_groups(k, bits, group_size, dtype)
-
-
-def encode_sym(x, bits: int, dtype, *, interpret=False):
-    """Symmetric per token (kvjax.codecs.encode_sym): CPU: the codec; GPU/TPU/interpret: the kernel."""
-    if _use_kernel(interpret):
-        return encode_sym_kernel(x, bits, dtype, interpret=interpret)
-    return codecs.encode_sym(x, bits, dtype)
-
-
 # --------------------------------------------------------------------------- references
 
 
-@functools.partial(jax.jit, static_argnames=("bits", "group_size", "dtype"))
 def encode_values_reference(v, bits: int, group_size: int, dtype):
-    """Ground truth: kvjax.codecs.encode_values (pure jnp), jitted."""
-    return codecs.encode_values(v, bits, group_size, dtype)
+    """Pure jnp `encode_values`: v [..., c, h] -> (codes uint32 [..., c, w], scale, zero [..., c, h/G])."""
+    codes, scale, zero = quant.quantize_values_per_token(v, bits, group_size)
+    return quant.pack(codes, bits), scale.astype(dtype), zero.astype(dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("bits", "group_size", "dtype"))
 def encode_key_groups_reference(k, bits: int, group_size: int, dtype):
-    """Ground truth: kvjax.codecs.encode_key_groups (pure jnp), jitted."""
-    return codecs.encode_key_groups(k, bits, group_size, dtype)
+    """Pure jnp `encode_key_groups`: k [..., c, h] (c % G == 0) -> (codes [..., c, w], scale, zero [..., c/G, h])."""
+    *lead, c, h = k.shape
+    groups = k.reshape(*lead, c // group_size, group_size, h)  # [..., c/G, G, h]
+    codes, scale, zero = quant.quantize_keys_per_channel(groups, bits, group_size)
+    return (quant.pack(codes.reshape(*lead, c, h), bits), scale[..., 0, :].astype(dtype),
+            zero[..., 0, :].astype(dtype))
 
 
-@functools.partial(jax.jit, static_argnames=("bits", "dtype"))
 def encode_sym_reference(x, bits: int, dtype):
-    """Ground truth: kvjax.codecs.encode_sym (pure jnp), jitted."""
-    return codecs.encode_sym(x, bits, dtype)
+    """Pure jnp `encode_sym`: x [..., c, h] -> (codes uint32 [..., c, w], scale [..., c, 1])."""
+    codes, scale = quant.quantize_sym(x, bits, axis=-1)
+    return quant.pack(quant.sym_to_unsigned(codes, bits), bits), scale.astype(dtype)
+
+
+# --------------------------------------------------------------------------- decoders (pure jnp)
+
+
+def decode_values(codes, scale, zero, bits: int, group_size: int, dtype):
+    """codes [..., c, w], scale/zero [..., c, h/G] -> values [..., c, h]."""
+    return quant.dequantize_values_per_token(quant.unpack(codes, bits), scale.astype(jnp.float32),
+                                             zero.astype(jnp.float32), group_size, dtype)
+
+
+def decode_key_groups(codes, scale, zero, bits: int, group_size: int, dtype):
+    """codes [..., c, w], scale/zero [..., c/G, h] -> keys [..., c, h]."""
+    *lead, c, _ = codes.shape
+    unpacked = quant.unpack(codes, bits)
+    h = unpacked.shape[-1]
+    groups = unpacked.reshape(*lead, c // group_size, group_size, h)
+    out = quant.dequantize_keys_per_channel(groups, scale.astype(jnp.float32)[..., None, :],
+                                            zero.astype(jnp.float32)[..., None, :], dtype)
+    return out.reshape(*lead, c, h)
+
+
+def decode_sym(codes, scale, bits: int, dtype):
+    """codes [..., c, w], scale [..., c, 1] -> x [..., c, h]."""
+    signed = quant.unsigned_to_sym(quant.unpack(codes, bits), bits)
+    return quant.dequantize_sym(signed, scale.astype(jnp.float32), dtype)

@@ -44,7 +44,7 @@ class Replay:
 
     def update(self, layer, k, v, positions):
         """k, v [b, t, k, h] at positions [b, t] -> stores the reference K/V of those positions."""
-        take = lambda ref: jnp.take_along_axis(ref[layer], jnp.maximum(positions, 0)[:, None, :, None],
+        take = lambda ref: jnp.take_along_axis(ref[layer.index], jnp.maximum(positions, 0)[:, None, :, None],
                                                axis=2).transpose(0, 2, 1, 3)  # [b, t, k, h]
         k_ref, v_ref = take(self.k_ref).astype(k.dtype), take(self.v_ref).astype(v.dtype)
         real = (positions >= 0)[:, :, None, None]

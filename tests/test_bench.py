@@ -9,7 +9,7 @@ import pytest
 
 from kvjax import bench
 from kvjax.config import get_preset
-from kvjax.policies import parse_policy
+from kvjax.policies import get_policy
 from pallas_kernels import bench as kernel_bench
 
 
@@ -20,16 +20,16 @@ def test_preset_bench_runs_every_policy(capsys, tmp_path):
     out = capsys.readouterr().out
     assert rc == 0
     rows = [line.split() for line in out.splitlines()[2:]]
-    assert [r[0] for r in rows] == ["fp16", "kivi2", "mixed@3", "int8-sink"]
+    assert [r[0] for r in rows] == ["fp16", "kivi2", "mixed-static@3", "int8-sink"]
     assert all(r[1:4] == ["1", "40", "-"] and float(r[4]) > 0 for r in rows)
     records = [json.loads(line) for line in out_json.read_text().splitlines()]
-    assert [r["kv"] for r in records] == ["fp16", "kivi2", "mixed@3", "int8-sink"]
+    assert [r["kv"] for r in records] == ["fp16", "kivi2", "mixed-static@3", "int8-sink"]
     assert all(r["context"] == 40 and r["decode_ms_per_token"] > 0 and r["model"] == "random tiny" for r in records)
 
 
 @pytest.mark.parametrize("policy", ["fp16", "kivi2", "mixed@3"])
 def test_filled_cache_holds_the_context(policy):
-    spec = policy if policy == "fp16" else parse_policy(policy, window=8, group_size=4)
+    spec = get_policy(policy) if policy == "fp16" else get_policy(policy, window=8, group_size=4)
     cache = bench.filled_cache(jax.random.PRNGKey(0), policy=spec, cfg=get_preset("tiny"), batch=2,
                                context=37, capacity=45, dtype=jnp.float32)
     per_tier = {k: np.asarray(v) for k, v in cache.tokens_per_tier().items()}
@@ -58,10 +58,10 @@ def test_kernel_bench_needs_a_gpu(capsys):
 @pytest.mark.parametrize("policy", ["fp16", "kivi2", "mixed@3"])
 def test_largest_batch_fits_the_kv_budget(policy):
     cfg, capacity, budget = get_preset("tiny"), 300, 3 * 2**20
-    spec = policy if policy == "fp16" else parse_policy(policy, group_size=16)
+    spec = get_policy(policy) if policy == "fp16" else get_policy(policy, group_size=16)
     batch = bench.largest_batch(spec, cfg, capacity, jnp.float32, budget)
     assert batch >= 1
     assert bench.cache_bytes(spec, cfg, batch, capacity, jnp.float32) <= budget
     assert bench.cache_bytes(spec, cfg, batch + 1, capacity, jnp.float32) > budget
-    real = bench.make_cache(spec, cfg, batch, capacity, jnp.float32)
+    real = spec.make_cache(cfg, batch, capacity, jnp.float32)
     assert real.nbytes == bench.cache_bytes(spec, cfg, batch, capacity, jnp.float32)

@@ -16,7 +16,7 @@ from kvjax import teacher_forced
 from kvjax.controller import INPUTS, Controller, load_controller, save_controller
 from kvjax.errors import KvjaxError
 from kvjax.loading import load_model
-from kvjax.policies import parse_policy
+from kvjax.policies import get_policy
 from train_controller import train
 from train_controller.__main__ import main
 
@@ -47,7 +47,7 @@ def test_cli_one_step_trains_a_controller_that_the_policy_uses(tiny_checkpoint, 
     assert sum(w * s for w, s in ctrl.histogram.items()) <= 3.0 + 1e-6  # the bias meets the budget
 
     model = load_model(tiny_checkpoint.hf_folder)
-    spec = parse_policy("mixed-learned@3", window=8, group_size=4, controller=str(out / "controller.npz"))
+    spec = get_policy("mixed-learned@3", window=8, group_size=4, controller=str(out / "controller.npz"))
     tokens = jnp.arange(40, dtype=jnp.int32)[None] % 200
     logits, _ = teacher_forced.score(model.params, model.cfg, tokens, jnp.arange(40)[None], spec, 40)
     assert np.isfinite(np.asarray(logits)).all()
@@ -144,7 +144,7 @@ def test_controller_file_roundtrip_and_errors(tmp_path):
     with pytest.raises(KvjaxError, match="malformed"):
         load_controller(str(tmp_path / "shape.npz"))
     with pytest.raises(KvjaxError, match="trained for 3 bits"):
-        parse_policy("mixed-learned@2.5", controller=path)
+        get_policy("mixed-learned@2.5", controller=path)
     with pytest.raises(KvjaxError, match="not found"):
         load_controller(str(tmp_path / "missing.npz"))
 
@@ -153,7 +153,7 @@ def test_controller_for_another_model_is_refused(tmp_path):
     from kvjax.config import get_preset
     from kvjax.policies import make_cache
 
-    spec = parse_policy("mixed-learned@3", controller=_tiny_controller_file(tmp_path))
+    spec = get_policy("mixed-learned@3", controller=_tiny_controller_file(tmp_path))
     with pytest.raises(KvjaxError, match="trained for a model with vocab_size=256"):
         make_cache(spec, get_preset("SmolLM2-135M"), 1, 256)
 
@@ -166,16 +166,21 @@ def test_cli_bad_input_is_one_error_line(capsys):
 
 
 def test_eval_commands_tell_controllers_apart(tmp_path):
-    """`eval.perplexity --controller` reaches only the policies that read one, and `python -m eval`
-    keeps the scores of two controllers in separate cache files."""
+    """`--controller` reaches only the policies that read one, and `python -m eval` keeps the scores
+    of two controllers in separate cache files."""
+    import argparse
+
     from eval.__main__ import cache_suffix
-    from eval.perplexity import policy_spec
+    from kvjax.policies import add_policy_flags, policies_from_flags
     from test_policies import tiny_controller
 
     path = _tiny_controller_file(tmp_path)
-    assert policy_spec("mixed-learned@3", path).controller == load_controller(path)
-    assert policy_spec("mixed@3", path).controller is None and policy_spec("kivi2", path).controller is None
-    assert policy_spec("fp16", path) == "fp16"
-    one, two = (parse_policy("mixed-learned@3", controller=tiny_controller(seed=s)) for s in (1, 2))
+    parser = argparse.ArgumentParser()
+    add_policy_flags(parser)
+    learned, static, kivi, fp16 = policies_from_flags(parser.parse_args(
+        ["--kv", "mixed-learned@3,mixed@3,kivi2,fp16", "--controller", path]))
+    assert learned.controller == load_controller(path)
+    assert static.controller is None and not hasattr(kivi, "controller") and fp16.name == "fp16"
+    one, two = (get_policy("mixed-learned@3", controller=tiny_controller(seed=s)) for s in (1, 2))
     assert cache_suffix(one, "-R8").startswith("-R8-c") and cache_suffix(one, "-R8") != cache_suffix(two, "-R8")
-    assert cache_suffix(parse_policy("kivi2"), "-R8") == "-R8" and cache_suffix(None, "-R8") == ""
+    assert cache_suffix(get_policy("kivi2"), "-R8") == "-R8" and cache_suffix(get_policy("fp16"), "-R8") == ""

@@ -16,10 +16,10 @@ from kvjax import teacher_forced
 from kvjax.errors import KvjaxError
 from kvjax.loading import load_model
 from kvjax.model import forward
-from kvjax.policies import parse_policy
+from kvjax.policies import get_policy
 
 # head_dim 16 of the tiny model: G must divide it, R be a multiple of G
-TINY_KIVI2 = parse_policy("kivi2", window=8, group_size=4)
+TINY_KIVI2 = get_policy("kivi2", window=8, group_size=4)
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +60,7 @@ def reference_logprob(model, context, continuation, spec=None):
     length = scoring._bucket(n, model.cfg.max_position_embeddings)
     pad = lambda x, fill: np.asarray([x + [fill] * (length - len(x))], np.int32)
     logp = scoring.target_logprobs(model.params, pad(ids[:-1], 0), pad(ids[1:], 0), pad(list(range(n)), -1),
-                                   cfg=model.cfg, spec=spec)
+                                   cfg=model.cfg, policy=spec)
     return float(np.asarray(logp[0, n - len(cont):n], np.float64).sum())
 
 

@@ -2,7 +2,7 @@
 
 On CPU the kernel runs in the Pallas interpreter; with a GPU/TPU it runs compiled. Codes are
 never zeros: random keys/values (channel offsets and scales, like real keys) are encoded with
-kvjax.codecs. Shapes: b batch, k kv heads, g query heads per kv head, h head dim, c slots,
+pallas_kernels.quantize_pack. Shapes: b batch, k kv heads, g query heads per kv head, h head dim, c slots,
 G group size, B block slots, S splits, n the per-row counts.
 """
 
@@ -14,11 +14,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kvjax import codecs
 from kvjax.attention import masked_attention
+from pallas_kernels import quantize_pack as codecs
 from pallas_kernels.decode_attention import (EMPTY_MAX, DecodeBlocks, dense_partials, merge_partials,
-                                             tier_attention_partials, tier_attention_partials_kernel,
-                                             tier_attention_partials_reference)
+                                             tier_attention_partials, tier_attention_partials_reference)
 
 INTERPRET = jax.default_backend() == "cpu"
 RTOL = 1e-5
@@ -62,8 +61,8 @@ def random_tier(seed, b, k, c, h, bits, G, dtype=jnp.float32):
 
 @functools.partial(jax.jit, static_argnums=(2, 3, 4))
 def _encode_decode(keys, values, bits, G, dtype):
-    kc, ks, kz = codecs.encode_key_groups(keys, bits, G, dtype)
-    vc, vs, vz = codecs.encode_values(values, bits, G, dtype)
+    kc, ks, kz = codecs.encode_key_groups_reference(keys, bits, G, dtype)
+    vc, vs, vz = codecs.encode_values_reference(values, bits, G, dtype)
     deq_k = codecs.decode_key_groups(kc, ks, kz, bits, G, jnp.float32)
     deq_v = codecs.decode_values(vc, vs, vz, bits, G, jnp.float32)
     return (kc, ks, kz, vc, vs, vz), deq_k, deq_v
@@ -100,7 +99,7 @@ def check_case(case, interpret, seed=0):
     count = jnp.asarray(case.counts, jnp.int32)
     kw = dict(bits=case.bits, group_size=case.G)
     blocks = DecodeBlocks(block_slots=case.B, num_splits=case.S)
-    got = tier_attention_partials_kernel(q, *tier, count, **kw, blocks=blocks, interpret=interpret)
+    got = tier_attention_partials(q, *tier, count, **kw, blocks=blocks, interpret=interpret)
     want = tier_attention_partials_reference(q, *tier, count, **kw)
     for name, a, e in zip("oml", got, want):
         assert a.shape == e.shape and a.dtype == jnp.float32, name
@@ -132,7 +131,7 @@ def test_merge_equals_softmax_over_union(b, k, g, h, G, c, s):
         tier, deq_k, deq_v = random_tier(10 + i, b, k, c, h, bits, G)
         count = rng.integers(0, c + 1, b).astype(np.int32)
         count[0] = c if i == 0 else 0  # full and empty tiers, ragged otherwise
-        parts.append(tier_attention_partials_kernel(q, *tier, jnp.asarray(count), bits=bits, group_size=G,
+        parts.append(tier_attention_partials(q, *tier, jnp.asarray(count), bits=bits, group_size=G,
                                                     blocks=DecodeBlocks(block_slots=32), interpret=INTERPRET))
         keys.append(deq_k), values.append(deq_v), masks.append(np.arange(c)[None, :] < count[:, None])
     dense_k = jnp.asarray(rng.standard_normal((b, k, s, h)), jnp.bfloat16)
@@ -155,28 +154,16 @@ def test_empty_tiers_merge_to_zero_without_nan():
     tier, _, _ = random_tier(4, b, k, c, h, 4, G)
     q = random_q(5, b, k * g, h)
     zero = jnp.zeros((b,), jnp.int32)
-    part = tier_attention_partials_kernel(q, *tier, zero, bits=4, group_size=G,
+    part = tier_attention_partials(q, *tier, zero, bits=4, group_size=G,
                                           blocks=DecodeBlocks(block_slots=16), interpret=INTERPRET)
     dense = dense_partials(q, jnp.ones((b, k, 4, h)), jnp.ones((b, k, 4, h)), jnp.zeros((b, 4), bool))
     out = np.asarray(merge_partials([part, dense]))
     assert np.all(out == 0)
     # A tier with no slots at all.
     none = tuple(x[:, :, :0] for x in tier)
-    for fn in (tier_attention_partials_kernel, tier_attention_partials_reference):
+    for fn in (tier_attention_partials, tier_attention_partials_reference):
         o, m, l = fn(q, *none, zero, bits=4, group_size=G)
         assert o.shape == (b, k * g, h) and np.all(np.asarray(m) == EMPTY_MAX) and np.all(np.asarray(l) == 0)
-
-
-def test_dispatch_matches_reference():
-    """The public entry point: the reference on CPU, the compiled kernel on GPU/TPU."""
-    case = CASES[3]
-    tier, _, _ = random_tier(6, case.b, case.k, case.c, case.h, case.bits, case.G)
-    q = random_q(7, case.b, case.k * case.g, case.h)
-    count = jnp.asarray(case.counts, jnp.int32)
-    got = tier_attention_partials(q, *tier, count, bits=case.bits, group_size=case.G)
-    want = tier_attention_partials_reference(q, *tier, count, bits=case.bits, group_size=case.G)
-    for a, e in zip(got, want):
-        assert_close(a, e)
 
 
 @pytest.mark.parametrize("kwargs", [dict(block_slots=48), dict(block_slots=4), dict(num_splits=0),
@@ -191,7 +178,7 @@ def test_bad_shapes_and_blocks_raise():
     q = random_q(9, 1, 2, 16)
     count = jnp.array([10], jnp.int32)
     with pytest.raises(ValueError, match="k_scale"):
-        tier_attention_partials_kernel(q, tier[0], tier[1][:, :, :2], *tier[2:], count, bits=4, group_size=16,
+        tier_attention_partials(q, tier[0], tier[1][:, :, :2], *tier[2:], count, bits=4, group_size=16,
                                        interpret=INTERPRET)
     with pytest.raises(ValueError, match="bits"):
         tier_attention_partials_reference(q, *tier, count, bits=3, group_size=16)
@@ -205,7 +192,7 @@ def test_bf16_queries_use_16bit_dots(bits):
     q = random_q(12, b, k * g, h)
     count = jnp.asarray([c, 150], jnp.int32)
     kw = dict(bits=bits, group_size=G)
-    got = tier_attention_partials_kernel(q.astype(jnp.bfloat16), *tier, count, **kw,
+    got = tier_attention_partials(q.astype(jnp.bfloat16), *tier, count, **kw,
                                          blocks=DecodeBlocks(block_slots=64, num_splits=2), interpret=INTERPRET)
     want = tier_attention_partials_reference(q.astype(jnp.bfloat16).astype(jnp.float32), *tier, count, **kw)
     got_out, want_out = (np.asarray(p.o / p.l[..., None]) for p in (got, want))
@@ -217,10 +204,10 @@ def check_symmetric(bits, c, counts, S, interpret, seed=13):
     """The kernel (run with `interpret`) against the reference on a random symmetric tier -> inputs, partials."""
     b, k, g, h = 2, 2, 3, 64
     rng = np.random.default_rng(seed)
-    kc, ks = codecs.encode_sym(jnp.asarray(rng.normal(0.5, 2.0, (b, k, c, h)), jnp.float32), bits, jnp.float32)
-    vc, vs = codecs.encode_sym(jnp.asarray(rng.standard_normal((b, k, c, h)), jnp.float32), bits, jnp.float32)
+    kc, ks = codecs.encode_sym_reference(jnp.asarray(rng.normal(0.5, 2.0, (b, k, c, h)), jnp.float32), bits, jnp.float32)
+    vc, vs = codecs.encode_sym_reference(jnp.asarray(rng.standard_normal((b, k, c, h)), jnp.float32), bits, jnp.float32)
     args = (random_q(seed + 1, b, k * g, h), kc, ks, None, vc, vs, None, jnp.asarray(counts, jnp.int32))
-    got = tier_attention_partials_kernel(*args, bits=bits, group_size=32,
+    got = tier_attention_partials(*args, bits=bits, group_size=32,
                                          blocks=DecodeBlocks(block_slots=32, num_splits=S), interpret=interpret)
     want = tier_attention_partials_reference(*args, bits=bits, group_size=32)
     for a, e in zip(got, want):

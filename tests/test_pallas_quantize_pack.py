@@ -1,7 +1,7 @@
-"""Fused quantize + pack kernels (pallas_kernels.quantize_pack) against the kvjax.codecs encoders.
+"""Fused quantize + pack kernels (pallas_kernels.quantize_pack) against their pure-jnp references.
 
 On CPU the kernels run in the Pallas interpreter (and a few cases in the TPU interpreter); with
-a GPU/TPU they run compiled. Codes must match the codecs bit for bit, and scales/zeros exactly
+a GPU/TPU they run compiled. Codes must match the references bit for bit, and scales/zeros exactly
 (same float32 operations). Inputs are random, never all zeros: keys get per-channel offsets and
 spreads like real keys, and some groups are constant (scale 0). Shapes: lead the leading dims,
 c tokens, h head dim, G group size, BR block rows (small, so grids have several blocks and the
@@ -16,19 +16,21 @@ import numpy as np
 import pytest
 from jax.experimental.pallas import tpu as pltpu
 
-from kvjax import codecs
-from pallas_kernels.quantize_pack import (PackBlocks, encode_key_groups, encode_key_groups_kernel,
-                                          encode_key_groups_reference, encode_sym, encode_sym_kernel,
-                                          encode_sym_reference, encode_values, encode_values_kernel,
-                                          encode_values_reference)
+from pallas_kernels import quantize_pack as qp
+from pallas_kernels.quantize_pack import PackBlocks, encode_key_groups, encode_sym, encode_values
 
 BACKEND = jax.default_backend()
 INTERPRET = BACKEND == "cpu"  # elsewhere: compiled (Triton on GPU, Mosaic on TPU)
 BF16, F32 = jnp.bfloat16, jnp.float32
 
-decode_values = jax.jit(codecs.decode_values, static_argnums=(3, 4, 5))
-decode_key_groups = jax.jit(codecs.decode_key_groups, static_argnums=(3, 4, 5))
-decode_sym = jax.jit(codecs.decode_sym, static_argnums=(2, 3))
+# Jitted, as the caches run them: XLA turns the division by the constant 2**bits - 1 into a
+# multiplication, in jitted code only, and the kernels multiply.
+encode_values_reference = jax.jit(qp.encode_values_reference, static_argnums=(1, 2, 3))
+encode_key_groups_reference = jax.jit(qp.encode_key_groups_reference, static_argnums=(1, 2, 3))
+encode_sym_reference = jax.jit(qp.encode_sym_reference, static_argnums=(1, 2))
+decode_values = jax.jit(qp.decode_values, static_argnums=(3, 4, 5))
+decode_key_groups = jax.jit(qp.decode_key_groups, static_argnums=(3, 4, 5))
+decode_sym = jax.jit(qp.decode_sym, static_argnums=(2, 3))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,9 +114,9 @@ SYM_CASES = [
 
 
 @pytest.mark.parametrize("case", VALUE_CASES, ids=str)
-def test_values_match_codecs(case):
+def test_values_match_reference(case):
     v = random_x(1, (*case.lead, case.c, case.h), case.x_dtype, "values", case.G)
-    got = encode_values_kernel(v, case.bits, case.G, case.scale_dtype, blocks=PackBlocks(case.BR),
+    got = encode_values(v, case.bits, case.G, case.scale_dtype, blocks=PackBlocks(case.BR),
                                interpret=INTERPRET)
     assert_same(got, encode_values_reference(v, case.bits, case.G, case.scale_dtype))
     codes, scale, zero = got
@@ -123,9 +125,9 @@ def test_values_match_codecs(case):
 
 
 @pytest.mark.parametrize("case", KEY_CASES, ids=str)
-def test_keys_match_codecs(case):
+def test_keys_match_reference(case):
     k = random_x(2, (*case.lead, case.c, case.h), case.x_dtype, "keys", case.G)
-    got = encode_key_groups_kernel(k, case.bits, case.G, case.scale_dtype, blocks=PackBlocks(case.BR),
+    got = encode_key_groups(k, case.bits, case.G, case.scale_dtype, blocks=PackBlocks(case.BR),
                                    interpret=INTERPRET)
     assert_same(got, encode_key_groups_reference(k, case.bits, case.G, case.scale_dtype))
     codes, scale, zero = got
@@ -135,9 +137,9 @@ def test_keys_match_codecs(case):
 
 
 @pytest.mark.parametrize("case", SYM_CASES, ids=str)
-def test_sym_matches_codecs(case):
+def test_sym_matches_reference(case):
     x = random_x(3, (*case.lead, case.c, case.h), case.x_dtype, "sym", 1)
-    got = encode_sym_kernel(x, case.bits, case.scale_dtype, blocks=PackBlocks(case.BR), interpret=INTERPRET)
+    got = encode_sym(x, case.bits, case.scale_dtype, blocks=PackBlocks(case.BR), interpret=INTERPRET)
     assert_same(got, encode_sym_reference(x, case.bits, case.scale_dtype))
     codes, scale = got
     decoded = decode_sym(codes, scale, case.bits, F32)
@@ -152,7 +154,7 @@ def test_round_half_to_even(bits):
     ramp = np.concatenate([[0.0, float(qmax)], np.arange(G - 2) % qmax + 0.5])  # scale 1, zero 0
     rows = np.stack([ramp, ramp * 0.25 - 3.0])  # scale 0.25 (exact), zero -3
     v = jnp.asarray(np.concatenate([rows, rows], axis=1)[None], F32)  # [1, 2, 64]
-    got = encode_values_kernel(v, bits, G, F32, interpret=INTERPRET)
+    got = encode_values(v, bits, G, F32, interpret=INTERPRET)
     assert_same(got, encode_values_reference(v, bits, G, F32))
     codes = np.asarray(jax.device_get(got[0]))
     word0 = int(codes[0, 0, 0])
@@ -168,35 +170,21 @@ def test_tpu_interpreter(kind):
     params = pltpu.InterpretParams()
     x = random_x(4, (3, 16, 64), BF16, kind, 4)
     if kind == "values":
-        got = encode_values_kernel(x, 4, 4, BF16, blocks=PackBlocks(8), interpret=params)
+        got = encode_values(x, 4, 4, BF16, blocks=PackBlocks(8), interpret=params)
         want = encode_values_reference(x, 4, 4, BF16)
     elif kind == "keys":
-        got = encode_key_groups_kernel(x, 2, 4, F32, blocks=PackBlocks(8), interpret=params)  # BR 32, 48 rows
+        got = encode_key_groups(x, 2, 4, F32, blocks=PackBlocks(8), interpret=params)  # BR 32, 48 rows
         want = encode_key_groups_reference(x, 2, 4, F32)
     else:
-        got = encode_sym_kernel(x, 8, BF16, blocks=PackBlocks(16), interpret=params)
+        got = encode_sym(x, 8, BF16, blocks=PackBlocks(16), interpret=params)
         want = encode_sym_reference(x, 8, BF16)
     assert_same(got, want)
-
-
-def test_dispatch_matches_codecs():
-    """The dispatching functions: the codecs themselves on CPU, the compiled kernel elsewhere."""
-    v = random_x(5, (2, 2, 8, 64), BF16, "values", 32)
-    k = random_x(6, (2, 2, 8, 64), BF16, "keys", 4)
-    assert_same(encode_values(v, 4, 32, BF16), codecs.encode_values(v, 4, 32, BF16))
-    assert_same(encode_key_groups(k, 2, 4, BF16), codecs.encode_key_groups(k, 2, 4, BF16))
-    assert_same(encode_sym(v, 8, F32), codecs.encode_sym(v, 8, F32))
-
-
-def test_interpret_dispatch_runs_kernel():
-    x = random_x(7, (2, 4, 64), F32, "values", 32)
-    assert_same(encode_values(x, 2, 32, F32, interpret=True), codecs.encode_values(x, 2, 32, F32))
 
 
 @pytest.mark.skipif(BACKEND == "gpu", reason="Triton needs a power-of-two head_dim (see the next test)")
 def test_non_power_of_two_head_dim():
     x = random_x(8, (2, 8, 48), F32, "values", 4)
-    assert_same(encode_key_groups_kernel(x, 4, 4, F32, interpret=INTERPRET),
+    assert_same(encode_key_groups(x, 4, 4, F32, interpret=INTERPRET),
                 encode_key_groups_reference(x, 4, 4, F32))
 
 
@@ -209,19 +197,19 @@ def test_triton_rejects_non_power_of_two():
 
 
 def test_empty_rows():
-    codes, scale, zero = encode_values_kernel(jnp.ones((2, 0, 64), BF16), 4, 32, BF16, interpret=INTERPRET)
+    codes, scale, zero = encode_values(jnp.ones((2, 0, 64), BF16), 4, 32, BF16, interpret=INTERPRET)
     assert codes.shape == (2, 0, 8) and scale.shape == zero.shape == (2, 0, 2) and scale.dtype == BF16
 
 
 @pytest.mark.parametrize("call, message", [
-    (lambda: encode_values_kernel(jnp.ones((64,)), 4, 32, F32, interpret=True), r"\[\.\.\., c, h\]"),
-    (lambda: encode_values_kernel(jnp.ones((2, 64)), 3, 32, F32, interpret=True), "bits must be one of"),
-    (lambda: encode_values_kernel(jnp.ones((2, 64)), 4, 24, F32, interpret=True), "divisible by group_size=24"),
-    (lambda: encode_values_kernel(jnp.ones((2, 64)), 4, 0, F32, interpret=True), "positive int"),
-    (lambda: encode_key_groups_kernel(jnp.ones((2, 6, 64)), 4, 4, F32, interpret=True),
+    (lambda: encode_values(jnp.ones((64,)), 4, 32, F32, interpret=True), r"\[\.\.\., c, h\]"),
+    (lambda: encode_values(jnp.ones((2, 64)), 3, 32, F32, interpret=True), "bits must be one of"),
+    (lambda: encode_values(jnp.ones((2, 64)), 4, 24, F32, interpret=True), "divisible by group_size=24"),
+    (lambda: encode_values(jnp.ones((2, 64)), 4, 0, F32, interpret=True), "positive int"),
+    (lambda: encode_key_groups(jnp.ones((2, 6, 64)), 4, 4, F32, interpret=True),
      r"tokens \(axis -2\) divisible by group_size=4"),
-    (lambda: encode_sym_kernel(jnp.ones((2, 24)), 2, F32, interpret=True), "multiple of 16"),
-    (lambda: encode_sym_kernel(jnp.ones((2, 64), jnp.int32), 8, F32, interpret=True), "floating point"),
+    (lambda: encode_sym(jnp.ones((2, 24)), 2, F32, interpret=True), "multiple of 16"),
+    (lambda: encode_sym(jnp.ones((2, 64), jnp.int32), 8, F32, interpret=True), "floating point"),
     (lambda: PackBlocks(block_rows=12), "power of two >= 8"),
     (lambda: PackBlocks(num_warps=0), "positive int"),
 ])
@@ -233,4 +221,4 @@ def test_bad_arguments_raise(call, message):
 @pytest.mark.skipif(BACKEND != "cpu", reason="CPU has no compiled Pallas path")
 def test_cpu_kernel_without_interpret_raises():
     with pytest.raises(ValueError, match="interpret=True"):
-        encode_sym_kernel(jnp.ones((2, 64)), 8, F32)
+        encode_sym(jnp.ones((2, 64)), 8, F32)

@@ -1,10 +1,16 @@
-"""Quantized cache policies: teacher-forced scoring equals step-by-step decoding, for every policy.
+"""Cache policies: teacher-forced scoring equals step-by-step decoding, for every registered policy.
 
-The proofs decode through `replay.Replay`, which stores the teacher-forced path's K/V and features
-in the step-by-step cache, so that both paths quantize bit-identical inputs whatever the CPU's
+The proofs run over `kvjax.policies.REGISTRY` (each family's examples) and over TEST_POLICIES,
+which exercise what no registered policy uses yet: widths that differ by layer and between keys
+and values, 16-bit keys inside a tier, a chain of three bands.
+
+They decode through `replay.Replay`, which stores the teacher-forced path's K/V and features in
+the step-by-step cache, so that both paths quantize bit-identical inputs whatever the CPU's
 summation order (see tests/replay.py); the drift it records bounds how far the model's own K/V
 and features differ between the paths.
 """
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -18,17 +24,33 @@ from kvjax.config import get_preset
 from kvjax.controller import INPUTS, Controller, ControllerMLP, model_signature
 from kvjax.errors import KvjaxError
 from kvjax.features import forward_recording_features
+from kvjax.kernels import Kernels
 from kvjax.model import forward, init_params
-from kvjax.policies import PolicySpec, make_cache, parse_policy, resolve_widths
+from kvjax.layout import EVICTED, Layout, Tier
+from kvjax.policies import MIXED_WIDTHS, REGISTRY, Bands, Mixed, get_policy, make_cache
 from kvjax.tiered import TieredCache
 from replay import Replay
 
-CFG = get_preset("tiny")  # head_dim 16
+CFG = get_preset("tiny")  # 2 layers, head_dim 16
 PARAMS = init_params(CFG, jax.random.PRNGKey(0))
 # Small window and groups so that short sequences cross many window and group boundaries.
 WINDOW, GROUP = 8, 4
-POLICIES = ["kivi2", "kivi4", "kivi8", "int8-sink", "int4-sink", "int2-sink", "streaming", "mixed@3", "mixed@2.5", "mixed-rule@3",
-            "mixed-rule@4", "mixed-learned@3", "mixed-random@3", "band@3", "band@2.5"]
+TEST_POLICIES = {
+    # keys and values at different widths, the first layer wider, a 4 -> 2 demotion that copies the
+    # second layer's 2-bit values and re-encodes everything else
+    "test-per-layer": Bands("test-per-layer", bands=(((8, 4), (4, 2)), ((4, 2), 2)), shares=(0.5,), sinks=2,
+                            window=WINDOW, group_size=GROUP),
+    # 16-bit keys in the first band of the first layer, then re-encoded at 2 bits
+    "test-dense-keys": Bands("test-dense-keys", bands=(((16, 4), 4), (2, 2)), shares=(0.5,), sinks=4,
+                             window=WINDOW, group_size=GROUP),
+    # a chain of three tiers: two rings, then the rest
+    "test-three-bands": Bands("test-three-bands", bands=((8, 8), (4, 4), (2, 2)), shares=(0.25, 0.25), sinks=4,
+                              window=WINDOW, group_size=GROUP),
+}
+NAMES = [name for family in REGISTRY.values() for name in (family.examples or (family.name,))] + list(TEST_POLICIES)
+# Largest difference between the two paths' own K/V (and features) that the proofs accept: float32
+# rounding through two layers, far below a quantization step.
+DRIFT = 1e-4
 
 
 def tiny_controller(budget=3.0, seed=1):
@@ -42,22 +64,19 @@ def tiny_controller(budget=3.0, seed=1):
                       bias=0.0, model=model_signature(CFG))
 
 
-def spec_of(name, **kw):
-    if "learned" in name or "random" in name:
-        kw.setdefault("controller", tiny_controller(float(name.split("@")[1])))
-    return parse_policy(name, window=WINDOW, group_size=GROUP, **kw)
+def policy_of(name):
+    """`name` for the tiny model: W=8, G=4; a small random controller for learned / random policies."""
+    if name in TEST_POLICIES:
+        return TEST_POLICIES[name]
+    if name == "fp16":
+        return get_policy(name)
+    controller = tiny_controller(float(name.split("@")[1])) if REGISTRY[name.split("@")[0]].takes_controller else None
+    return get_policy(name, window=WINDOW, group_size=GROUP, controller=controller)
 
 
-# Largest difference between the two paths' own K/V (and features) that the proofs accept: float32
-# rounding through two layers, far below a quantization step.
-DRIFT = 1e-4
-
-
-def reference(spec, tokens, positions, capacity):
-    """Teacher-forced logits [b, T, v], K/V and features of `tokens` under `spec`."""
-    logits, tf, features = teacher_forced._score(PARAMS, tokens, positions, cfg=CFG, spec=spec, capacity=capacity,
-                                                 dtype=jnp.float32)
-    return logits, tf, features
+def reference(policy, tokens, positions, capacity):
+    """Teacher-forced logits [b, T, v], the scoring cache (K/V, tiers) and features of `tokens`."""
+    return teacher_forced.score_with_features(PARAMS, CFG, tokens, positions, policy, capacity)
 
 
 @jax.jit
@@ -74,14 +93,23 @@ def decode_steps(cache, tokens, positions, start=0):
     return jnp.stack(out, axis=1), cache
 
 
-def decode_all(spec, tokens, positions, capacity, kernels="auto"):
+def replay_of(cache, tf, features):
+    """Replay around `cache`; fp16 (no scoring cache) replays nothing and only records drift."""
+    if tf is None:
+        return cache
+    return Replay.around(cache, tf, features)
+
+
+def decode_all(policy, tokens, positions, capacity, kernels=Kernels.AUTO):
     """Step-by-step decoding from an empty cache that replays the teacher-forced K/V and features:
     logits [b, T, v], the final cache (unwrapped), and the teacher-forced logits."""
-    want, tf, features = reference(spec, tokens, positions, capacity)
-    empty = make_cache(spec, CFG, tokens.shape[0], capacity).replace(kernels=kernels)
-    got, cache = decode_steps(Replay.around(empty, tf, features), tokens, positions)
-    assert float(cache.drift.max()) < DRIFT, cache.drift
-    return got, cache.inner, want
+    want, tf, features = reference(policy, tokens, positions, capacity)
+    empty = make_cache(policy, CFG, tokens.shape[0], capacity, kernels=kernels)
+    got, cache = decode_steps(replay_of(empty, tf, features), tokens, positions)
+    if tf is not None:
+        assert float(cache.drift.max()) < DRIFT, cache.drift
+        cache = cache.inner
+    return got, cache, want
 
 
 def ragged_batch(T=41, short=33, seed=0):
@@ -91,25 +119,51 @@ def ragged_batch(T=41, short=33, seed=0):
     return tokens, jnp.asarray(positions, jnp.int32)
 
 
-@pytest.mark.parametrize("name", POLICIES)
+@pytest.mark.parametrize("name", NAMES)
 def test_teacher_forced_equals_step_by_step_decode(name):
-    spec = spec_of(name)
+    policy = policy_of(name)
     tokens, positions = ragged_batch()
     capacity = 44
-    got, cache, want = decode_all(spec, tokens, positions, capacity)
+    got, cache, want = decode_all(policy, tokens, positions, capacity)
     valid = np.asarray(positions) >= 0
     np.testing.assert_allclose(np.asarray(got)[valid], np.asarray(want)[valid], atol=2e-5, rtol=1e-5)
-    # the policy really changed something: not equal to the full-precision forward
-    full, _ = forward(PARAMS, CFG, tokens, positions)
-    assert float(jnp.abs(full - got)[valid].max()) > 1e-3
-    # nothing dropped unless evicting; every left token is in exactly one tier
-    tiers = {k: np.asarray(v) for k, v in cache.tokens_per_tier().items()}
-    stored = sum(tiers.values())
+    if name != "fp16":  # the policy really changed something: not equal to the full-precision forward
+        full, _ = forward(PARAMS, CFG, tokens, positions)
+        assert float(jnp.abs(full - got)[valid].max()) > 1e-3
+    # nothing dropped unless evicting; every stored token is in exactly one tier
+    stored = sum(np.asarray(v) for v in cache.tokens_per_tier().values())
     lengths = valid.sum(1)
-    if spec.evict:
-        np.testing.assert_array_equal(stored, np.minimum(lengths, spec.sinks + spec.window))
+    if name == "streaming":
+        np.testing.assert_array_equal(stored, np.minimum(lengths, policy.sinks + policy.window))
     else:
         np.testing.assert_array_equal(stored, lengths)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_prefill_then_decode_equals_teacher_forced(name):
+    """A prompt of P tokens prefilled, then decoded step by step, equals teacher forcing of the whole.
+
+    The prompt is given at the full length with its tail as padding (position -1): the prefill then
+    runs the same program on the same shapes as the reference, and padding is masked before any
+    reduction, so the prompt's logits, K/V and tiers are bit-identical to the reference's (not
+    only close: a different matmul shape could flip a code, see tests/replay.py). The decode steps
+    replay the reference K/V.
+    """
+    policy = policy_of(name)
+    tokens, positions = ragged_batch(T=37, short=37, seed=1)
+    capacity, P = 40, 23
+    want, tf, features = reference(policy, tokens, positions, capacity)
+    prompt_positions = positions.at[:, P:].set(-1)
+    cache = make_cache(policy, CFG, 2, capacity)
+    logits, cache = cache.prefill(PARAMS, CFG, tokens, prompt_positions, jnp.float32)
+    if tf is not None:
+        np.testing.assert_array_equal(logits[:, :P], want[:, :P])
+    else:  # fp16 prefill is a cached forward, not the scorer's plain one: the same math, other ops
+        np.testing.assert_allclose(logits[:, :P], want[:, :P], atol=2e-5, rtol=1e-5)
+    got, cache = decode_steps(replay_of(cache, tf, features), tokens, positions, start=P)
+    if tf is not None:
+        assert float(cache.drift.max()) < DRIFT, cache.drift
+    np.testing.assert_allclose(got, want[:, P:], atol=2e-5, rtol=1e-5)
 
 
 @struct.dataclass
@@ -124,84 +178,61 @@ class _NudgedKV(Replay):
 def test_an_ulp_in_the_decoded_kv_changes_nothing():
     """The proofs hold whatever the last bit of the K/V the model computes step by step: int8-sink,
     whose prefill once failed on an Intel Xeon from one flipped code, decodes bit-identically."""
-    spec = spec_of("int8-sink")
+    policy = policy_of("int8-sink")
     tokens, positions = ragged_batch(T=20, short=20, seed=1)
-    _, tf, features = reference(spec, tokens, positions, 24)
-    runs = [decode_steps(wrap.around(make_cache(spec, CFG, 2, 24), tf, features), tokens, positions)[0]
+    _, tf, features = reference(policy, tokens, positions, 24)
+    runs = [decode_steps(wrap.around(make_cache(policy, CFG, 2, 24), tf, features), tokens, positions)[0]
             for wrap in (Replay, _NudgedKV)]
     np.testing.assert_array_equal(*runs)
 
 
-@pytest.mark.parametrize("name", ["kivi2", "kivi4", "int8-sink", "mixed@3"])
+@pytest.mark.parametrize("name", ["kivi2", "kivi4", "int8-sink", "mixed-static@3", "band@3", "test-per-layer"])
 def test_pallas_kernels_decode_equals_reference(name):
     """Decoding through the Pallas kernels (quantize + pack, fused attention; interpreted on CPU)
-    equals the codecs + jnp reference path."""
-    spec = spec_of(name)
+    equals the jnp/XLA reference path."""
+    policy = policy_of(name)
     tokens, positions = ragged_batch(T=27, short=22, seed=3)
-    fused = "interpret" if jax.default_backend() == "cpu" else "kernel"
+    fused = Kernels.INTERPRET if jax.default_backend() == "cpu" else Kernels.PALLAS
     with jax.default_matmul_precision("highest"):  # GPUs default to TF32 matmuls
-        want, _, _ = decode_all(spec, tokens, positions, 30, kernels="reference")
-        got, _, _ = decode_all(spec, tokens, positions, 30, kernels=fused)
+        want, _, _ = decode_all(policy, tokens, positions, 30, kernels=Kernels.REFERENCE)
+        got, _, _ = decode_all(policy, tokens, positions, 30, kernels=fused)
     valid = np.asarray(positions) >= 0
     np.testing.assert_allclose(np.asarray(got)[valid], np.asarray(want)[valid], atol=2e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["kivi2", "int4-sink", "mixed@3"])
+@pytest.mark.parametrize("name", ["kivi2", "int4-sink", "mixed-static@3", "test-per-layer"])
 def test_prefill_with_pallas_kernels_is_bit_identical(name):
     """Prompt prefill writes the same codes, scales and zeros through the quantize + pack kernels."""
-    spec = spec_of(name)
+    policy = policy_of(name)
     tokens, positions = ragged_batch(T=29, short=25, seed=4)
-    caches = [teacher_forced.prefill(PARAMS, CFG, tokens, positions,
-                                     make_cache(spec, CFG, 2, 32).replace(kernels=mode))[1]
-              for mode in ("reference", "interpret")]
-    assert int(jnp.sum(caches[0].counts)) > 0  # tokens did reach the quantized tiers
+    caches = [make_cache(policy, CFG, 2, 32, kernels=k).prefill(PARAMS, CFG, tokens, positions, jnp.float32)[1]
+              for k in (Kernels.REFERENCE, Kernels.INTERPRET)]
+    assert int(jnp.sum(caches[0].entered)) > 0  # tokens did reach the quantized tiers
     for a, b in zip(*(jax.tree_util.tree_leaves(c) for c in caches)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-@pytest.mark.parametrize("name", ["kivi2", "int8-sink", "streaming", "mixed-rule@3", "mixed-learned@3", "band@2.5"])
-def test_prefill_then_decode_equals_teacher_forced(name):
-    """A prompt of P tokens prefilled, then decoded step by step, equals teacher forcing of the whole.
-
-    The prompt is given at the full length with its tail as padding (position -1): the prefill then
-    runs the same program on the same shapes as the reference, and padding is masked before any
-    reduction, so the prompt's logits, K/V and widths are bit-identical to the reference's (not
-    only close: a different matmul shape could flip a code, see tests/replay.py). The decode steps
-    replay the reference K/V.
-    """
-    spec = spec_of(name)
-    tokens, positions = ragged_batch(T=37, short=37, seed=1)
-    capacity, P = 40, 23
-    want, tf, features = reference(spec, tokens, positions, capacity)
-    prompt_positions = positions.at[:, P:].set(-1)
-    logits, cache = teacher_forced.prefill(PARAMS, CFG, tokens, prompt_positions, make_cache(spec, CFG, 2, capacity))
-    np.testing.assert_array_equal(logits[:, :P], want[:, :P])
-    got, cache = decode_steps(Replay.around(cache, tf, features), tokens, positions, start=P)
-    assert float(cache.drift.max()) < DRIFT, cache.drift
-    np.testing.assert_allclose(got, want[:, P:], atol=2e-5, rtol=1e-5)
-
-
-@pytest.mark.parametrize("name", ["kivi2", "streaming", "int8-sink", "mixed@3", "fp16"])
+@pytest.mark.parametrize("name", ["kivi2", "streaming", "int8-sink", "mixed-static@3", "test-per-layer", "fp16"])
 def test_perplexity_summarizes_the_widths_of_left_tokens(name):
     """eval.perplexity's width record: the tokens older than the window at the last query, sinks
-    excluded, at the widths the policy gave them (0 = evicted)."""
+    excluded, at the bits the policy stored them at (0 = evicted)."""
     from eval.perplexity import segment_nll, width_summary
 
-    spec = name if name == "fp16" else spec_of(name)
+    policy = policy_of(name)
     tokens = np.random.default_rng(0).integers(0, CFG.vocab_size, 40)
-    nll, left = segment_nll(PARAMS, CFG, tokens, spec)
+    nll, left = segment_nll(PARAMS, CFG, tokens, policy)
     bits, shares = width_summary(left)
     assert nll.shape == (39,) and np.isfinite(nll).all()
     if name == "fp16":
         assert left.size == 0 and (bits, shares) == (16.0, {"16": 1.0})
         return
-    assert len(left) == 40 - WINDOW - spec.sinks  # positions sinks..31 are 8+ older than position 39
+    assert len(left) == 40 - WINDOW - policy.sinks  # positions sinks..31 are 8+ older than position 39
     assert abs(sum(shares.values()) - 1) < 1e-9 and bits == pytest.approx(left.mean())
     expected = {"kivi2": {"2": 1.0}, "streaming": {"0": 1.0}, "int8-sink": {"8": 1.0}}
     if name in expected:
         assert shares == expected[name]
     else:
-        assert set(shares) <= {"2", "4", "8", "16"} and len(shares) > 1
+        assert len(shares) > 1
 
 
 def test_fp16_policy_is_the_plain_cache_bit_for_bit():
@@ -219,66 +250,88 @@ def test_tiers_are_allocated_at_their_bits():
     fp16_bytes = dense.k.size * 2 * 2
     for bits, expected in [(2, 2 / 16 + 1 / 16), (4, 4 / 16 + 1 / 16)]:
         cache = jax.eval_shape(lambda: make_cache(f"kivi{bits}", cfg, 1, capacity, jnp.float16))
-        (tier,) = cache.packed
+        (tier,) = cache.tiers
+        keys, values = tier.keys[0], tier.values[0]
         per_token_head = (2 * 64 * bits / 8  # key and value codes
                           + 2 * 64 * 2 / 32  # key scale + zero per channel, one pair per 32 tokens
                           + 2 * 2 * 2)  # value scale + zero for each of two groups of 32 channels
-        tier_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(tier) if x.ndim == 5)
-        stage = tier.k_stage.size * 2
+        tier_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves((keys, values)))
+        stage = keys.stage.size * 2
         assert tier_bytes - stage == cfg.num_layers * cfg.num_kv_heads * 4096 * per_token_head
         assert (tier_bytes - stage) / (fp16_bytes * 4096 / capacity) == pytest.approx(expected)
 
 
+def test_a_short_run_allocates_no_more_than_fp16():
+    """Capacity below S + W: nothing can leave the window, so no tier is allocated and the window is
+    only as long as what can reach it."""
+    cfg = get_preset("SmolLM2-135M")
+    fp16 = make_cache("fp16", cfg, 1, 25, jnp.float16).nbytes
+    for name in ("kivi2", "int8-sink", "mixed-static@3", "band@3", "streaming"):
+        cache = make_cache(name, cfg, 1, 25, jnp.float16)
+        assert all(t.slots == 0 for t in cache.layout.tiers)
+        assert cache.nbytes <= fp16 + 64, name  # + the per-tier counters
+
+
+@dataclasses.dataclass(frozen=True)
+class _Prefers(Mixed):
+    """A mixed policy whose every token prefers `width`."""
+
+    width: int = 2
+
+    def preferred(self, positions, features):
+        return jnp.full(positions.shape, self.width, jnp.int32)
+
+
 def test_full_tier_sends_token_to_nearest_tier_with_room():
-    spec = PolicySpec("m", quant_widths=(2, 4, 8), budget_bits=3.0, window=8, group_size=4)
-    caps = jnp.asarray([8, 4, 4, 4])  # tiers 2, 4, 8, 16
-    counts = jnp.asarray([[0, 4, 0, 0], [0, 4, 4, 0], [8, 4, 4, 4], [0, 0, 4, 0]])
-    preferred = jnp.asarray([4, 4, 16, 8])
-    # 4 full -> 8 (as near as 2, ties to the wider); 4 and 8 full -> 2; 16 full -> 8 full... -> 4 full -> 2;
+    caps = (8, 4, 4, 4)  # tiers 2, 4, 8, 16 bits
+    layout = Layout(4, 8, 4, tuple(Tier(f"{w}-bit", c, (w, w), (w, w)) for w, c in zip(MIXED_WIDTHS, caps)), 2, 4, 8)
+    entered = jnp.asarray([[0, 4, 0, 0], [0, 4, 4, 0], [8, 4, 4, 4], [0, 0, 4, 0]])
+    got = [int(_Prefers("m", width=w).entry(jnp.zeros((1,), jnp.int32), None, row[None], layout)[0])
+           for w, row in zip((4, 4, 16, 8), entered)]
+    # 4 full -> 8 (as near as 2, ties to the wider); 4 and 8 full -> 2; everything full -> evicted;
     # 8 full -> 16 (ties between 4 and 16 go to the wider)
-    np.testing.assert_array_equal(resolve_widths(spec, preferred, counts, caps), [8, 2, 0, 16])
+    assert got == [MIXED_WIDTHS.index(8), MIXED_WIDTHS.index(2), EVICTED, MIXED_WIDTHS.index(16)]
 
 
 def test_mixed_budget_histogram_and_capacities():
     for budget in (2.0, 2.5, 3.0, 4.0, 5.0):
-        spec = parse_policy(f"mixed@{budget}")
-        hist = spec.histogram()
+        policy = get_policy(f"mixed-static@{budget}")
+        hist = policy.histogram()
         assert sum(hist.values()) == pytest.approx(1.0)
         assert sum(w * f for w, f in hist.items()) == pytest.approx(budget)
-        caps = spec.capacities(4096 + 132)
-        assert sum(caps.values()) >= 4096 and all(c % spec.group_size == 0 for c in caps.values())
+        caps = policy.layout(get_preset("SmolLM2-135M"), 4096 + 132).caps
+        assert sum(caps) >= 4096 and all(c % policy.group_size == 0 for c in caps)
 
 
 def test_band_demotes_whole_groups_and_fills_its_budget():
     """band@B: the 4-bit ring holds (B - 2) / 2 of a full cache's left tokens; older groups move
     to the 2-bit tier, a whole group at a time, and a full cache averages B bits."""
-    spec = spec_of("band@2.5")
-    caps = spec.capacities(44)  # 32 left tokens: 8 in the band, 24 at 2 bits
-    assert caps == {2: 24, 4: 8}
-    assert sum(w * c for w, c in caps.items()) / sum(caps.values()) == pytest.approx(2.5)
+    policy = policy_of("band@2.5")
+    caps = policy.layout(CFG, 44).caps  # 32 left tokens: 8 in the band, 24 at 2 bits
+    assert caps == (8, 24)
+    assert (4 * caps[0] + 2 * caps[1]) / sum(caps) == pytest.approx(2.5)
     tokens, positions = ragged_batch()
-    _, cache, _ = decode_all(spec, tokens, positions, 44)
+    _, cache, _ = decode_all(policy, tokens, positions, 44)
     tiers = {k: np.asarray(v) for k, v in cache.tokens_per_tier().items()}
-    left = np.asarray(positions >= 0).sum(1) - spec.sinks - spec.window  # 29 and 21
+    left = np.asarray(positions >= 0).sum(1) - policy.sinks - policy.window  # 29 and 21
     np.testing.assert_array_equal(tiers["2-bit"], [24, 16])  # a group is demoted when one starts, 8 later
     np.testing.assert_array_equal(tiers["4-bit"], left - tiers["2-bit"])
-    assert (tiers["4-bit"] <= caps[4]).all()
+    assert (tiers["4-bit"] <= caps[0]).all()
 
 
 @pytest.mark.parametrize("make, message", [
-    (lambda: PolicySpec("x", quant_widths=(3,)), "width 3"),
-    (lambda: parse_policy("kivi2", window=100), "not a multiple of G"),
-    (lambda: parse_policy("mixed@1.5"), "below 2 bits"),
-    (lambda: parse_policy("mixed@abc"), "not a number"),
-    (lambda: parse_policy("kivi2@3"), "only mixed"),
-    (lambda: parse_policy("band@4.5"), "above 4.00"),
-    (lambda: parse_policy("band@3", precision="rule"), "takes no precision"),
-    (lambda: make_cache(spec_of("band@3"), CFG, 1, 64).replace(kernels="kernel").kernel_mode(), "reference path only"),
-    (lambda: parse_policy("kivi3"), "unknown KV-cache policy"),
-    (lambda: make_cache(parse_policy("kivi2", group_size=12, window=120), CFG, 1, 64), "does not divide head_dim"),
-    (lambda: make_cache(parse_policy("streaming", window=600), CFG, 1, 64), "exceeds the model's context"),
+    (lambda: Bands("x", bands=((3, 3),)).layout(CFG, 200), "width 3"),
+    (lambda: get_policy("mixed@1.5"), "below 2 bits"),
+    (lambda: get_policy("mixed@abc"), "not a number"),
+    (lambda: get_policy("kivi2@3"), "only mixed and band"),
+    (lambda: get_policy("band@4.5"), "2 < B <= 4"),
+    (lambda: get_policy("band"), "needs a bit budget"),
+    (lambda: get_policy("kivi3"), "unknown KV-cache policy"),
+    (lambda: get_policy("kivi2", controller="x.npz"), "a controller applies"),
+    (lambda: make_cache(get_policy("kivi2", group_size=12, window=120), CFG, 1, 64), "does not divide head_dim"),
+    (lambda: make_cache(get_policy("streaming", window=600), CFG, 1, 64), "exceeds the model's context"),
     (lambda: forward(PARAMS, CFG, jnp.zeros((1, 2), jnp.int32), jnp.arange(2)[None],
-                     make_cache(spec_of("kivi2"), CFG, 1, 64)), "one token per sequence"),
+                     make_cache(policy_of("kivi2"), CFG, 1, 64)), "one token per sequence"),
 ])
 def test_invalid_configurations_raise_clear_errors(make, message):
     with pytest.raises(KvjaxError, match=message):
@@ -291,19 +344,24 @@ def test_generate_reports_tiers(tiny_checkpoint):
 
     model = load_model(tiny_checkpoint.hf_folder)
     model.cfg = model.cfg.replace(eos_token_id=None)
-    result = generate(model, [[1, 2, 3, 4, 5]], max_new_tokens=30, kv=spec_of("mixed-rule@3"))
+    result = generate(model, [[1, 2, 3, 4, 5]], max_new_tokens=30, kv=policy_of("mixed-rule@3"))
     assert sum(result.kv_tiers.values()) == 5 + 30 - 1
     assert result.kv_tiers["window"] == WINDOW and "2-bit" in result.stats_line()
-    assert isinstance(make_cache(spec_of("kivi2"), CFG, 1, 64), TieredCache)
+    assert isinstance(make_cache(policy_of("kivi2"), CFG, 1, 64), TieredCache)
+
+
+def test_names_say_what_they_do_and_old_names_still_work():
+    assert get_policy("mixed") == get_policy("mixed-learned@3")
+    assert get_policy("mixed@3") == get_policy("mixed-static@3")
+    assert get_policy("mixed@3").name == "mixed-static@3" and get_policy("mixed-rule@2.5").name == "mixed-rule@2.5"
 
 
 def test_plain_mixed_uses_the_shipped_controller():
-    spec = parse_policy("mixed")
-    assert spec.precision == "learned" and spec.budget_bits == 3.0 and spec.controller is not None
-    assert spec.controller.model["vocab_size"] == get_preset("SmolLM2-135M").vocab_size
-    assert sum(spec.histogram().values()) == pytest.approx(1.0)
-    assert sum(w * f for w, f in spec.histogram().items()) <= 3.0 + 1e-6
-    assert parse_policy("mixed-learned@2.5").controller.budget_bits == 2.5
+    policy = get_policy("mixed")
+    assert policy.precision == "learned" and policy.budget_bits == 3.0 and policy.controller is not None
+    assert policy.controller.model["vocab_size"] == get_preset("SmolLM2-135M").vocab_size
+    assert sum(policy.histogram().values()) == pytest.approx(1.0)
+    assert sum(w * f for w, f in policy.histogram().items()) <= 3.0 + 1e-6
+    assert get_policy("mixed-learned@2.5").controller.budget_bits == 2.5
     with pytest.raises(KvjaxError, match="no shipped controller for 2.7 bits"):
-        parse_policy("mixed-learned@2.7")
-    assert parse_policy("mixed@3").precision == "static"  # a budget in the name keeps the static default
+        get_policy("mixed-learned@2.7")

@@ -1,4 +1,4 @@
-"""Tests for kvjax.quant: error bounds, constant groups, bit packing, validation, jit."""
+"""Tests for pallas_kernels.quant: error bounds, constant groups, bit packing, validation, jit."""
 
 from functools import partial
 
@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvjax import quant
+from pallas_kernels import quant
 
 SETTINGS = settings(max_examples=30, deadline=None)
 BITS = st.sampled_from(quant.VALID_BITS)

@@ -23,6 +23,7 @@ import time
 import numpy as np
 
 from kvjax.errors import KvjaxError
+from kvjax.policies import DEFAULT_GROUP, DEFAULT_SINKS, DEFAULT_WINDOW
 
 
 class _Parser(argparse.ArgumentParser):
@@ -41,9 +42,10 @@ def _parser():
     p.add_argument("--data-dir", default=None, help="the shared data folder")
     p.add_argument("--trace-tokens", type=int, default=65536, help="training tokens to trace (at most)")
     p.add_argument("--chunk", type=int, default=1024, help="tokens per traced sequence")
-    p.add_argument("--residual", type=int, default=128, help="the policy's 16-bit window W")
-    p.add_argument("--group-size", type=int, default=32)
-    p.add_argument("--sinks", type=int, default=4)
+    p.add_argument("--window", "--residual", dest="window", type=int, default=DEFAULT_WINDOW,
+                   help="the policy's 16-bit window W (KIVI's residual R)")
+    p.add_argument("--group-size", type=int, default=DEFAULT_GROUP, help="quantization group size G")
+    p.add_argument("--sinks", type=int, default=DEFAULT_SINKS, help="attention-sink tokens kept in 16 bits")
     p.add_argument("--heldout", type=float, default=0.1, help="share of trace chunks held out (the text's end)")
     p.add_argument("--min-queries", type=int, default=64,
                    help="tokens seen quantized by fewer future queries get no distortion target")
@@ -91,7 +93,7 @@ def run(args) -> int:
     ids = data.training_ids(model.tokenizer, args.text, args.data_dir or DATA_DIR, args.trace_tokens)
     ids = ids[:len(ids) // args.chunk * args.chunk]
     files = traces.write_traces(model, ids, args.traces or os.path.join(args.out, "traces"), args.chunk,
-                                args.residual, args.sinks, args.group_size)
+                                args.window, args.sinks, args.group_size)
     n_held = max(1, round(len(files) * args.heldout))
     if len(files) - n_held < 1:
         raise KvjaxError(f"{len(files)} trace chunk(s) leave nothing to train on after holding out {n_held}")
@@ -121,7 +123,7 @@ def run(args) -> int:
                       model=model_signature(model.cfg),
                       info={"model": model.cfg.name, "steps": args.steps, "train_tokens": run_info["train_tokens"],
                             "heldout": {k: v for k, v in result.items() if k != "histogram"},
-                            "traces": {"chunk": args.chunk, "window": args.residual, "sinks": args.sinks,
+                            "traces": {"chunk": args.chunk, "window": args.window, "sinks": args.sinks,
                                        "group_size": args.group_size}})
     out = args.controller_out or os.path.join(args.out, "controller.npz")
     save_controller(out, ctrl)

@@ -34,12 +34,13 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from kvjax import codecs
 from kvjax.attention import MASK_VALUE, grouped_scores
 from kvjax.cache import DenseCache
 from kvjax.errors import KvjaxError
 from kvjax.features import FEATURE_NAMES, token_features
+from kvjax.layout import has_left
 from kvjax.model import forward_with_stats
+from kvjax.stores import KiviKeys, KiviValues
 
 QUANT_WIDTHS = (2, 4, 8)
 
@@ -50,7 +51,7 @@ def layer_distortion(q, keys, values, window: int, sinks: int, group_size: int):
     j = jnp.arange(T)
     scores = grouped_scores(q, keys)  # [b, k, g, T, T]
     probs = jax.nn.softmax(jnp.where((j[None, :] <= j[:, None])[None, None, None], scores, MASK_VALUE), -1)
-    far = (j[:, None] - j[None, :] >= window) & (j[None, :] >= sinks)  # [Tq, Tk]
+    far = has_left(j[None, :], j[:, None], sinks, window)  # [Tq, Tk]
     a2 = jnp.where(far, probs, 0.0) ** 2
     mass = a2.sum(axis=(2, 3))  # [b, k, T]
     qg = q.astype(jnp.float32).reshape(b, T, kv, -1, h).transpose(0, 2, 3, 1, 4)  # [b, k, g, T, h]
@@ -59,8 +60,8 @@ def layer_distortion(q, keys, values, window: int, sinks: int, group_size: int):
     g, f32 = group_size, jnp.float32
     dist = []
     for bits in QUANT_WIDTHS:
-        vq = codecs.decode_values(*codecs.encode_values(values, bits, g, f32), bits, g, f32)
-        kq = codecs.decode_key_groups(*codecs.encode_key_groups(keys, bits, g, f32), bits, g, f32)
+        vq = KiviValues.roundtrip(values, bits, g, f32)
+        kq = KiviKeys.roundtrip(keys, bits, g, f32)  # groups of G consecutive tokens
         dv = jnp.sum((vq - values) ** 2, -1)
         dk_score = jnp.sum(q2 * (kq - keys) ** 2, -1) / h
         dist.append(jnp.sum(mass * dv + dk_score * v_dev, axis=1))  # [b, T]
@@ -78,7 +79,7 @@ def trace_chunk(params, tokens, *, cfg, window, sinks, group_size):
     per_layer = jax.lax.map(lambda x: layer_distortion(*x, window, sinks, group_size), (queries, cache.k, cache.v))
     dist = jnp.concatenate([per_layer.sum(0), jnp.zeros((b, T, 1))], -1)
     j = jnp.arange(T)
-    far_queries = jnp.where(j >= sinks, jnp.maximum(T - j - window, 0), 0)
+    far_queries = jnp.sum(has_left(j[None, :], j[:, None], sinks, window), axis=0)  # queries that see j quantized
     return feats, dist, jnp.broadcast_to(far_queries, (b, T))
 
 

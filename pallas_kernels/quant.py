@@ -36,7 +36,8 @@ def check_bits(bits) -> int:
     return value
 
 
-def _check_group_size(group_size) -> int:
+def check_group_size(group_size) -> int:
+    """Returns `group_size` as an int, or raises ValueError unless it is a positive int."""
     try:
         value = operator.index(group_size)
     except TypeError:
@@ -84,7 +85,7 @@ def quantize_keys_per_channel(k, bits: int, group_size: int):
     k [..., t, h] with t == G -> codes uint8 [..., t, h], scale/zero float32 [..., 1, h].
     """
     check_bits(bits)
-    group_size = _check_group_size(group_size)
+    group_size = check_group_size(group_size)
     k = jnp.asarray(k)
     _check_ndim(k, "keys")
     if k.shape[-2] != group_size:
@@ -104,7 +105,7 @@ def quantize_values_per_token(v, bits: int, group_size: int):
     v [..., t, h] with h % G == 0 -> codes uint8 [..., t, h], scale/zero float32 [..., t, h // G].
     """
     check_bits(bits)
-    group_size = _check_group_size(group_size)
+    group_size = check_group_size(group_size)
     v = jnp.asarray(v)
     _check_ndim(v, "values")
     *lead, t, h = v.shape
@@ -118,7 +119,7 @@ def quantize_values_per_token(v, bits: int, group_size: int):
 
 def dequantize_values_per_token(codes, scale, zero, group_size: int, dtype=jnp.float32):
     """Inverse of quantize_values_per_token: codes [..., t, h], scale/zero [..., t, h // G] -> [..., t, h]."""
-    group_size = _check_group_size(group_size)
+    group_size = check_group_size(group_size)
     _check_ndim(codes, "codes")
     *lead, t, h = codes.shape
     if h % group_size:
