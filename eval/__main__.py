@@ -3,22 +3,22 @@
     python -m eval --tasks hellaswag,arc_easy --kv fp16,kivi2,mixed@3 --limit 50 --batch-size 8
 
 Writes results.json, results.md (a table: one row per policy, acc / acc_norm per task) and
-results.png (accuracy vs average bits) to --out. Scores are cached per (model, task, policy,
-controller) as JSON lines under --cache-dir, one line per example, written after each batch: a
-rerun skips what is cached, so an interrupted run continues where it stopped.
+results.png (accuracy vs average bits) to --out. Every example's scores are kept in one gzip archive
+per (model, task) under --cache-dir, one JSON line per (policy, example), appended as soon as it
+is scored: a rerun skips what is there, so an interrupted run continues where it stopped.
 """
 
 from __future__ import annotations
 
-import argparse
 import datetime
+import gzip
 import hashlib
 import json
-import math
 import os
 import re
 import sys
 import time
+import zlib
 
 import jax
 import numpy as np
@@ -26,8 +26,9 @@ from tqdm import tqdm
 
 from eval.scoring import accuracy, picks, score_requests
 from eval.tasks import DATA_DIR, TASKS, check_task, load_task
+from kvjax import cli
 from kvjax.errors import KvjaxError
-from kvjax.loading import load_model
+from kvjax.loading import load_model, read_config, resolve_model
 from kvjax.policies import Policy, add_policy_flags, policies_from_flags
 
 
@@ -60,40 +61,61 @@ def cache_suffix(policy: Policy, overrides: str) -> str:
     return overrides + (f"-c{controller.digest[:8]}" if controller is not None else "")
 
 
-def read_cache(path: str) -> dict[int, list[float]]:
-    """index -> scores from a JSON-lines cache; a line cut short by an interruption is ignored."""
-    cached = {}
-    if os.path.exists(path):
-        with open(path) as f:
+def _read_archive(path: str) -> tuple[list[dict], bool]:
+    """The records of a task's score archive (gzip of JSON lines), and whether it ended cleanly (a run
+    killed mid-write leaves a cut line or a cut gzip member; what came before is kept)."""
+    records, clean = [], True
+    if not os.path.exists(path):
+        return records, clean
+    try:
+        with gzip.open(path, "rt") as f:
             for line in f:
                 try:
-                    record = json.loads(line)
-                    cached[int(record["index"])] = [float(x) for x in record["scores"]]
-                except (ValueError, KeyError, TypeError):
-                    continue
+                    records.append(json.loads(line))
+                except ValueError:
+                    clean = False
+    except (EOFError, OSError, zlib.error):
+        clean = False
+    return records, clean
+
+
+def read_cache(path: str, key: str) -> dict[int, list[float]]:
+    """index -> scores of policy `key` in a task's score archive."""
+    cached = {}
+    for record in _read_archive(path)[0]:
+        try:
+            if record["policy"] == key:
+                cached[int(record["index"])] = [float(x) for x in record["scores"]]
+        except (KeyError, TypeError, ValueError):
+            continue
     return cached
 
 
-def evaluate(model, requests, policy, cache_path: str, batch_size: int, desc: str = "") -> list[list[float]]:
-    """Scores of all requests, reading and extending the cache at `cache_path`.
+def evaluate(model, requests, policy, cache_path: str, key: str, batch_size: int, desc: str = "") -> list[list[float]]:
+    """Scores of all requests under `policy`, reading and extending the task's score archive.
 
-    Requests go in fixed chunks of `batch_size` examples (by index); a chunk with any example
-    missing from the cache is scored again whole, so results do not depend on where a run stopped.
+    The requests not in it are scored together (bucketed by length across all of them, see
+    eval.scoring.score_requests), each appended to the archive as soon as its last continuation is
+    scored: an interrupted run resumes where it stopped, and a row's scores do not depend on the
+    rows it was batched with.
     """
     os.makedirs(os.path.dirname(cache_path), exist_ok=True)
-    cached = read_cache(cache_path)
-    with tqdm(total=len(requests), desc=desc, leave=False) as bar:
-        for start in range(0, len(requests), batch_size):
-            chunk = range(start, min(start + batch_size, len(requests)))
-            missing = [i for i in chunk if i not in cached]
-            if missing:
-                scores = score_requests(model, [requests[i] for i in chunk], policy, batch_size)
-                with open(cache_path, "a") as f:
-                    for i, s in zip(chunk, scores):
-                        if i in missing:
-                            cached[i] = s
-                            f.write(json.dumps({"index": i, "scores": s}) + "\n")
-            bar.update(len(chunk))
+    records, clean = _read_archive(cache_path)
+    if not clean:  # rewrite what survived, so that the members appended next can be read
+        with gzip.open(cache_path, "wt") as f:
+            f.writelines(json.dumps(r) + "\n" for r in records)
+    cached = read_cache(cache_path, key)
+    missing = [i for i in range(len(requests)) if i not in cached]
+    with tqdm(total=len(requests), initial=len(requests) - len(missing), desc=desc, leave=False) as bar, \
+            gzip.open(cache_path, "at") as archive:
+        def done(j, scores):
+            cached[missing[j]] = scores
+            archive.write(json.dumps({"policy": key, "index": missing[j], "scores": scores}) + "\n")
+            archive.flush()
+            bar.update(1)
+
+        if missing:
+            score_requests(model, [requests[i] for i in missing], policy, batch_size, on_done=done)
     return [cached[i] for i in range(len(requests))]
 
 
@@ -177,17 +199,19 @@ def plot(results: dict, tasks: list[str], policies: list[str], bits: dict, path:
     plt.close(fig)
 
 
-def parse_args(argv):
-    p = argparse.ArgumentParser(prog="python -m eval", description=__doc__.splitlines()[0])
+def _parser() -> cli.ArgumentParser:
+    p = cli.ArgumentParser(prog="python -m eval", description=__doc__.splitlines()[0])
     p.add_argument("--tasks", default="arc_easy,hellaswag", help=f"comma-separated: {', '.join(TASKS)}")
     add_policy_flags(p, default="fp16,kivi2")
-    p.add_argument("--limit", type=int, default=None, help="first N examples of each task (default: all)")
-    p.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass")
+    p.add_argument("--limit", type=cli.at_least(1), default=None, help="first N examples of each task (default: all)")
+    p.add_argument("--batch-size", type=cli.at_least(1), default=8, help="sequences per forward pass")
     p.add_argument("--model", default=None, help=".gguf file, HF folder or hub id (default: embedded SmolLM2)")
-    p.add_argument("--data-dir", default=DATA_DIR, help="the shared data folder (holds hf_datasets/)")
-    p.add_argument("--out", default="results", help="folder for results.json, results.md, results.png")
-    p.add_argument("--cache-dir", default="eval_cache", help="per-example score cache (for resuming)")
-    return p.parse_args(argv)
+    p.add_argument("--data-dir", default=DATA_DIR,
+                   help="the shared data folder, with hf_datasets/ (default: $KVJAX_DATA, else ../shared/data)")
+    p.add_argument("--out", type=cli.output_dir, default="results", help="folder for results.json, results.md, results.png")
+    p.add_argument("--cache-dir", type=cli.output_dir, default="eval_cache",
+                   help="where every example's scores are kept, one archive per task (an interrupted run resumes)")
+    return p
 
 
 def setup(args):
@@ -195,41 +219,38 @@ def setup(args):
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if not tasks:
         raise KvjaxError("--tasks needs at least one name")
-    if args.limit is not None and args.limit < 1:
-        raise KvjaxError(f"--limit must be >= 1, got {args.limit}")
-    if args.batch_size < 1:
-        raise KvjaxError(f"--batch-size must be >= 1, got {args.batch_size}")
     for t in tasks:
         check_task(t)
     specs = {policy.name: policy for policy in policies_from_flags(args)}
     policies = list(specs)
     requests = {t: load_task(t, args.data_dir, args.limit) for t in tasks}
-    try:
-        model = load_model(args.model)
-    except Exception as e:  # a damaged file can fail in many ways; keep it to one line
-        if isinstance(e, KvjaxError):
-            raise
-        raise KvjaxError(f"cannot load model {args.model!r}: {type(e).__name__}: {e}") from None
+    cfg = read_config(args.model)
+    for policy in specs.values():
+        if cfg is not None:
+            policy.check(cfg)
+    cli.say(f"[kvjax] loading {resolve_model(args.model)}")
+    model = load_model(args.model)
     for policy in specs.values():
         policy.check(model.cfg)
     return tasks, policies, specs, model, requests
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    try:
-        tasks, policies, specs, model, requests = setup(args)
-    except KvjaxError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return cli.run(lambda: _main(argv))
+
+
+def _main(argv) -> int:
+    args = _parser().parse_args(argv)
+    tasks, policies, specs, model, requests = setup(args)
     cache_root = os.path.join(args.cache_dir, model_tag(model.source))
     suffix = "".join(f"-{k}{v}" for k, v in (("R", args.window), ("G", args.group_size)) if v is not None)
     results, seconds, scores = {t: {} for t in tasks}, {t: {} for t in tasks}, {t: {} for t in tasks}
     for t in tasks:
         for p in policies:
             t0 = time.perf_counter()
-            path = os.path.join(cache_root, f"{t}__{p}{cache_suffix(specs[p], suffix)}.jsonl")
-            scores[t][p] = evaluate(model, requests[t], specs[p], path, args.batch_size, desc=f"{t} {p}")
+            path = os.path.join(cache_root, f"{t}.jsonl.gz")
+            key = f"{p}{cache_suffix(specs[p], suffix)}"
+            scores[t][p] = evaluate(model, requests[t], specs[p], path, key, args.batch_size, desc=f"{t} {p}")
             results[t][p] = accuracy(requests[t], scores[t][p])
             seconds[t][p] = round(time.perf_counter() - t0, 2)
             print(f"{t:>14} {p:>12}  acc {results[t][p]['acc']:.3f}  acc_norm {results[t][p]['acc_norm']:.3f}  "

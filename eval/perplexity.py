@@ -29,7 +29,8 @@ from tqdm import tqdm
 from eval.tasks import DATA_DIR
 from kvjax import teacher_forced
 from kvjax.errors import KvjaxError
-from kvjax.loading import load_model
+from kvjax import cli
+from kvjax.loading import load_model, read_config, resolve_model
 from kvjax.policies import Policy, add_policy_flags, policies_from_flags
 
 TEXTS = {"wikitext2": "wikitext-2/test.txt", "sherlock": "gutenberg/sherlock.txt"}
@@ -95,28 +96,39 @@ def kv_bytes_per_token(policy: Policy, cfg, context: int) -> float:
     return sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(cache)) / context
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m eval.perplexity", description=__doc__.splitlines()[0])
-    p.add_argument("--model", default=None)
+def _parser() -> cli.ArgumentParser:
+    p = cli.ArgumentParser(prog="python -m eval.perplexity", description=__doc__.splitlines()[0])
+    p.add_argument("--model", default=None, help=".gguf file, HF folder or hub id (default: embedded SmolLM2)")
     add_policy_flags(p, default="fp16,kivi4,kivi2")
-    p.add_argument("--text", default="wikitext2", choices=sorted(TEXTS))
-    p.add_argument("--context", type=int, default=4096)
-    p.add_argument("--segments", type=int, default=2)
-    p.add_argument("--data-dir", default=DATA_DIR)
-    p.add_argument("--json", default=None, help="append results as JSON lines to this file")
-    args = p.parse_args(argv)
-    try:
-        specs = {policy.name: policy for policy in policies_from_flags(args)}
-        policies = list(specs)
-        model = load_model(args.model)
-        ids = np.asarray(model.tokenizer.encode(read_text(args.text, args.data_dir)), np.int32)
-        if len(ids) < args.context * args.segments:
-            raise KvjaxError(f"{args.text} has {len(ids)} tokens, fewer than {args.segments} x {args.context}")
-        if args.context > model.cfg.max_position_embeddings:
-            raise KvjaxError(f"context {args.context} exceeds the model's {model.cfg.max_position_embeddings}")
-    except KvjaxError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    p.add_argument("--text", default="wikitext2", choices=sorted(TEXTS), help="the text to score")
+    p.add_argument("--context", type=cli.at_least(2), default=4096, help="tokens per segment, each scored on its own")
+    p.add_argument("--segments", type=cli.at_least(1), default=2, help="segments scored, from the start of the text")
+    p.add_argument("--data-dir", default=DATA_DIR, help="the shared data folder (default: $KVJAX_DATA, else ../shared/data)")
+    p.add_argument("--json", type=cli.output_file, default=None, help="append results as JSON lines to this file")
+    return p
+
+
+def main(argv=None) -> int:
+    return cli.run(lambda: _main(argv))
+
+
+def _main(argv) -> int:
+    args = _parser().parse_args(argv)
+    specs = {policy.name: policy for policy in policies_from_flags(args)}
+    policies = list(specs)
+    text = read_text(args.text, args.data_dir)
+    cfg = read_config(args.model)
+    if cfg is not None:
+        if args.context > cfg.max_position_embeddings:
+            raise KvjaxError(f"--context {args.context} exceeds the model's {cfg.max_position_embeddings} tokens")
+        for policy in specs.values():
+            policy.check(cfg)
+    cli.say(f"[kvjax] loading {resolve_model(args.model)}")
+    model = load_model(args.model)
+    ids = np.asarray(model.tokenizer.encode(text), np.int32)
+    if len(ids) < args.context * args.segments:
+        raise KvjaxError(f"{args.text} has {len(ids)} tokens, fewer than --segments {args.segments} x "
+                         f"--context {args.context}")
     print(f"{args.text}: {len(ids)} tokens; {args.segments} segment(s) of {args.context}")
     for policy in policies:
         t0, nll, left = time.perf_counter(), [], []
@@ -133,7 +145,7 @@ def main(argv=None) -> int:
               f"bits {result.average_bits:5.2f}  ({result.tokens} tokens, {result.seconds:.0f} s)",
               flush=True)
         if args.json:
-            with open(args.json, "a") as f:
+            with cli.open_for_append(args.json) as f:
                 extra = {"controller": args.controller} if args.controller and getattr(specs[policy], "controller", None) else {}
                 f.write(json.dumps({**dataclasses.asdict(result), "perplexity": result.perplexity, **extra}) + "\n")
     return 0

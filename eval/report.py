@@ -14,12 +14,12 @@ context plot, one line per policy). Plots are written beside the report as PNG f
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import os
 import sys
 
+from kvjax import cli
 from kvjax.errors import KvjaxError
 
 
@@ -220,21 +220,25 @@ def build(accuracy: str | None, perplexity: list[str] | None, latency: list[str]
     return text
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m eval.report", description=__doc__.splitlines()[0])
+def _parser() -> cli.ArgumentParser:
+    p = cli.ArgumentParser(prog="python -m eval.report", description=__doc__.splitlines()[0])
     p.add_argument("--accuracy", default=None, help="results.json from `python -m eval`")
     p.add_argument("--perplexity", nargs="+", default=None, help="JSON lines from `python -m eval.perplexity --json`")
     p.add_argument("--latency", nargs="+", default=None, help="JSON lines from `python -m kvjax.bench --json`")
-    p.add_argument("--out", default="docs/RESULTS.md")
-    args = p.parse_args(argv)
-    command = "python -m eval.report " + " ".join(sys.argv[1:] if argv is None else argv)
-    try:
+    p.add_argument("--out", type=cli.output_file, default="docs/RESULTS.md",
+                   help="the Markdown report; its plots are written beside it")
+    return p
+
+
+def main(argv=None) -> int:
+    def run():
+        args = _parser().parse_args(argv)
+        command = "python -m eval.report " + " ".join(sys.argv[1:] if argv is None else argv)
         build(args.accuracy, args.perplexity, args.latency, args.out, command)
-    except KvjaxError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"wrote {args.out}")
-    return 0
+        print(f"wrote {args.out}")
+        return 0
+
+    return cli.run(run)
 
 
 if __name__ == "__main__":

@@ -3,14 +3,15 @@
 A (context, continuation) pair is tokenized as the harness does, `context_enc +
 continuation_enc` (trailing spaces of the context move to the continuation), and
 scored in one teacher-forced pass: the sum of the continuation tokens' log-probabilities.
-Pairs of several requests run together, right-padded (position -1) to a bucketed length
-(multiples of BUCKET tokens) and a fixed batch size, so jit compiles only a few shapes.
+Pairs of many requests run together, right-padded (position -1) to a bucketed length (multiples
+of BUCKET tokens) and a fixed batch size, so jit compiles only a few shapes.
 Every policy goes through `kvjax.teacher_forced.score` (for fp16, a plain causal forward).
 """
 
 from __future__ import annotations
 
 import functools
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -60,13 +61,20 @@ def _bucket(n: int, max_len: int) -> int:
     return min(-(-n // BUCKET) * BUCKET, max_len)
 
 
-def score_requests(model, requests: list[Request], policy: str | Policy = "fp16",
-                   batch_size: int = 8) -> list[list[float]]:
-    """Summed log-probability of each request's continuations: one list per request."""
+def score_requests(model, requests: list[Request], policy: str | Policy = "fp16", batch_size: int = 8,
+                   on_done: Callable[[int, list[float]], None] | None = None) -> list[list[float]]:
+    """Summed log-probability of each request's continuations: one list per request.
+
+    All the rows (one per continuation) are sorted by length and cut into batches of `batch_size`
+    within each length bucket, so only the last batch of a bucket has spare rows. A row's scores
+    depend on its own tokens and its bucket only, not on the rows beside it. `on_done(i, scores)`
+    is called as soon as every continuation of request i is scored (for a resume cache).
+    """
     policy = get_policy(policy) if isinstance(policy, str) else policy
     policy.check(model.cfg)
     rows = sorted(_rows(model, requests), key=lambda row: -len(row[2]))  # longest first, as the harness
     scores = [[0.0] * len(req.continuations) for req in requests]
+    waiting = [len(req.continuations) for req in requests]
     by_bucket: dict[int, list] = {}
     for row in rows:
         by_bucket.setdefault(_bucket(len(row[2]), model.cfg.max_position_embeddings), []).append(row)
@@ -82,6 +90,9 @@ def score_requests(model, requests: list[Request], policy: str | Policy = "fp16"
             logp = np.asarray(target_logprobs(model.params, inputs, targets, positions, cfg=model.cfg, policy=policy))
             for i, (r, c, inp, _, k) in enumerate(batch):
                 scores[r][c] = float(logp[i, len(inp) - k:len(inp)].sum())
+                waiting[r] -= 1
+                if waiting[r] == 0 and on_done is not None:
+                    on_done(r, scores[r])
     return scores
 
 

@@ -5,8 +5,9 @@ choice. The model's answer is the choice whose continuation is most likely given
 context. Most tasks share one context; WinoGrande ("partial evaluation") puts each option
 into its own context and scores the shared rest of the sentence.
 
-Data: the `hf_datasets/<name>/<config>/validation` folders of the shared data folder
-(see its MANIFEST.md), read with `datasets.load_from_disk`.
+Data: the `hf_datasets/<name>/<config>/validation` folders of the data folder (see its
+MANIFEST.md), read with `datasets.load_from_disk`: `--data-dir`, else $KVJAX_DATA, else
+../shared/data beside the repository.
 """
 
 from __future__ import annotations

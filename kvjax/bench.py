@@ -17,7 +17,6 @@ context plus the decode steps; weights not counted) fits the budget: KIVI's "lar
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import datetime
 import functools
@@ -30,10 +29,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kvjax.config import get_preset
+from kvjax import cli
+from kvjax.config import PRESETS, get_preset
 from kvjax.errors import KvjaxError
 from kvjax.generation import decode_chunk, default_dtype, prefill, start_state
-from kvjax.loading import LoadedModel, load_model
+from kvjax.loading import LoadedModel, load_model, read_config, resolve_model
 from kvjax.model import DTYPES, init_params
 from kvjax.policies import add_policy_flags, policies_from_flags
 from kvjax.sampling import SamplingConfig
@@ -104,54 +104,68 @@ def largest_batch(policy, cfg, capacity: int, dtype, budget_bytes: int) -> int:
     return max(0, (budget_bytes - fixed) // per_sequence)
 
 
-def random_model(preset: str, context: int, dtype) -> LoadedModel:
-    """Random weights of a preset's shapes, its context stretched to `context` (speed only)."""
-    cfg = get_preset(preset)
-    cfg = dataclasses.replace(cfg, max_position_embeddings=max(cfg.max_position_embeddings, context))
-    return LoadedModel(cfg, init_params(cfg, jax.random.PRNGKey(0), dtype), None, f"random {preset}")
+def fitting_batches(args, policies, cfg, capacity: int, dtype) -> list[int]:
+    """--batch for every policy, or with --kv-budget-gib each policy's largest batch that fits."""
+    if args.kv_budget_gib is None:
+        return [args.batch] * len(policies)
+    budget = int(args.kv_budget_gib * 2**30)
+    batches = [largest_batch(kv, cfg, capacity, dtype, budget) for kv in policies]
+    if min(batches) < 1:
+        raise KvjaxError(f"one sequence of {capacity} tokens does not fit {args.kv_budget_gib} GiB of KV cache "
+                         f"under {policies[batches.index(min(batches))].name}")
+    return batches
+
+
+def _parser() -> cli.ArgumentParser:
+    p = cli.ArgumentParser(prog="python -m kvjax.bench", description=__doc__.splitlines()[0])
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--model", default=None, help="model to load (default: the embedded SmolLM2-135M)")
+    source.add_argument("--preset", default=None, choices=sorted(PRESETS),
+                        help="random weights of this preset's shapes, the cache filled directly; decode only")
+    p.add_argument("--contexts", type=cli.int_list(1), default=[128, 1024, 4096],
+                   help="comma-separated context lengths (tokens already in the cache when decoding starts)")
+    p.add_argument("--decode-steps", type=cli.at_least(1), default=32, help="decode steps timed per measurement")
+    batch = p.add_mutually_exclusive_group()
+    batch.add_argument("--batch", type=cli.at_least(1), default=1, help="sequences decoded together")
+    batch.add_argument("--kv-budget-gib", type=cli.above(0.0), default=None,
+                       help="per policy, the largest batch whose KV cache at the largest context fits this many GiB")
+    p.add_argument("--repeats", type=cli.at_least(1), default=3, help="timed runs per measurement (median)")
+    add_policy_flags(p)
+    p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="compute dtype (default: float32 on CPU)")
+    p.add_argument("--json", type=cli.output_file, default=None,
+                   help="append one JSON line per (policy, context) to this file")
+    return p
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m kvjax.bench", description=__doc__.splitlines()[0])
-    source = p.add_mutually_exclusive_group()
-    source.add_argument("--model", default=None, help="model to load (default: the embedded SmolLM2-135M)")
-    source.add_argument("--preset", default=None, help="random weights of this preset's shapes; decode only")
-    p.add_argument("--contexts", default="128,1024,4096")
-    p.add_argument("--decode-steps", type=int, default=32)
-    batch = p.add_mutually_exclusive_group()
-    batch.add_argument("--batch", type=int, default=1)
-    batch.add_argument("--kv-budget-gib", type=float, default=None,
-                       help="per policy, the largest batch whose KV cache at the largest context fits this many GiB")
-    p.add_argument("--repeats", type=int, default=3)
-    add_policy_flags(p)
-    p.add_argument("--dtype", default=None, choices=sorted(DTYPES))
-    p.add_argument("--json", default=None, help="append one JSON line per (policy, context) to this file")
-    args = p.parse_args(argv)
-    try:
-        contexts = [int(c) for c in args.contexts.split(",")]
-        dtype_name = args.dtype or default_dtype()
-        policies = policies_from_flags(args)
-        names = [p.name for p in policies]
-        last = max(contexts) + args.decode_steps + 1
-        if args.preset:
-            model = random_model(args.preset, last, DTYPES[dtype_name])
-        else:
-            model = load_model(args.model, DTYPES[dtype_name])
-            if last > model.cfg.max_position_embeddings:
-                raise KvjaxError(f"context {max(contexts)} + decode steps exceeds the model's "
-                                 f"{model.cfg.max_position_embeddings} tokens")
+    return cli.run(lambda: _main(argv))
+
+
+def _main(argv) -> int:
+    args = _parser().parse_args(argv)
+    contexts = args.contexts
+    dtype_name = args.dtype or default_dtype()
+    policies = policies_from_flags(args)
+    names = [p.name for p in policies]
+    last = max(contexts) + args.decode_steps + 1
+    cfg = get_preset(args.preset) if args.preset else read_config(args.model)
+    if args.preset:
+        cfg = dataclasses.replace(cfg, max_position_embeddings=max(cfg.max_position_embeddings, last))
+    if cfg is not None:
+        if last > cfg.max_position_embeddings:
+            raise KvjaxError(f"--contexts {max(contexts)} + --decode-steps {args.decode_steps} exceeds the model's "
+                             f"{cfg.max_position_embeddings} tokens")
         for kv in policies:
-            kv.check(model.cfg)
-        batches = [args.batch] * len(policies)
-        if args.kv_budget_gib is not None:
-            budget = int(args.kv_budget_gib * 2**30)
-            batches = [largest_batch(kv, model.cfg, last, DTYPES[dtype_name], budget) for kv in policies]
-            if min(batches) < 1:
-                raise KvjaxError(f"one sequence of {last} tokens does not fit {args.kv_budget_gib} GiB of KV cache "
-                                 f"under {names[batches.index(min(batches))]}")
-    except (KvjaxError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+            kv.check(cfg)
+    batches = fitting_batches(args, policies, cfg, last, DTYPES[dtype_name]) if cfg is not None else None
+    if args.preset:
+        cli.say(f"[kvjax] random weights of {args.preset}")
+        model = LoadedModel(cfg, init_params(cfg, jax.random.PRNGKey(0), DTYPES[dtype_name]), None,
+                            f"random {args.preset}")
+    else:
+        cli.say(f"[kvjax] loading {resolve_model(args.model)}")
+        model = load_model(args.model, DTYPES[dtype_name])
+    batches = batches or fitting_batches(args, policies, model.cfg, last, DTYPES[dtype_name])
     device = jax.devices()[0]
     model_name = model.source if args.preset else model.cfg.name
     common = {"model": model_name, "device": device.device_kind,
@@ -161,7 +175,7 @@ def main(argv=None) -> int:
     print(f"model {model_name} | {device.platform} {device.device_kind} | "
           f"{platform.processor() or platform.machine()} | jax {jax.__version__} | dtype {dtype_name} | "
           + (f"KV budget {args.kv_budget_gib} GiB" if args.kv_budget_gib else f"batch {args.batch}"))
-    print(f"{'kv':<10} {'batch':>6} {'context':>8} {'prefill tok/s':>14} {'decode ms/tok':>14} {'decode tok/s':>13} "
+    print(f"{'kv':<16} {'batch':>6} {'context':>8} {'prefill tok/s':>14} {'decode ms/tok':>14} {'decode tok/s':>13} "
           f"{'KV MiB':>8}")
     for name, kv, batch in zip(names, policies, batches):
         for context in contexts:
@@ -169,12 +183,12 @@ def main(argv=None) -> int:
                                               DTYPES[dtype_name], args.repeats, synthetic=bool(args.preset),
                                               kernels=args.kernels)
             prefill_col = "-" if tps is None else f"{tps:.1f}"
-            print(f"{name:<10} {batch:>6} {context:>8} {prefill_col:>14} {ms:>14.2f} {batch * 1e3 / ms:>13.1f} "
+            print(f"{name:<16} {batch:>6} {context:>8} {prefill_col:>14} {ms:>14.2f} {batch * 1e3 / ms:>13.1f} "
                   f"{kv_bytes / 2**20:>8.1f}", flush=True)
             if args.json:
                 row = {**common, "kv": name, "batch": batch, "context": context, "prefill_tokens_per_s": tps,
                        "decode_ms_per_token": ms, "decode_tokens_per_s": batch * 1e3 / ms, "kv_bytes": kv_bytes}
-                with open(args.json, "a") as f:
+                with cli.open_for_append(args.json) as f:
                     f.write(json.dumps(row) + "\n")
     return 0
 

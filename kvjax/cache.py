@@ -69,7 +69,8 @@ class KVCache:
         raise NotImplementedError
 
     def stored_bits(self):
-        """Average bits per stored K/V element over all held tokens, float32 [b] (scales not counted)."""
+        """Average bits per K/V element of the tokens that left the 16-bit window, float32 [b] (scales
+        not counted; NaN where none has)."""
         raise NotImplementedError
 
 
@@ -109,7 +110,7 @@ class DenseCache(KVCache):
         return {"16-bit": self.lengths}
 
     def stored_bits(self):
-        return jnp.full(self.lengths.shape, 8.0 * self.k.dtype.itemsize)
+        return jnp.full(self.lengths.shape, jnp.nan)  # no token leaves a window here
 
     def update(self, layer, k: jax.Array, v: jax.Array, positions: jax.Array) -> "DenseCache":
         """Writes k, v [b, t, k, h] of `layer` into slot = position (padding is dropped)."""

@@ -6,77 +6,80 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
 
+from kvjax import cli
 from kvjax.errors import KvjaxError
 from kvjax.generation import default_dtype, generate
-from kvjax.loading import load_model
+from kvjax.loading import load_model, read_config, resolve_model
 from kvjax.model import DTYPES
 from kvjax.policies import add_policy_flags, policy_from_flags
 from kvjax.sampling import SamplingConfig
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, not usage + message
-        raise KvjaxError(message)
-
-
-def _parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m kvjax.generate", description="Generate text with a quantized KV cache.")
+def _parser() -> cli.ArgumentParser:
+    p = cli.ArgumentParser(prog="python -m kvjax.generate", description="Generate text with a quantized KV cache.")
     p.add_argument("--prompt", action="append", required=True,
-                   help="prompt text; repeat for a batch of prompts")
+                   help="prompt text; repeat for a batch of prompts (answers are numbered)")
     p.add_argument("--model", default=None,
                    help="a .gguf file, a HF checkpoint folder or a hub id (default: $KVJAX_MODEL, "
                         "else the embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=0, help="0 = off")
-    p.add_argument("--top-p", type=float, default=1.0, help="1 = off")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-new-tokens", type=cli.at_least(1), default=64, help="tokens to generate per prompt")
+    p.add_argument("--temperature", type=cli.at_least(0.0, float), default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=cli.at_least(0), default=0, help="keep the k likeliest tokens (0 = off)")
+    p.add_argument("--top-p", type=cli.above(0.0), default=1.0, help="nucleus sampling mass in (0, 1] (1 = off)")
+    p.add_argument("--seed", type=int, default=0, help="PRNG seed for sampling")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("--dtype", default=None, choices=sorted(DTYPES),
                    help="compute dtype (default: float32 on CPU, bfloat16 on GPU/TPU)")
     add_policy_flags(p)
-    p.add_argument("--chunk", type=int, default=8, help="decode steps per device dispatch while streaming")
+    p.add_argument("--chunk", type=cli.at_least(1), default=8, help="decode steps per device dispatch while streaming")
     return p
 
 
+def _main(argv) -> int:
+    args = _parser().parse_args(argv)
+    sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    dtype = args.dtype or default_dtype()
+    kv = policy_from_flags(args)
+    source = resolve_model(args.model)
+    cfg = read_config(source)  # checks the file and the policy before the weights are read
+    if cfg is not None:
+        kv.check(cfg)
+        if args.max_new_tokens >= cfg.max_position_embeddings:
+            raise KvjaxError(f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt in the model's "
+                             f"context of {cfg.max_position_embeddings} tokens")
+    cli.say(f"[kvjax] loading {source}")
+    model = load_model(source, DTYPES[dtype])
+    prompts = args.prompt
+    if args.chat:
+        prompts = [model.tokenizer.apply_chat_template([{"role": "user", "content": p}]) for p in prompts]
+    stream = len(prompts) == 1
+    shown = []  # the prompt is echoed once the first text arrives (after prefill)
+
+    def show(text):
+        if not shown:
+            shown.append(print(_heading(args.prompt[0], args.chat), end="", flush=True))
+        print(text, end="", flush=True)
+
+    result = generate(model, prompts, args.max_new_tokens, sampling, args.seed, kv, dtype, chunk=args.chunk,
+                      on_text=show if stream else None, kernels=args.kernels, log=cli.say)
+    if stream:
+        print()
+    else:
+        for i, (prompt, text) in enumerate(zip(args.prompt, result.texts)):
+            print(f"--- {i + 1}/{len(prompts)} ---\n{_heading(prompt, args.chat)}{text}")
+    print(result.stats_line(), file=sys.stderr)
+    return 0
+
+
+def _heading(prompt: str, chat: bool) -> str:
+    """What is printed before the answer: the prompt it continues, or the user's turn in a chat."""
+    return f"user: {prompt}\nassistant: " if chat else prompt
+
+
 def main(argv=None) -> int:
-    try:
-        args = _parser().parse_args(argv)
-        if args.chunk < 1:
-            raise KvjaxError(f"--chunk must be >= 1, got {args.chunk}")
-        sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
-        dtype = args.dtype or default_dtype()
-        kv = policy_from_flags(args)
-        model = load_model(args.model, DTYPES[dtype])
-        prompts = args.prompt
-        if args.chat:
-            prompts = [model.tokenizer.apply_chat_template([{"role": "user", "content": p}]) for p in prompts]
-        stream = len(prompts) == 1
-        shown = []  # the prompt is echoed once the first text arrives (after prefill)
-
-        def show(text):
-            if not shown:
-                shown.append(print(args.prompt[0], end=""))
-            print(text, end="", flush=True)
-
-        result = generate(model, prompts, args.max_new_tokens, sampling, args.seed, kv, dtype,
-                          chunk=args.chunk, on_text=show if stream else None, kernels=args.kernels)
-        if stream:
-            print()
-        else:
-            for prompt, text in zip(args.prompt, result.texts):
-                print(f"{prompt}{text}\n")
-        print(result.stats_line(), file=sys.stderr)
-        return 0
-    except KvjaxError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    return cli.run(lambda: _main(argv))
 
 
 if __name__ == "__main__":

@@ -94,6 +94,8 @@ class GenerationResult:
     kv_bytes: int
     kv_policy: str
     kv_tiers: dict[str, int]  # tokens per tier of the first sequence at the end
+    kv_capacity: int = 0  # tokens per sequence the cache was sized for
+    kv_bits: float = float("nan")  # average bits of the first sequence's left tokens (nan: none left)
 
     @property
     def decode_ms_per_token(self) -> float:
@@ -103,10 +105,12 @@ class GenerationResult:
         batch = len(self.tokens)
         tok_s = batch * self.decode_steps / self.decode_s if self.decode_s > 0 else float("nan")
         tiers = ", ".join(f"{name} {n}" for name, n in self.kv_tiers.items())
+        per_token = self.kv_bytes / max(batch * self.kv_capacity, 1)
+        bits = "" if self.kv_bits != self.kv_bits else f", left tokens at {self.kv_bits:.2f} bits"  # nan: none left
         return (f"[kvjax] prefill {1e3 * self.prefill_s:.1f} ms ({sum(self.prompt_lengths)} tokens) | "
                 f"decode {self.decode_ms_per_token:.2f} ms/token | {tok_s:.1f} tokens/s | "
-                f"KV cache {self.kv_policy} {self.kv_bytes / 2**20:.2f} MiB ({tiers}) | "
-                f"compile {self.compile_s:.1f} s")
+                f"KV cache {self.kv_policy}: {self.kv_bytes / 2**20:.2f} MiB for {batch} x {self.kv_capacity} tokens "
+                f"({per_token:,.0f} B/token{bits}; {tiers}) | compile {self.compile_s:.1f} s")
 
 
 def _pad_prompts(prompts: list[list[int]]):
@@ -128,12 +132,15 @@ def _visible_text(text: str) -> str:
 def generate(model: LoadedModel, prompts: list[str] | list[list[int]], max_new_tokens: int = 64,
              sampling: SamplingConfig = SamplingConfig(), seed: int = 0, kv: str | Policy = "fp16",
              dtype: str = "float32", chunk: int | None = None,
-             on_text: Callable[[str], None] | None = None, kernels: Kernels | str = Kernels.AUTO) -> GenerationResult:
+             on_text: Callable[[str], None] | None = None, kernels: Kernels | str = Kernels.AUTO,
+             log: Callable[[str], None] | None = None) -> GenerationResult:
     """Generates up to `max_new_tokens` per prompt (strings or token-id lists).
 
     `chunk` decode steps run per device dispatch (default: all of them); `on_text`
-    receives the new text of the first prompt after every chunk (streaming).
+    receives the new text of the first prompt after every chunk (streaming); `log` what is
+    happening before the first token (compiling, prefill).
     """
+    log = log or (lambda message: None)
     cfg, tok = model.cfg, model.tokenizer
     if max_new_tokens < 1:
         raise KvjaxError(f"max-new-tokens must be >= 1, got {max_new_tokens}")
@@ -152,8 +159,10 @@ def generate(model: LoadedModel, prompts: list[str] | list[list[int]], max_new_t
     chunk = chunk or max_new_tokens
     tokens, positions = _pad_prompts(ids)
     policy.check(cfg)
-    cache = policy.make_cache(cfg, len(ids), longest + max_new_tokens, jdtype, kernels)
+    capacity = longest + max_new_tokens
+    cache = policy.make_cache(cfg, len(ids), capacity, jdtype, kernels)
 
+    log(f"[kvjax] compiling prefill and decode for {len(ids)} x {capacity} tokens ({policy.name}, {dtype})")
     t0 = time.perf_counter()
     prefill_fn = prefill.lower(model.params, tokens, positions, cache, cfg=cfg, dtype=jdtype).compile()
     compile_s = time.perf_counter() - t0
@@ -191,7 +200,8 @@ def generate(model: LoadedModel, prompts: list[str] | list[list[int]], max_new_t
                             prompt_lengths=[len(p) for p in ids], prefill_s=prefill_s,
                             decode_s=decode_s, decode_steps=int(state.step) - 1, compile_s=compile_s,
                             kv_bytes=kv_bytes, kv_policy=policy.name,
-                            kv_tiers={k: int(v[0]) for k, v in state.cache.tokens_per_tier().items()})
+                            kv_tiers={k: int(v[0]) for k, v in state.cache.tokens_per_tier().items()},
+                            kv_capacity=capacity, kv_bits=float(state.cache.stored_bits()[0]))
 
 
 def _until_eos(row: np.ndarray, eos_id: int) -> list[int]:

@@ -118,23 +118,31 @@ def _gguf_field(field) -> Any:
     return value
 
 
-def read_gguf(path: str, dtype=jnp.float32) -> LoadedModel:
-    """Loads a llama-architecture GGUF file (any tensor type the `gguf` package dequantizes)."""
+def _open_gguf(path: str):
+    """(reader, metadata dict, tensors by name) of a GGUF file; only the header is read here."""
     import gguf
 
     try:
         reader = gguf.GGUFReader(path)
         meta = {name: _gguf_field(field) for name, field in reader.fields.items()}
     except Exception as e:  # the reader raises many kinds on damaged files
-        raise KvjaxError(f"cannot read GGUF file {path}: {type(e).__name__}: {e}") from None
+        with open(path, "rb") as f:
+            magic = f.read(4)
+        what = "is truncated or damaged" if magic == b"GGUF" else "is not a GGUF file (no GGUF magic number)"
+        raise KvjaxError(f"{path} {what}: {os.path.getsize(path):,} bytes, and reading it failed "
+                         f"({type(e).__name__}: {e})") from None
     arch = meta.get("general.architecture")
     if arch != "llama":
         raise KvjaxError(f"{path}: unsupported architecture {arch!r}; kvjax supports 'llama'")
-    tensors = {t.name: t for t in reader.tensors}
-    tok = tokenizer_lib.from_gguf_metadata(meta)
+    if meta.get("llama.rope.scaling.type", "none") not in ("none", None):
+        raise KvjaxError(f"{path}: unsupported rope scaling {meta['llama.rope.scaling.type']!r}")
+    return reader, meta, {t.name: t for t in reader.tensors}
+
+
+def _gguf_config(path: str, meta: dict, tensors: dict) -> ModelConfig:
     heads = int(meta["llama.attention.head_count"])
     d = int(meta["llama.embedding_length"])
-    cfg = ModelConfig(
+    return ModelConfig(
         name=str(meta.get("general.name", os.path.basename(path))),
         vocab_size=int(tensors["token_embd.weight"].shape[1]),
         hidden_size=d,
@@ -147,9 +155,14 @@ def read_gguf(path: str, dtype=jnp.float32) -> LoadedModel:
         rms_norm_eps=float(meta.get("llama.attention.layer_norm_rms_epsilon", 1e-5)),
         max_position_embeddings=int(meta.get("llama.context_length", 2048)),
         tie_word_embeddings="output.weight" not in tensors,
-        bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)
-    if meta.get("llama.rope.scaling.type", "none") not in ("none", None):
-        raise KvjaxError(f"{path}: unsupported rope scaling {meta['llama.rope.scaling.type']!r}")
+        bos_token_id=meta.get("tokenizer.ggml.bos_token_id"), eos_token_id=meta.get("tokenizer.ggml.eos_token_id"))
+
+
+def read_gguf(path: str, dtype=jnp.float32) -> LoadedModel:
+    """Loads a llama-architecture GGUF file (any tensor type the `gguf` package dequantizes)."""
+    _, meta, tensors = _open_gguf(path)
+    tok = tokenizer_lib.from_gguf_metadata(meta)
+    cfg = _gguf_config(path, meta, tensors)
 
     def get(hf_name: str) -> np.ndarray:
         base = hf_name.removesuffix(".weight")
@@ -255,15 +268,40 @@ def resolve_model(spec: str | None) -> str:
     return spec or os.environ.get("KVJAX_MODEL") or default_model_path()
 
 
-def load_model(spec: str | None = None, dtype=jnp.float32) -> LoadedModel:
-    """Loads a .gguf file, a HF checkpoint folder or a hub id (default: the embedded model)."""
-    spec = resolve_model(spec)
+def _kind(spec: str) -> str:
+    """"folder", "gguf" or "hub" for a resolved model spec; a KvjaxError for anything else."""
     if os.path.isdir(spec):
-        return read_hf_folder(spec, dtype)
+        return "folder"
     if os.path.isfile(spec):
         if not spec.endswith(".gguf"):
             raise KvjaxError(f"{spec}: expected a .gguf file or a checkpoint folder")
-        return read_gguf(spec, dtype)
+        return "gguf"
     if spec.count("/") == 1 and not spec.startswith((".", "/")):
-        return read_hf_folder(download_hub(spec), dtype)
+        return "hub"
     raise KvjaxError(f"model {spec!r} not found (a .gguf file, a checkpoint folder or a hub id)")
+
+
+def load_model(spec: str | None = None, dtype=jnp.float32) -> LoadedModel:
+    """Loads a .gguf file, a HF checkpoint folder or a hub id (default: the embedded model)."""
+    spec = resolve_model(spec)
+    kind = _kind(spec)
+    if kind == "gguf":
+        return read_gguf(spec, dtype)
+    return read_hf_folder(spec if kind == "folder" else download_hub(spec), dtype)
+
+
+def read_config(spec: str | None = None) -> ModelConfig | None:
+    """The model's config without loading its weights (fast), to check flags against it; None for a
+    hub id (its config comes with the download). Damaged or missing files raise a KvjaxError."""
+    spec = resolve_model(spec)
+    kind = _kind(spec)
+    if kind == "gguf":
+        _, meta, tensors = _open_gguf(spec)
+        return _gguf_config(spec, meta, tensors)
+    if kind == "folder":
+        path = os.path.join(spec, "config.json")
+        if not os.path.exists(path):
+            raise KvjaxError(f"{spec}: no config.json (expected a Hugging Face checkpoint folder)")
+        with open(path) as f:
+            return ModelConfig.from_hf_config(json.load(f), name=os.path.basename(os.path.normpath(spec)))
+    return None

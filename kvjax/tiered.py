@@ -192,12 +192,14 @@ class TieredCache(KVCache):
         interpret = kernel_choice.fused_attention(self.kernels)
         kivi = isinstance(keys, KiviKeys) and isinstance(values, KiviValues) and keys.bits == values.bits
         sym = isinstance(keys, Symmetric) and isinstance(values, Symmetric) and keys.bits == values.bits
-        blocks = fused.auto_blocks(qs.shape[0], keys.codes.shape[2] if kivi or sym else 1, t.slots)
-        if interpret is not None and sym and not t.ring:
+        fused_here = interpret is not None and (kivi or sym) and not t.ring  # the kernel reads tiers filled in order
+        if fused_here:
+            blocks = fused.auto_blocks(qs.shape[0], keys.codes.shape[2], t.slots)
+        if fused_here and sym:
             return [fused.tier_attention_partials(
                 qs, keys.codes[local], keys.scale[local], None, values.codes[local], values.scale[local], None,
                 entered, bits=keys.bits, group_size=g, blocks=blocks, interpret=interpret)]
-        if interpret is not None and kivi and not t.ring:  # the full groups in the kernel, the stage beside it
+        if fused_here:  # KIVI: the full groups in the kernel, the stage beside it
             full = entered // g * g
             packed = fused.tier_attention_partials(
                 qs, keys.codes[local], keys.scale[local], keys.zero[local], values.codes[local],

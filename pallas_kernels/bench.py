@@ -179,25 +179,42 @@ def sweep(cfg, b, c, repeats):
     return out
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m pallas_kernels.bench", description=__doc__.splitlines()[0])
-    p.add_argument("--models", default="SmolLM-360M,SmolLM-1.7B")
-    p.add_argument("--contexts", default="1024,4096,16384,32768")
-    p.add_argument("--batches", default="1,16,64")
-    p.add_argument("--repeats", type=int, default=20)
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not usage + message
+        raise ValueError(message)
+
+
+def positive_ints(text):
+    values = [int(x) for x in text.split(",") if x.strip()]
+    if not values or min(values) < 1:
+        raise ValueError
+    return values
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="python -m pallas_kernels.bench", description=__doc__.splitlines()[0])
+    p.add_argument("--models", default="SmolLM-360M,SmolLM-1.7B", help=f"comma-separated: {', '.join(MODELS)}")
+    p.add_argument("--contexts", type=positive_ints, default=[1024, 4096, 16384, 32768], help="comma-separated slot counts")
+    p.add_argument("--batches", type=positive_ints, default=[1, 16, 64], help="comma-separated batch sizes")
+    p.add_argument("--repeats", type=int, default=20, help="timed repeats per case (median)")
     p.add_argument("--sweep", default="", help="model:batch:context[,...] to sweep tilings for")
     p.add_argument("--json", default=None, help="write all rows here")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None) -> int:
+    try:
+        args = _parser().parse_args(argv)
+        models = [model_shapes(m) for m in args.models.split(",")]
+        if args.repeats < 1:
+            raise ValueError(f"argument --repeats: must be >= 1, got {args.repeats}")
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if jax.default_backend() != "gpu":
         print("error: the kernel benchmark needs a GPU (the kernels run compiled only there)", file=sys.stderr)
         return 2
-    try:
-        models = [model_shapes(m) for m in args.models.split(",")]
-        contexts = [int(x) for x in args.contexts.split(",")]
-        batches = [int(x) for x in args.batches.split(",")]
-    except Exception as e:  # noqa: BLE001 - one line for any bad flag
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    contexts, batches = args.contexts, args.batches
     dev = jax.devices()[0]
     copy_gbs = copy_bandwidth(args.repeats)
     print(f"{dev.device_kind} | jax {jax.__version__} | copy bandwidth {copy_gbs:.0f} GB/s (read + write)", flush=True)

@@ -310,8 +310,7 @@ _STATIC = ("bits", "group_size", "dtype", "blocks", "interpret")
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
-def encode_values(v, bits: int, group_size: int, dtype, *, blocks: PackBlocks = PackBlocks(),
-                         interpret=False):
+def encode_values(v, bits: int, group_size: int, dtype, *, blocks: PackBlocks = PackBlocks(), interpret=False):
     """KIVI values, per token: v [..., c, h] -> (codes uint32 [..., c, w], scale, zero [..., c, h/G])."""
     bits, group_size, lead, c, h = _check(v, bits, group_size, "values")
     codes, scale, zero = _encode_pallas_call(
@@ -324,8 +323,9 @@ def encode_values(v, bits: int, group_size: int, dtype, *, blocks: PackBlocks = 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def encode_key_groups(k, bits: int, group_size: int, dtype, *, blocks: PackBlocks = PackBlocks(),
-                             interpret=False):
-    """KIVI keys, per channel in groups of G tokens: k [..., c, h] -> (codes [..., c, w], scale, zero [..., c/G, h])."""
+                      interpret=False):
+    """KIVI keys, per channel in groups of G tokens: k [..., c, h] -> (codes [..., c, w], scale, zero
+    [..., c/G, h])."""
     bits, group_size, lead, c, h = _check(k, bits, group_size, "keys")
     codes, scale, zero = _encode_pallas_call(
         k.reshape(-1, h), kind="keys", bits=bits, group_size=group_size, dtype=jnp.dtype(dtype),

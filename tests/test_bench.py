@@ -38,7 +38,7 @@ def test_filled_cache_holds_the_context(policy):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--preset", "nope"], "unknown model preset"),
+    (["--preset", "nope"], "argument --preset: invalid choice: 'nope'"),
     (["--preset", "tiny", "--kv", "kivi2"], "does not divide head_dim"),
     (["--preset", "tiny", "--kv", "kivi9"], "unknown KV-cache policy"),
 ])

@@ -161,7 +161,7 @@ def test_controller_for_another_model_is_refused(tmp_path):
 def test_cli_bad_input_is_one_error_line(capsys):
     assert main(["--budget-bits", "1.5"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: --budget-bits")
+    assert len(err) == 1 and err[0].startswith("error: argument --budget-bits")
     assert main(["--nonsense"]) == 2
 
 

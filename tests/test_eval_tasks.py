@@ -112,7 +112,8 @@ def test_hellaswag_preprocess():
 
 
 needs_data = pytest.mark.skipif(not os.path.isdir(os.path.join(tasks.DATA_DIR, "hf_datasets")),
-                                reason=f"shared data not found at {tasks.DATA_DIR}")
+                                reason=f"no evaluation data at {tasks.DATA_DIR} (set KVJAX_DATA to the folder "
+                                       "holding hf_datasets/, see README 'Evaluation data')")
 
 
 @needs_data
@@ -167,13 +168,15 @@ def test_interrupted_run_resumes_to_the_same_results(tiny_checkpoint, tmp_path):
     assert run("full") == 0
     assert run("cut") == 0
     cache_files = [os.path.join(d, f) for d, _, fs in os.walk(tmp_path / "cache-cut") for f in fs]
-    assert len(cache_files) == 2
-    for path in cache_files:  # an interruption: the last example lost, the one before half-written
-        lines = open(path).read().splitlines()
-        assert len(lines) == 4
-        with open(path, "w") as f:
-            f.write("\n".join(lines[:2] + [lines[2][:10]]) + "\n")
+    assert [os.path.basename(p) for p in cache_files] == ["arc_easy.jsonl.gz"]  # one archive per task
+    (path,) = cache_files
+    assert sorted(read_cache(path, "kivi2-R8-G4")) == [0, 1, 2, 3] and sorted(read_cache(path, "fp16")) == [0, 1, 2, 3]
+    data = open(path, "rb").read()  # an interruption: the archive cut short in the middle of a record
+    open(path, "wb").write(data[:len(data) * 3 // 4])
+    kept = len(read_cache(path, "fp16")) + len(read_cache(path, "kivi2-R8-G4"))
+    assert kept < 8
     assert run("cut") == 0
+    assert run("cut") == 0  # and a third run finds everything
     results = [json.load(open(tmp_path / name / "results.json")) for name in ("full", "cut")]
     assert results[0]["results"] == results[1]["results"]
     assert results[0]["results"]["arc_easy"]["kivi2"]["n"] == 4
@@ -181,8 +184,7 @@ def test_interrupted_run_resumes_to_the_same_results(tiny_checkpoint, tmp_path):
     assert "Answers that differ from fp16's" in open(tmp_path / "cut" / "results.md").read()
     for name in ("results.md", "results.png"):
         assert os.path.getsize(tmp_path / "cut" / name) > 0
-    for path in cache_files:
-        assert sorted(read_cache(path)) == [0, 1, 2, 3]
+    assert sorted(read_cache(path, "fp16")) == sorted(read_cache(path, "kivi2-R8-G4")) == [0, 1, 2, 3]
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -66,8 +66,11 @@ def test_cli_invalid_flags_are_one_line_errors(tiny_checkpoint, capsys, argv, me
 
 
 def test_cli_prompt_longer_than_context(tiny_checkpoint, capsys):
+    """Known only once the prompt is tokenized: the error follows the loading line."""
     code, err = _run(capsys, "--model", tiny_checkpoint.gguf_f32, "--prompt", "x" * 600)
-    assert code == 2 and "exceeds the model's context of 512 tokens" in err and "\n" not in err
+    *progress, last = err.splitlines()
+    assert code == 2 and "exceeds the model's context of 512 tokens" in last and last.startswith("error:")
+    assert all(line.startswith("[kvjax]") for line in progress)
 
 
 def test_cli_bad_model_files(tiny_checkpoint, tmp_path, capsys):

@@ -71,8 +71,12 @@ def test_truncated_gguf_is_a_clear_error(tiny_checkpoint, tmp_path):
     for cut in (len(data) - 1000, 100):
         path = tmp_path / f"cut{cut}.gguf"
         path.write_bytes(data[:cut])
-        with pytest.raises(KvjaxError, match="cut"):
+        with pytest.raises(KvjaxError, match="is truncated or damaged"):
             load_model(str(path))
+    path = tmp_path / "text.gguf"
+    path.write_text("not a model at all")
+    with pytest.raises(KvjaxError, match="is not a GGUF file"):
+        load_model(str(path))
 
 
 def test_unsupported_architecture_is_named(tmp_path):

@@ -13,7 +13,6 @@ budget on the held-out split, and write OUT/controller.npz and OUT/loss.png. The
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 import shutil
@@ -22,73 +21,74 @@ import time
 
 import numpy as np
 
+from kvjax import cli
 from kvjax.errors import KvjaxError
 from kvjax.policies import DEFAULT_GROUP, DEFAULT_SINKS, DEFAULT_WINDOW
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        raise KvjaxError(message)
-
-
 def _parser():
-    p = _Parser(prog="python -m train_controller", description="Train the learned KV precision controller.")
+    p = cli.ArgumentParser(prog="python -m train_controller", description="Train the learned KV precision controller.")
     p.add_argument("--model", default=None, help="a .gguf file, HF folder or hub id (default: the embedded model)")
-    p.add_argument("--budget-bits", type=float, default=3.0, help="target average bits of left tokens")
-    p.add_argument("--steps", type=int, default=2000)
-    p.add_argument("--out", default="runs/controller", help="output folder (checkpoints, traces, controller)")
-    p.add_argument("--traces", default=None, help="trace folder (default OUT/traces; share it between budgets)")
+    p.add_argument("--budget-bits", type=cli.at_least(2.0, float), default=3.0,
+                   help="target average bits of left tokens (2 to 16)")
+    p.add_argument("--steps", type=cli.at_least(1), default=2000, help="training steps")
+    p.add_argument("--out", type=cli.output_dir, default="runs/controller",
+                   help="output folder (checkpoints, traces, controller)")
+    p.add_argument("--traces", type=cli.output_dir, default=None,
+                   help="trace folder (default OUT/traces; share it between budgets)")
     p.add_argument("--text", default=None, help="train on this UTF-8 file instead of the default text")
-    p.add_argument("--data-dir", default=None, help="the shared data folder")
-    p.add_argument("--trace-tokens", type=int, default=65536, help="training tokens to trace (at most)")
-    p.add_argument("--chunk", type=int, default=1024, help="tokens per traced sequence")
-    p.add_argument("--window", "--residual", dest="window", type=int, default=DEFAULT_WINDOW,
+    p.add_argument("--data-dir", default=None, help="the shared data folder (default: $KVJAX_DATA, else ../shared/data)")
+    p.add_argument("--trace-tokens", type=cli.at_least(1), default=65536, help="training tokens to trace (at most)")
+    p.add_argument("--chunk", type=cli.at_least(1), default=1024, help="tokens per traced sequence")
+    p.add_argument("--window", "--residual", dest="window", type=cli.at_least(1), default=DEFAULT_WINDOW,
                    help="the policy's 16-bit window W (KIVI's residual R)")
-    p.add_argument("--group-size", type=int, default=DEFAULT_GROUP, help="quantization group size G")
-    p.add_argument("--sinks", type=int, default=DEFAULT_SINKS, help="attention-sink tokens kept in 16 bits")
-    p.add_argument("--heldout", type=float, default=0.1, help="share of trace chunks held out (the text's end)")
-    p.add_argument("--min-queries", type=int, default=64,
+    p.add_argument("--group-size", type=cli.at_least(1), default=DEFAULT_GROUP, help="quantization group size G")
+    p.add_argument("--sinks", type=cli.at_least(0), default=DEFAULT_SINKS, help="attention-sink tokens kept in 16 bits")
+    p.add_argument("--heldout", type=cli.above(0.0), default=0.1, help="share of trace chunks held out (the text's end)")
+    p.add_argument("--min-queries", type=cli.at_least(0), default=64,
                    help="tokens seen quantized by fewer future queries get no distortion target")
-    p.add_argument("--batch", type=int, default=4096)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--hidden", default="128,128")
-    p.add_argument("--checkpoint-every", type=int, default=200)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch", type=cli.at_least(1), default=4096, help="tokens per training step")
+    p.add_argument("--lr", type=cli.above(0.0), default=3e-3, help="peak learning rate (AdamW, warmup + cosine)")
+    p.add_argument("--hidden", type=cli.int_list(1), default=[128, 128], help="MLP hidden widths, comma-separated")
+    p.add_argument("--checkpoint-every", type=cli.at_least(1), default=200, help="steps between Orbax checkpoints")
+    p.add_argument("--seed", type=int, default=0, help="initialization and batch-order seed")
     p.add_argument("--fresh", action="store_true", help="delete OUT/checkpoints first")
-    p.add_argument("--controller-out", default=None, help="controller file (default OUT/controller.npz)")
+    p.add_argument("--controller-out", type=cli.output_file, default=None,
+                   help="controller file (default OUT/controller.npz)")
     return p
 
 
 def main(argv=None) -> int:
-    try:
-        args = _parser().parse_args(argv)
-        return run(args)
-    except KvjaxError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted (rerun the same command to resume from the last checkpoint)", file=sys.stderr)
-        return 130
+    return cli.run(lambda: run(_check(_parser().parse_args(argv))),
+                   interrupted="interrupted (rerun the same command to resume from the last checkpoint)")
+
+
+def _check(args):
+    """What argparse cannot check alone; all of it before the model loads."""
+    if args.budget_bits > 16:
+        raise KvjaxError(f"argument --budget-bits: must be <= 16, got {args.budget_bits:g}")
+    if args.heldout >= 1:
+        raise KvjaxError(f"argument --heldout: must be < 1, got {args.heldout:g}")
+    if args.chunk % args.group_size or args.chunk <= args.window:
+        raise KvjaxError(f"--chunk {args.chunk} must be a multiple of --group-size {args.group_size} and longer "
+                         f"than --window {args.window}")
+    if args.trace_tokens < args.chunk:
+        raise KvjaxError(f"--trace-tokens {args.trace_tokens} is less than one --chunk of {args.chunk}")
+    if args.text is not None and not os.path.isfile(args.text):
+        raise KvjaxError(f"--text {args.text}: no such file")
+    return args
 
 
 def run(args) -> int:
     from eval.tasks import DATA_DIR
     from kvjax.controller import Controller, model_signature, save_controller
-    from kvjax.loading import load_model
+    from kvjax.loading import load_model, resolve_model
     from kvjax.policies import max_budget
     from train_controller import data, traces, train
 
-    if not 2.0 <= args.budget_bits <= 16.0:
-        raise KvjaxError(f"--budget-bits must be in [2, 16], got {args.budget_bits}")
-    if args.steps < 1 or args.batch < 1 or args.checkpoint_every < 1:
-        raise KvjaxError("--steps, --batch and --checkpoint-every must be >= 1")
-    if not 0 < args.heldout < 1:
-        raise KvjaxError(f"--heldout must be in (0, 1), got {args.heldout}")
-    try:
-        hidden = tuple(int(h) for h in args.hidden.split(","))
-    except ValueError:
-        raise KvjaxError(f"--hidden must be comma-separated ints, got {args.hidden!r}") from None
+    hidden = tuple(args.hidden)
     t0 = time.perf_counter()
+    cli.say(f"[kvjax] loading {resolve_model(args.model)}")
     model = load_model(args.model)
     ids = data.training_ids(model.tokenizer, args.text, args.data_dir or DATA_DIR, args.trace_tokens)
     ids = ids[:len(ids) // args.chunk * args.chunk]

@@ -1,0 +1,104 @@
+"""Every command: bad input is one `error:` line naming the problem, exit code 2, before any model loads;
+every option has a description in --help."""
+
+import pytest
+
+import eval.__main__ as eval_main
+import eval.perplexity as perplexity
+import eval.report as report
+import kvjax.bench as bench
+import kvjax.generate as generate
+import pallas_kernels.bench as kernel_bench
+import train_controller.__main__ as train_main
+
+COMMANDS = {"generate": generate, "eval": eval_main, "perplexity": perplexity, "bench": bench,
+            "train": train_main, "report": report, "kernel-bench": kernel_bench}
+
+
+@pytest.fixture(autouse=True)
+def no_model_loading(monkeypatch):
+    """A command that reaches the model with bad flags fails these tests loudly."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the flags were checked")
+
+    for module in (generate, eval_main, perplexity, bench):
+        monkeypatch.setattr(module, "load_model", refuse)
+    monkeypatch.setattr("kvjax.loading.load_model", refuse)
+
+
+CASES = [
+    ("generate", ["--prompt", "hi", "--max-new-tokens", "-1"], "argument --max-new-tokens: must be >= 1"),
+    ("generate", ["--prompt", "hi", "--max-new-tokens", "0"], "argument --max-new-tokens: must be >= 1"),
+    ("generate", ["--prompt", "hi", "--max-new-tokens", "8192"], "--max-new-tokens 8192 leaves no room"),
+    ("generate", ["--prompt", "hi", "--chunk", "0"], "argument --chunk"),
+    ("generate", ["--prompt", "hi", "--top-p", "0"], "argument --top-p: must be > 0"),
+    ("generate", ["--prompt", "hi", "--top-p", "2"], "top-p must be in (0, 1]"),
+    ("generate", ["--prompt", "hi", "--top-k", "-2"], "argument --top-k"),
+    ("generate", ["--prompt", "hi", "--temperature", "-1"], "argument --temperature"),
+    ("generate", ["--prompt", "hi", "--kv", "kivi3"], "unknown KV-cache policy 'kivi3'"),
+    ("generate", ["--prompt", "hi", "--kv", "fp16", "--window", "8"], "need a quantized --kv"),
+    ("generate", ["--prompt", "hi", "--kv", "kivi2", "--group-size", "48"], "G=48 does not divide head_dim=64"),
+    ("generate", ["--prompt", "hi", "--kv", "kivi2", "--controller", "x.npz"], "--controller applies to mixed-learned"),
+    ("generate", ["--prompt", "hi", "--kernels", "triton"], "argument --kernels: invalid choice"),
+    ("generate", ["--prompt", "hi", "--model", "/nonexistent.gguf"], "not found"),
+    ("generate", ["--max-new-tokens", "3"], "--prompt"),
+    ("perplexity", ["--context", "0"], "argument --context: must be >= 2, got 0"),
+    ("perplexity", ["--context", "1"], "argument --context: must be >= 2, got 1"),
+    ("perplexity", ["--context", "-5"], "argument --context: must be >= 2, got -5"),
+    ("perplexity", ["--context", "16384"], "--context 16384 exceeds the model's 8192 tokens"),
+    ("perplexity", ["--segments", "0"], "argument --segments: must be >= 1, got 0"),
+    ("perplexity", ["--text", "novel"], "argument --text: invalid choice"),
+    ("perplexity", ["--kv", "band@5"], "2 < B <= 4"),
+    ("perplexity", ["--json", "/etc/hostname/x.jsonl"], "argument --json: '/etc/hostname' is a file, not a folder"),
+    ("perplexity", ["--json", "/tmp"], "argument --json: '/tmp' is a folder"),
+    ("perplexity", ["--data-dir", "/nonexistent"], "not found: pass --data-dir"),
+    ("bench", ["--contexts", "0"], "argument --contexts: must be >= 1, got 0"),
+    ("bench", ["--contexts", "abc"], "argument --contexts: must be an integer, got 'abc'"),
+    ("bench", ["--contexts", ""], "argument --contexts: needs at least one value"),
+    ("bench", ["--batch", "0"], "argument --batch: must be >= 1, got 0"),
+    ("bench", ["--decode-steps", "0"], "argument --decode-steps: must be >= 1, got 0"),
+    ("bench", ["--repeats", "0"], "argument --repeats"),
+    ("bench", ["--kv-budget-gib", "0"], "argument --kv-budget-gib: must be > 0"),
+    ("bench", ["--contexts", "9000"], "exceeds the model's 8192 tokens"),
+    ("bench", ["--preset", "SmolLM2-135M", "--kv", "kivi2", "--kv-budget-gib", "0.0001", "--contexts", "4096"],
+     "does not fit 0.0001 GiB"),
+    ("eval", ["--limit", "0"], "argument --limit: must be >= 1, got 0"),
+    ("eval", ["--batch-size", "0"], "argument --batch-size"),
+    ("eval", ["--tasks", "mmlu"], "unknown task 'mmlu'"),
+    ("eval", ["--kv", "fp16,kivi3"], "unknown KV-cache policy 'kivi3'"),
+    ("train", ["--budget-bits", "1.5"], "argument --budget-bits: must be >= 2.0"),
+    ("train", ["--budget-bits", "17"], "argument --budget-bits: must be <= 16"),
+    ("train", ["--steps", "0"], "argument --steps"),
+    ("train", ["--heldout", "1"], "argument --heldout: must be < 1"),
+    ("train", ["--hidden", "128,x"], "argument --hidden: must be an integer"),
+    ("train", ["--chunk", "100"], "--chunk 100 must be a multiple of --group-size 32"),
+    ("train", ["--text", "/nonexistent.txt"], "--text /nonexistent.txt: no such file"),
+    ("report", ["--accuracy", "/nonexistent.json"], "nonexistent.json"),
+    ("kernel-bench", ["--contexts", "abc"], "argument --contexts"),
+    ("kernel-bench", ["--models", "GPT-5"], "unknown model 'GPT-5'"),
+]
+
+
+@pytest.mark.parametrize("command, argv, message", CASES, ids=[f"{c}:{' '.join(a)}" for c, a, _ in CASES])
+def test_bad_input_is_one_line_before_the_model_loads(command, argv, message, capsys):
+    code = COMMANDS[command].main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2, err
+    assert len(err) == 1 and err[0].startswith("error:") and message in err[0], err
+
+
+def test_train_controller_refuses_a_file_for_a_folder(tmp_path, capsys):
+    regular = tmp_path / "file"
+    regular.write_text("x")
+    for flag in ("--traces", "--out"):
+        assert train_main.main([flag, str(regular / "sub")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"error: argument {flag}:") and "is a file, not a folder" in err
+
+
+@pytest.mark.parametrize("name", sorted(COMMANDS))
+def test_every_option_has_a_description(name):
+    parser = COMMANDS[name]._parser()
+    for action in parser._actions:
+        if action.option_strings and action.dest != "help":
+            assert action.help, f"{name}: {action.option_strings} has no --help text"
