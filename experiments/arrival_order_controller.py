@@ -3,7 +3,7 @@ tiers fill in arrival order: the first left tokens take the 4-bit tier (sized by
 held-out histogram) until it is full, and the rest go to 2 bits. A diagnostic baseline: what the
 learned controller gains over arrival order alone.
 
-    python scripts/arrival_order_controller.py 3 /tmp/arrival3.npz
+    python experiments/arrival_order_controller.py 3 /tmp/arrival3.npz
     python -m eval.perplexity --kv mixed-learned@3 --controller /tmp/arrival3.npz --text wikitext2
 """
 

@@ -1,7 +1,7 @@
 """How often a shipped controller *prefers* 4 bits on the first 4096 tokens of each evaluation text,
 and where the 4-bit tier (sized from the controller's held-out histogram) would fill up.
 
-    python scripts/controller_preference.py
+    python experiments/controller_preference.py
 
 Features come from an FP16 forward (the quantized cache changes them only slightly). A preference
 share above the histogram's means the tier fills early and later tokens go to 2 bits whatever

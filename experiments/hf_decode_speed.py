@@ -1,6 +1,6 @@
 """Reference timing: HF transformers `generate` on the default model (needs torch + transformers + accelerate).
 
-    python scripts/hf_decode_speed.py --context 1024
+    python experiments/hf_decode_speed.py --context 1024
 """
 
 import argparse

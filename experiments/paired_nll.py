@@ -2,7 +2,7 @@
 of B minus A on the same tokens, with a standard error over 128-token blocks (neighbouring
 tokens' differences are correlated).
 
-    python scripts/paired_nll.py mixed@2.5 mixed-learned@2.5 --text wikitext2 --segments 2
+    python experiments/paired_nll.py mixed@2.5 mixed-learned@2.5 --text wikitext2 --segments 2
 """
 
 import argparse
@@ -11,6 +11,7 @@ import numpy as np
 
 from eval.perplexity import read_text, segment_nll
 from kvjax.loading import load_model
+from kvjax.policies import get_policy
 
 BLOCK = 128
 
@@ -28,7 +29,7 @@ def main():
     nll = {}
     for policy in (args.a, args.b):
         nll[policy] = np.concatenate([segment_nll(model.params, model.cfg, ids[s * args.context:(s + 1) * args.context],
-                                                  policy)[0] for s in range(args.segments)])
+                                                  get_policy(policy))[0] for s in range(args.segments)])
         print(f"{policy}: perplexity {np.exp(nll[policy].mean()):.3f}", flush=True)
     diff = nll[args.b] - nll[args.a]
     blocks = diff[:len(diff) // BLOCK * BLOCK].reshape(-1, BLOCK).mean(axis=1)
