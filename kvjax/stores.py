@@ -11,8 +11,9 @@
 
 Every store has the same small interface, which the step-by-step cache (kvjax.tiered) uses:
 `write` one token per row, `write_group` / `read_group` a whole group of G slots (demotion),
-`decode` the whole store (attention), and `fill` from a sequence's tokens placed at their slots
-(prompts). `roundtrip` is what reading stored tokens back gives (KIVI keys: given in slot order,
+`scores` (a keys store: q . every slot's key) or `mix` (a values store: the probability-weighted
+sum of its values), both straight from the packed codes (pallas_kernels.decode_attention), and
+`fill` from a sequence's tokens placed at their slots (prompts). `roundtrip` is what reading stored tokens back gives (KIVI keys: given in slot order,
 whole groups), which the teacher-forced path (kvjax.teacher_forced) uses to score exactly. Codes come from the encoders that
 kvjax.kernels picks (Pallas kernel or reference, bit-identical); decoders are pure jnp.
 `layer` is the index within the segment; slots out of range are not written.
@@ -25,6 +26,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from kvjax import kernels as kernel_choice
+from pallas_kernels import decode_attention as da
 from pallas_kernels import quantize_pack as qp
 
 
@@ -99,8 +101,11 @@ class Dense(_Raw):
     def read_group(self, layer, start, g, dtype):
         return _take_group(self.x, layer, start, g).astype(dtype)
 
-    def decode(self, layer, dtype, stage_start=None, staged=None):
-        return self.x[layer].astype(dtype)
+    def scores(self, layer, q, stage_start=None, staged=None):
+        return da.dense_scores(q, self.x[layer])
+
+    def mix(self, layer, p):
+        return da.dense_mix(p, self.x[layer])
 
     @classmethod
     def fill(cls, placed, bits, group_size, kernels, stage_start=None):
@@ -152,9 +157,9 @@ class KiviValues(_Raw):
         take = lambda a: _take_group(a, layer, start, g)
         return qp.decode_values(take(self.codes), take(self.scale), take(self.zero), self.bits, self.group_size, dtype)
 
-    def decode(self, layer, dtype, stage_start=None, staged=None):
-        return qp.decode_values(self.codes[layer], self.scale[layer], self.zero[layer], self.bits, self.group_size,
-                                dtype)
+    def mix(self, layer, p):
+        return da.kivi_value_mix(p, self.codes[layer], self.scale[layer], self.zero[layer], bits=self.bits,
+                                 group_size=self.group_size)
 
     @classmethod
     def fill(cls, placed, bits, group_size, kernels, stage_start=None):
@@ -221,14 +226,16 @@ class KiviKeys(_Raw):
         return qp.decode_key_groups(_take_group(self.codes, layer, start, g), side(self.scale), side(self.zero),
                                     self.bits, g, dtype)
 
-    def decode(self, layer, dtype, stage_start=None, staged=None):
-        """Keys [b, k, c, h]; the `staged` [b] slots from stage_start [b] come from the stage."""
+    def scores(self, layer, q, stage_start, staged):
+        """q [b, k, g, h] . every slot's key [b, k, g, c]; the `staged` [b] slots from stage_start [b] are
+        read from the 16-bit stage (their group is not complete)."""
         g = self.group_size
-        keys = qp.decode_key_groups(self.codes[layer], self.scale[layer], self.zero[layer], self.bits, g, dtype)
+        packed = da.kivi_key_scores(q, self.codes[layer], self.scale[layer], self.zero[layer], bits=self.bits,
+                                    group_size=g)
+        stage = jnp.tile(da.dense_scores(q, self.stage[layer]), (1, 1, 1, self.slots // g))  # slot s -> stage s % G
         slot = jnp.arange(self.slots)
         in_stage = (slot >= stage_start[:, None]) & (slot < (stage_start + staged)[:, None])  # [b, c]
-        stage = jnp.tile(self.stage[layer].astype(dtype), (1, 1, self.slots // g, 1))  # slot s -> stage s % G
-        return jnp.where(in_stage[:, None, :, None], stage, keys)
+        return jnp.where(in_stage[:, None, None, :], stage, packed)
 
     @classmethod
     def fill(cls, placed, bits, group_size, kernels, stage_start=None):
@@ -282,8 +289,11 @@ class Symmetric(_Raw):
         take = lambda a: _take_group(a, layer, start, g)
         return qp.decode_sym(take(self.codes), take(self.scale), self.bits, dtype)
 
-    def decode(self, layer, dtype, stage_start=None, staged=None):
-        return qp.decode_sym(self.codes[layer], self.scale[layer], self.bits, dtype)
+    def scores(self, layer, q, stage_start=None, staged=None):
+        return da.sym_scores(q, self.codes[layer], self.scale[layer], bits=self.bits)
+
+    def mix(self, layer, p):
+        return da.sym_mix(p, self.codes[layer], self.scale[layer], bits=self.bits)
 
     @classmethod
     def fill(cls, placed, bits, group_size, kernels, stage_start=None):

@@ -95,6 +95,8 @@ class TeacherForcedCache(KVCache):
         hist, parts = self.history, []
         forms = stored_forms(self.layout, segment, keys, values, hist)
         for d, (kq, vq) in enumerate(forms):
+            if all(self.layout.segment_bits(segment, t) == (16, 16) for _, t, _ in hist.members(d)):
+                continue  # every tier at this depth keeps this segment's K/V as they are
             here = hist.at_depth(d, qp)  # [b, t, T]
             key_read, key_waits, value_read = (jnp.zeros(hist.tier.shape, bool) for _ in range(3))
             for _, t, member in hist.members(d):

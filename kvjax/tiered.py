@@ -208,9 +208,10 @@ class TieredCache(KVCache):
             stage_values = values.read_group(local, full, g, qs.dtype)
             stage = fused.dense_partials(qs, keys.stage[local], stage_values, slots_below(g, staged))
             return [packed, stage]
-        k = keys.decode(local, jnp.float32, stage_start, staged)
-        v = values.decode(local, jnp.float32)
-        return [fused.dense_partials(qs, k, v, lay.valid_slots(i, entered))]
+        b, n, h = qs.shape
+        qg = qs.reshape(b, keys_heads(keys), -1, h).astype(jnp.float32)  # [b, k, g, h]
+        scores = keys.scores(local, qg, stage_start, staged) * h ** -0.5
+        return [fused.partials_of(scores, lay.valid_slots(i, entered), lambda p: values.mix(local, p))]
 
     def advance(self, positions):
         return self.replace(lengths=jnp.maximum(self.lengths, positions.max(axis=1) + 1), route=None)
@@ -304,6 +305,11 @@ class TieredCache(KVCache):
                             window_k=place(k_all, window_slot, lay.window_slots),
                             window_v=place(v_all, window_slot, lay.window_slots), tiers=tuple(tiers), entered=entered,
                             window_features=window_features, lengths=n.astype(jnp.int32))
+
+
+def keys_heads(store) -> int:
+    """kv heads of a store ([l, b, k, c, ...] arrays)."""
+    return jax.tree_util.tree_leaves(store)[0].shape[2]
 
 
 def slots_below(g: int, count):

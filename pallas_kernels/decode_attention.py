@@ -380,33 +380,125 @@ def tier_attention_partials(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zer
 
 
 # --------------------------------------------------------------------------- references
+#
+# The XLA reference (and the path of every backend without the kernel) reads packed codes without
+# dequantizing a tier: scales and zeros are folded into the query and into the probabilities,
+#   keys, per channel:  q . (s * code + z) = (q * s) . code + q . z      (s, z per group of G slots)
+#   values, per token:  sum_j p_j (s_j code_j + z_j) = sum_j (p_j s_j) code_j + sum_j p_j z_j
+# and the codes are unpacked inside the multiply-and-reduce, so XLA can fuse the unpacking into the
+# reduction and read only the packed words. Each side is its own function, so a tier may store its
+# keys and values in different ways. q is [b, k, g, h] (the g query heads of each kv head).
+
+
+def unpack_codes(words, bits: int):
+    """uint32 [..., w] -> float32 codes [..., w * 32 / bits] (first code in the lowest bits)."""
+    per = 32 // bits
+    shifts = jnp.arange(per, dtype=jnp.uint32) * jnp.uint32(bits)
+    codes = (words[..., None] >> shifts) & jnp.uint32(2**bits - 1)  # [..., w, per]
+    return codes.reshape(*words.shape[:-1], words.shape[-1] * per).astype(jnp.float32)
+
+
+def kivi_key_scores(q, codes, scale, zero, *, bits: int, group_size: int):
+    """q . key of every slot of a KIVI key tier: q [b, k, g, h], codes [b, k, c, w], scale/zero
+    [b, k, c/G, h] -> float32 [b, k, g, c] (not scaled by 1/sqrt(h))."""
+    b, k, c, w = codes.shape
+    g, h = q.shape[2], w * 32 // bits
+    n, G = c // group_size, group_size
+    scale, zero = scale.astype(jnp.float32), zero.astype(jnp.float32)
+    q_scaled = q[:, :, :, None, :] * scale[:, :, None]  # [b, k, g, n, h]
+    q_zero = jnp.einsum("bkgh,bknh->bkgn", q, zero, precision=_HIGHEST)  # [b, k, g, n]
+    by_group = unpack_codes(codes, bits).reshape(b, k, 1, n, G, h)
+    main = jnp.sum(q_scaled[:, :, :, :, None, :] * by_group, axis=-1)  # [b, k, g, n, G]
+    return (main + q_zero[..., None]).reshape(b, k, g, c)
+
+
+def kivi_value_mix(p, codes, scale, zero, *, bits: int, group_size: int):
+    """sum_j p_j value_j over a KIVI value tier: p [b, k, g, c], codes [b, k, c, w], scale/zero
+    [b, k, c, h/G] -> float32 [b, k, g, h]."""
+    b, k, c, w = codes.shape
+    g, h = p.shape[2], w * 32 // bits
+    scale, zero = scale.astype(jnp.float32), zero.astype(jnp.float32)
+    m = h // group_size
+    p_scaled = p[..., None] * scale[:, :, None]  # [b, k, g, c, m]
+    p_zero = jnp.einsum("bkgc,bkcm->bkgm", p, zero, precision=_HIGHEST)  # [b, k, g, m]
+    by_group = unpack_codes(codes, bits).reshape(b, k, 1, c, m, group_size)
+    main = jnp.sum(p_scaled[..., None] * by_group, axis=3)  # [b, k, g, m, G]
+    return (main + p_zero[..., None]).reshape(b, k, g, h)
+
+
+def sym_scores(q, codes, scale, *, bits: int):
+    """q . key over a symmetric tier: codes [b, k, c, w] (offset by 2**(bits-1)), scale [b, k, c, 1]."""
+    signed = unpack_codes(codes, bits) - 2.0 ** (bits - 1)  # [b, k, c, h]
+    main = jnp.sum(q[:, :, :, None, :] * signed[:, :, None], axis=-1)  # [b, k, g, c]
+    return main * scale[..., 0].astype(jnp.float32)[:, :, None]
+
+
+def sym_mix(p, codes, scale, *, bits: int):
+    """sum_j p_j value_j over a symmetric tier."""
+    signed = unpack_codes(codes, bits) - 2.0 ** (bits - 1)  # [b, k, c, h]
+    weights = p * scale[..., 0].astype(jnp.float32)[:, :, None]  # [b, k, g, c]
+    return jnp.sum(weights[..., None] * signed[:, :, None], axis=3)
+
+
+def dense_scores(q, x):
+    """q . key over 16-bit (or float32) keys x [b, k, c, h]."""
+    return jnp.einsum("bkgh,bkch->bkgc", q, x.astype(jnp.float32), precision=_HIGHEST,
+                      preferred_element_type=jnp.float32)
+
+
+def dense_mix(p, x):
+    return jnp.einsum("bkgc,bkch->bkgh", p, x.astype(jnp.float32), precision=_HIGHEST,
+                      preferred_element_type=jnp.float32)
+
+
+def partials_of(scores, valid, mix) -> Partials:
+    """Flash-decoding partials from scores float32 [b, k, g, c] (scaled) over the valid [b, c] slots, with
+    mix(p [b, k, g, c]) -> [b, k, g, h] the weighted sum of the values (p is 0 on invalid slots)."""
+    b, k, g, c = scores.shape
+    mask = valid[:, None, None, :]
+    scores = jnp.where(mask, scores, EMPTY_MAX)
+    m = jnp.max(scores, axis=-1) if c else jnp.full((b, k, g), EMPTY_MAX, jnp.float32)  # [b, k, g]
+    p = jnp.where(mask, jnp.exp(scores - m[..., None]), 0.0)
+    o = mix(p)
+    return Partials(o.reshape(b, k * g, o.shape[-1]), m.reshape(b, k * g), jnp.sum(p, axis=-1).reshape(b, k * g))
+
+
+def _grouped(q, k: int):
+    b, n, h = q.shape
+    return q.reshape(b, k, n // k, h).astype(jnp.float32)
 
 
 def _grouped_partials(q, keys, values, valid) -> Partials:
     """q [b, n, h], keys/values [b, k, s, h], valid bool [b, s] -> float32 partials (pure jnp)."""
-    b, n, h = q.shape
-    k, s = keys.shape[1], keys.shape[2]
-    qg = q.reshape(b, k, n // k, h).astype(jnp.float32)  # [b, k, g, h]
-    scores = jnp.einsum("bkgh,bksh->bkgs", qg, keys.astype(jnp.float32), precision=_HIGHEST,
-                        preferred_element_type=jnp.float32) * (h ** -0.5)
-    mask = valid[:, None, None, :]  # [b, 1, 1, s]
-    scores = jnp.where(mask, scores, EMPTY_MAX)
-    m = jnp.max(scores, axis=-1) if s else jnp.full((b, k, n // k), EMPTY_MAX, jnp.float32)  # [b, k, g]
-    p = jnp.where(mask, jnp.exp(scores - m[..., None]), 0.0)  # [b, k, g, s]
-    o = jnp.einsum("bkgs,bksh->bkgh", p, jnp.where(valid[:, None, :, None], values.astype(jnp.float32), 0.0),
-                   precision=_HIGHEST, preferred_element_type=jnp.float32)
-    return Partials(o.reshape(b, n, -1), m.reshape(b, n), jnp.sum(p, axis=-1).reshape(b, n))
+    qg = _grouped(q, keys.shape[1])
+    values = jnp.where(valid[:, None, :, None], values.astype(jnp.float32), 0.0)  # empty slots may hold anything
+    return partials_of(dense_scores(qg, keys) * (q.shape[-1] ** -0.5), valid, lambda p: dense_mix(p, values))
 
 
 @functools.partial(jax.jit, static_argnames=("bits", "group_size", "blocks", "interpret"))
 def tier_attention_partials_reference(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, count, *,
                                       bits: int, group_size: int, blocks: DecodeBlocks | None = None,
                                       interpret: bool = False) -> Partials:
-    """Ground truth: dequantize with quantize_pack's decoders, then `_grouped_partials`.
+    """The kernel's XLA reference: attention over the packed codes (no dequantized tier in memory).
 
     Same signature as the kernel; `blocks` and `interpret` are accepted and ignored.
     """
     del blocks, interpret
+    b, k, g, h, c = _check_tier(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, count, bits, group_size)
+    qg, valid = _grouped(q, k), jnp.arange(c)[None, :] < count[:, None]
+    if k_zero is None:  # symmetric
+        scores = sym_scores(qg, k_codes, k_scale, bits=bits)
+        mix = lambda p: sym_mix(p, v_codes, v_scale, bits=bits)
+    else:
+        scores = kivi_key_scores(qg, k_codes, k_scale, k_zero, bits=bits, group_size=group_size)
+        mix = lambda p: kivi_value_mix(p, v_codes, v_scale, v_zero, bits=bits, group_size=group_size)
+    return partials_of(scores * h ** -0.5, valid, mix)
+
+
+@functools.partial(jax.jit, static_argnames=("bits", "group_size"))
+def tier_attention_partials_dequantized(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, count, *,
+                                        bits: int, group_size: int) -> Partials:
+    """Ground truth for the two above: dequantize the whole tier with quantize_pack's decoders, attend."""
     b, k, g, h, c = _check_tier(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, count, bits, group_size)
     if k_zero is None:  # symmetric
         keys = decode_sym(k_codes, k_scale, bits, jnp.float32)  # [b, k, c, h]
@@ -414,8 +506,7 @@ def tier_attention_partials_reference(q, k_codes, k_scale, k_zero, v_codes, v_sc
     else:
         keys = decode_key_groups(k_codes, k_scale, k_zero, bits, group_size, jnp.float32)
         values = decode_values(v_codes, v_scale, v_zero, bits, group_size, jnp.float32)
-    valid = jnp.arange(c)[None, :] < count[:, None]  # [b, c]
-    return _grouped_partials(q, keys, values, valid)
+    return _grouped_partials(q, keys, values, jnp.arange(c)[None, :] < count[:, None])
 
 
 @jax.jit

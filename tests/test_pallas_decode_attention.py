@@ -17,7 +17,8 @@ import pytest
 from kvjax.attention import masked_attention
 from pallas_kernels import quantize_pack as codecs
 from pallas_kernels.decode_attention import (EMPTY_MAX, DecodeBlocks, dense_partials, merge_partials,
-                                             tier_attention_partials, tier_attention_partials_reference)
+                                             tier_attention_partials, tier_attention_partials_dequantized,
+                                             tier_attention_partials_reference)
 
 INTERPRET = jax.default_backend() == "cpu"
 RTOL = 1e-5
@@ -248,3 +249,29 @@ def test_tpu_interpret_symmetric_tier():
     from jax.experimental.pallas import tpu as pltpu
 
     check_symmetric(8, 96, (96, 50), 2, pltpu.InterpretParams(), seed=17)
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_packed_reference_equals_dequantized_attention(case):
+    """The XLA reference reads packed codes (scales folded into q and p) and equals attention over the
+    dequantized tier to float32 rounding."""
+    tier, _, _ = random_tier(21, case.b, case.k, case.c, case.h, case.bits, case.G, jnp.dtype(case.scale_dtype))
+    q = random_q(22, case.b, case.k * case.g, case.h)
+    count = jnp.asarray(case.counts, jnp.int32)
+    kw = dict(bits=case.bits, group_size=case.G)
+    got = tier_attention_partials_reference(q, *tier, count, **kw)
+    want = tier_attention_partials_dequantized(q, *tier, count, **kw)
+    for a, e in zip(got, want):
+        assert_close(a, e)
+
+
+@pytest.mark.parametrize("bits,c,counts", [(8, 96, (96, 41)), (4, 64, (0, 17)), (2, 160, (160, 129))])
+def test_packed_symmetric_reference_equals_dequantized_attention(bits, c, counts):
+    rng = np.random.default_rng(23)
+    b, k, g, h = 2, 2, 3, 64
+    kc, ks = codecs.encode_sym_reference(jnp.asarray(rng.normal(0.5, 2.0, (b, k, c, h)), jnp.float32), bits, jnp.float32)
+    vc, vs = codecs.encode_sym_reference(jnp.asarray(rng.standard_normal((b, k, c, h)), jnp.float32), bits, jnp.float32)
+    args = (random_q(24, b, k * g, h), kc, ks, None, vc, vs, None, jnp.asarray(counts, jnp.int32))
+    for a, e in zip(tier_attention_partials_reference(*args, bits=bits, group_size=32),
+                    tier_attention_partials_dequantized(*args, bits=bits, group_size=32)):
+        assert_close(a, e)
