@@ -10,6 +10,7 @@ import json
 import os
 
 import gguf
+import jax
 import numpy as np
 import pytest
 import tokenizers
@@ -20,6 +21,28 @@ from kvjax.config import get_preset
 from kvjax.loading import permute_rotary
 
 CFG = get_preset("tiny")
+MAX_MEMORY_MAPS = 20000  # Linux allows a process 65530 (vm.max_map_count)
+
+
+def _memory_maps() -> int:
+    try:
+        with open("/proc/self/maps") as f:
+            return sum(1 for _ in f)
+    except OSError:  # not Linux
+        return 0
+
+
+@pytest.fixture(autouse=True)
+def _bounded_compiled_programs():
+    """Frees jax's compiled programs once the process holds many memory maps.
+
+    Every program XLA:CPU compiles keeps about three memory maps until it is freed; the whole suite
+    compiles enough of them to pass Linux's limit, and the compile after that segfaults (seen at
+    ~65k maps). Dropping jax's caches frees them; later tests recompile what they need.
+    """
+    yield
+    if _memory_maps() > MAX_MEMORY_MAPS:
+        jax.clear_caches()
 
 
 def random_state_dict(cfg, seed=0) -> dict[str, np.ndarray]:
