@@ -385,9 +385,12 @@ def tier_attention_partials(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zer
 # dequantizing a tier: scales and zeros are folded into the query and into the probabilities,
 #   keys, per channel:  q . (s * code + z) = (q * s) . code + q . z      (s, z per group of G slots)
 #   values, per token:  sum_j p_j (s_j code_j + z_j) = sum_j (p_j s_j) code_j + sum_j p_j z_j
-# and the codes are unpacked inside the multiply-and-reduce, so XLA can fuse the unpacking into the
-# reduction and read only the packed words. Each side is its own function, so a tier may store its
-# keys and values in different ways. q is [b, k, g, h] (the g query heads of each kv head).
+# Each side is its own function, so a tier may store its keys and values in different ways. q is
+# [b, k, g, h] (the g query heads of each kv head). How each is written was chosen by timing
+# XLA's CPU code (2-core Intel Xeon, SmolLM2-135M shapes, 8k slots): a score is an explicit sum
+# over the h channels, each term one unpacked code per slot, vectorized along the slots and summed
+# as a tree (a reduction over the packed words ran 4-8x slower, a dense 16-bit dot 3x slower);
+# the value mix unpacks the codes and lets XLA's dot do the sum (faster than any fused reduction).
 
 
 def unpack_codes(words, bits: int):
@@ -398,18 +401,36 @@ def unpack_codes(words, bits: int):
     return codes.reshape(*words.shape[:-1], words.shape[-1] * per).astype(jnp.float32)
 
 
+def _tree_sum(terms):
+    while len(terms) > 1:  # pairwise: short dependency chains
+        terms = [terms[i] + terms[i + 1] if i + 1 < len(terms) else terms[i] for i in range(0, len(terms), 2)]
+    return terms[0]
+
+
+def _channel_sum(weights, codes, bits: int):
+    """sum_d weights[..., d] * code_d over the h channels: weights [b, k, g, n, h], codes uint32
+    [b, k, c, w] with c = n * r -> float32 [b, k, g, n, r]: one term per channel, each an unpacked
+    code of every slot (the word's lane d % per), vectorized along the slots."""
+    b, k, c, w = codes.shape
+    n = weights.shape[3]
+    if c == 0:
+        return jnp.zeros(weights.shape[:4] + (0,), jnp.float32)
+    per, mask = 32 // bits, jnp.uint32(2**bits - 1)
+    words = jnp.swapaxes(codes, -1, -2).reshape(b, k, 1, w, n, c // n)  # [b, k, 1, w, n, r]
+    terms = [weights[..., d, None] * ((words[:, :, :, d // per] >> jnp.uint32(bits * (d % per))) & mask)
+             .astype(jnp.float32) for d in range(w * per)]
+    return _tree_sum(terms)
+
+
 def kivi_key_scores(q, codes, scale, zero, *, bits: int, group_size: int):
     """q . key of every slot of a KIVI key tier: q [b, k, g, h], codes [b, k, c, w], scale/zero
     [b, k, c/G, h] -> float32 [b, k, g, c] (not scaled by 1/sqrt(h))."""
-    b, k, c, w = codes.shape
-    g, h = q.shape[2], w * 32 // bits
-    n, G = c // group_size, group_size
+    b, k, c, _ = codes.shape
     scale, zero = scale.astype(jnp.float32), zero.astype(jnp.float32)
     q_scaled = q[:, :, :, None, :] * scale[:, :, None]  # [b, k, g, n, h]
     q_zero = jnp.einsum("bkgh,bknh->bkgn", q, zero, precision=_HIGHEST)  # [b, k, g, n]
-    by_group = unpack_codes(codes, bits).reshape(b, k, 1, n, G, h)
-    main = jnp.sum(q_scaled[:, :, :, :, None, :] * by_group, axis=-1)  # [b, k, g, n, G]
-    return (main + q_zero[..., None]).reshape(b, k, g, c)
+    main = _channel_sum(q_scaled, codes, bits)  # [b, k, g, n, G]
+    return (main + q_zero[..., None]).reshape(b, k, q.shape[2], c)
 
 
 def kivi_value_mix(p, codes, scale, zero, *, bits: int, group_size: int):
@@ -417,27 +438,27 @@ def kivi_value_mix(p, codes, scale, zero, *, bits: int, group_size: int):
     [b, k, c, h/G] -> float32 [b, k, g, h]."""
     b, k, c, w = codes.shape
     g, h = p.shape[2], w * 32 // bits
-    scale, zero = scale.astype(jnp.float32), zero.astype(jnp.float32)
     m = h // group_size
-    p_scaled = p[..., None] * scale[:, :, None]  # [b, k, g, c, m]
-    p_zero = jnp.einsum("bkgc,bkcm->bkgm", p, zero, precision=_HIGHEST)  # [b, k, g, m]
-    by_group = unpack_codes(codes, bits).reshape(b, k, 1, c, m, group_size)
-    main = jnp.sum(p_scaled[..., None] * by_group, axis=3)  # [b, k, g, m, G]
+    p_scaled = p[..., None] * scale.astype(jnp.float32)[:, :, None]  # [b, k, g, c, m]
+    p_zero = jnp.einsum("bkgc,bkcm->bkgm", p, zero.astype(jnp.float32), precision=_HIGHEST)  # [b, k, g, m]
+    by_group = unpack_codes(codes, bits).reshape(b, k, c, m, group_size)
+    main = jnp.einsum("bkgcm,bkcmr->bkgmr", p_scaled, by_group, precision=_HIGHEST)  # [b, k, g, m, G]
     return (main + p_zero[..., None]).reshape(b, k, g, h)
 
 
 def sym_scores(q, codes, scale, *, bits: int):
     """q . key over a symmetric tier: codes [b, k, c, w] (offset by 2**(bits-1)), scale [b, k, c, 1]."""
-    signed = unpack_codes(codes, bits) - 2.0 ** (bits - 1)  # [b, k, c, h]
-    main = jnp.sum(q[:, :, :, None, :] * signed[:, :, None], axis=-1)  # [b, k, g, c]
-    return main * scale[..., 0].astype(jnp.float32)[:, :, None]
+    b, k, c, _ = codes.shape
+    q_sum = jnp.sum(q, axis=-1)[..., None]  # [b, k, g, 1]: q . offset / offset
+    main = _channel_sum(q[:, :, :, None, :], codes, bits)[:, :, :, 0]  # [b, k, g, c]
+    return (main - 2.0 ** (bits - 1) * q_sum) * scale[..., 0].astype(jnp.float32)[:, :, None]
 
 
 def sym_mix(p, codes, scale, *, bits: int):
     """sum_j p_j value_j over a symmetric tier."""
     signed = unpack_codes(codes, bits) - 2.0 ** (bits - 1)  # [b, k, c, h]
     weights = p * scale[..., 0].astype(jnp.float32)[:, :, None]  # [b, k, g, c]
-    return jnp.sum(weights[..., None] * signed[:, :, None], axis=3)
+    return jnp.einsum("bkgc,bkch->bkgh", weights, signed, precision=_HIGHEST)
 
 
 def dense_scores(q, x):
