@@ -74,7 +74,7 @@ def segment_nll(params, cfg, tokens: np.ndarray, policy: Policy, dtype=jnp.float
     positions = jnp.arange(ids.shape[1], dtype=jnp.int32)[None]
     logits, cache = teacher_forced.score(params, cfg, ids, positions, policy, ids.shape[1], dtype)
     left = np.zeros((0,), np.float32)
-    if cache is not None:
+    if policy.layout(cfg, ids.shape[1]) is not None:  # tokens leave a window
         last = ids.shape[1] - 1
         bits = np.asarray(cache.bits_at(last)[0])
         left = bits[cache.layout.has_left(np.arange(len(bits)), last)]

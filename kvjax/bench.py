@@ -41,10 +41,11 @@ from kvjax.sampling import SamplingConfig
 GREEDY = SamplingConfig()
 
 
-@functools.partial(jax.jit, static_argnames=("policy", "cfg", "batch", "context", "capacity", "dtype", "kernels"))
-def filled_cache(key, *, policy, cfg, batch: int, context: int, capacity: int, dtype, kernels="auto"):
+@functools.partial(jax.jit, static_argnames=("policy", "cfg", "batch", "context", "capacity", "dtype", "kernels",
+                                             "kv_dtype"))
+def filled_cache(key, *, policy, cfg, batch: int, context: int, capacity: int, dtype, kernels="auto", kv_dtype=None):
     """A cache of `policy` holding `context` random tokens per sequence, as decoding leaves it."""
-    cache = policy.make_cache(cfg, batch, capacity, dtype, kernels)
+    cache = policy.make_cache(cfg, batch, capacity, dtype, kernels, kv_dtype)
     kk, kv = jax.random.split(key)
     shape = (cfg.num_layers, batch, cfg.num_kv_heads, context, cfg.head_dim)
     k_all, v_all = jax.random.normal(kk, shape, dtype), jax.random.normal(kv, shape, dtype)
@@ -53,7 +54,7 @@ def filled_cache(key, *, policy, cfg, batch: int, context: int, capacity: int, d
 
 
 def bench_context(model, context: int, decode_steps: int, batch: int, kv, dtype, repeats: int, synthetic: bool,
-                  kernels="auto"):
+                  kernels="auto", kv_dtype=None):
     """-> (prefill tokens/s or None, decode ms/token, KV bytes) for `context` tokens per sequence."""
     cfg = model.cfg
     capacity = context + decode_steps + 1
@@ -66,10 +67,10 @@ def bench_context(model, context: int, decode_steps: int, batch: int, kv, dtype,
         t_prefill = None
         if synthetic:
             cache = filled_cache(jax.random.PRNGKey(context), policy=kv, cfg=cfg, batch=batch, context=context,
-                                 capacity=capacity, dtype=dtype, kernels=kernels)
+                                 capacity=capacity, dtype=dtype, kernels=kernels, kv_dtype=kv_dtype)
             logits = jnp.zeros((batch, cfg.vocab_size), jnp.float32)
         else:
-            cache = kv.make_cache(cfg, batch, capacity, dtype, kernels)
+            cache = kv.make_cache(cfg, batch, capacity, dtype, kernels, kv_dtype)
             t0 = time.perf_counter()
             logits, cache = prefill(model.params, tokens, positions, cache, cfg=cfg, dtype=dtype)
             logits.block_until_ready()
@@ -91,15 +92,15 @@ def bench_context(model, context: int, decode_steps: int, batch: int, kv, dtype,
     return (None if synthetic else batch * context / t_prefill), 1e3 * t_decode / decode_steps, runs[0][2]
 
 
-def cache_bytes(policy, cfg, batch: int, capacity: int, dtype) -> int:
+def cache_bytes(policy, cfg, batch: int, capacity: int, dtype, kv_dtype=None) -> int:
     """Bytes of an empty cache of `policy` (shapes only, nothing allocated)."""
-    shapes = jax.eval_shape(lambda: policy.make_cache(cfg, batch, capacity, dtype))
+    shapes = jax.eval_shape(lambda: policy.make_cache(cfg, batch, capacity, dtype, kv_dtype=kv_dtype))
     return sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(shapes))
 
 
-def largest_batch(policy, cfg, capacity: int, dtype, budget_bytes: int) -> int:
+def largest_batch(policy, cfg, capacity: int, dtype, budget_bytes: int, kv_dtype=None) -> int:
     """The most sequences of `capacity` tokens whose cache fits `budget_bytes` (cache bytes are affine in batch)."""
-    one, two = cache_bytes(policy, cfg, 1, capacity, dtype), cache_bytes(policy, cfg, 2, capacity, dtype)
+    one, two = (cache_bytes(policy, cfg, n, capacity, dtype, kv_dtype) for n in (1, 2))
     per_sequence, fixed = two - one, 2 * one - two
     return max(0, (budget_bytes - fixed) // per_sequence)
 
@@ -109,7 +110,7 @@ def fitting_batches(args, policies, cfg, capacity: int, dtype) -> list[int]:
     if args.kv_budget_gib is None:
         return [args.batch] * len(policies)
     budget = int(args.kv_budget_gib * 2**30)
-    batches = [largest_batch(kv, cfg, capacity, dtype, budget) for kv in policies]
+    batches = [largest_batch(kv, cfg, capacity, dtype, budget, DTYPES.get(args.kv_dtype)) for kv in policies]
     if min(batches) < 1:
         raise KvjaxError(f"one sequence of {capacity} tokens does not fit {args.kv_budget_gib} GiB of KV cache "
                          f"under {policies[batches.index(min(batches))].name}")
@@ -132,6 +133,9 @@ def _parser() -> cli.ArgumentParser:
     p.add_argument("--repeats", type=cli.at_least(1), default=3, help="timed runs per measurement (median)")
     add_policy_flags(p)
     p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="compute dtype (default: float32 on CPU)")
+    p.add_argument("--kv-dtype", default=None, choices=sorted(DTYPES),
+                   help="what 16-bit K/V (fp16's whole cache, every window and sink) are stored in (default: the "
+                        "compute dtype if 16-bit, else float16; float32 measures a cache kept in the compute dtype)")
     p.add_argument("--json", type=cli.output_file, default=None,
                    help="append one JSON line per (policy, context) to this file")
     return p
@@ -170,10 +174,12 @@ def _main(argv) -> int:
     model_name = model.source if args.preset else model.cfg.name
     common = {"model": model_name, "device": device.device_kind,
               "platform": device.platform, "jax": jax.__version__, "dtype": dtype_name,
-              "kv_budget_gib": args.kv_budget_gib, "decode_steps": args.decode_steps, "date": datetime.date.today().isoformat(),
+              "kv_dtype": args.kv_dtype, "kv_budget_gib": args.kv_budget_gib, "decode_steps": args.decode_steps, "date": datetime.date.today().isoformat(),
               "command": "python -m kvjax.bench " + " ".join(sys.argv[1:] if argv is None else argv)}
     print(f"model {model_name} | {device.platform} {device.device_kind} | "
           f"{platform.processor() or platform.machine()} | jax {jax.__version__} | dtype {dtype_name} | "
+          + (f"KV stored in {args.kv_dtype} | " if args.kv_dtype else "")
+          + "
           + (f"KV budget {args.kv_budget_gib} GiB" if args.kv_budget_gib else f"batch {args.batch}"))
     print(f"{'kv':<16} {'batch':>6} {'context':>8} {'prefill tok/s':>14} {'decode ms/tok':>14} {'decode tok/s':>13} "
           f"{'KV MiB':>8}")
@@ -181,7 +187,7 @@ def _main(argv) -> int:
         for context in contexts:
             tps, ms, kv_bytes = bench_context(model, context, args.decode_steps, batch, kv,
                                               DTYPES[dtype_name], args.repeats, synthetic=bool(args.preset),
-                                              kernels=args.kernels)
+                                              kernels=args.kernels, kv_dtype=DTYPES.get(args.kv_dtype))
             prefill_col = "-" if tps is None else f"{tps:.1f}"
             print(f"{name:<16} {batch:>6} {context:>8} {prefill_col:>14} {ms:>14.2f} {batch * 1e3 / ms:>13.1f} "
                   f"{kv_bytes / 2**20:>8.1f}", flush=True)

@@ -4,11 +4,11 @@ A cache is an explicit pytree that the model takes and returns, never mutates. E
 (`DenseCache` here, `kvjax.tiered.TieredCache`, `kvjax.teacher_forced.TeacherForcedCache`)
 subclasses `KVCache` and provides what the model calls:
 
-  begin(positions)               -> cache   routing of this step's tokens, before the layers
-  update(layer, k, v, positions) -> cache   store the new tokens of one layer
-  attend(layer, q, positions)    -> out     attention of q over that layer's stored tokens
-  advance(positions)             -> cache   bookkeeping once all layers are done
-  record_features(positions, f)  -> cache   token features, for policies that read them
+  begin(positions)                    -> cache          routing of this step's tokens, before the layers
+  attend(layer, q, k, v, positions)   -> (out, cache)   one layer: store its new k, v and attend q
+                                                        over every token it holds
+  advance(positions)                  -> cache          bookkeeping once all layers are done
+  record_features(positions, f)       -> cache          token features, for policies that read them
 
 and what its users need: `prefill` (a whole prompt), `filled` (given K/V), `lengths`, `nbytes`, `tokens_per_tier` and
 `stored_bits` (the stats line), `segments` (runs of layers stored alike; the model scans each).
@@ -39,10 +39,8 @@ class KVCache:
     def begin(self, positions):
         return self
 
-    def update(self, layer, k, v, positions):
-        raise NotImplementedError
-
-    def attend(self, layer, q, positions):
+    def attend(self, layer, q, k, v, positions):
+        """q [b, t, n, h]; k, v [b, t, k, h] of `layer` at positions [b, t] -> (out [b, t, n, h], cache)."""
         raise NotImplementedError
 
     def advance(self, positions):
@@ -74,6 +72,14 @@ class KVCache:
         raise NotImplementedError
 
 
+def storage_dtype(dtype, kv_dtype=None):
+    """The dtype a cache stores 16-bit K/V in: `kv_dtype` if given, else the compute dtype if it is
+    16-bit, else float16 (a float32 model on a CPU still gets a 16-bit cache, as its bytes are counted)."""
+    if kv_dtype is not None:
+        return jnp.dtype(kv_dtype)
+    return jnp.dtype(dtype) if jnp.dtype(dtype).itemsize == 2 else jnp.dtype(jnp.float16)
+
+
 def write_by_position(keys, values, layer, k, v, positions):
     """keys/values [l, b, k, s, h] with k, v [b, t, k, h] of `layer` written at slot = position.
 
@@ -87,14 +93,15 @@ def write_by_position(keys, values, layer, k, v, positions):
 
 @struct.dataclass
 class DenseCache(KVCache):
-    """Policy `fp16`: keys (after RoPE) and values, one slot per position, [l, b, k, s, h]."""
+    """Policy `fp16`: keys (after RoPE) and values in 16 bits, one slot per position, [l, b, k, s, h]."""
 
     k: jax.Array  # [l, b, k, s, h]
     v: jax.Array  # [l, b, k, s, h]
     lengths: jax.Array  # int32 [b]: tokens stored per sequence (= next position)
 
     @classmethod
-    def init(cls, cfg: ModelConfig, batch: int, capacity: int, dtype=jnp.float32) -> "DenseCache":
+    def init(cls, cfg: ModelConfig, batch: int, capacity: int, dtype=jnp.float16) -> "DenseCache":
+        """`dtype`: what K/V are stored in (see `storage_dtype`)."""
         shape = (cfg.num_layers, batch, cfg.num_kv_heads, capacity, cfg.head_dim)
         return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), lengths=jnp.zeros((batch,), jnp.int32))
 
@@ -112,17 +119,14 @@ class DenseCache(KVCache):
     def stored_bits(self):
         return jnp.full(self.lengths.shape, jnp.nan)  # no token leaves a window here
 
-    def update(self, layer, k: jax.Array, v: jax.Array, positions: jax.Array) -> "DenseCache":
-        """Writes k, v [b, t, k, h] of `layer` into slot = position (padding is dropped)."""
+    def attend(self, layer, q, k, v, positions):
+        """Writes k, v [b, t, k, h] of `layer` into slot = position (padding is dropped), then attends q
+        [b, t, n, h] over the stored tokens."""
         keys, values = write_by_position(self.k, self.v, layer.index, k, v, positions)
-        return self.replace(k=keys, v=values)
-
-    def attend(self, layer, q: jax.Array, positions: jax.Array) -> jax.Array:
-        """q [b, t, n, h] over the stored tokens of `layer` -> [b, t, n, h]."""
         b = q.shape[0]
         slot_positions = jnp.broadcast_to(jnp.arange(self.capacity), (b, self.capacity))
-        mask = causal_mask(positions, slot_positions)
-        return masked_attention(q, self.k[layer.index], self.v[layer.index], mask)
+        out = masked_attention(q, keys[layer.index], values[layer.index], causal_mask(positions, slot_positions))
+        return out, self.replace(k=keys, v=values)
 
     def prefill(self, params, cfg, tokens, positions, dtype):
         return forward(params, cfg, tokens, positions, self, dtype)

@@ -79,9 +79,7 @@ class Block(nn.Module):
             mask = causal_mask(positions, positions)
             attn = masked_attention(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), mask)
         else:
-            ref = Layer(self.segment, layer)
-            cache = cache.update(ref, k, v, positions)
-            attn = cache.attend(ref, q, positions)
+            attn, cache = cache.attend(Layer(self.segment, layer), q, k, v, positions)
         x = x + dense(cfg.hidden_size, "o_proj")(attn.reshape(b, t, -1))
 
         h = RMSNorm(cfg.rms_norm_eps, self.dtype, name="mlp_norm")(x)
@@ -126,8 +124,9 @@ def _apply(params, cfg: ModelConfig, tokens, positions, cache, dtype, token_stat
         (x, cache), out = jax.lax.scan(body, (x, cache), jnp.arange(start, stop))
         outs.append(out)
     x = RMSNorm(cfg.rms_norm_eps, dtype).apply({"params": params["final_norm"]}, x)
-    if cfg.tie_word_embeddings:
-        logits = embed.apply({"params": params["embed"]}, x, method="attend")
+    if cfg.tie_word_embeddings:  # x . embedding rows, without transposing the [v, d] table (XLA copied it each step)
+        table = params["embed"]["embedding"].astype(dtype)
+        logits = jnp.einsum("btd,vd->btv", x, table)
     else:
         logits = nn.Dense(cfg.vocab_size, use_bias=False, dtype=dtype).apply({"params": params["lm_head"]}, x)
     if cache is not None:

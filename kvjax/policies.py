@@ -32,7 +32,7 @@ from typing import Callable
 import jax.numpy as jnp
 
 from kvjax import kernels as kernel_choice
-from kvjax.cache import DenseCache
+from kvjax.cache import DenseCache, storage_dtype
 from kvjax.config import ModelConfig
 from kvjax.controller import Controller, default_controller, load_controller
 from kvjax.errors import KvjaxError
@@ -56,7 +56,9 @@ class Policy:
         raise NotImplementedError
 
     def make_cache(self, cfg: ModelConfig, batch: int, capacity: int, dtype=jnp.float32,
-                   kernels=kernel_choice.Kernels.AUTO):
+                   kernels=kernel_choice.Kernels.AUTO, kv_dtype=None):
+        """An empty cache for `batch` sequences of up to `capacity` tokens, for a model computing in
+        `dtype`; 16-bit K/V are stored in `kv_dtype` (default: kvjax.cache.storage_dtype)."""
         raise NotImplementedError
 
     def check(self, cfg: ModelConfig):
@@ -75,8 +77,8 @@ class FP16(Policy):
     def layout(self, cfg, capacity):
         return None
 
-    def make_cache(self, cfg, batch, capacity, dtype=jnp.float32, kernels=kernel_choice.Kernels.AUTO):
-        return DenseCache.init(cfg, batch, capacity, dtype)
+    def make_cache(self, cfg, batch, capacity, dtype=jnp.float32, kernels=kernel_choice.Kernels.AUTO, kv_dtype=None):
+        return DenseCache.init(cfg, batch, capacity, storage_dtype(dtype, kv_dtype))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,9 +109,9 @@ class Quantized(Policy):
         return Layout(self.sinks, self.window, self.group_size, self.tiers(cfg, left), cfg.num_layers,
                       min(self.sinks, capacity), min(self.window, max(capacity - self.sinks, 0)))
 
-    def make_cache(self, cfg, batch, capacity, dtype=jnp.float32, kernels=kernel_choice.Kernels.AUTO):
+    def make_cache(self, cfg, batch, capacity, dtype=jnp.float32, kernels=kernel_choice.Kernels.AUTO, kv_dtype=None):
         self.check(cfg)
-        return TieredCache.init(self, cfg, batch, capacity, dtype, kernels)
+        return TieredCache.init(self, cfg, batch, capacity, storage_dtype(dtype, kv_dtype), kernels)
 
     def check(self, cfg):
         h = cfg.head_dim
@@ -425,10 +427,10 @@ def policy_names() -> list[str]:
 
 
 def make_cache(policy: str | Policy, cfg: ModelConfig, batch: int, capacity: int, dtype=jnp.float32,
-               kernels=kernel_choice.Kernels.AUTO):
+               kernels=kernel_choice.Kernels.AUTO, kv_dtype=None):
     """An empty cache of `policy` for `batch` sequences of up to `capacity` tokens each."""
     policy = get_policy(policy) if isinstance(policy, str) else policy
-    return policy.make_cache(cfg, batch, capacity, dtype, kernels)
+    return policy.make_cache(cfg, batch, capacity, dtype, kernels, kv_dtype)
 
 
 # ----------------------------------------------------------------------------- command lines

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from kvjax.attention import MASK_VALUE, causal_mask, grouped_output, grouped_scores
-from kvjax.cache import KVCache, write_by_position
+from kvjax.cache import DenseCache, KVCache, storage_dtype, write_by_position
 from kvjax.config import ModelConfig
 from kvjax.features import NUM_FEATURES, token_features
 from kvjax.history import History, entries
@@ -62,15 +62,18 @@ class TeacherForcedCache(KVCache):
     def begin(self, positions):
         return self.replace(history=History.of(self.layout, self.tier, self.rank))
 
-    def update(self, layer, k, v, positions):
-        keys, values = write_by_position(self.k, self.v, layer.index, k, v, positions)
-        return self.replace(k=keys, v=values)
 
     def advance(self, positions):
         return self.replace(lengths=jnp.maximum(self.lengths, positions.max(axis=1) + 1), history=None)
 
-    def attend(self, layer, q, positions):
-        """q [b, t, n, h] at `positions` over all tokens, each in its state at that query's step."""
+    def attend(self, layer, q, k, v, positions):
+        """Stores k, v [b, t, k, h] at their positions, then attends q [b, t, n, h] over all tokens, each
+        in its state at that query's step."""
+        all_k, all_v = write_by_position(self.k, self.v, layer.index, k, v, positions)
+        cache = self.replace(k=all_k, v=all_v)
+        return cache._attend(layer, q, positions), cache
+
+    def _attend(self, layer, q, positions):
         keys, values = self.k[layer.index], self.v[layer.index]  # [b, k, T, h]
         b, _, T, _ = keys.shape
         hist, qp = self.history, positions[:, :, None]  # qp [b, t, 1]
@@ -123,10 +126,12 @@ class TeacherForcedCache(KVCache):
 def stored_forms(layout: Layout, segment: int, keys, values, hist: History):
     """[(keys, values)] per depth d: every token as the tier at depth d of its chain gives it back.
 
-    keys, values [..., b, k, T, h] (the segment's layers may lead); a tier's input is the form of the
-    depth before (the 16-bit K/V at depth 0), so demoted tokens are re-encoded from their codes.
+    keys, values [..., b, k, T, h] in the cache's 16-bit dtype (the segment's layers may lead); a
+    tier's input is the form of the depth before (the 16-bit K/V at depth 0), so demoted tokens are
+    re-encoded from their codes. The forms are float32, as the step-by-step cache reads them.
     """
-    g, dtype = layout.group_size, keys.dtype
+    g, dtype = layout.group_size, keys.dtype  # scales and zeros are stored in the 16-bit dtype
+    keys, values = keys.astype(jnp.float32), values.astype(jnp.float32)
     forms = []
     for d in range(hist.depth):
         kq, vq = keys, values
@@ -167,26 +172,29 @@ def _gather_tokens(x, index):
     return jnp.take_along_axis(x, index.reshape((1,) * (x.ndim - 4) + (b, 1, t, 1)), axis=-2)
 
 
-def score(params, cfg: ModelConfig, tokens, positions, policy, capacity: int, dtype=jnp.float32):
-    """Teacher-forced logits [b, T, v] of `tokens` under `policy`, and the final scoring cache (None for
-    fp16: a plain causal forward).
+def score(params, cfg: ModelConfig, tokens, positions, policy, capacity: int, dtype=jnp.float32, kv_dtype=None):
+    """Teacher-forced logits [b, T, v] of `tokens` under `policy`, and the final scoring cache (for fp16
+    a DenseCache: its K/V are stored in 16 bits as decoding stores them).
 
     positions [b, T] run 0.. per row, -1 on right padding; `capacity` sizes the tiers as in
-    `make_cache` (the same value gives the same overflow behaviour as decoding).
+    `make_cache` (the same value gives the same overflow behaviour as decoding); K/V are stored as
+    the cache stores them (`kv_dtype`, default kvjax.cache.storage_dtype of `dtype`).
     """
-    logits, cache, _ = score_with_features(params, cfg, tokens, positions, policy, capacity, dtype)
+    logits, cache, _ = score_with_features(params, cfg, tokens, positions, policy, capacity, dtype, kv_dtype)
     return logits, cache
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "policy", "capacity", "dtype"))
-def score_with_features(params, cfg, tokens, positions, policy, capacity, dtype=jnp.float32):
+@functools.partial(jax.jit, static_argnames=("cfg", "policy", "capacity", "dtype", "kv_dtype"))
+def score_with_features(params, cfg, tokens, positions, policy, capacity, dtype=jnp.float32, kv_dtype=None):
     """`score`, and the token features [b, T, F] the policy read (zeros for a policy that reads none)."""
     b, T = tokens.shape
     no_features = jnp.zeros((b, T, NUM_FEATURES), jnp.float32)
     layout = policy.layout(cfg, capacity)
-    if layout is None:  # fp16
-        return forward(params, cfg, tokens, positions, None, dtype)[0], None, no_features
-    cache = TeacherForcedCache.init(layout, cfg, b, T, dtype)
+    store = storage_dtype(dtype, kv_dtype)
+    if layout is None:  # fp16: every token in 16 bits, in its own cache
+        logits, cache = forward(params, cfg, tokens, positions, DenseCache.init(cfg, b, T, store), dtype)
+        return logits, cache, no_features
+    cache = TeacherForcedCache.init(layout, cfg, b, T, store)
     entered = jnp.zeros((b, len(layout.tiers)), jnp.int32)
     if not policy.uses_features:  # tiers known from positions alone: one parallel pass
         tier, rank, _ = entries(policy, layout, positions, no_features, entered)
@@ -198,7 +206,7 @@ def score_with_features(params, cfg, tokens, positions, policy, capacity, dtype=
     pad = blocks * W - T
     tokens_p = jnp.pad(tokens, ((0, 0), (0, pad)))
     positions_p = jnp.pad(positions, ((0, 0), (0, pad)), constant_values=-1)
-    cache = TeacherForcedCache.init(layout, cfg, b, blocks * W, dtype)
+    cache = TeacherForcedCache.init(layout, cfg, b, blocks * W, store)
 
     def block(m, carry):
         cache, entered, logits, feats = carry

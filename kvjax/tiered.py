@@ -9,8 +9,8 @@ Every array is allocated at the size what can reach it needs (S' = min(S, capaci
 min(W, capacity - S), tiers from the policy); `nbytes` counts them exactly. When token p arrives
 (one per sequence per step), `begin` routes it and token p - W, which leaves the window: the policy
 picks its tier (kvjax.history.enter), and a full ring moves its oldest group down its chain; then
-each layer's `update` moves the K/V there, and `attend` runs one softmax over every tier
-(flash-decoding partials, merged). No positions are stored: which slots hold a token follows
+each layer's `attend` moves the K/V there, stores the new token and runs one softmax over every
+tier (flash-decoding partials, merged). No positions are stored: which slots hold a token follows
 from the counts of tokens that entered each tier (kvjax.layout).
 
 Prompts enter through `prefill`: teacher-forced scoring (kvjax.teacher_forced) gives the prompt's
@@ -18,6 +18,8 @@ K/V and where each token went, and `fill` builds the state step-by-step decoding
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -31,7 +33,7 @@ from kvjax.errors import KvjaxError
 from kvjax.features import NUM_FEATURES
 from kvjax.history import History, enter, entries
 from kvjax.layout import Layout
-from kvjax.stores import KiviKeys, KiviValues, Symmetric, _put, same_codes, store_class
+from kvjax.stores import KiviKeys, KiviValues, Symmetric, _set, same_codes, store_class
 from pallas_kernels import decode_attention as fused
 
 
@@ -73,6 +75,7 @@ class TieredCache(KVCache):
 
     @classmethod
     def init(cls, policy, cfg: ModelConfig, batch: int, capacity: int, dtype, kernels=kernel_choice.Kernels.AUTO):
+        """`dtype`: what 16-bit K/V, scales and zeros are stored in."""
         layout = policy.layout(cfg, capacity)
         dense = lambda slots: jnp.zeros((cfg.num_layers, batch, cfg.num_kv_heads, slots, cfg.head_dim), dtype)
         tiers = []
@@ -128,65 +131,65 @@ class TieredCache(KVCache):
                       tuple(m[1] for m in moves), tuple(m[0] for m in moves))
         return self.replace(entered=entered, route=route)
 
-    def update(self, layer, k, v, positions):
-        """Moves the leaving token of `layer` to its tier (after any demotions), then stores k, v [b, 1, k, h]."""
+    def attend(self, layer, q, k, v, positions):
+        """One layer of a decode step: moves the token leaving the window to its tier (after any
+        demotions), stores this step's k, v [b, 1, k, h], and attends q [b, 1, n, h] over every tier:
+        one softmax over their union (flash-decoding partials). -> (out [b, 1, n, h], cache).
+
+        Works on the layer's slices, written back once at the end (kvjax.stores says why)."""
         lay, r = self.layout, self.route
         seg, li = layer.segment, layer.index
         local = li - lay.segments[seg][0]
         rows = jnp.arange(k.shape[0])
+        sink_k, sink_v, window_k, window_v = (x[li] for x in (self.sink_k, self.sink_v, self.window_k, self.window_v))
+        tiers = [(t.keys[seg].layer(local), t.values[seg].layer(local)) for t in self.tiers]  # this layer's stores
         read = jnp.minimum(r.window_slot, lay.window_slots - 1)
-        old_k, old_v = self.window_k[li, rows, :, read], self.window_v[li, rows, :, read]  # [b, k, h]
-        tiers = list(self.tiers)
+        old_k, old_v = window_k[rows, :, read], window_v[rows, :, read]  # [b, k, h]: the token leaving the window
         for (src, dst), (from_slot, to_slot) in zip(r.move_tiers, r.move_slots):
-            tiers[src], tiers[dst] = self._move_group(seg, local, rows, src, dst, from_slot, to_slot, tiers)
+            tiers[dst] = tuple(self._move_group(a, b, rows, from_slot, to_slot) for a, b in zip(tiers[src], tiers[dst]))
         for i, t in enumerate(lay.tiers):
-            if not t.slots:
-                continue
-            slot = jnp.where(r.leaving & (r.tier == i), r.slot, t.slots)
-            keys, values = tiers[i].keys, tiers[i].values
-            tiers[i] = TierStores(
-                _replace_at(keys, seg, keys[seg].write(local, rows, slot, old_k, self.kernels)),
-                _replace_at(values, seg, values[seg].write(local, rows, slot, old_v, self.kernels)))
-        k, v = k[:, 0].astype(self.window_k.dtype), v[:, 0].astype(self.window_v.dtype)
+            if t.slots:
+                slot = jnp.where(r.leaving & (r.tier == i), r.slot, t.slots)
+                tiers[i] = (tiers[i][0].write(rows, slot, old_k, self.kernels),
+                            tiers[i][1].write(rows, slot, old_v, self.kernels))
+        new_k, new_v = k[:, 0], v[:, 0]
         sink_at, window_at = (rows, slice(None), r.sink_slot), (rows, slice(None), r.window_slot)
-        return self.replace(sink_k=_put(self.sink_k, li, sink_at, k), sink_v=_put(self.sink_v, li, sink_at, v),
-                            window_k=_put(self.window_k, li, window_at, k),
-                            window_v=_put(self.window_v, li, window_at, v), tiers=tuple(tiers))
+        sink_k, sink_v = _set(sink_k, sink_at, new_k), _set(sink_v, sink_at, new_v)
+        window_k, window_v = _set(window_k, window_at, new_k), _set(window_v, window_at, new_v)
 
-    def _move_group(self, seg, local, rows, src, dst, from_slot, to_slot, tiers):
-        """A ring's oldest group into the next tier: its codes copied if the widths are the same, else
-        decoded and re-encoded."""
-        g, a, b = self.layout.group_size, tiers[src], tiers[dst]
-        out = []
-        for side in ("keys", "values"):
-            sa, sb = getattr(a, side)[seg], getattr(b, side)[seg]
-            if same_codes(type(sa), type(sb), getattr(sa, "bits", 16), getattr(sb, "bits", 16)):
-                moved = sb.put_raw(local, rows, to_slot, sa.take_raw(local, from_slot, g))
-            else:
-                moved = sb.write_group(local, rows, to_slot, sa.read_group(local, from_slot, g, self.window_k.dtype),
-                                       self.kernels)
-            out.append(moved)
-        new_b = TierStores(_replace_at(b.keys, seg, out[0]), _replace_at(b.values, seg, out[1]))
-        return a, new_b
-
-    def attend(self, layer, q, positions):
-        """q [b, 1, n, h] over every tier of `layer`: one softmax over their union (flash-decoding partials)."""
-        lay, seg, li = self.layout, layer.segment, layer.index
-        local = li - lay.segments[seg][0]
         qs, tokens = q[:, 0], positions[:, 0] + 1  # [b, n, h]; tokens stored so far, this one included
         slots = lambda n: jnp.arange(n)[None, :]
-        parts = [fused.dense_partials(qs, self.sink_k[li], self.sink_v[li],
-                                      slots(lay.sink_slots) < jnp.minimum(tokens, lay.sinks)[:, None]),
-                 fused.dense_partials(qs, self.window_k[li], self.window_v[li],
+        parts = [fused.dense_partials(qs, sink_k, sink_v, slots(lay.sink_slots) < jnp.minimum(tokens, lay.sinks)[:, None]),
+                 fused.dense_partials(qs, window_k, window_v,
                                       slots(lay.window_slots) < jnp.clip(tokens - lay.sinks, 0, lay.window)[:, None])]
         for i, t in enumerate(lay.tiers):
             if t.slots:
-                parts += self._tier_partials(i, seg, local, qs)
-        return fused.merge_partials(parts)[:, None].astype(q.dtype)
+                parts += self._tier_partials(i, *tiers[i], qs)
+        out = fused.merge_partials(parts)[:, None].astype(q.dtype)
 
-    def _tier_partials(self, i, seg, local, qs):
+        # Written back only after the attention has read them: without this data dependency XLA copies
+        # each whole [l, ...] array whose slice a dot reads (measured in the decode step's HLO).
+        after = functools.partial(_after, out.reshape(-1)[0])
+        put = lambda full, part: full.at[li].set(after(part))
+        back = lambda t, view: t.with_layer(local, jax.tree_util.tree_map(after, view))
+        return out, self.replace(
+            sink_k=put(self.sink_k, sink_k), sink_v=put(self.sink_v, sink_v), window_k=put(self.window_k, window_k),
+            window_v=put(self.window_v, window_v),
+            tiers=tuple(TierStores(_replace_at(t.keys, seg, back(t.keys[seg], keys)),
+                                   _replace_at(t.values, seg, back(t.values[seg], values)))
+                        for t, (keys, values) in zip(self.tiers, tiers)))
+
+    def _move_group(self, a, b, rows, from_slot, to_slot):
+        """A ring's oldest group from store a into store b (one layer, one side): its codes copied if the
+        two store alike, else decoded and re-encoded."""
+        g = self.layout.group_size
+        if same_codes(type(a), type(b), getattr(a, "bits", 16), getattr(b, "bits", 16)):
+            return b.put_raw(rows, to_slot, a.take_raw(from_slot, g))
+        return b.write_group(rows, to_slot, a.read_group(from_slot, g, jnp.float32), self.kernels)
+
+    def _tier_partials(self, i, keys, values, qs):
+        """Partials of qs [b, n, h] over tier i, given this layer's stores of its keys and values."""
         lay, t, entered = self.layout, self.layout.tiers[i], self.entered[:, i]
-        keys, values = self.tiers[i].keys[seg], self.tiers[i].values[seg]
         g = lay.group_size
         stage_start, staged = lay.stage_start(i, entered), entered % g
         interpret = kernel_choice.fused_attention(self.kernels)
@@ -194,24 +197,23 @@ class TieredCache(KVCache):
         sym = isinstance(keys, Symmetric) and isinstance(values, Symmetric) and keys.bits == values.bits
         fused_here = interpret is not None and (kivi or sym) and not t.ring  # the kernel reads tiers filled in order
         if fused_here:
-            blocks = fused.auto_blocks(qs.shape[0], keys.codes.shape[2], t.slots)
+            blocks = fused.auto_blocks(qs.shape[0], keys.codes.shape[1], t.slots)
         if fused_here and sym:
-            return [fused.tier_attention_partials(
-                qs, keys.codes[local], keys.scale[local], None, values.codes[local], values.scale[local], None,
-                entered, bits=keys.bits, group_size=g, blocks=blocks, interpret=interpret)]
+            return [fused.tier_attention_partials(qs, keys.codes, keys.scale, None, values.codes, values.scale, None,
+                                                  entered, bits=keys.bits, group_size=g, blocks=blocks,
+                                                  interpret=interpret)]
         if fused_here:  # KIVI: the full groups in the kernel, the stage beside it
             full = entered // g * g
-            packed = fused.tier_attention_partials(
-                qs, keys.codes[local], keys.scale[local], keys.zero[local], values.codes[local],
-                values.scale[local], values.zero[local], full, bits=keys.bits, group_size=g, blocks=blocks,
-                interpret=interpret)
-            stage_values = values.read_group(local, full, g, qs.dtype)
-            stage = fused.dense_partials(qs, keys.stage[local], stage_values, slots_below(g, staged))
+            packed = fused.tier_attention_partials(qs, keys.codes, keys.scale, keys.zero, values.codes, values.scale,
+                                                   values.zero, full, bits=keys.bits, group_size=g, blocks=blocks,
+                                                   interpret=interpret)
+            stage = fused.dense_partials(qs, keys.stage, values.read_group(full, g, qs.dtype), slots_below(g, staged))
             return [packed, stage]
         b, n, h = qs.shape
-        qg = qs.reshape(b, keys_heads(keys), -1, h).astype(jnp.float32)  # [b, k, g, h]
-        scores = keys.scores(local, qg, stage_start, staged) * h ** -0.5
-        return [fused.partials_of(scores, lay.valid_slots(i, entered), lambda p: values.mix(local, p))]
+        heads = jax.tree_util.tree_leaves(keys)[0].shape[1]
+        qg = qs.reshape(b, heads, n // heads, h).astype(jnp.float32)  # [b, k, g, h]
+        scores = keys.scores(qg, stage_start, staged) * h ** -0.5
+        return [fused.partials_of(scores, lay.valid_slots(i, entered), values.mix)]
 
     def advance(self, positions):
         return self.replace(lengths=jnp.maximum(self.lengths, positions.max(axis=1) + 1), route=None)
@@ -246,7 +248,8 @@ class TieredCache(KVCache):
 
     def prefill(self, params, cfg, tokens, positions, dtype):
         logits, tf, features = teacher_forced.score_with_features(
-            params, cfg, tokens, positions, policy=self.policy, capacity=self.capacity, dtype=self.window_k.dtype)
+            params, cfg, tokens, positions, policy=self.policy, capacity=self.capacity, dtype=dtype,
+            kv_dtype=self.window_k.dtype)
         return logits, self.fill(tf, features, positions)
 
     def filled(self, k_all, v_all, positions, features=None):
@@ -295,7 +298,7 @@ class TieredCache(KVCache):
                     ks, vs = teacher_forced.stored_forms(lay, s, ks, vs, hist)[d - 1]
                 for keys, x, bits in zip((True, False), (ks, vs), lay.segment_bits(s, i)):
                     stores[keys].append(store_class(bits, t.symmetric, keys).fill(
-                        place(x, slot, t.slots), bits, lay.group_size, self.kernels,
+                        place(x, slot, t.slots), bits, lay.group_size, self.kernels, self.window_k.dtype,
                         stage_start=lay.stage_start(i, entered[:, i])))
             tiers.append(TierStores(tuple(stores[True]), tuple(stores[False])))
         window_features = self.window_features
@@ -307,9 +310,9 @@ class TieredCache(KVCache):
                             window_features=window_features, lengths=n.astype(jnp.int32))
 
 
-def keys_heads(store) -> int:
-    """kv heads of a store ([l, b, k, c, ...] arrays)."""
-    return jax.tree_util.tree_leaves(store)[0].shape[2]
+def _after(tie, x):
+    """x, with a data dependency on the scalar `tie` that XLA cannot remove (its value is x unless tie is NaN)."""
+    return jnp.where(jnp.isnan(tie), jnp.zeros_like(x), x)
 
 
 def slots_below(g: int, count):

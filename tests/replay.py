@@ -7,9 +7,10 @@ quantizer, one code flips and the logits move by ~1e-3. Whether that happens dep
 not on the cache.
 
 So the proofs never quantize two different numbers. `Replay` wraps a step-by-step cache: each
-layer's `update` stores the reference K/V (the teacher-forced path's, for the same positions)
+layer's `attend` stores the reference K/V (the teacher-forced path's, for the same positions)
 instead of the step's own, and `record_features` the reference features; it keeps the largest
-difference between the two (`drift`), which the tests bound. Both paths then quantize identical
+difference between the two (`drift`, of K/V relative to their size), which the tests bound: the
+reference is stored in 16 bits, so a difference of an ulp of float16 is expected. Both paths then quantize identical
 floats with the same element-wise codecs (min/max, subtract, divide, round: exact IEEE operations
 whatever the array shape), so they hold every token in bit-identical state by construction, and
 their logits differ only by summation order.
@@ -28,7 +29,7 @@ class Replay:
     k_ref: jax.Array  # [l, b, k, T, h]: reference keys (after RoPE), token j at index j
     v_ref: jax.Array  # [l, b, k, T, h]
     features_ref: jax.Array  # float32 [b, T, F]
-    drift: jax.Array  # float32 [2]: max |own - reference| of K/V and of features
+    drift: jax.Array  # float32 [2]: max |own - reference| / max(|reference|, 1) of K/V, and max |own - ref| of features
 
     @classmethod
     def around(cls, inner, tf_cache, features):
@@ -42,18 +43,16 @@ class Replay:
     def begin(self, positions):
         return self.replace(inner=self.inner.begin(positions))
 
-    def update(self, layer, k, v, positions):
-        """k, v [b, t, k, h] at positions [b, t] -> stores the reference K/V of those positions."""
+    def attend(self, layer, q, k, v, positions):
+        """k, v [b, t, k, h] at positions [b, t]: stores the reference K/V of those positions instead."""
         take = lambda ref: jnp.take_along_axis(ref[layer.index], jnp.maximum(positions, 0)[:, None, :, None],
                                                axis=2).transpose(0, 2, 1, 3)  # [b, t, k, h]
         k_ref, v_ref = take(self.k_ref).astype(k.dtype), take(self.v_ref).astype(v.dtype)
         real = (positions >= 0)[:, :, None, None]
-        diff = jnp.max(jnp.where(real, jnp.maximum(jnp.abs(k - k_ref), jnp.abs(v - v_ref)), 0.0))
-        return self.replace(inner=self.inner.update(layer, k_ref, v_ref, positions),
-                            drift=self.drift.at[0].max(diff.astype(jnp.float32)))
-
-    def attend(self, layer, q, positions):
-        return self.inner.attend(layer, q, positions)
+        relative = lambda own, ref: jnp.abs(own - ref) / jnp.maximum(jnp.abs(ref), 1.0)
+        diff = jnp.max(jnp.where(real, jnp.maximum(relative(k, k_ref), relative(v, v_ref)), 0.0))
+        out, inner = self.inner.attend(layer, q, k_ref, v_ref, positions)
+        return out, self.replace(inner=inner, drift=self.drift.at[0].max(diff.astype(jnp.float32)))
 
     def advance(self, positions):
         return self.replace(inner=self.inner.advance(positions))
