@@ -92,6 +92,16 @@ def bench_context(model, context: int, decode_steps: int, batch: int, kv, dtype,
     return (None if synthetic else batch * context / t_prefill), 1e3 * t_decode / decode_steps, runs[0][2]
 
 
+def cpu_model() -> str:
+    """The CPU's model name (Linux), else what `platform` knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        return f"{names[0]} x {len(names)}"
+    except (OSError, IndexError):
+        return platform.processor() or platform.machine()
+
+
 def cache_bytes(policy, cfg, batch: int, capacity: int, dtype, kv_dtype=None) -> int:
     """Bytes of an empty cache of `policy` (shapes only, nothing allocated)."""
     shapes = jax.eval_shape(lambda: policy.make_cache(cfg, batch, capacity, dtype, kv_dtype=kv_dtype))
@@ -172,14 +182,13 @@ def _main(argv) -> int:
     batches = batches or fitting_batches(args, policies, model.cfg, last, DTYPES[dtype_name])
     device = jax.devices()[0]
     model_name = model.source if args.preset else model.cfg.name
-    common = {"model": model_name, "device": device.device_kind,
+    common = {"model": model_name, "device": device.device_kind, "cpu": cpu_model(),
               "platform": device.platform, "jax": jax.__version__, "dtype": dtype_name,
               "kv_dtype": args.kv_dtype, "kv_budget_gib": args.kv_budget_gib, "decode_steps": args.decode_steps, "date": datetime.date.today().isoformat(),
               "command": "python -m kvjax.bench " + " ".join(sys.argv[1:] if argv is None else argv)}
     print(f"model {model_name} | {device.platform} {device.device_kind} | "
-          f"{platform.processor() or platform.machine()} | jax {jax.__version__} | dtype {dtype_name} | "
+          f"{cpu_model()} | jax {jax.__version__} | dtype {dtype_name} | "
           + (f"KV stored in {args.kv_dtype} | " if args.kv_dtype else "")
-          + "
           + (f"KV budget {args.kv_budget_gib} GiB" if args.kv_budget_gib else f"batch {args.batch}"))
     print(f"{'kv':<16} {'batch':>6} {'context':>8} {'prefill tok/s':>14} {'decode ms/tok':>14} {'decode tok/s':>13} "
           f"{'KV MiB':>8}")

@@ -65,3 +65,13 @@ def test_largest_batch_fits_the_kv_budget(policy):
     assert bench.cache_bytes(spec, cfg, batch + 1, capacity, jnp.float32) > budget
     real = spec.make_cache(cfg, batch, capacity, jnp.float32)
     assert real.nbytes == bench.cache_bytes(spec, cfg, batch, capacity, jnp.float32)
+
+
+def test_kv_dtype_sets_the_16_bit_storage():
+    """fp16 stores K/V in float16 under a float32 model unless --kv-dtype says otherwise."""
+    cfg = get_preset("tiny")
+    fp16 = get_policy("fp16")
+    half = bench.cache_bytes(fp16, cfg, 1, 64, jnp.float32)
+    assert bench.cache_bytes(fp16, cfg, 1, 64, jnp.float32, jnp.float32) == 2 * half - 4  # lengths: one int32
+    assert bench.largest_batch(fp16, cfg, 64, jnp.float32, 2**20, jnp.float32) < bench.largest_batch(
+        fp16, cfg, 64, jnp.float32, 2**20)
