@@ -41,10 +41,14 @@ dot operands with float32 sums.
 Backends: `tier_attention_partials` compiles for GPU (Pallas Triton; jax >= 0.10 defaults to
 Mosaic GPU, so Triton compiler params are passed) and TPU (Mosaic); `interpret=True` runs the GPU
 kernel in the Pallas interpreter and `interpret=pltpu.InterpretParams()` the TPU one in the TPU
-interpreter (which enforces TPU block rules: every block here spans its array's two minor dims).
-Which of kernel and reference runs is decided by the caller (kvjax.kernels), never here. Triton
-needs power-of-two tensor shapes: B, r, h are powers of two (h is checked). The TPU path has run
-only in the interpreter: its lane-dim reshapes ([B, w, per] -> [B, h]) may need another layout on
+interpreter; `backend="gpu"` / `"tpu"` picks the compiled path for another platform than
+jax.default_backend() (quantize_pack.kernel_target, the one place that decides). Mosaic TPU takes
+a block's two minor dims only as full array dims or multiples of (8, 128), so every block here
+spans its array's two minor dims; the TPU interpreter does not check this, lowering for TPU does
+(tests/test_tpu_lowering.py, from a CPU host). Which of kernel and reference runs is decided by
+the caller (kvjax.kernels), never here. Triton needs power-of-two tensor shapes: B, r, h are
+powers of two (h is checked). The TPU path has run only in the interpreter and been lowered to
+Mosaic, never compiled: its lane-dim reshapes ([B, w, per] -> [B, h]) may need another layout on
 a real TPU.
 """
 
@@ -60,7 +64,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels import quant
-from pallas_kernels.quantize_pack import decode_key_groups, decode_sym, decode_values
+from pallas_kernels.quantize_pack import decode_key_groups, decode_sym, decode_values, kernel_target
 
 # Running max of a query with no valid slot (finite: merging it never makes inf - inf).
 EMPTY_MAX = float(jnp.finfo(jnp.float32).min)
@@ -298,21 +302,19 @@ def _tier_kernel(*refs, bits: int, group_size: int, block: int, split_slots: int
     l_ref[...] = l
 
 
-def _tpu(interpret) -> bool:
-    """Whether the kernel runs as TPU code: compiled on a TPU, or in the TPU interpreter."""
-    from jax.experimental.pallas import tpu as pltpu
+def _tier_pallas_call(q4, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, count, *, bits: int,
+                      group_size: int, plan: _Plan, blocks: DecodeBlocks, interpret: bool, target: str):
+    """q4 [b, k, r, h] -> o [b, k, S, r, h], m, l [b, k, S, 1, r] (per split, unmerged).
 
-    return isinstance(interpret, pltpu.InterpretParams) or (not interpret and jax.default_backend() == "tpu")
-
-
-def _tier_pallas_call(q4, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, count, *,
-                      bits: int, group_size: int, plan: _Plan, blocks: DecodeBlocks, interpret: bool):
-    """q4 [b, k, r, h] -> o [b, k, S, r, h], m, l [b, k, S, r] (per split, unmerged)."""
+    target: kernel_target's 'triton', 'tpu' or 'interpret'. m and l carry a unit dim so that every
+    block spans its array's two minor dims (Mosaic TPU takes a block's last two dims only as full
+    array dims or multiples of (8, 128); a [b, k, S, r] array with [r] blocks fails for S > 1).
+    """
     b, k, r, h = q4.shape
     c = k_codes.shape[2]
     S, G = plan.splits, group_size
     symmetric = k_zero is None
-    gather = not _tpu(interpret)
+    gather = target != "tpu"
     if not gather and not symmetric and plan.block % G:
         raise ValueError(f"the TPU kernel needs block_slots ({plan.block}) to be a multiple of G ({G})")
     kernel = functools.partial(_tier_kernel, bits=bits, group_size=G, block=plan.block,
@@ -322,12 +324,12 @@ def _tier_pallas_call(q4, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, co
     tier = [x for x in (k_codes, k_scale, k_zero, v_codes, v_scale, v_zero) if x is not None]
     count_spec = pl.BlockSpec((b,), lambda i, j, t: (0,))  # the whole [b]; a program reads its row
     compiler_params = None
-    if not interpret and jax.default_backend() == "gpu":
+    if target == "triton":
         # Triton explicitly: with no compiler_params, jax >= 0.10 lowers to Mosaic GPU by default.
         from jax.experimental.pallas import triton as plgpu
 
         compiler_params = plgpu.CompilerParams(num_warps=blocks.num_warps, num_stages=blocks.num_stages)
-    elif not interpret and jax.default_backend() == "tpu":
+    elif target == "tpu" and not interpret:
         from jax.experimental.pallas import tpu as pltpu
 
         count_spec = pl.BlockSpec(memory_space=pltpu.SMEM)  # scalars live in SMEM on TPU
@@ -341,13 +343,13 @@ def _tier_pallas_call(q4, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, co
         ],
         out_specs=[
             pl.BlockSpec((None, None, None, r, h), lambda i, j, t: (i, j, t, 0, 0)),  # o
-            pl.BlockSpec((None, None, None, r), lambda i, j, t: (i, j, t, 0)),  # m
-            pl.BlockSpec((None, None, None, r), lambda i, j, t: (i, j, t, 0)),  # l
+            pl.BlockSpec((None, None, None, None, r), lambda i, j, t: (i, j, t, 0, 0)),  # m
+            pl.BlockSpec((None, None, None, None, r), lambda i, j, t: (i, j, t, 0, 0)),  # l
         ],
         out_shape=[
             jax.ShapeDtypeStruct((b, k, S, r, h), jnp.float32),
-            jax.ShapeDtypeStruct((b, k, S, r), jnp.float32),
-            jax.ShapeDtypeStruct((b, k, S, r), jnp.float32),
+            jax.ShapeDtypeStruct((b, k, S, 1, r), jnp.float32),
+            jax.ShapeDtypeStruct((b, k, S, 1, r), jnp.float32),
         ],
         compiler_params=compiler_params,
         interpret=interpret,
@@ -355,22 +357,28 @@ def _tier_pallas_call(q4, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, co
     )(count, q4, *tier)
 
 
-@functools.partial(jax.jit, static_argnames=("bits", "group_size", "blocks", "interpret"))
+@functools.partial(jax.jit, static_argnames=("bits", "group_size", "blocks", "interpret", "backend"))
 def tier_attention_partials(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, count, *,
                                    bits: int, group_size: int, blocks: DecodeBlocks = DecodeBlocks(),
-                                   interpret: bool = False) -> Partials:
-    """Partials (o [b, n, h], m [b, n], l [b, n]) of q [b, n, h] over the first count [b] slots of a tier."""
+                                   interpret: bool = False, backend: str | None = None) -> Partials:
+    """Partials (o [b, n, h], m [b, n], l [b, n]) of q [b, n, h] over the first count [b] slots of a tier.
+
+    backend: "gpu" or "tpu", the platform compiled for (None: jax.default_backend()); see
+    quantize_pack.kernel_target.
+    """
     b, k, g, h, c = _check_tier(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, count, bits, group_size)
     if c == 0:
         return _empty(b, k * g, h)
-    if not interpret and jax.default_backend() == "gpu" and not _is_pow2(h):
+    target = kernel_target(interpret, backend)
+    if target == "triton" and not _is_pow2(h):
         raise ValueError(f"the Triton kernel needs a power-of-two head_dim, got {h}")
     plan = _plan(c, g, blocks)
     q4 = q.reshape(b, k, g, h)
     q4 = jnp.pad(q4, ((0, 0), (0, 0), (0, plan.rows - g), (0, 0)))  # [b, k, r, h]
     o, m, l = _tier_pallas_call(q4, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero,
                                 count.astype(jnp.int32), bits=bits, group_size=group_size, plan=plan,
-                                blocks=blocks, interpret=interpret)  # [b, k, S, r, (h)]
+                                blocks=blocks, interpret=interpret, target=target)
+    m, l = m[:, :, :, 0], l[:, :, :, 0]  # o [b, k, S, r, h]; m, l [b, k, S, r]
     if plan.splits == 1:
         o, m, l = o[:, :, 0], m[:, :, 0], l[:, :, 0]
     else:
@@ -496,15 +504,15 @@ def _grouped_partials(q, keys, values, valid) -> Partials:
     return partials_of(dense_scores(qg, keys) * (q.shape[-1] ** -0.5), valid, lambda p: dense_mix(p, values))
 
 
-@functools.partial(jax.jit, static_argnames=("bits", "group_size", "blocks", "interpret"))
+@functools.partial(jax.jit, static_argnames=("bits", "group_size", "blocks", "interpret", "backend"))
 def tier_attention_partials_reference(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, count, *,
                                       bits: int, group_size: int, blocks: DecodeBlocks | None = None,
-                                      interpret: bool = False) -> Partials:
+                                      interpret: bool = False, backend: str | None = None) -> Partials:
     """The kernel's XLA reference: attention over the packed codes (no dequantized tier in memory).
 
-    Same signature as the kernel; `blocks` and `interpret` are accepted and ignored.
+    Same signature as the kernel; `blocks`, `interpret` and `backend` are accepted and ignored.
     """
-    del blocks, interpret
+    del blocks, interpret, backend
     b, k, g, h, c = _check_tier(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, count, bits, group_size)
     qg, valid = _grouped(q, k), jnp.arange(c)[None, :] < count[:, None]
     if k_zero is None:  # symmetric

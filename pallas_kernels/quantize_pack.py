@@ -11,7 +11,8 @@ code words per row, per = 32 / bits codes per word, R rows = prod(leading dims) 
 are flattened into rows), BR rows per program.
 
 Public functions (jitted; `interpret=True`, or a `pltpu.InterpretParams()` for the TPU interpreter,
-runs the kernel in the Pallas interpreter on any backend):
+runs the kernel in the Pallas interpreter on any backend; `backend="gpu"` / `"tpu"` picks the
+compiled path for another platform than jax.default_backend(), e.g. to lower for TPU on a CPU host):
     encode_values(v, bits, G, dtype)      v [..., c, h] -> codes uint32 [..., c, w],
                                           scale, zero [..., c, h/G] (`dtype`); per token, groups
                                           of G consecutive channels.
@@ -52,7 +53,8 @@ reference runs is decided by the caller (kvjax.kernels), never here.
     relayout Mosaic does not support (fallback: pack with an exact f32 matmul against a
     [h, w] matrix of powers of two, in two 16-bit halves). Mosaic's f32 division
     ((x - zero) / scale) is not known to match XLA TPU's to the ulp, which would flip a rare
-    code at a rounding boundary; the compiled TPU path is untested.
+    code at a rounding boundary; the compiled TPU path is untested (tests/test_tpu_lowering.py
+    lowers it for TPU from a CPU host: Pallas -> Mosaic, not Mosaic's own compile).
 """
 
 from __future__ import annotations
@@ -105,22 +107,30 @@ class PackBlocks:
 
 
 def _is_tpu_interpret(interpret) -> bool:
-    return not isinstance(interpret, bool) and interpret is not None
+    from jax.experimental.pallas import tpu as pltpu
+
+    return isinstance(interpret, pltpu.InterpretParams)
 
 
-def _target(interpret) -> str:
-    """'triton', 'tpu' (compiled Mosaic or the TPU interpreter) or 'interpret' (HLO interpreter)."""
+def kernel_target(interpret, backend: str | None = None) -> str:
+    """The code path of a kernel (here and in decode_attention): 'triton', 'tpu' (compiled Mosaic
+    or the TPU interpreter) or 'interpret' (the HLO interpreter).
+
+    `backend` is the platform the kernel is compiled for, "gpu" or "tpu"; None means
+    jax.default_backend(), and an interpret value overrides it. Name it to lower for another
+    platform than the host's, e.g. jax.export(..., platforms=("tpu",)) on a CPU host.
+    """
     if _is_tpu_interpret(interpret):
         return "tpu"
     if interpret:
         return "interpret"
-    backend = jax.default_backend()
+    backend = backend or jax.default_backend()
     if backend == "gpu":
         return "triton"
     if backend == "tpu":
         return "tpu"
-    raise ValueError(f"the Pallas quantize-pack kernel has no compiled path on backend {backend!r}; "
-                     f"pass interpret=True")
+    raise ValueError(f"the Pallas kernels have no compiled path on backend {backend!r}; "
+                     f"pass interpret=True (or backend='gpu' / 'tpu' to lower for that platform)")
 
 
 def _check(x, bits: int, group_size: int | None, kind: str):
@@ -249,11 +259,11 @@ def _sym_kernel(x_ref, codes_ref, scale_ref, *, bits: int, triton: bool):
 
 
 def _encode_pallas_call(x2, *, kind: str, bits: int, group_size: int | None, dtype, blocks: PackBlocks,
-                        interpret):
+                        interpret, backend: str | None):
     """x2 [R, h] -> codes uint32 [R, w] and scale (and zero): [R, h/G] values, [R/G, h] keys, [R, 1] sym."""
     rows, h = x2.shape
     w = h * bits // 32
-    target = _target(interpret)
+    target = kernel_target(interpret, backend)
     if rows == 0:  # nothing to encode (a zero-size grid)
         sides = {"values": [(0, h // (group_size or 1))] * 2, "keys": [(0, h)] * 2, "sym": [(0, 1)]}[kind]
         return [jnp.zeros((0, w), jnp.uint32)] + [jnp.zeros(s, dtype) for s in sides]
@@ -306,16 +316,17 @@ def _encode_pallas_call(x2, *, kind: str, bits: int, group_size: int | None, dty
 
 # --------------------------------------------------------------------------- jitted kernel paths
 
-_STATIC = ("bits", "group_size", "dtype", "blocks", "interpret")
+_STATIC = ("bits", "group_size", "dtype", "blocks", "interpret", "backend")
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
-def encode_values(v, bits: int, group_size: int, dtype, *, blocks: PackBlocks = PackBlocks(), interpret=False):
+def encode_values(v, bits: int, group_size: int, dtype, *, blocks: PackBlocks = PackBlocks(), interpret=False,
+                  backend: str | None = None):
     """KIVI values, per token: v [..., c, h] -> (codes uint32 [..., c, w], scale, zero [..., c, h/G])."""
     bits, group_size, lead, c, h = _check(v, bits, group_size, "values")
     codes, scale, zero = _encode_pallas_call(
         v.reshape(-1, h), kind="values", bits=bits, group_size=group_size, dtype=jnp.dtype(dtype),
-        blocks=blocks, interpret=interpret)
+        blocks=blocks, interpret=interpret, backend=backend)
     G = group_size
     return (codes.reshape(*lead, c, h * bits // 32), scale.reshape(*lead, c, h // G),
             zero.reshape(*lead, c, h // G))
@@ -323,24 +334,25 @@ def encode_values(v, bits: int, group_size: int, dtype, *, blocks: PackBlocks = 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def encode_key_groups(k, bits: int, group_size: int, dtype, *, blocks: PackBlocks = PackBlocks(),
-                      interpret=False):
+                      interpret=False, backend: str | None = None):
     """KIVI keys, per channel in groups of G tokens: k [..., c, h] -> (codes [..., c, w], scale, zero
     [..., c/G, h])."""
     bits, group_size, lead, c, h = _check(k, bits, group_size, "keys")
-    codes, scale, zero = _encode_pallas_call(
+    codes, scale, zero = _encode_pallas_call(  # groups never straddle rows of different leading index
         k.reshape(-1, h), kind="keys", bits=bits, group_size=group_size, dtype=jnp.dtype(dtype),
-        blocks=blocks, interpret=interpret)  # groups never straddle rows of different leading index
+        blocks=blocks, interpret=interpret, backend=backend)
     G = group_size
     return (codes.reshape(*lead, c, h * bits // 32), scale.reshape(*lead, c // G, h),
             zero.reshape(*lead, c // G, h))
 
 
-@functools.partial(jax.jit, static_argnames=("bits", "dtype", "blocks", "interpret"))
-def encode_sym(x, bits: int, dtype, *, blocks: PackBlocks = PackBlocks(), interpret=False):
+@functools.partial(jax.jit, static_argnames=("bits", "dtype", "blocks", "interpret", "backend"))
+def encode_sym(x, bits: int, dtype, *, blocks: PackBlocks = PackBlocks(), interpret=False,
+               backend: str | None = None):
     """Symmetric per token: x [..., c, h] -> (codes uint32 [..., c, w], scale [..., c, 1])."""
     bits, _, lead, c, h = _check(x, bits, None, "x")
     codes, scale = _encode_pallas_call(x.reshape(-1, h), kind="sym", bits=bits, group_size=None,
-                                       dtype=jnp.dtype(dtype), blocks=blocks, interpret=interpret)
+                                       dtype=jnp.dtype(dtype), blocks=blocks, interpret=interpret, backend=backend)
     return codes.reshape(*lead, c, h * bits // 32), scale.reshape(*lead, c, 1)
 
 
