@@ -41,10 +41,32 @@ from kvjax.sampling import SamplingConfig
 GREEDY = SamplingConfig()
 
 
+FILL_ROWS = 4  # sequences filled with their own random K/V; a larger batch repeats them
+
+
+def filled_cache(key, *, policy, cfg, batch: int, context: int, capacity: int, dtype, kernels="auto", kv_dtype=None):
+    """A cache of `policy` holding `context` random tokens per sequence, as decoding leaves it.
+
+    Decode speed depends on neither K nor V values, so a batch above FILL_ROWS repeats the first
+    FILL_ROWS sequences (the random float32 K/V of every layer of a large batch would not fit in memory)."""
+    rows = min(batch, FILL_ROWS)
+    cache = _filled_rows(key, policy=policy, cfg=cfg, batch=rows, context=context, capacity=capacity, dtype=dtype,
+                         kernels=kernels, kv_dtype=kv_dtype)
+    if rows == batch:
+        return cache
+    shape = lambda n: jax.eval_shape(lambda: policy.make_cache(cfg, n, capacity, dtype, kernels, kv_dtype))
+    repeat = jnp.arange(batch) % rows
+
+    def tile(x, one, two):  # along the axis where a batch of 1 and a batch of 2 differ (if any)
+        axes = [i for i, (m, n) in enumerate(zip(one.shape, two.shape)) if m != n]
+        return jnp.take(x, repeat, axis=axes[0]) if axes else x
+
+    return jax.tree_util.tree_map(tile, cache, shape(1), shape(2))
+
+
 @functools.partial(jax.jit, static_argnames=("policy", "cfg", "batch", "context", "capacity", "dtype", "kernels",
                                              "kv_dtype"))
-def filled_cache(key, *, policy, cfg, batch: int, context: int, capacity: int, dtype, kernels="auto", kv_dtype=None):
-    """A cache of `policy` holding `context` random tokens per sequence, as decoding leaves it."""
+def _filled_rows(key, *, policy, cfg, batch: int, context: int, capacity: int, dtype, kernels, kv_dtype):
     cache = policy.make_cache(cfg, batch, capacity, dtype, kernels, kv_dtype)
     kk, kv = jax.random.split(key)
     shape = (cfg.num_layers, batch, cfg.num_kv_heads, context, cfg.head_dim)

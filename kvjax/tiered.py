@@ -254,8 +254,10 @@ class TieredCache(KVCache):
 
     def filled(self, k_all, v_all, positions, features=None):
         """The state after a sequence whose K/V are given: k_all, v_all [l, b, k, T, h], positions [b, T]
-        (features [b, T, F], default zeros): the policy routes its tokens as decoding would."""
+        (features [b, T, F], default zeros): the policy routes its tokens as decoding would, stored as
+        decoding stores them (16-bit K/V in the cache's storage dtype)."""
         b, T = positions.shape
+        k_all, v_all = k_all.astype(self.window_k.dtype), v_all.astype(self.window_k.dtype)
         features = jnp.zeros((b, T, NUM_FEATURES), jnp.float32) if features is None else features
         tier, rank, _ = entries(self.policy, self.layout, positions, features, jnp.zeros_like(self.entered))
         tf = teacher_forced.TeacherForcedCache(k_all, v_all, tier, rank, jnp.sum(positions >= 0, axis=1), None,

@@ -35,6 +35,26 @@ def test_filled_cache_holds_the_context(policy):
     per_tier = {k: np.asarray(v) for k, v in cache.tokens_per_tier().items()}
     np.testing.assert_array_equal(sum(per_tier.values()), [37, 37])
     np.testing.assert_array_equal(np.asarray(cache.lengths), [37, 37])
+    empty = spec.make_cache(get_preset("tiny"), 2, 45, jnp.float32)  # stored as decoding stores it
+    assert [(x.shape, x.dtype) for x in jax.tree_util.tree_leaves(cache)] == [
+        (x.shape, x.dtype) for x in jax.tree_util.tree_leaves(empty)]
+
+
+@pytest.mark.parametrize("policy", ["fp16", "kivi2"])
+def test_filled_cache_repeats_rows_beyond_fill_rows(policy):
+    spec = get_policy(policy) if policy == "fp16" else get_policy(policy, window=8, group_size=4)
+    batch = bench.FILL_ROWS + 3
+    cache = bench.filled_cache(jax.random.PRNGKey(0), policy=spec, cfg=get_preset("tiny"), batch=batch,
+                               context=37, capacity=45, dtype=jnp.float32)
+    assert cache.nbytes == spec.make_cache(get_preset("tiny"), batch, 45, jnp.float32).nbytes
+    np.testing.assert_array_equal(np.asarray(cache.lengths), [37] * batch)
+    head = bench.filled_cache(jax.random.PRNGKey(0), policy=spec, cfg=get_preset("tiny"), batch=bench.FILL_ROWS,
+                              context=37, capacity=45, dtype=jnp.float32)
+    for a, b in zip(jax.tree_util.tree_leaves(cache), jax.tree_util.tree_leaves(head)):
+        if a.shape != b.shape:  # batched: its rows repeat the first FILL_ROWS
+            axis = [i for i, (m, n) in enumerate(zip(a.shape, b.shape)) if m != n][0]
+            repeated = np.take(np.asarray(b), np.arange(batch) % bench.FILL_ROWS, axis=axis)
+            np.testing.assert_array_equal(np.asarray(a), repeated)
 
 
 @pytest.mark.parametrize("argv, message", [
