@@ -146,6 +146,8 @@ class TieredCache(KVCache):
         read = jnp.minimum(r.window_slot, lay.window_slots - 1)
         old_k, old_v = window_k[rows, :, read], window_v[rows, :, read]  # [b, k, h]: the token leaving the window
         for (src, dst), (from_slot, to_slot) in zip(r.move_tiers, r.move_slots):
+            if not (lay.tiers[src].slots and lay.tiers[dst].slots):  # a tier sized to 0: no group ever moves
+                continue
             tiers[dst] = tuple(self._move_group(a, b, rows, from_slot, to_slot) for a, b in zip(tiers[src], tiers[dst]))
         for i, t in enumerate(lay.tiers):
             if t.slots:

@@ -259,6 +259,19 @@ def test_a_short_run_allocates_no_more_than_fp16():
         assert cache.nbytes <= fp16 + 64, name  # + the per-tier counters
 
 
+@pytest.mark.parametrize("name", ["band@3", "test-three-bands", "mixed-static@3"])
+def test_a_run_too_short_to_fill_a_tier_decodes(name):
+    """Tiers sized to what can reach them may hold no slot (here the demoted-to tiers): decoding
+    must not move groups into or out of them, and still equals teacher forcing."""
+    policy = policy_of(name)
+    tokens, positions = ragged_batch(T=14, short=11)
+    capacity = 15  # S + W + one group at most: nothing reaches a second tier
+    assert any(t.slots == 0 for t in policy.layout(CFG, capacity).tiers)
+    got, _, want = decode_all(policy, tokens, positions, capacity)
+    valid = np.asarray(positions) >= 0
+    np.testing.assert_allclose(np.asarray(got)[valid], np.asarray(want)[valid], atol=2e-5, rtol=1e-5)
+
+
 @dataclasses.dataclass(frozen=True)
 class _Prefers(Mixed):
     """A mixed policy whose every token prefers `width`."""
