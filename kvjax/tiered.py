@@ -123,8 +123,9 @@ class TieredCache(KVCache):
                 src, dst = chain[d], chain[d + 1]
                 start = rank - lay.through(chain, d)  # the group that leaves depth d (in ranks of the chain)
                 moving = (tier == h) & (rank % g == 0) & (start >= 0)
-                moves.append(((src, dst), (jnp.where(moving, lay.tiers[src].slot_of(start), lay.tiers[src].slots),
-                                           jnp.where(moving, lay.tiers[dst].slot_of(start), lay.tiers[dst].slots))))
+                if lay.tiers[src].slots and lay.tiers[dst].slots:  # a tier sized to 0 slots: no group moves
+                    moves.append(((src, dst), (jnp.where(moving, lay.tiers[src].slot_of(start), lay.tiers[src].slots),
+                                               jnp.where(moving, lay.tiers[dst].slot_of(start), lay.tiers[dst].slots))))
                 entered = entered.at[:, dst].add(jnp.where(moving, g, 0))
         moves = moves[::-1]
         route = Route(jnp.where((p >= 0) & (p < S), p, lay.sink_slots), window_slot, leave >= 0, tier, slot,
@@ -146,8 +147,6 @@ class TieredCache(KVCache):
         read = jnp.minimum(r.window_slot, lay.window_slots - 1)
         old_k, old_v = window_k[rows, :, read], window_v[rows, :, read]  # [b, k, h]: the token leaving the window
         for (src, dst), (from_slot, to_slot) in zip(r.move_tiers, r.move_slots):
-            if not (lay.tiers[src].slots and lay.tiers[dst].slots):  # a tier sized to 0: no group ever moves
-                continue
             tiers[dst] = tuple(self._move_group(a, b, rows, from_slot, to_slot) for a, b in zip(tiers[src], tiers[dst]))
         for i, t in enumerate(lay.tiers):
             if t.slots:
