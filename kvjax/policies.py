@@ -9,6 +9,8 @@
   streaming           StreamingLLM: S sinks and the W newest; everything else evicted
   band@B              widths by age: left tokens are stored at 4 bits (KIVI), then re-encoded at 2
                       bits once enough newer ones have left; a full cache averages B bits
+  learned-alloc@B     widths per layer, keys/values and age band, learned under an average of B bits
+                      (kvjax.allocation, train_controller.allocate; shipped for the default model)
   mixed-static@B      a width in {2, 4, 8, 16} per token under an average of B bits: static
   mixed-rule@B        (pseudo-random by position), rule (entropy and rarity), learned (the
   mixed-learned@B     controller of kvjax.controller; shipped for the default model at 2.5, 3
@@ -32,6 +34,7 @@ from typing import Callable
 import jax.numpy as jnp
 
 from kvjax import kernels as kernel_choice
+from kvjax.allocation import Allocation, default_allocation, load_allocation
 from kvjax.cache import DenseCache, storage_dtype
 from kvjax.config import ModelConfig
 from kvjax.controller import Controller, default_controller, load_controller
@@ -313,6 +316,7 @@ class Family:
     budget: str = "none"  # "none", "optional" (with a default) or "required"
     examples: tuple[str, ...] = ()  # instances the equivalence tests run (default: the name)
     takes_controller: bool = False
+    takes_allocation: bool = False
 
 
 REGISTRY: dict[str, Family] = {}
@@ -356,6 +360,9 @@ def _register_builtins():
     register(Family("band", lambda name, budget, o: _band(name, budget, o),
                     "a 4-bit band of the newest left tokens, older ones at 2 bits; B in (2, 4]",
                     budget="required", examples=("band@3", "band@2.5")))
+    register(Family("learned-alloc", _allocated, "widths per layer, keys/values and age band, learned under "
+                    "the budget (shipped: 2.25, 2.5, 3)", budget="required",
+                    examples=("learned-alloc@2.5",), takes_allocation=True))
     register(Family("mixed-static", lambda name, budget, o: Mixed(name, budget_bits=budget, **o),
                     "a width per token in {2,4,8,16}, pseudo-random at the budget's histogram",
                     budget="required", examples=("mixed-static@3", "mixed-static@2.5")))
@@ -366,6 +373,17 @@ def _register_builtins():
                     budget="required", examples=("mixed-learned@3",), takes_controller=True))
     register(Family("mixed-random", _controlled("random"), "random widths at the learned controller's histogram",
                     budget="required", examples=("mixed-random@3",), takes_controller=True))
+
+
+def _allocated(name, budget, o):
+    allocation = o.pop("allocation", None)
+    if allocation is None:
+        allocation = default_allocation(budget)
+    elif not isinstance(allocation, Allocation):
+        allocation = load_allocation(allocation)
+    if abs(allocation.average_bits - budget) > 0.05:
+        raise KvjaxError(f"{name}: the allocation averages {allocation.average_bits:.3f} bits, not {budget:g}")
+    return allocation.policy(name, **o)
 
 
 def _band(name, budget, o):
@@ -394,9 +412,10 @@ def family_of(name: str) -> Family:
 
 
 def get_policy(name: str, *, window: int | None = None, sinks: int | None = None, group_size: int | None = None,
-               controller=None) -> Policy:
+               controller=None, allocation=None) -> Policy:
     """The policy called `name` (`kivi2`, `band@3`, `mixed-rule@2.5`, an alias), with optional overrides of
-    W, S, G and, for learned and random policies, the controller (a path or a Controller)."""
+    W, S, G, for learned and random policies the controller (a path or a Controller) and for
+    learned-alloc the allocation (a path or a kvjax.allocation.Allocation)."""
     full = canonical_name(name)
     family = family_of(full)
     base, _, text = full.partition("@")
@@ -417,6 +436,10 @@ def get_policy(name: str, *, window: int | None = None, sinks: int | None = None
         if not family.takes_controller:
             raise KvjaxError(f"{name!r}: a controller applies to mixed-learned and mixed-random policies")
         overrides["controller"] = controller
+    if allocation is not None:
+        if not family.takes_allocation:
+            raise KvjaxError(f"{name!r}: an allocation applies to learned-alloc policies")
+        overrides["allocation"] = allocation
     canonical = base if budget is None else f"{base}@{budget:g}"
     return family.make(canonical, budget, overrides)
 
@@ -436,10 +459,14 @@ def make_cache(policy: str | Policy, cfg: ModelConfig, batch: int, capacity: int
 # ----------------------------------------------------------------------------- command lines
 
 
+SUGGESTED = "learned-alloc@2.5"  # the policy to try for memory: near-FP16 perplexity (README's results table)
+
+
 def policy_help() -> str:
     lines = [f"{f.name}{'@BITS' if f.budget == 'required' else ''}: {f.help}" for f in REGISTRY.values()]
     aliases = ", ".join(f"{a} = {t}" for a, t in ALIASES.items()) + ", mixed@BITS = mixed-static@BITS"
-    return "KV-cache policy (comma-separated where several are run). " + "; ".join(lines) + f". Aliases: {aliases}"
+    return (f"KV-cache policy (comma-separated where several are run); to save memory, try {SUGGESTED}. "
+            + "; ".join(lines) + f". Aliases: {aliases}")
 
 
 def add_policy_flags(parser, default: str = "fp16"):
@@ -453,6 +480,8 @@ def add_policy_flags(parser, default: str = "fp16"):
                         help=f"attention-sink tokens kept in 16 bits (default {DEFAULT_SINKS}; 0 for kivi)")
     parser.add_argument("--controller", default=None,
                         help="mixed-learned/-random: a controller file (default: the one shipped for the budget)")
+    parser.add_argument("--allocation", default=None,
+                        help="learned-alloc: an allocation file (default: the one shipped for the budget)")
     parser.add_argument("--kernels", default="auto", choices=[k.value for k in kernel_choice.Kernels],
                         help="Pallas kernels or the jnp/XLA reference (auto: kernels on GPU)")
 
@@ -463,17 +492,21 @@ def policies_from_flags(args) -> list[Policy]:
     if not names:
         raise KvjaxError("--kv needs at least one policy")
     tuned = {"window": args.window, "sinks": args.sinks, "group_size": args.group_size}
-    if names == ["fp16"] and (any(v is not None for v in tuned.values()) or args.controller):
-        raise KvjaxError("--window/--group-size/--sinks/--controller need a quantized --kv")
+    allocation = args.allocation
+    if names == ["fp16"] and (any(v is not None for v in tuned.values()) or args.controller or allocation):
+        raise KvjaxError("--window/--group-size/--sinks/--controller/--allocation need a quantized --kv")
     out = []
     for name in names:
         family = family_of(name)
         if family.name == "fp16":
             out.append(get_policy(name))
         else:
-            out.append(get_policy(name, **tuned, controller=args.controller if family.takes_controller else None))
+            out.append(get_policy(name, **tuned, controller=args.controller if family.takes_controller else None,
+                                  allocation=allocation if family.takes_allocation else None))
     if args.controller and not any(family_of(n).takes_controller for n in names):
         raise KvjaxError("--controller applies to mixed-learned and mixed-random policies")
+    if allocation and not any(family_of(n).takes_allocation for n in names):
+        raise KvjaxError("--allocation applies to learned-alloc policies")
     return out
 
 

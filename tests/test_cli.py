@@ -10,9 +10,10 @@ import kvjax.bench as bench
 import kvjax.generate as generate
 import pallas_kernels.bench as kernel_bench
 import train_controller.__main__ as train_main
+import train_controller.allocate as allocate
 
 COMMANDS = {"generate": generate, "eval": eval_main, "perplexity": perplexity, "bench": bench,
-            "train": train_main, "report": report, "kernel-bench": kernel_bench}
+            "train": train_main, "allocate": allocate, "report": report, "kernel-bench": kernel_bench}
 
 
 @pytest.fixture(autouse=True)
@@ -21,7 +22,7 @@ def no_model_loading(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the model was loaded before the flags were checked")
 
-    for module in (generate, eval_main, perplexity, bench):
+    for module in (generate, eval_main, perplexity, bench, allocate):
         monkeypatch.setattr(module, "load_model", refuse)
     monkeypatch.setattr("kvjax.loading.load_model", refuse)
 
@@ -73,6 +74,15 @@ CASES = [
     ("train", ["--hidden", "128,x"], "argument --hidden: must be an integer"),
     ("train", ["--chunk", "100"], "--chunk 100 must be a multiple of --group-size 32"),
     ("train", ["--text", "/nonexistent.txt"], "--text /nonexistent.txt: no such file"),
+    ("generate", ["--prompt", "hi", "--kv", "kivi2", "--allocation", "x.json"], "--allocation applies to learned-alloc"),
+    ("generate", ["--prompt", "hi", "--kv", "learned-alloc@2.7"], "no shipped allocation for 2.7 bits"),
+    ("generate", ["--prompt", "hi", "--kv", "learned-alloc@2.5", "--allocation", "/nonexistent.json"],
+     "cannot read allocation /nonexistent.json"),
+    ("allocate", ["--budget", "1.5", "--out", "/tmp/a.json"], "--budget must be in (2, 16)"),
+    ("allocate", ["--budget", "2.5", "--out", "/tmp/a.json", "--shares", "0.6,0.5"], "--shares must be positive"),
+    ("allocate", ["--budget", "2.5", "--out", "/tmp/a.json", "--steps", "0"], "argument --steps"),
+    ("allocate", ["--budget", "2.5", "--out", "/tmp/a.json", "--context", "100"], "argument --context: must be >= 165"),
+    ("allocate", ["--budget", "2.5", "--out", "/tmp"], "argument --out: '/tmp' is a folder"),
     ("report", ["--accuracy", "/nonexistent.json"], "nonexistent.json"),
     ("kernel-bench", ["--contexts", "abc"], "argument --contexts"),
     ("kernel-bench", ["--models", "GPT-5"], "unknown model 'GPT-5'"),

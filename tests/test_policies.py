@@ -27,6 +27,7 @@ from kvjax.features import forward_recording_features
 from kvjax.kernels import Kernels
 from kvjax.model import forward, init_params
 from kvjax.layout import EVICTED, Layout, Tier
+from kvjax.allocation import Allocation
 from kvjax.policies import MIXED_WIDTHS, REGISTRY, Bands, Mixed, get_policy, make_cache
 from kvjax.tiered import TieredCache
 from replay import Replay
@@ -47,6 +48,10 @@ TEST_POLICIES = {
     "test-three-bands": Bands("test-three-bands", bands=((8, 8), (4, 4), (2, 2)), shares=(0.25, 0.25), sinks=4,
                               window=WINDOW, group_size=GROUP),
 }
+# An allocation for the tiny model at 2.5 bits: three age bands, 16-bit keys demoted to 2, keys and
+# values apart, per layer.
+TINY_ALLOCATION = Allocation(keys=((16, 2), (2, 2), (2, 2)), values=((4, 2), (2, 2), (2, 2)), shares=(0.125, 0.375),
+                             sinks=2, window=WINDOW, group_size=GROUP)
 NAMES = [name for family in REGISTRY.values() for name in (family.examples or (family.name,))] + list(TEST_POLICIES)
 # Largest difference between the model's own K/V (and features) and the reference ones that the proofs
 # accept: one ulp of the 16-bit storage (2^-10 relative) plus float32 rounding, far below a quantization step.
@@ -70,8 +75,10 @@ def policy_of(name):
         return TEST_POLICIES[name]
     if name == "fp16":
         return get_policy(name)
-    controller = tiny_controller(float(name.split("@")[1])) if REGISTRY[name.split("@")[0]].takes_controller else None
-    return get_policy(name, window=WINDOW, group_size=GROUP, controller=controller)
+    family = REGISTRY[name.split("@")[0]]
+    controller = tiny_controller(float(name.split("@")[1])) if family.takes_controller else None
+    allocation = TINY_ALLOCATION if family.takes_allocation else None
+    return get_policy(name, window=WINDOW, group_size=GROUP, controller=controller, allocation=allocation)
 
 
 def reference(policy, tokens, positions, capacity):

@@ -1,0 +1,104 @@
+"""Bit allocations: a width for keys and for values, per layer and per age band (a `Bands` policy).
+
+An allocation is a small JSON file:
+
+  {"budget_bits": 2.5, "shares": [0.125, 0.375],           # age bands but the oldest: share of left tokens
+   "keys":   [[4, 4, ...], [4, 2, ...], [2, 2, ...]],       # per band (newest first), one width per layer
+   "values": [[...], [...], [...]], "sinks": 4, "window": 128, "group_size": 32, "trained": {...}}
+
+`train_controller.allocate` learns one; the package ships the ones trained for the default model
+(kvjax/allocations/), which the `learned-alloc@B` policies use.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+from kvjax.errors import KvjaxError
+from kvjax.layout import WIDTHS
+
+DEFAULT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "allocations")
+
+
+@dataclasses.dataclass(frozen=True)
+class Allocation:
+    keys: tuple[tuple[int, ...], ...]  # [band][layer], newest band first
+    values: tuple[tuple[int, ...], ...]
+    shares: tuple[float, ...]  # per band but the last
+    sinks: int = 4
+    window: int = 128
+    group_size: int = 32
+    trained: dict | None = dataclasses.field(default=None, compare=False, hash=False)
+
+    def __post_init__(self):
+        if len(self.keys) != len(self.values) or len(self.keys) != len(self.shares) + 1:
+            raise KvjaxError(f"allocation: {len(self.keys)} key bands, {len(self.values)} value bands and "
+                             f"{len(self.shares)} shares (need bands = shares + 1)")
+        for side in (self.keys, self.values):
+            for band in side:
+                if len(band) != len(self.keys[0]) or any(w not in WIDTHS for w in band):
+                    raise KvjaxError(f"allocation: every band needs one width in {WIDTHS} per layer, got {band}")
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.keys[0])
+
+    @property
+    def band_shares(self) -> tuple[float, ...]:
+        return tuple(self.shares) + (1.0 - sum(self.shares),)
+
+    @property
+    def average_bits(self) -> float:
+        """Average bits of a left token's K/V elements in a full cache (scales not counted)."""
+        return sum(s * (sum(k) + sum(v)) / (2 * self.num_layers)
+                   for s, k, v in zip(self.band_shares, self.keys, self.values))
+
+    def policy(self, name: str, **overrides):
+        """The `Bands` policy that stores this allocation."""
+        from kvjax.policies import Bands
+        o = {"sinks": self.sinks, "window": self.window, "group_size": self.group_size, **overrides}
+        return Bands(name, bands=tuple(zip(self.keys, self.values)), shares=tuple(self.shares), **o)
+
+    def to_json(self) -> dict:
+        d = dataclasses.asdict(self)
+        return {k: (v if k == "trained" else _lists(v)) for k, v in d.items()}
+
+
+def _lists(x):
+    return [_lists(v) for v in x] if isinstance(x, (tuple, list)) else x
+
+
+def load_allocation(path: str) -> Allocation:
+    try:
+        with open(path) as f:
+            d = json.load(f)
+    except (OSError, ValueError) as e:
+        raise KvjaxError(f"cannot read allocation {path}: {e}") from None
+    try:
+        return Allocation(tuple(map(tuple, d["keys"])), tuple(map(tuple, d["values"])), tuple(d["shares"]),
+                          d.get("sinks", 4), d.get("window", 128), d.get("group_size", 32), d.get("trained"))
+    except (KeyError, TypeError) as e:
+        raise KvjaxError(f"allocation {path}: missing or malformed field ({e})") from None
+
+
+def save_allocation(alloc: Allocation, path: str):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(alloc.to_json(), f, indent=1)
+        f.write("\n")
+
+
+def default_allocation_path(budget_bits: float) -> str:
+    return os.path.join(DEFAULT_DIR, f"smollm2-135m-instruct-{budget_bits:g}bits.json")
+
+
+def default_allocation(budget_bits: float) -> Allocation:
+    """The allocation shipped for the default model at this budget."""
+    path = default_allocation_path(budget_bits)
+    if not os.path.isfile(path):
+        shipped = sorted(f for f in os.listdir(DEFAULT_DIR) if f.endswith(".json")) if os.path.isdir(DEFAULT_DIR) else []
+        raise KvjaxError(f"no shipped allocation for {budget_bits:g} bits (shipped: {', '.join(shipped) or 'none'}); "
+                         "train one with python -m train_controller.allocate")
+    return load_allocation(path)
