@@ -18,6 +18,7 @@ import os
 
 from kvjax.errors import KvjaxError
 from kvjax.layout import WIDTHS
+from kvjax.shipped import shipped_file
 
 DEFAULT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "allocations")
 
@@ -90,15 +91,7 @@ def save_allocation(alloc: Allocation, path: str):
         f.write("\n")
 
 
-def default_allocation_path(budget_bits: float) -> str:
-    return os.path.join(DEFAULT_DIR, f"smollm2-135m-instruct-{budget_bits:g}bits.json")
-
-
 def default_allocation(budget_bits: float) -> Allocation:
     """The allocation shipped for the default model at this budget."""
-    path = default_allocation_path(budget_bits)
-    if not os.path.isfile(path):
-        shipped = sorted(f for f in os.listdir(DEFAULT_DIR) if f.endswith(".json")) if os.path.isdir(DEFAULT_DIR) else []
-        raise KvjaxError(f"no shipped allocation for {budget_bits:g} bits (shipped: {', '.join(shipped) or 'none'}); "
-                         "train one with python -m train_controller.allocate")
-    return load_allocation(path)
+    return load_allocation(shipped_file(DEFAULT_DIR, budget_bits, ".json", "allocation",
+                                        "train one with python -m train_controller.allocate and pass --allocation"))

@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kvjax.errors import KvjaxError
+from kvjax.shipped import shipped_file
 from kvjax.features import FEATURE_NAMES
 
 WIDTHS = (2, 4, 8, 16)
@@ -186,15 +187,7 @@ def load_controller(path: str) -> Controller:
     return ctrl
 
 
-def default_controller_path(budget_bits: float) -> str:
-    return os.path.join(DEFAULT_DIR, f"smollm2-135m-instruct-{budget_bits:g}bits.npz")
-
-
 def default_controller(budget_bits: float) -> Controller:
     """The controller shipped for the default model at this budget."""
-    path = default_controller_path(budget_bits)
-    if not os.path.isfile(path):
-        shipped = sorted(f for f in os.listdir(DEFAULT_DIR) if f.endswith(".npz")) if os.path.isdir(DEFAULT_DIR) else []
-        raise KvjaxError(f"no shipped controller for {budget_bits:g} bits (shipped: {', '.join(shipped) or 'none'}); "
-                         "train one with python -m train_controller and pass --controller")
-    return load_controller(path)
+    return load_controller(shipped_file(DEFAULT_DIR, budget_bits, ".npz", "controller",
+                                        "train one with python -m train_controller and pass --controller"))
