@@ -31,7 +31,7 @@ from kvjax import teacher_forced
 from kvjax.errors import KvjaxError
 from kvjax import cli
 from kvjax.loading import load_model, read_config, resolve_model
-from kvjax.policies import Policy, add_policy_flags, policies_from_flags
+from kvjax.policies import Policy, add_policy_flags, family_of, policies_from_flags
 
 TEXTS = {"wikitext2": "wikitext-2/test.txt", "sherlock": "gutenberg/sherlock.txt"}
 
@@ -80,6 +80,16 @@ def segment_nll(params, cfg, tokens: np.ndarray, policy: Policy, dtype=jnp.float
         left = bits[cache.layout.has_left(np.arange(len(bits)), last)]
     logp = jax.nn.log_softmax(logits[0, :-1], axis=-1)
     return -np.asarray(jnp.take_along_axis(logp, ids[0, 1:, None], axis=-1)[:, 0]), left
+
+
+PAIRED_BLOCK = 128  # tokens per block of the paired standard error (neighbouring tokens' differences correlate)
+
+
+def paired_difference(nll_a: np.ndarray, nll_b: np.ndarray, block: int = PAIRED_BLOCK) -> tuple[float, float]:
+    """(mean per-token NLL of B minus A on the same tokens, its standard error over blocks of `block` tokens)."""
+    diff = np.asarray(nll_b, np.float64) - np.asarray(nll_a, np.float64)
+    blocks = diff[:len(diff) // block * block].reshape(-1, block).mean(axis=1)
+    return float(diff.mean()), float(blocks.std(ddof=1) / np.sqrt(len(blocks)))
 
 
 def width_summary(left: np.ndarray) -> tuple[float, dict[str, float]]:
@@ -147,6 +157,8 @@ def _main(argv) -> int:
         if args.json:
             with cli.open_for_append(args.json) as f:
                 extra = {"controller": args.controller} if args.controller and getattr(specs[policy], "controller", None) else {}
+                if args.allocation and family_of(policy).takes_allocation:
+                    extra["allocation"] = args.allocation
                 f.write(json.dumps({**dataclasses.asdict(result), "perplexity": result.perplexity, **extra}) + "\n")
     return 0
 

@@ -8,7 +8,7 @@
 
 Each input is optional; the report has a section per input given: zero-shot accuracy (table and
 accuracy-vs-bits plot), perplexity (policy x text table; widths table and stacked-bar plot for
-records that carry a histogram of widths), decode latency (table and ms/token vs
+records that carry a histogram of widths; a picture of each learned allocation scored), decode latency (table and ms/token vs
 context plot, one line per policy). Plots are written beside the report as PNG files.
 """
 
@@ -19,7 +19,10 @@ import json
 import os
 import sys
 
+import numpy as np
+
 from kvjax import cli
+from kvjax.allocation import Allocation, default_allocation
 from kvjax.errors import KvjaxError
 
 
@@ -66,8 +69,9 @@ def accuracy_section(report: dict, plot_path: str) -> str:
 
 
 def perplexity_row(record: dict) -> str:
-    """A perplexity record's row label: its policy, and the controller file when one was given."""
-    return record["policy"] + (f" ({record['controller']})" if record.get("controller") else "")
+    """A perplexity record's row label: its policy, and the controller or allocation file when one was given."""
+    given = record.get("controller") or record.get("allocation")
+    return record["policy"] + (f" ({given})" if given else "")
 
 
 def perplexity_section(records: list[dict], source: str, widths_plot_path: str) -> str:
@@ -90,7 +94,50 @@ def perplexity_section(records: list[dict], source: str, widths_plot_path: str) 
     if widths:
         widths_plot(keyed, widths_plot_path)
         widths += ["", f"![widths of the left tokens]({os.path.basename(widths_plot_path)})"]
-    return "\n".join(lines + widths) + "\n"
+    return "\n".join(lines + widths + allocation_lines(policies, widths_plot_path)) + "\n"
+
+
+def allocation_lines(policies: list[str], widths_plot_path: str) -> list[str]:
+    """A picture of each shipped allocation among the policies (learned-alloc@B), beside the widths plot."""
+    budgets = [float(p.partition("@")[2]) for p in policies if p.startswith("learned-alloc@")]
+    if not budgets:
+        return []
+    lines = ["", "### The learned allocations", "",
+             "Widths per layer and age band (newest left tokens first) for keys and values, as shipped in "
+             "`kvjax/allocations/` and trained by `python -m train_controller.allocate`:", ""]
+    stem = os.path.splitext(widths_plot_path)[0].removesuffix("-widths")
+    for b in budgets:
+        path = f"{stem}-allocation-{b:g}.png"
+        alloc = default_allocation(b)
+        allocation_plot(alloc, path, f"learned-alloc@{b:g}: {alloc.average_bits:.3f} average bits")
+        lines.append(f"![learned-alloc@{b:g}]({os.path.basename(path)})")
+    return lines
+
+
+def allocation_plot(alloc: Allocation, path: str, title: str):
+    """Two panels (keys, values): the width of every (age band, layer), labelled."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    L, bands = alloc.num_layers, len(alloc.keys)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 1.2 + 0.45 * bands), sharey=True)
+    for ax, side, widths in ((axes[0], "keys", alloc.keys), (axes[1], "values", alloc.values)):
+        ax.imshow(np.log2(np.asarray(widths, np.float64)), cmap="viridis", vmin=1, vmax=4, aspect="auto")
+        for b in range(bands):
+            for l in range(L):
+                ax.text(l, b, str(widths[b][l]), ha="center", va="center", fontsize=6,
+                        color="white" if widths[b][l] <= 4 else "black")
+        ax.set_title(side, fontsize=9)
+        ax.set_xlabel("layer")
+        ax.set_xticks(range(0, L, 5))
+    edges = np.concatenate([[0.0], np.cumsum(alloc.band_shares)])
+    labels = [f"{a:.0%}-{b:.0%}" for a, b in zip(edges[:-1], edges[1:])]
+    axes[0].set_yticks(range(bands), labels, fontsize=7)
+    axes[0].set_ylabel("left tokens,\nnewest first", fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 # histogram keys, widest first ("0" = evicted), and their colours in the widths plot
@@ -98,10 +145,11 @@ WIDTH_COLOURS = {"16": "tab:blue", "8": "tab:green", "4": "tab:orange", "2": "ta
 
 
 def width_records(cell: dict) -> list[tuple[tuple, dict]]:
-    """The (policy, text, context) cells that carry a histogram of widths, by text, then in
-    the perplexity table's policy order."""
+    """The (policy, text, context) cells that carry a histogram of whole widths (not of widths averaged
+    over layers, as a policy whose widths differ by layer or between keys and values gives), by text,
+    then in the perplexity table's policy order."""
     order = {policy: i for i, policy in enumerate(dict.fromkeys(key[0] for key in cell))}
-    keyed = [(key, r) for key, r in cell.items() if "histogram" in r]
+    keyed = [(key, r) for key, r in cell.items() if set(r.get("histogram", {"?": 1})) <= set(WIDTH_COLOURS)]
     return sorted(keyed, key=lambda kr: (kr[0][1], kr[0][2], order[kr[0][0]]))
 
 

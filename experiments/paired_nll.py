@@ -9,11 +9,9 @@ import argparse
 
 import numpy as np
 
-from eval.perplexity import read_text, segment_nll
+from eval.perplexity import PAIRED_BLOCK, paired_difference, read_text, segment_nll
 from kvjax.loading import load_model
 from kvjax.policies import get_policy
-
-BLOCK = 128
 
 
 def main():
@@ -31,11 +29,9 @@ def main():
         nll[policy] = np.concatenate([segment_nll(model.params, model.cfg, ids[s * args.context:(s + 1) * args.context],
                                                   get_policy(policy))[0] for s in range(args.segments)])
         print(f"{policy}: perplexity {np.exp(nll[policy].mean()):.3f}", flush=True)
-    diff = nll[args.b] - nll[args.a]
-    blocks = diff[:len(diff) // BLOCK * BLOCK].reshape(-1, BLOCK).mean(axis=1)
-    se = blocks.std(ddof=1) / np.sqrt(len(blocks))
-    print(f"{args.b} - {args.a}: {diff.mean():+.4f} nats/token, standard error {se:.4f} "
-          f"({diff.mean() / se:+.1f} SE over {len(blocks)} blocks of {BLOCK} tokens)")
+    mean, se = paired_difference(nll[args.a], nll[args.b])
+    print(f"{args.b} - {args.a}: {mean:+.4f} nats/token, standard error {se:.4f} "
+          f"({mean / se:+.1f} SE over {len(nll[args.a]) // PAIRED_BLOCK} blocks of {PAIRED_BLOCK} tokens)")
 
 
 if __name__ == "__main__":

@@ -35,7 +35,9 @@ def write_inputs(folder):
     (folder / "ppl.jsonl").write_text("".join(json.dumps(r) + "\n" for r in PERPLEXITY))
     (folder / "ppl2.jsonl").write_text(json.dumps({"policy": "mixed-learned@3", "text": "wikitext2", "context": 4096,
                                                    "perplexity": 20.18, "kv_bytes_per_token": 6598,
-                                                   "controller": "mine.npz"}) + "\n")
+                                                   "controller": "mine.npz"}) + "\n"
+                                       + json.dumps({"policy": "learned-alloc@2.5", "text": "wikitext2",
+                                                     "context": 4096, "perplexity": 19.3}) + "\n")
     (folder / "bench.jsonl").write_text("".join(json.dumps(r) + "\n" for r in LATENCY))
 
 
@@ -53,7 +55,8 @@ def test_report_has_every_section_and_plot(tmp_path):
     assert "| kivi2 | 32768 | 4.37 | 228.8 | 245.0 |" in text  # latency row
     assert text.count("Note: transcribed from BENCHMARKS.md.") == 1
     assert "python -m kvjax.bench --preset SmolLM-360M" in text and "gpu NVIDIA H100" in text
-    for png in ("RESULTS-accuracy.png", "RESULTS-latency.png", "RESULTS-widths.png"):
+    assert "| learned-alloc@2.5 | - | 19.30 | - |" in text
+    for png in ("RESULTS-accuracy.png", "RESULTS-latency.png", "RESULTS-widths.png", "RESULTS-allocation-2.5.png"):
         assert os.path.getsize(out.parent / png) > 1000 and f"]({png})" in text
 
 
