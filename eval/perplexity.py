@@ -13,7 +13,6 @@ by the last query of their segment (the tokens a budget counts): their average b
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math

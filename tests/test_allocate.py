@@ -93,7 +93,7 @@ def test_training_moves_the_logits_and_gives_a_policy(tmp_path):
     path = str(tmp_path / "a.json")
     save_allocation(alloc, path)
     assert load_allocation(path) == alloc
-    policy = get_policy(f"learned-alloc@3", allocation=path)
+    policy = get_policy("learned-alloc@3", allocation=path)
     assert policy.average_bits == pytest.approx(alloc.average_bits)
     assert policy.make_cache(CFG, 1, 64) is not None
 

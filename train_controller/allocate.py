@@ -25,9 +25,7 @@ the exact teacher-forced scorer (kvjax.teacher_forced) is what judges the result
 
 from __future__ import annotations
 
-import argparse
 import functools
-import math
 import sys
 import time
 
@@ -42,13 +40,13 @@ from kvjax.allocation import Allocation, save_allocation
 from kvjax.attention import MASK_VALUE, causal_mask, grouped_output, grouped_scores
 from kvjax.cache import KVCache
 from kvjax.errors import KvjaxError
+from kvjax.layout import WIDTHS  # 2, 4, 8, 16: the order of the last axis of weights and logits
 from kvjax.loading import load_model
 from kvjax.model import forward
 from kvjax.policies import Bands, get_policy
 from kvjax.stores import KiviKeys, KiviValues
 from train_controller.data import training_ids
 
-WIDTHS = (2, 4, 8, 16)
 DEFAULT_SHARES = (0.125, 0.375)  # newest 1/8 of the left tokens, the next 3/8, the oldest half
 MIN_CONTEXT = 4 + 128 + 32 + 1  # sinks + window + a group of left tokens, and one more to predict
 
