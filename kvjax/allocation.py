@@ -2,9 +2,11 @@
 
 An allocation is a small JSON file:
 
-  {"budget_bits": 2.5, "shares": [0.125, 0.375],           # age bands but the oldest: share of left tokens
-   "keys":   [[4, 4, ...], [4, 2, ...], [2, 2, ...]],       # per band (newest first), one width per layer
-   "values": [[...], [...], [...]], "sinks": 4, "window": 128, "group_size": 32, "trained": {...}}
+  {"keys":   [[4, 4, ...], [4, 2, ...], [2, 2, ...]],       # per band (newest first), one width per layer
+   "values": [[...], [...], [...]],
+   "shares": [0.125, 0.375],                                # age bands but the oldest: share of left tokens
+   "sinks": 4, "window": 128, "group_size": 32,
+   "trained": {"budget_bits": 2.5, ...}}                    # how it was made (optional)
 
 `train_controller.allocate` learns one; the package ships the ones trained for the default model
 (kvjax/allocations/), which the `learned-alloc@B` policies use.
@@ -85,10 +87,13 @@ def load_allocation(path: str) -> Allocation:
 
 
 def save_allocation(alloc: Allocation, path: str):
+    """Writes the JSON file with one line per band, so that a diff shows which widths changed."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    d = alloc.to_json()
+    rows = lambda bands: "[\n  " + ",\n  ".join(json.dumps(b) for b in bands) + "\n ]"
+    fields = [f' "{k}": {rows(d[k]) if k in ("keys", "values") else json.dumps(d[k])}' for k in d]
     with open(path, "w") as f:
-        json.dump(alloc.to_json(), f, indent=1)
-        f.write("\n")
+        f.write("{\n" + ",\n".join(fields) + "\n}\n")
 
 
 def default_allocation(budget_bits: float) -> Allocation:
