@@ -3,8 +3,8 @@
   Dense       16 bits as is                  x      [l, b, k, c, h]
   KiviKeys    KIVI keys: per channel, in     codes  uint32 [l, b, k, c, h * bits / 32]
               groups of G slots; a group's   scale, zero [l, b, k, c / G, h]
-              keys wait in the 16-bit stage  stage  [l, b, k, G, h]
-              until it is full
+              keys wait in the 16-bit stage  stage  [l, b, k, G, h] (G = 0 in a tier only
+              until it is full               reached by demotion, which moves whole groups)
   KiviValues  KIVI values: per token, in     codes  uint32 [l, b, k, c, h * bits / 32]
               groups of G channels           scale, zero [l, b, k, c, h / G]
   Symmetric   per token, over the head dim   codes  uint32 [l, b, k, c, h * bits / 32], scale [l, b, k, c, 1]
@@ -220,11 +220,17 @@ class KiviKeys(_Store):
         return qp.decode_key_groups(_take_group(self.codes, start, g), side(self.scale), side(self.zero),
                                     self.bits, g, dtype)
 
+    def without_stage(self):
+        """This store with no 16-bit stage: for a tier only reached by demotion (whole groups)."""
+        return self.replace(stage=self.stage[..., :0, :])
+
     def scores(self, q, stage_start, staged):
         """q [b, k, g, h] . every slot's key [b, k, g, c]; the `staged` [b] slots from stage_start [b] are
         read from the 16-bit stage (their group is not complete)."""
         g = self.group_size
         packed = da.kivi_key_scores(q, self.codes, self.scale, self.zero, bits=self.bits, group_size=g)
+        if not self.stage.shape[-2]:  # no stage: every group is whole
+            return packed
         stage = jnp.tile(da.dense_scores(q, self.stage), (1, 1, 1, self.slots // g))  # slot s -> stage s % G
         slot = jnp.arange(self.slots)
         in_stage = (slot >= stage_start[:, None]) & (slot < (stage_start + staged)[:, None])  # [b, c]

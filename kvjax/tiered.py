@@ -84,7 +84,8 @@ class TieredCache(KVCache):
             for s, (start, stop) in enumerate(layout.segments):
                 shape = (stop - start, batch, cfg.num_kv_heads, t.slots, cfg.head_dim)
                 for keys, bits in zip((True, False), layout.segment_bits(s, i)):
-                    stores[keys].append(store_class(bits, t.symmetric, keys).init(shape, bits, layout.group_size, dtype))
+                    store = store_class(bits, t.symmetric, keys).init(shape, bits, layout.group_size, dtype)
+                    stores[keys].append(_staged(store, i, layout))
             tiers.append(TierStores(tuple(stores[True]), tuple(stores[False])))
         features = layout.window_slots if policy.uses_features else 0
         return cls(dense(layout.sink_slots), dense(layout.sink_slots), dense(layout.window_slots),
@@ -149,7 +150,7 @@ class TieredCache(KVCache):
         for (src, dst), (from_slot, to_slot) in zip(r.move_tiers, r.move_slots):
             tiers[dst] = tuple(self._move_group(a, b, rows, from_slot, to_slot) for a, b in zip(tiers[src], tiers[dst]))
         for i, t in enumerate(lay.tiers):
-            if t.slots:
+            if t.slots and i in lay.heads:  # leaving tokens enter heads only; the rest get whole groups
                 slot = jnp.where(r.leaving & (r.tier == i), r.slot, t.slots)
                 tiers[i] = (tiers[i][0].write(rows, slot, old_k, self.kernels),
                             tiers[i][1].write(rows, slot, old_v, self.kernels))
@@ -208,6 +209,8 @@ class TieredCache(KVCache):
             packed = fused.tier_attention_partials(qs, keys.codes, keys.scale, keys.zero, values.codes, values.scale,
                                                    values.zero, full, bits=keys.bits, group_size=g, blocks=blocks,
                                                    interpret=interpret)
+            if not keys.stage.shape[-2]:  # a tier reached only by demotion holds whole groups
+                return [packed]
             stage = fused.dense_partials(qs, keys.stage, values.read_group(full, g, qs.dtype), slots_below(g, staged))
             return [packed, stage]
         b, n, h = qs.shape
@@ -300,9 +303,9 @@ class TieredCache(KVCache):
                 if d:  # it holds what the tier before it gave back
                     ks, vs = teacher_forced.stored_forms(lay, s, ks, vs, hist)[d - 1]
                 for keys, x, bits in zip((True, False), (ks, vs), lay.segment_bits(s, i)):
-                    stores[keys].append(store_class(bits, t.symmetric, keys).fill(
+                    stores[keys].append(_staged(store_class(bits, t.symmetric, keys).fill(
                         place(x, slot, t.slots), bits, lay.group_size, self.kernels, self.window_k.dtype,
-                        stage_start=lay.stage_start(i, entered[:, i])))
+                        stage_start=lay.stage_start(i, entered[:, i])), i, lay))
             tiers.append(TierStores(tuple(stores[True]), tuple(stores[False])))
         window_features = self.window_features
         if self.uses_features:
@@ -311,6 +314,11 @@ class TieredCache(KVCache):
                             window_k=place(k_all, window_slot, lay.window_slots),
                             window_v=place(v_all, window_slot, lay.window_slots), tiers=tuple(tiers), entered=entered,
                             window_features=window_features, lengths=n.astype(jnp.int32))
+
+
+def _staged(store, tier: int, layout: Layout):
+    """KIVI keys keep a 16-bit stage for the group being filled only where leaving tokens enter."""
+    return store if tier in layout.heads or not isinstance(store, KiviKeys) else store.without_stage()
 
 
 def _after(tie, x):

@@ -255,6 +255,14 @@ def test_tiers_are_allocated_at_their_bits():
         assert (tier_bytes - stage) / (fp16_bytes * 4096 / capacity) == pytest.approx(expected)
 
 
+def test_only_tiers_that_tokens_enter_keep_a_key_stage():
+    """A tier reached only by demotion receives whole groups: it allocates no 16-bit stage."""
+    cfg = get_preset("SmolLM2-135M")
+    cache = jax.eval_shape(lambda: make_cache("band@3", cfg, 1, 4096, jnp.float16))
+    entry, demoted = cache.tiers
+    assert entry.keys[0].stage.shape[-2] == 32 and demoted.keys[0].stage.shape[-2] == 0
+
+
 def test_a_short_run_allocates_no_more_than_fp16():
     """Capacity below S + W: nothing can leave the window, so no tier is allocated and the window is
     only as long as what can reach it."""
