@@ -29,7 +29,7 @@ from eval.tasks import DATA_DIR, TASKS, check_task, load_task
 from kvjax import cli
 from kvjax.errors import KvjaxError
 from kvjax.loading import load_model, read_config, resolve_model
-from kvjax.policies import Policy, add_policy_flags, policies_from_flags
+from kvjax.policies import Policy, add_policy_flags, family_of, policies_from_flags
 
 
 def average_bits(policy: Policy) -> float | None:
@@ -53,12 +53,17 @@ def model_tag(source: str) -> str:
 
 
 def cache_suffix(policy: Policy, overrides: str) -> str:
-    """What besides the names tells score caches apart: the R/G overrides of quantized policies and
-    a digest of the controller of learned and random ones (a retrained controller starts afresh)."""
+    """What besides the names tells score caches apart: the R/G overrides of quantized policies, a
+    digest of the controller of learned and random ones and of the widths of learned allocations (a
+    retrained controller or allocation starts afresh)."""
     if policy.name == "fp16":
         return ""
     controller = getattr(policy, "controller", None)
-    return overrides + (f"-c{controller.digest[:8]}" if controller is not None else "")
+    suffix = overrides + (f"-c{controller.digest[:8]}" if controller is not None else "")
+    if family_of(policy.name).takes_allocation:
+        widths = json.dumps([policy.bands, policy.shares]).encode()
+        suffix += f"-a{hashlib.sha256(widths).hexdigest()[:8]}"
+    return suffix
 
 
 def _read_archive(path: str) -> tuple[list[dict], bool]:
