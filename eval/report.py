@@ -94,12 +94,14 @@ def perplexity_section(records: list[dict], source: str, widths_plot_path: str) 
     if widths:
         widths_plot(keyed, widths_plot_path)
         widths += ["", f"![widths of the left tokens]({os.path.basename(widths_plot_path)})"]
-    return "\n".join(lines + widths + allocation_lines(policies, widths_plot_path)) + "\n"
+    return "\n".join(lines + widths + allocation_lines(records, widths_plot_path)) + "\n"
 
 
-def allocation_lines(policies: list[str], widths_plot_path: str) -> list[str]:
-    """A picture of each shipped allocation among the policies (learned-alloc@B), beside the widths plot."""
-    budgets = [float(p.partition("@")[2]) for p in policies if p.startswith("learned-alloc@")]
+def allocation_lines(records: list[dict], widths_plot_path: str) -> list[str]:
+    """A picture of each shipped allocation scored (learned-alloc@B without an allocation file of its
+    own), beside the widths plot."""
+    budgets = list(dict.fromkeys(float(r["policy"].partition("@")[2]) for r in records
+                                 if r["policy"].startswith("learned-alloc@") and not r.get("allocation")))
     if not budgets:
         return []
     lines = ["", "### The learned allocations", "",

@@ -37,7 +37,9 @@ def write_inputs(folder):
                                                    "perplexity": 20.18, "kv_bytes_per_token": 6598,
                                                    "controller": "mine.npz"}) + "\n"
                                        + json.dumps({"policy": "learned-alloc@2.5", "text": "wikitext2",
-                                                     "context": 4096, "perplexity": 19.3}) + "\n")
+                                                     "context": 4096, "perplexity": 19.3}) + "\n"
+                                       + json.dumps({"policy": "learned-alloc@3", "text": "wikitext2", "context": 4096,
+                                                     "perplexity": 19.2, "allocation": "mine.json"}) + "\n")
     (folder / "bench.jsonl").write_text("".join(json.dumps(r) + "\n" for r in LATENCY))
 
 
@@ -56,6 +58,8 @@ def test_report_has_every_section_and_plot(tmp_path):
     assert text.count("Note: transcribed from BENCHMARKS.md.") == 1
     assert "python -m kvjax.bench --preset SmolLM-360M" in text and "gpu NVIDIA H100" in text
     assert "| learned-alloc@2.5 | - | 19.30 | - |" in text
+    assert "| learned-alloc@3 (mine.json) | - | 19.20 | - |" in text
+    assert "RESULTS-allocation-3.png" not in text  # its own file: no picture of the shipped one
     for png in ("RESULTS-accuracy.png", "RESULTS-latency.png", "RESULTS-widths.png", "RESULTS-allocation-2.5.png"):
         assert os.path.getsize(out.parent / png) > 1000 and f"]({png})" in text
 
