@@ -8,8 +8,9 @@
 
 Each input is optional; the report has a section per input given: zero-shot accuracy (table and
 accuracy-vs-bits plot), perplexity (policy x text table; widths table and stacked-bar plot for
-records that carry a histogram of widths; a picture of each learned allocation scored), decode latency (table and ms/token vs
-context plot, one line per policy). Plots are written beside the report as PNG files.
+records that carry a histogram of widths; a picture of each shipped allocation scored), decode
+latency (table and ms/token vs context plot, one line per policy). Plots are written beside the
+report as PNG files.
 """
 
 from __future__ import annotations

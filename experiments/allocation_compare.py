@@ -70,9 +70,9 @@ def main():
     policies = [get_policy("fp16"), get_policy("kivi2")]
     learned = {}
     for b in budgets:
-        alloc = load_allocation(os.path.join(args.alloc_dir, f"{b:g}.json")) if args.alloc_dir else None
+        given = os.path.join(args.alloc_dir, f"{b:g}.json") if args.alloc_dir else None
+        alloc = load_allocation(given) if given else default_allocation(b)
         learned[b] = get_policy(f"learned-alloc@{b:g}", allocation=alloc)
-        alloc = alloc or default_allocation(b)
         allocation_plot(alloc, os.path.join(args.out, f"allocation-{b:g}.png"),
                         f"learned-alloc@{b:g}: bits per layer and age band ({alloc.average_bits:.3f} average)")
         policies += [learned[b], get_policy(f"band@{b:g}"), kv_split(b), greedy(b, args.table, L)]
@@ -97,7 +97,8 @@ def main():
                 np.savez(path, nll=nll[policy.name], left=left)
             bits, histogram = width_summary(left)
             row = {"text": text, "policy": policy.name, "perplexity": math.exp(nll[policy.name].mean()),
-                   "nll": float(nll[policy.name].mean()), "average_bits": bits, "histogram": histogram, "kv_bytes_per_token": kv_bytes_per_token(policy, model.cfg, args.context),
+                   "nll": float(nll[policy.name].mean()), "average_bits": bits, "histogram": histogram,
+                   "kv_bytes_per_token": kv_bytes_per_token(policy, model.cfg, args.context),
                    "tokens": int(nll[policy.name].size), "context": args.context, "segments": args.segments}
             rows.append(row)
             print(f"{text:<9} {policy.name:<18} ppl {row['perplexity']:7.3f}  bits {bits:5.3f}  "

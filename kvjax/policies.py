@@ -331,13 +331,17 @@ def register(family: Family) -> Family:
     return family
 
 
+def _given_or_shipped(o: dict, key: str, kind: type, load: Callable, shipped: Callable, budget: float):
+    """The `key` override popped from o (a `kind`, or a path to `load`), else the one shipped for the budget."""
+    given = o.pop(key, None)
+    if given is None:
+        return shipped(budget)
+    return given if isinstance(given, kind) else load(given)
+
+
 def _controlled(precision):
     def make(name, budget, o):
-        controller = o.pop("controller", None)
-        if controller is None:
-            controller = default_controller(budget)
-        elif not isinstance(controller, Controller):
-            controller = load_controller(controller)
+        controller = _given_or_shipped(o, "controller", Controller, load_controller, default_controller, budget)
         return Mixed(name, budget_bits=budget, precision=precision, controller=controller, **o)
     return make
 
@@ -376,11 +380,7 @@ def _register_builtins():
 
 
 def _allocated(name, budget, o):
-    allocation = o.pop("allocation", None)
-    if allocation is None:
-        allocation = default_allocation(budget)
-    elif not isinstance(allocation, Allocation):
-        allocation = load_allocation(allocation)
+    allocation = _given_or_shipped(o, "allocation", Allocation, load_allocation, default_allocation, budget)
     if abs(allocation.average_bits - budget) > 0.05:
         raise KvjaxError(f"{name}: the allocation averages {allocation.average_bits:.3f} bits, not {budget:g}")
     return allocation.policy(name, **o)
@@ -492,8 +492,7 @@ def policies_from_flags(args) -> list[Policy]:
     if not names:
         raise KvjaxError("--kv needs at least one policy")
     tuned = {"window": args.window, "sinks": args.sinks, "group_size": args.group_size}
-    allocation = args.allocation
-    if names == ["fp16"] and (any(v is not None for v in tuned.values()) or args.controller or allocation):
+    if names == ["fp16"] and (any(v is not None for v in tuned.values()) or args.controller or args.allocation):
         raise KvjaxError("--window/--group-size/--sinks/--controller/--allocation need a quantized --kv")
     out = []
     for name in names:
@@ -502,10 +501,10 @@ def policies_from_flags(args) -> list[Policy]:
             out.append(get_policy(name))
         else:
             out.append(get_policy(name, **tuned, controller=args.controller if family.takes_controller else None,
-                                  allocation=allocation if family.takes_allocation else None))
+                                  allocation=args.allocation if family.takes_allocation else None))
     if args.controller and not any(family_of(n).takes_controller for n in names):
         raise KvjaxError("--controller applies to mixed-learned and mixed-random policies")
-    if allocation and not any(family_of(n).takes_allocation for n in names):
+    if args.allocation and not any(family_of(n).takes_allocation for n in names):
         raise KvjaxError("--allocation applies to learned-alloc policies")
     return out
 
