@@ -295,9 +295,8 @@ def _main(argv) -> int:
     if len(ids) < args.context * args.segments:
         raise KvjaxError(f"the calibration text has {len(ids)} tokens, fewer than {args.context} x {args.segments}")
     segments = [ids[i * args.context:(i + 1) * args.context] for i in range(args.segments)]
-    log = lambda s: print(s, file=sys.stderr, flush=True)
     theta, history = train(model, segments, args.budget, shares, args.steps, args.lr, lambda_lr=args.lambda_lr,
-                           seed=args.seed, log=log)
+                           seed=args.seed, log=cli.say)
     trained = {"budget_bits": args.budget, "context": args.context, "segments": args.segments, "steps": args.steps,
                "lr": args.lr, "seed": args.seed, "text": args.text or "sherlock-train",
                "final_kl": history[-1]["kl"], "final_lambda": history[-1]["lambda"],
