@@ -10,9 +10,13 @@ again (the RecurrentGemma `ScanType` pattern).
     PALLAS     the compiled kernels: Triton on GPU (the GPU default), Mosaic on TPU (compiled TPU
                kernels are untested, so AUTO does not pick them there)
     INTERPRET  the kernels run by the Pallas interpreter (tests on a CPU)
+    NATIVE     on a CPU, packed tiers attended by a C++ kernel through XLA's FFI
+               (pallas_kernels.cpu_attention, compiled on first use; the CPU default where a
+               C++ compiler is found); everything else as REFERENCE
 
-`encoder(kernels, kind)` gives the row encoder and `fused_attention(kernels)` whether a packed tier
-is attended by the fused kernel; both read only the resolved value.
+`encoder(kernels, kind)` gives the row encoder, `fused_attention(kernels)` whether a packed tier
+is attended by the fused Pallas kernel and `native_attention(kernels)` whether by the CPU kernel;
+all read only the resolved value.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import functools
 import jax
 
 from kvjax.errors import KvjaxError
-from pallas_kernels import quantize_pack
+from pallas_kernels import cpu_attention, quantize_pack
 
 
 class Kernels(enum.Enum):
@@ -31,20 +35,29 @@ class Kernels(enum.Enum):
     REFERENCE = "reference"
     PALLAS = "pallas"
     INTERPRET = "interpret"
+    NATIVE = "native"
 
 
 def resolve(kernels: Kernels | str = Kernels.AUTO, platform: str | None = None) -> Kernels:
-    """AUTO -> PALLAS on GPU, REFERENCE elsewhere; PALLAS on a CPU is an error (nothing to compile for)."""
+    """AUTO -> PALLAS on GPU, NATIVE on a CPU where its kernel builds, else REFERENCE; PALLAS on a CPU
+    and NATIVE elsewhere are errors."""
     try:
         kernels = Kernels(kernels)
     except ValueError:
         raise KvjaxError(f"unknown kernels {kernels!r}; known: {', '.join(k.value for k in Kernels)}") from None
     platform = platform or jax.default_backend()
     if kernels is Kernels.AUTO:
-        return Kernels.PALLAS if platform == "gpu" else Kernels.REFERENCE
+        if platform == "gpu":
+            return Kernels.PALLAS
+        return Kernels.NATIVE if platform == "cpu" and cpu_attention.available() else Kernels.REFERENCE
     if kernels is Kernels.PALLAS and platform == "cpu":
-        raise KvjaxError("the Pallas kernels compile for GPU and TPU only; on a CPU use --kernels interpret "
-                         "(the Pallas interpreter) or reference")
+        raise KvjaxError("the Pallas kernels compile for GPU and TPU only; on a CPU use --kernels native, "
+                         "interpret (the Pallas interpreter) or reference")
+    if kernels is Kernels.NATIVE:
+        if platform != "cpu":
+            raise KvjaxError(f"the native kernel runs on a CPU only, not on {platform}")
+        if not cpu_attention.available():
+            raise KvjaxError(f"the native CPU kernel is unavailable: {cpu_attention.unavailable_reason()}")
     return kernels
 
 
@@ -59,7 +72,7 @@ def encoder(kernels: Kernels, kind: str):
     """The row encoder `kind` ("values", "key_groups" or "sym") for a resolved choice; same signature and
     bit-identical outputs either way: f(x, bits, [group_size,] dtype)."""
     kernel, reference = _ENCODERS[kind]
-    if kernels is Kernels.REFERENCE:
+    if kernels in (Kernels.REFERENCE, Kernels.NATIVE):
         return reference
     if kernels is Kernels.AUTO:
         raise ValueError("resolve Kernels.AUTO first (kvjax.kernels.resolve)")
@@ -67,9 +80,16 @@ def encoder(kernels: Kernels, kind: str):
 
 
 def fused_attention(kernels: Kernels) -> bool | None:
-    """None: attend with the XLA reference; else the fused kernel's `interpret` flag."""
-    if kernels is Kernels.REFERENCE:
+    """None: not the fused Pallas kernel; else its `interpret` flag."""
+    if kernels in (Kernels.REFERENCE, Kernels.NATIVE):
         return None
     if kernels is Kernels.AUTO:
         raise ValueError("resolve Kernels.AUTO first (kvjax.kernels.resolve)")
     return kernels is Kernels.INTERPRET
+
+
+def native_attention(kernels: Kernels) -> bool:
+    """Whether packed tiers are attended by the C++ CPU kernel."""
+    if kernels is Kernels.AUTO:
+        raise ValueError("resolve Kernels.AUTO first (kvjax.kernels.resolve)")
+    return kernels is Kernels.NATIVE

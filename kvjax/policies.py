@@ -483,7 +483,8 @@ def add_policy_flags(parser, default: str = "fp16"):
     parser.add_argument("--allocation", default=None,
                         help="learned-alloc: an allocation file (default: the one shipped for the budget)")
     parser.add_argument("--kernels", default="auto", choices=[k.value for k in kernel_choice.Kernels],
-                        help="Pallas kernels or the jnp/XLA reference (auto: kernels on GPU)")
+                        help="how packed tiers are attended: Pallas kernels, the C++ CPU kernel (native) or "
+                             "the jnp/XLA reference (auto: Pallas on GPU, native on a CPU)")
 
 
 def policies_from_flags(args) -> list[Policy]:

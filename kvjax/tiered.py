@@ -34,6 +34,7 @@ from kvjax.features import NUM_FEATURES
 from kvjax.history import History, enter, entries
 from kvjax.layout import Layout
 from kvjax.stores import KiviKeys, KiviValues, Symmetric, _set, same_codes, store_class
+from pallas_kernels import cpu_attention
 from pallas_kernels import decode_attention as fused
 
 
@@ -213,11 +214,34 @@ class TieredCache(KVCache):
                 return [packed]
             stage = fused.dense_partials(qs, keys.stage, values.read_group(full, g, qs.dtype), slots_below(g, staged))
             return [packed, stage]
+        if kernel_choice.native_attention(self.kernels) and _packed_pair(keys, values) \
+                and cpu_attention.supported(qs.shape[-1], g, isinstance(keys, Symmetric)):
+            return self._native_partials(i, keys, values, qs)
         b, n, h = qs.shape
         heads = jax.tree_util.tree_leaves(keys)[0].shape[1]
         qg = qs.reshape(b, heads, n // heads, h).astype(jnp.float32)  # [b, k, g, h]
         scores = keys.scores(qg, stage_start, staged) * h ** -0.5
         return [fused.partials_of(scores, lay.valid_slots(i, entered), values.mix)]
+
+    def _native_partials(self, i, keys, values, qs):
+        """Tier i through the CPU kernel (pallas_kernels.cpu_attention): every valid slot whose key is
+        packed; the KIVI keys still in the 16-bit stage beside it, with their values read back."""
+        lay, entered, g = self.layout, self.entered[:, i], self.layout.group_size
+        valid = lay.valid_slots(i, entered)  # [b, c]
+        kivi = isinstance(keys, KiviKeys)
+        staged = kivi and keys.stage.shape[-2] > 0
+        if staged:
+            start, count = lay.stage_start(i, entered), entered % g
+            slot = jnp.arange(valid.shape[1])[None, :]
+            valid = valid & ~((slot >= start[:, None]) & (slot < (start + count)[:, None]))
+        packed = cpu_attention.packed_attention_partials(
+            qs, keys.codes, keys.scale, keys.zero if kivi else None, values.codes, values.scale,
+            values.zero if kivi else None, valid, key_bits=keys.bits, value_bits=values.bits, group_size=g,
+            symmetric=not kivi)
+        if not staged:
+            return [packed]
+        return [packed, fused.dense_partials(qs, keys.stage, values.read_group(start, g, qs.dtype),
+                                             slots_below(g, count))]
 
     def advance(self, positions):
         return self.replace(lengths=jnp.maximum(self.lengths, positions.max(axis=1) + 1), route=None)
@@ -314,6 +338,12 @@ class TieredCache(KVCache):
                             window_k=place(k_all, window_slot, lay.window_slots),
                             window_v=place(v_all, window_slot, lay.window_slots), tiers=tuple(tiers), entered=entered,
                             window_features=window_features, lengths=n.astype(jnp.int32))
+
+
+def _packed_pair(keys, values) -> bool:
+    """Keys and values both packed alike (KIVI, or symmetric), at any widths."""
+    return (isinstance(keys, KiviKeys) and isinstance(values, KiviValues)) or \
+        (isinstance(keys, Symmetric) and isinstance(values, Symmetric))
 
 
 def _staged(store, tier: int, layout: Layout):

@@ -24,7 +24,7 @@ from kvjax.config import get_preset
 from kvjax.controller import INPUTS, Controller, ControllerMLP, model_signature
 from kvjax.errors import KvjaxError
 from kvjax.features import forward_recording_features
-from kvjax.kernels import Kernels
+from kvjax.kernels import Kernels, resolve
 from kvjax.model import forward, init_params
 from kvjax.layout import EVICTED, Layout, Tier
 from kvjax.allocation import Allocation
@@ -190,6 +190,21 @@ def test_pallas_kernels_decode_equals_reference(name):
     with jax.default_matmul_precision("highest"):  # GPUs default to TF32 matmuls
         want, _, _ = decode_all(policy, tokens, positions, 30, kernels=Kernels.REFERENCE)
         got, _, _ = decode_all(policy, tokens, positions, 30, kernels=fused)
+    valid = np.asarray(positions) >= 0
+    np.testing.assert_allclose(np.asarray(got)[valid], np.asarray(want)[valid], atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["kivi2", "int8-sink", "band@3", "test-per-layer", "test-three-bands",
+                                  "learned-alloc@2.5"])
+def test_native_cpu_kernel_decode_equals_reference(name):
+    """Decoding with packed tiers attended by the C++ CPU kernel (the CPU default) equals the jnp/XLA
+    reference path; with the proofs above, which run the default, both equal teacher forcing."""
+    if jax.default_backend() != "cpu" or resolve(Kernels.AUTO) is not Kernels.NATIVE:
+        pytest.skip("the native kernel is the default only on a CPU where it compiles")
+    policy = policy_of(name)
+    tokens, positions = ragged_batch(T=27, short=22, seed=3)
+    want, _, _ = decode_all(policy, tokens, positions, 30, kernels=Kernels.REFERENCE)
+    got, _, _ = decode_all(policy, tokens, positions, 30, kernels=Kernels.NATIVE)
     valid = np.asarray(positions) >= 0
     np.testing.assert_allclose(np.asarray(got)[valid], np.asarray(want)[valid], atol=2e-5, rtol=1e-5)
 

@@ -1,0 +1,133 @@
+"""The C++ CPU kernel for packed tiers (pallas_kernels.cpu_attention) against its jnp reference.
+
+Random keys/values are encoded with pallas_kernels.quantize_pack; the kernel and the reference
+attend over the same codes, so they agree to float32 rounding (the kernel sums in another order
+and uses its own exp). Both builds are checked: the one with this CPU's vector extensions (what
+kvjax uses) and the portable one. Shapes: b batch, k kv heads, g query heads per kv head, h head
+dim, c slots, G group size.
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels import cpu_attention
+from pallas_kernels import quantize_pack as codecs
+from pallas_kernels.decode_attention import EMPTY_MAX, tier_attention_partials_dequantized
+
+pytestmark = pytest.mark.skipif(jax.default_backend() != "cpu" or not cpu_attention.available(),
+                                reason=f"no CPU kernel here: {cpu_attention.unavailable_reason()}")
+TOL = 1e-5
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    b: int
+    k: int
+    g: int
+    h: int
+    c: int
+    key_bits: int
+    value_bits: int
+    G: int = 32
+    symmetric: bool = False
+    dtype: str = "float16"  # of scales and zeros
+    valid: str = "random"  # random | prefix | ring | none
+
+
+CASES = [
+    Case(1, 3, 3, 64, 1024 + 96, 2, 2),  # SmolLM2-135M's heads, three blocks
+    Case(2, 3, 3, 64, 544, 4, 4, valid="prefix"),
+    Case(2, 1, 4, 128, 608, 8, 4, G=16, dtype="bfloat16"),
+    Case(1, 2, 1, 16, 96, 4, 2, G=4, dtype="float32"),  # groups shorter than a vector of 16 slots
+    Case(1, 2, 9, 16, 40, 2, 4, G=4, valid="ring"),  # three items of query heads (4 + 4 + 1)
+    Case(2, 1, 6, 96, 1200, 4, 8, G=48),  # groups that straddle vectors of 16 slots
+    Case(2, 3, 3, 64, 704, 2, 8, symmetric=True),
+    Case(1, 1, 5, 16, 25, 8, 2, symmetric=True, dtype="float32", valid="prefix"),
+    Case(2, 2, 2, 32, 64, 2, 2, G=8, valid="none"),
+    Case(1, 1, 1, 64, 0, 2, 2),
+]
+
+
+def make(case: Case, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    b, k, c, h = case.b, case.k, case.c, case.h
+    offsets = rng.normal(size=(1, k, 1, h)) * 2  # per-channel offsets and spreads, like real keys
+    keys = jnp.asarray(offsets + rng.normal(size=(b, k, c, h)) * rng.uniform(0.5, 2, (1, k, 1, h)), jnp.float32)
+    values = jnp.asarray(rng.normal(size=(b, k, c, h)), jnp.float32)
+    q = jnp.asarray(rng.normal(size=(b, k * case.g, h)) * 2, jnp.float32)
+    dtype = jnp.dtype(case.dtype)
+    if case.symmetric:
+        (kc, ks), (vc, vs) = codecs.encode_sym_reference(keys, case.key_bits, dtype), \
+            codecs.encode_sym_reference(values, case.value_bits, dtype)
+        kz = vz = None
+    else:
+        kc, ks, kz = codecs.encode_key_groups_reference(keys, case.key_bits, case.G, dtype)
+        vc, vs, vz = codecs.encode_values_reference(values, case.value_bits, case.G, dtype)
+    slot = np.arange(c)[None, :]
+    counts = rng.integers(0, c + 1, (b, 1))
+    valid = {"random": rng.random((b, c)) < 0.7,
+             "prefix": slot < counts,
+             "ring": (slot < counts // 3) | (slot >= c - counts // 2),
+             "none": np.zeros((b, c), bool)}[case.valid]
+    if case.valid != "none" and b > 1:
+        valid[-1] = False  # one row with no valid slot
+    return (q, kc, ks, kz, vc, vs, vz, jnp.asarray(valid)), dict(
+        key_bits=case.key_bits, value_bits=case.value_bits, group_size=case.G, symmetric=case.symmetric)
+
+
+def attention(p):
+    """Normalized attention output [b, n, h] of partials (0 where nothing is valid)."""
+    return np.where(np.asarray(p.l)[..., None] > 0, np.asarray(p.o) / np.maximum(np.asarray(p.l), 1e-30)[..., None], 0)
+
+
+def assert_partials_close(got, want):
+    o, w = attention(got), attention(want)
+    scale = max(float(np.abs(w).max()), 1e-30)
+    assert float(np.abs(o - w).max()) <= TOL * scale, float(np.abs(o - w).max()) / scale
+    np.testing.assert_allclose(np.asarray(got.l), np.asarray(want.l), rtol=TOL, atol=0)
+    np.testing.assert_allclose(np.asarray(got.m), np.asarray(want.m), rtol=TOL, atol=1e-6)
+
+
+@pytest.mark.parametrize("portable", [False, True], ids=["vector", "portable"])
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_kernel_equals_reference(case, portable):
+    args, kw = make(case)
+    got = cpu_attention.packed_attention_partials(*args, **kw, portable=portable)
+    want = cpu_attention.packed_attention_partials_reference(*args, **kw)
+    assert_partials_close(got, want)
+    empty = ~np.asarray(args[-1]).any(axis=1)  # rows with no valid slot add nothing to a merge
+    assert np.all(np.asarray(got.m)[empty] == EMPTY_MAX) and np.all(np.asarray(got.l)[empty] == 0)
+    assert np.all(np.asarray(got.o)[empty] == 0)
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.key_bits == c.value_bits and c.valid == "prefix"], ids=str)
+def test_kernel_equals_attention_over_the_dequantized_tier(case):
+    args, kw = make(case)
+    count = jnp.asarray(np.asarray(args[-1]).sum(axis=1), jnp.int32)
+    want = tier_attention_partials_dequantized(*args[:7], count, bits=case.key_bits, group_size=case.G)
+    assert_partials_close(cpu_attention.packed_attention_partials(*args, **kw), want)
+
+
+def test_kernel_runs_under_jit_scan_and_vmap():
+    case = Case(2, 3, 3, 64, 160, 2, 2)
+    args, kw = make(case)
+    want = cpu_attention.packed_attention_partials_reference(*args, **kw)
+    stacked = jax.tree_util.tree_map(lambda a: jnp.stack([a, a]), args)
+    scanned = jax.jit(lambda xs: jax.lax.scan(
+        lambda _, x: (None, cpu_attention.packed_attention_partials(*x, **kw)), None, xs)[1])(stacked)
+    mapped = jax.vmap(lambda *x: cpu_attention.packed_attention_partials(*x, **kw))(*stacked)
+    for out in (scanned, mapped):
+        assert_partials_close(jax.tree_util.tree_map(lambda a: a[1], out), want)
+
+
+def test_unsupported_shapes_are_refused():
+    assert not cpu_attention.supported(24, 8, False)  # head dim not a multiple of 16
+    assert not cpu_attention.supported(64, 4, False)  # 16 value groups per token
+    assert cpu_attention.supported(64, 4, True)  # symmetric tiers have no groups
+    args, kw = make(Case(1, 1, 1, 64, 32, 2, 2))
+    with pytest.raises(ValueError, match="multiples of 16"):
+        cpu_attention.packed_attention_partials(*args, **{**kw, "group_size": 4})
