@@ -9,10 +9,12 @@
               groups of G channels           scale, zero [l, b, k, c, h / G]
   Symmetric   per token, over the head dim   codes  uint32 [l, b, k, c, h * bits / 32], scale [l, b, k, c, 1]
 
-A decode step works on one layer at a time: `layer(i)` is the store of layer i (the same class,
-arrays without the leading l), and `with_layer(i, view)` writes it back. Reading and writing a
-layer's slice, not the whole array, is what lets XLA update the cache in place (an array read
-again after a write in the same loop iteration is copied whole, every layer, every step).
+A decode step works on one layer at a time: `layer(i)` is the store of layer i, the same class
+holding the whole [l, ...] arrays and the index `at` = i; its methods write into layer i of the
+whole arrays and read that layer (`get`). A view never copies the layer out: a slice of a layer
+that is written and read again in one step is materialized by XLA (once to write into, once to
+write back: the whole tier, every layer, every step), while a write into the whole array is in
+place, as in kvjax.cache.DenseCache. `with_layer(i, view)` gives the whole store back.
 
 A layer's store has the same small interface in every class, which the step-by-step cache
 (kvjax.tiered) uses: `write` one token per row, `write_group` / `read_group` a whole group of G
@@ -41,14 +43,6 @@ def _group_slots(rows, start, g):
     return rows[:, None], slice(None), start[:, None] + jnp.arange(g)  # [b, G] slots from start [b]
 
 
-def _take_group(x, start, g):
-    """x [b, k, c, ...] at the G slots from start [b] -> [b, k, G, ...] (start clamped inside)."""
-    c = x.shape[2]
-    rows = jnp.arange(start.shape[0])[:, None]
-    slots = jnp.minimum(start[:, None] + jnp.arange(g), c - 1)
-    return x[rows, :, slots].swapaxes(1, 2)  # [b, G, k, ...] -> [b, k, G, ...]
-
-
 def _by_slot(x):
     return x.swapaxes(1, 2)  # [b, k, G, ...] -> [b, G, k, ...]: the layout of a scatter at [rows, :, slots]
 
@@ -60,7 +54,8 @@ def _set(array, index, values):
 class _Store:
     """What every store shares: layer views, and copying a group's arrays as they are.
 
-    SLOTS names the fields with one entry per slot, GROUPS those with one per group of G slots."""
+    SLOTS names the fields with one entry per slot, GROUPS those with one per group of G slots.
+    Every store has a last field `at`: None for the whole store, the layer index in a view."""
 
     SLOTS: tuple[str, ...] = ()
     GROUPS: tuple[str, ...] = ()
@@ -70,28 +65,53 @@ class _Store:
         return getattr(self, self.SLOTS[0]).shape[-2]
 
     def layer(self, i):
-        return jax.tree_util.tree_map(lambda a: a[i], self)
+        """The view of layer i (no copy)."""
+        return self.replace(at=jnp.asarray(i, jnp.int32))
 
     def with_layer(self, i, view):
-        return jax.tree_util.tree_map(lambda a, s: a.at[i].set(s), self, view)
+        """The whole store, once `view` (of layer i) has written into it."""
+        return view.replace(at=None)
+
+    def _index(self, index: tuple) -> tuple:
+        return index if self.at is None else (self.at,) + index
+
+    def get(self, name: str):
+        """This view's layer of a field, [b, k, ...]."""
+        a = getattr(self, name)
+        return a if self.at is None else a[self.at]
+
+    def _put(self, name: str, index: tuple, values):
+        """The field `name` with `values` written at `index` of this view's layer."""
+        return _set(getattr(self, name), self._index(index), values)
+
+    def _take_group(self, name: str, start, g):
+        """A field at the G slots from start [b] -> [b, k, G, ...] (start clamped inside)."""
+        rows = jnp.arange(start.shape[0])[:, None]
+        slots = jnp.minimum(start[:, None] + jnp.arange(g), self.slots - 1)
+        return getattr(self, name)[self._index((rows, slice(None), slots))].swapaxes(1, 2)
+
+    def _take_group_entry(self, name: str, start, g):
+        """A per-group field at the group of slot start [b] -> [b, k, ...]."""
+        group = jnp.minimum(start // g, self.slots // g - 1)
+        return getattr(self, name)[self._index((jnp.arange(start.shape[0]), slice(None), group))]
 
     def take_raw(self, start, g):
-        raw = {f: _take_group(getattr(self, f), start, g) for f in self.SLOTS}
-        group = jnp.minimum(start // g, self.slots // g - 1)
-        raw.update({f: getattr(self, f)[jnp.arange(start.shape[0]), :, group] for f in self.GROUPS})
+        raw = {f: self._take_group(f, start, g) for f in self.SLOTS}
+        raw.update({f: self._take_group_entry(f, start, g) for f in self.GROUPS})
         return raw
 
     def put_raw(self, rows, start, raw):
         g = raw[self.SLOTS[0]].shape[2]
-        out = {f: _set(getattr(self, f), _group_slots(rows, start, g), _by_slot(raw[f])) for f in self.SLOTS}
+        out = {f: self._put(f, _group_slots(rows, start, g), _by_slot(raw[f])) for f in self.SLOTS}
         group = (rows, slice(None), jnp.where(start < self.slots, start // g, self.slots // g))
-        out.update({f: _set(getattr(self, f), group, raw[f]) for f in self.GROUPS})
+        out.update({f: self._put(f, group, raw[f]) for f in self.GROUPS})
         return self.replace(**out)
 
 
 @struct.dataclass
 class Dense(_Store):
     x: jax.Array  # [l, b, k, c, h]
+    at: jax.Array | None = None
     SLOTS = ("x",)
 
     @classmethod
@@ -99,19 +119,19 @@ class Dense(_Store):
         return cls(jnp.zeros(shape, dtype))
 
     def write(self, rows, slot, x, kernels):
-        return self.replace(x=_set(self.x, (rows, slice(None), slot), x))
+        return self.replace(x=self._put("x", (rows, slice(None), slot), x))
 
     def write_group(self, rows, start, x, kernels):
-        return self.replace(x=_set(self.x, _group_slots(rows, start, x.shape[2]), _by_slot(x)))
+        return self.replace(x=self._put("x", _group_slots(rows, start, x.shape[2]), _by_slot(x)))
 
     def read_group(self, start, g, dtype):
-        return _take_group(self.x, start, g).astype(dtype)
+        return self._take_group("x", start, g).astype(dtype)
 
     def scores(self, q, stage_start=None, staged=None):
-        return da.dense_scores(q, self.x)
+        return da.dense_scores(q, self.get("x"))
 
     def mix(self, p):
-        return da.dense_mix(p, self.x)
+        return da.dense_mix(p, self.get("x"))
 
     @classmethod
     def fill(cls, placed, bits, group_size, kernels, dtype, stage_start=None):
@@ -129,6 +149,7 @@ class KiviValues(_Store):
     zero: jax.Array
     bits: int = struct.field(pytree_node=False)
     group_size: int = struct.field(pytree_node=False)
+    at: jax.Array | None = None
     SLOTS = ("codes", "scale", "zero")
 
     @classmethod
@@ -144,22 +165,23 @@ class KiviValues(_Store):
         """x [b, k, h] at slot [b]."""
         codes, scale, zero = (a[:, :, 0] for a in self._encode(x[:, :, None], kernels))
         at = (rows, slice(None), slot)
-        return self.replace(codes=_set(self.codes, at, codes), scale=_set(self.scale, at, scale),
-                            zero=_set(self.zero, at, zero))
+        return self.replace(codes=self._put("codes", at, codes), scale=self._put("scale", at, scale),
+                            zero=self._put("zero", at, zero))
 
     def write_group(self, rows, start, x, kernels):
         """x [b, k, G, h] at the G slots from start [b]."""
         codes, scale, zero = self._encode(x, kernels)
         at = _group_slots(rows, start, x.shape[2])
-        return self.replace(codes=_set(self.codes, at, _by_slot(codes)), scale=_set(self.scale, at, _by_slot(scale)),
-                            zero=_set(self.zero, at, _by_slot(zero)))
+        return self.replace(codes=self._put("codes", at, _by_slot(codes)), scale=self._put("scale", at, _by_slot(scale)),
+                            zero=self._put("zero", at, _by_slot(zero)))
 
     def read_group(self, start, g, dtype):
-        take = lambda a: _take_group(a, start, g)
-        return qp.decode_values(take(self.codes), take(self.scale), take(self.zero), self.bits, self.group_size, dtype)
+        take = lambda f: self._take_group(f, start, g)
+        return qp.decode_values(take("codes"), take("scale"), take("zero"), self.bits, self.group_size, dtype)
 
     def mix(self, p):
-        return da.kivi_value_mix(p, self.codes, self.scale, self.zero, bits=self.bits, group_size=self.group_size)
+        return da.kivi_value_mix(p, self.get("codes"), self.get("scale"), self.get("zero"), bits=self.bits,
+                                 group_size=self.group_size)
 
     @classmethod
     def fill(cls, placed, bits, group_size, kernels, dtype, stage_start=None):
@@ -179,6 +201,7 @@ class KiviKeys(_Store):
     stage: jax.Array  # [l, b, k, G, h]: the 16-bit keys of the group being filled
     bits: int = struct.field(pytree_node=False)
     group_size: int = struct.field(pytree_node=False)
+    at: jax.Array | None = None
     SLOTS = ("codes",)
     GROUPS = ("scale", "zero")
 
@@ -197,17 +220,17 @@ class KiviKeys(_Store):
         g = self.group_size
         slots = _group_slots(rows, jnp.where(inside, start, self.slots), g)
         group = (rows, slice(None), jnp.where(inside, start // g, self.slots // g))
-        return self.replace(codes=_set(self.codes, slots, _by_slot(codes)),
-                            scale=_set(self.scale, group, scale[:, :, 0]), zero=_set(self.zero, group, zero[:, :, 0]))
+        return self.replace(codes=self._put("codes", slots, _by_slot(codes)),
+                            scale=self._put("scale", group, scale[:, :, 0]), zero=self._put("zero", group, zero[:, :, 0]))
 
     def write(self, rows, slot, x, kernels):
         """x [b, k, h] at slot [b]: into the stage; the group's last slot encodes the whole group."""
         g = self.group_size
         inside = slot < self.slots
-        stage = _set(self.stage, (rows, slice(None), jnp.where(inside, slot % g, g)), x)
-        codes, scale, zero = self._encode(stage, kernels)  # [b, k, G, w], [b, k, 1, h]
+        written = self.replace(stage=self._put("stage", (rows, slice(None), jnp.where(inside, slot % g, g)), x))
+        codes, scale, zero = self._encode(written.get("stage"), kernels)  # [b, k, G, w], [b, k, 1, h]
         complete = inside & (slot % g == g - 1)
-        return self.replace(stage=stage)._store_group(rows, slot - g + 1, codes, scale, zero, complete)
+        return written._store_group(rows, slot - g + 1, codes, scale, zero, complete)
 
     def write_group(self, rows, start, x, kernels):
         codes, scale, zero = self._encode(x, kernels)
@@ -215,10 +238,9 @@ class KiviKeys(_Store):
 
     def read_group(self, start, g, dtype):
         """Keys [b, k, G, h] of the complete group at slots start.. (start [b])."""
-        group = jnp.minimum(start // g, self.slots // g - 1)
-        side = lambda a: a[jnp.arange(start.shape[0]), :, group][:, :, None]  # [b, k, 1, h]
-        return qp.decode_key_groups(_take_group(self.codes, start, g), side(self.scale), side(self.zero),
-                                    self.bits, g, dtype)
+        side = lambda f: self._take_group_entry(f, start, g)[:, :, None]  # [b, k, 1, h]
+        return qp.decode_key_groups(self._take_group("codes", start, g), side("scale"), side("zero"), self.bits, g,
+                                    dtype)
 
     def without_stage(self):
         """This store with no 16-bit stage: for a tier only reached by demotion (whole groups)."""
@@ -228,10 +250,11 @@ class KiviKeys(_Store):
         """q [b, k, g, h] . every slot's key [b, k, g, c]; the `staged` [b] slots from stage_start [b] are
         read from the 16-bit stage (their group is not complete)."""
         g = self.group_size
-        packed = da.kivi_key_scores(q, self.codes, self.scale, self.zero, bits=self.bits, group_size=g)
+        packed = da.kivi_key_scores(q, self.get("codes"), self.get("scale"), self.get("zero"), bits=self.bits,
+                                    group_size=g)
         if not self.stage.shape[-2]:  # no stage: every group is whole
             return packed
-        stage = jnp.tile(da.dense_scores(q, self.stage), (1, 1, 1, self.slots // g))  # slot s -> stage s % G
+        stage = jnp.tile(da.dense_scores(q, self.get("stage")), (1, 1, 1, self.slots // g))  # slot s -> stage s % G
         slot = jnp.arange(self.slots)
         in_stage = (slot >= stage_start[:, None]) & (slot < (stage_start + staged)[:, None])  # [b, c]
         return jnp.where(in_stage[:, None, None, :], stage, packed)
@@ -260,6 +283,7 @@ class Symmetric(_Store):
     codes: jax.Array  # uint32 [l, b, k, c, w]
     scale: jax.Array  # [l, b, k, c, 1]
     bits: int = struct.field(pytree_node=False)
+    at: jax.Array | None = None
     SLOTS = ("codes", "scale")
 
     @classmethod
@@ -273,22 +297,22 @@ class Symmetric(_Store):
     def write(self, rows, slot, x, kernels):
         codes, scale = (a[:, :, 0] for a in self._encode(x[:, :, None], kernels))
         at = (rows, slice(None), slot)
-        return self.replace(codes=_set(self.codes, at, codes), scale=_set(self.scale, at, scale))
+        return self.replace(codes=self._put("codes", at, codes), scale=self._put("scale", at, scale))
 
     def write_group(self, rows, start, x, kernels):
         codes, scale = self._encode(x, kernels)
         at = _group_slots(rows, start, x.shape[2])
-        return self.replace(codes=_set(self.codes, at, _by_slot(codes)), scale=_set(self.scale, at, _by_slot(scale)))
+        return self.replace(codes=self._put("codes", at, _by_slot(codes)), scale=self._put("scale", at, _by_slot(scale)))
 
     def read_group(self, start, g, dtype):
-        take = lambda a: _take_group(a, start, g)
-        return qp.decode_sym(take(self.codes), take(self.scale), self.bits, dtype)
+        take = lambda f: self._take_group(f, start, g)
+        return qp.decode_sym(take("codes"), take("scale"), self.bits, dtype)
 
     def scores(self, q, stage_start=None, staged=None):
-        return da.sym_scores(q, self.codes, self.scale, bits=self.bits)
+        return da.sym_scores(q, self.get("codes"), self.get("scale"), bits=self.bits)
 
     def mix(self, p):
-        return da.sym_mix(p, self.codes, self.scale, bits=self.bits)
+        return da.sym_mix(p, self.get("codes"), self.get("scale"), bits=self.bits)
 
     @classmethod
     def fill(cls, placed, bits, group_size, kernels, dtype, stage_start=None):

@@ -148,8 +148,17 @@ class TieredCache(KVCache):
         tiers = [(t.keys[seg].layer(local), t.values[seg].layer(local)) for t in self.tiers]  # this layer's stores
         read = jnp.minimum(r.window_slot, lay.window_slots - 1)
         old_k, old_v = window_k[rows, :, read], window_v[rows, :, read]  # [b, k, h]: the token leaving the window
+        # The tier views write into their whole arrays in place; what this step reads of a tier before
+        # writing it (a demoted group) is made an input of every later write (`tie`), so that XLA
+        # orders the read first instead of copying the whole array to keep it.
+        tie = jnp.zeros((), jnp.float32)
         for (src, dst), (from_slot, to_slot) in zip(r.move_tiers, r.move_slots):
-            tiers[dst] = tuple(self._move_group(a, b, rows, from_slot, to_slot) for a, b in zip(tiers[src], tiers[dst]))
+            moved = []
+            for a, b in zip(tiers[src], tiers[dst]):
+                b, tie = self._move_group(a, b, rows, from_slot, to_slot, tie)
+                moved.append(b)
+            tiers[dst] = tuple(moved)
+        old_k, old_v = _after(tie, old_k), _after(tie, old_v)
         for i, t in enumerate(lay.tiers):
             if t.slots and i in lay.heads:  # leaving tokens enter heads only; the rest get whole groups
                 slot = jnp.where(r.leaving & (r.tier == i), r.slot, t.slots)
@@ -170,11 +179,12 @@ class TieredCache(KVCache):
                 parts += self._tier_partials(i, *tiers[i], qs)
         out = fused.merge_partials(parts)[:, None].astype(q.dtype)
 
-        # Written back only after the attention has read them: without this data dependency XLA copies
-        # each whole [l, ...] array whose slice a dot reads (measured in the decode step's HLO).
+        # The sink and window slices are written back only after the attention has read them: without
+        # this data dependency XLA copies each whole [l, ...] array whose slice a dot reads (measured in
+        # the decode step's HLO). The tier views wrote into their whole arrays already.
         after = functools.partial(_after, out.reshape(-1)[0])
         put = lambda full, part: full.at[li].set(after(part))
-        back = lambda t, view: t.with_layer(local, jax.tree_util.tree_map(after, view))
+        back = lambda t, view: t.with_layer(local, view)
         return out, self.replace(
             sink_k=put(self.sink_k, sink_k), sink_v=put(self.sink_v, sink_v), window_k=put(self.window_k, window_k),
             window_v=put(self.window_v, window_v),
@@ -182,13 +192,18 @@ class TieredCache(KVCache):
                                    _replace_at(t.values, seg, back(t.values[seg], values)))
                         for t, (keys, values) in zip(self.tiers, tiers)))
 
-    def _move_group(self, a, b, rows, from_slot, to_slot):
+    def _move_group(self, a, b, rows, from_slot, to_slot, tie):
         """A ring's oldest group from store a into store b (one layer, one side): its codes copied if the
-        two store alike, else decoded and re-encoded."""
+        two store alike, else decoded and re-encoded. -> (b, tie): b is written after `tie`, and the
+        new tie is read from b once written, so whatever comes after it also comes after this read of a
+        (a tie read from the group itself would not do: XLA computes one element of it apart)."""
         g = self.layout.group_size
         if same_codes(type(a), type(b), getattr(a, "bits", 16), getattr(b, "bits", 16)):
-            return b.put_raw(rows, to_slot, a.take_raw(from_slot, g))
-        return b.write_group(rows, to_slot, a.read_group(from_slot, g, jnp.float32), self.kernels)
+            raw = jax.tree_util.tree_map(functools.partial(_after, tie), a.take_raw(from_slot, g))
+            b = b.put_raw(rows, to_slot, raw)
+        else:
+            b = b.write_group(rows, to_slot, _after(tie, a.read_group(from_slot, g, jnp.float32)), self.kernels)
+        return b, tie + getattr(b, b.SLOTS[0]).reshape(-1)[0].astype(jnp.float32)
 
     def _tier_partials(self, i, keys, values, qs):
         """Partials of qs [b, n, h] over tier i, given this layer's stores of its keys and values."""
@@ -200,25 +215,26 @@ class TieredCache(KVCache):
         sym = isinstance(keys, Symmetric) and isinstance(values, Symmetric) and keys.bits == values.bits
         fused_here = interpret is not None and (kivi or sym) and not t.ring  # the kernel reads tiers filled in order
         if fused_here:
-            blocks = fused.auto_blocks(qs.shape[0], keys.codes.shape[1], t.slots)
+            blocks = fused.auto_blocks(qs.shape[0], keys.codes.shape[2], t.slots)
         if fused_here and sym:
-            return [fused.tier_attention_partials(qs, keys.codes, keys.scale, None, values.codes, values.scale, None,
-                                                  entered, bits=keys.bits, group_size=g, blocks=blocks,
-                                                  interpret=interpret)]
+            return [fused.tier_attention_partials(qs, keys.get("codes"), keys.get("scale"), None, values.get("codes"),
+                                                  values.get("scale"), None, entered, bits=keys.bits, group_size=g,
+                                                  blocks=blocks, interpret=interpret)]
         if fused_here:  # KIVI: the full groups in the kernel, the stage beside it
             full = entered // g * g
-            packed = fused.tier_attention_partials(qs, keys.codes, keys.scale, keys.zero, values.codes, values.scale,
-                                                   values.zero, full, bits=keys.bits, group_size=g, blocks=blocks,
-                                                   interpret=interpret)
+            packed = fused.tier_attention_partials(qs, *(keys.get(f) for f in ("codes", "scale", "zero")),
+                                                   *(values.get(f) for f in ("codes", "scale", "zero")), full,
+                                                   bits=keys.bits, group_size=g, blocks=blocks, interpret=interpret)
             if not keys.stage.shape[-2]:  # a tier reached only by demotion holds whole groups
                 return [packed]
-            stage = fused.dense_partials(qs, keys.stage, values.read_group(full, g, qs.dtype), slots_below(g, staged))
+            stage = fused.dense_partials(qs, keys.get("stage"), values.read_group(full, g, qs.dtype),
+                                         slots_below(g, staged))
             return [packed, stage]
         if kernel_choice.native_attention(self.kernels) and _packed_pair(keys, values) \
                 and cpu_attention.supported(qs.shape[-1], g, isinstance(keys, Symmetric)):
             return self._native_partials(i, keys, values, qs)
         b, n, h = qs.shape
-        heads = jax.tree_util.tree_leaves(keys)[0].shape[1]
+        heads = getattr(keys, keys.SLOTS[0]).shape[2]
         qg = qs.reshape(b, heads, n // heads, h).astype(jnp.float32)  # [b, k, g, h]
         scores = keys.scores(qg, stage_start, staged) * h ** -0.5
         return [fused.partials_of(scores, lay.valid_slots(i, entered), values.mix)]
@@ -234,13 +250,13 @@ class TieredCache(KVCache):
             start, count = lay.stage_start(i, entered), entered % g
             slot = jnp.arange(valid.shape[1])[None, :]
             valid = valid & ~((slot >= start[:, None]) & (slot < (start + count)[:, None]))
-        packed = cpu_attention.packed_attention_partials(
+        packed = cpu_attention.packed_attention_partials(  # the whole [l, ...] arrays: read in place
             qs, keys.codes, keys.scale, keys.zero if kivi else None, values.codes, values.scale,
-            values.zero if kivi else None, valid, key_bits=keys.bits, value_bits=values.bits, group_size=g,
+            values.zero if kivi else None, valid, keys.at, key_bits=keys.bits, value_bits=values.bits, group_size=g,
             symmetric=not kivi)
         if not staged:
             return [packed]
-        return [packed, fused.dense_partials(qs, keys.stage, values.read_group(start, g, qs.dtype),
+        return [packed, fused.dense_partials(qs, keys.get("stage"), values.read_group(start, g, qs.dtype),
                                              slots_below(g, count))]
 
     def advance(self, positions):

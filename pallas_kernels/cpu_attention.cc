@@ -5,15 +5,18 @@
 // handler reads each packed word once. Shapes and semantics are those of
 // pallas_kernels.decode_attention (letters from its docstring):
 //
+//   layer                int32 []                           which layer of the [L, ...] arrays below
 //   q                    float32 [b, k, g, h]
-//   k_codes, v_codes     uint32  [b, k, c, h * bits / 32]   code d in word d / per, bits (d % per) * bits
-//   KIVI keys            k_scale, k_zero [b, k, c / G, h]   key[s, d] = code * scale[s / G, d] + zero[s / G, d]
-//   KIVI values          v_scale, v_zero [b, k, c, h / G]   value[s, d] = code * scale[s, d / G] + zero[s, d / G]
-//   symmetric            k_scale, v_scale [b, k, c, 1]      x = (code - 2^(bits-1)) * scale (zeros ignored)
-//   valid                bool [b, c]                        slots that take part
+//   k_codes, v_codes     uint32  [L, b, k, c, h * bits / 32] code d in word d / per, bits (d % per) * bits
+//   KIVI keys            k_scale, k_zero [L, b, k, c / G, h] key[s, d] = code * scale[s / G, d] + zero[s / G, d]
+//   KIVI values          v_scale, v_zero [L, b, k, c, h / G] value[s, d] = code * scale[s, d / G] + zero[s, d / G]
+//   symmetric            k_scale, v_scale [L, b, k, c, 1]    x = (code - 2^(bits-1)) * scale (zeros ignored)
+//   valid                bool [b, c]                         slots that take part
 //   -> o float32 [b, k, g, h] (unnormalized), m, l float32 [b, k, g]: flash-decoding partials
 //
-// Scales and zeros may be float16, bfloat16 or float32. Work is split into items of (row, kv head,
+// The layer is an operand so that a decode step's layer scan hands over the cache's whole arrays:
+// a slice of them would be copied out for the call, every layer, every step. Scales and zeros may be
+// float16, bfloat16 or float32. Work is split into items of (row, kv head,
 // block of slots); items run on XLA's intra-op thread pool and the calling thread, and the blocks
 // of one (row, head) are merged here by log-sum-exp. Per slot, the keys' scale is folded into q
 // (q * scale . code, once per group of G slots) and the values' scale into the probabilities, so
@@ -69,14 +72,20 @@ float Bf16ToFloat(uint16_t h) {
   return f;
 }
 
-// n values of a float16 / bfloat16 / float32 buffer from element `start`, as float32.
-void ToFloat(const ffi::AnyBuffer& buf, size_t start, int n, float* out) {
-  switch (buf.element_type()) {
+// A float16 / bfloat16 / float32 array (scales, zeros), from its first element in this layer.
+struct Floats {
+  const void* data;
+  ffi::DataType type;
+};
+
+// n values of `x` from element `start`, as float32.
+void ToFloat(const Floats& x, size_t start, int n, float* out) {
+  switch (x.type) {
     case ffi::DataType::F32:
-      std::memcpy(out, static_cast<const float*>(buf.untyped_data()) + start, n * sizeof(float));
+      std::memcpy(out, static_cast<const float*>(x.data) + start, n * sizeof(float));
       return;
     case ffi::DataType::F16: {
-      const uint16_t* p = static_cast<const uint16_t*>(buf.untyped_data()) + start;
+      const uint16_t* p = static_cast<const uint16_t*>(x.data) + start;
       int i = 0;
 #if defined(__AVX512F__)
       for (; i + 16 <= n; i += 16)
@@ -86,7 +95,7 @@ void ToFloat(const ffi::AnyBuffer& buf, size_t start, int n, float* out) {
       return;
     }
     default: {  // BF16 (checked before any work)
-      const uint16_t* p = static_cast<const uint16_t*>(buf.untyped_data()) + start;
+      const uint16_t* p = static_cast<const uint16_t*>(x.data) + start;
       for (int i = 0; i < n; ++i) out[i] = Bf16ToFloat(p[i]);
       return;
     }
@@ -118,7 +127,7 @@ struct Problem {
   float sm_scale;
   const float* q;
   const uint32_t *k_codes, *v_codes;
-  const ffi::AnyBuffer *k_scale, *k_zero, *v_scale, *v_zero;
+  Floats k_scale, k_zero, v_scale, v_zero;
   const bool* valid;
   int row_groups;  // ceil(g / kRows): items of kRows query heads (the last may have fewer)
   int blocks;      // blocks of kBlock slots
@@ -278,7 +287,7 @@ void Item(const Problem& P, int row, int head, int q0, int s0, int s1, float* __
     if (P.symmetric) {
       KeyDots<KB, NG>(kc + size_t(t0) * kw, kw, lanes, q, acc);
       alignas(64) float s[16] = {};
-      ToFloat(*P.k_scale, bh * c + s0 + t0, lanes, s);
+      ToFloat(P.k_scale, bh * c + s0 + t0, lanes, s);
       for (int r = 0; r < NG; ++r)
         for (int j = 0; j < lanes; ++j) {
           const float x = (acc[r][j] - float(1 << (KB - 1)) * qsum[r]) * s[j] * P.sm_scale;
@@ -290,8 +299,8 @@ void Item(const Problem& P, int row, int head, int q0, int s0, int s1, float* __
       if (group != folded) {
         folded = group;
         const size_t at = (bh * (c / G) + group) * h;
-        ToFloat(*P.k_scale, at, h, scale);
-        ToFloat(*P.k_zero, at, h, zero);
+        ToFloat(P.k_scale, at, h, scale);
+        ToFloat(P.k_zero, at, h, zero);
         for (int r = 0; r < NG; ++r) {
           float z = 0.0f;
           for (int d = 0; d < h; ++d) {
@@ -323,10 +332,10 @@ void Item(const Problem& P, int row, int head, int q0, int s0, int s1, float* __
   // values: o[r, d] = sum_t p[r, t] (code[t, d] * scale[t, d / G] + zero[t, d / G])
   const int per_slot = P.symmetric ? 1 : h / G;  // <= 8 (checked)
   alignas(64) float side[kBlock * 8], vscale[8][kBlock], vzero[8][kBlock], pv[NG][8][kBlock];
-  ToFloat(*P.v_scale, (bh * c + s0) * per_slot, n * per_slot, side);
+  ToFloat(P.v_scale, (bh * c + s0) * per_slot, n * per_slot, side);
   Deinterleave(side, n, per_slot, vscale);
   if (!P.symmetric) {
-    ToFloat(*P.v_zero, (bh * c + s0) * per_slot, n * per_slot, side);
+    ToFloat(P.v_zero, (bh * c + s0) * per_slot, n * per_slot, side);
     Deinterleave(side, n, per_slot, vzero);
   }
   float oz[NG][8] = {};
@@ -405,14 +414,28 @@ struct Work {
   }
 };
 
-ffi::Error Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::U32> k_codes, ffi::AnyBuffer k_scale,
-                ffi::AnyBuffer k_zero, ffi::Buffer<ffi::U32> v_codes, ffi::AnyBuffer v_scale, ffi::AnyBuffer v_zero,
+// Layer `layer` of a [L, ...] array: the element offset of its first element.
+template <typename Dims>
+size_t LayerOffset(const Dims& dims, int32_t layer) {
+  size_t per_layer = 1;
+  for (size_t i = 1; i < dims.size(); ++i) per_layer *= size_t(dims[i]);
+  return per_layer * size_t(layer);
+}
+
+Floats LayerOf(const ffi::AnyBuffer& x, int32_t layer) {
+  const size_t offset = LayerOffset(x.dimensions(), layer) * ffi::ByteWidth(x.element_type());
+  return {static_cast<const char*>(x.untyped_data()) + offset, x.element_type()};
+}
+
+ffi::Error Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::S32> layer_index, ffi::Buffer<ffi::F32> q,
+                ffi::Buffer<ffi::U32> k_codes, ffi::AnyBuffer k_scale, ffi::AnyBuffer k_zero,
+                ffi::Buffer<ffi::U32> v_codes, ffi::AnyBuffer v_scale, ffi::AnyBuffer v_zero,
                 ffi::Buffer<ffi::PRED> valid, int32_t key_bits, int32_t value_bits, int32_t group_size,
                 int32_t symmetric, float sm_scale, ffi::ResultBuffer<ffi::F32> o, ffi::ResultBuffer<ffi::F32> m,
                 ffi::ResultBuffer<ffi::F32> l) {
   auto qd = q.dimensions();
   auto cd = k_codes.dimensions();
-  if (qd.size() != 4 || cd.size() != 4) return ffi::Error::InvalidArgument("q and codes must be rank 4");
+  if (qd.size() != 4 || cd.size() != 5) return ffi::Error::InvalidArgument("q must be rank 4 and codes rank 5");
   for (const ffi::AnyBuffer* s : {&k_scale, &k_zero, &v_scale, &v_zero}) {
     auto t = s->element_type();
     if (t != ffi::DataType::F32 && t != ffi::DataType::F16 && t != ffi::DataType::BF16)
@@ -420,14 +443,19 @@ ffi::Error Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::
   }
   auto ok_bits = [](int b) { return b == 2 || b == 4 || b == 8; };
   if (!ok_bits(key_bits) || !ok_bits(value_bits)) return ffi::Error::InvalidArgument("bits must be 2, 4 or 8");
+  const int32_t layer = layer_index.typed_data()[0];
+  if (layer < 0 || layer >= cd[0]) return ffi::Error::InvalidArgument("layer index out of range");
   Problem P;
-  P.b = int(qd[0]), P.k = int(qd[1]), P.g = int(qd[2]), P.h = int(qd[3]), P.c = int(cd[2]);
+  P.b = int(qd[0]), P.k = int(qd[1]), P.g = int(qd[2]), P.h = int(qd[3]), P.c = int(cd[3]);
   P.G = group_size, P.key_bits = key_bits, P.value_bits = value_bits, P.symmetric = symmetric != 0;
   P.sm_scale = sm_scale;
   if (P.h > kMaxHead || P.h % 16 || (!P.symmetric && (P.G <= 0 || P.h % P.G || P.h / P.G > 8)))
     return ffi::Error::InvalidArgument("unsupported head dim or group size");
-  P.q = q.typed_data(), P.k_codes = k_codes.typed_data(), P.v_codes = v_codes.typed_data();
-  P.k_scale = &k_scale, P.k_zero = &k_zero, P.v_scale = &v_scale, P.v_zero = &v_zero;
+  P.q = q.typed_data();
+  P.k_codes = k_codes.typed_data() + LayerOffset(cd, layer);
+  P.v_codes = v_codes.typed_data() + LayerOffset(v_codes.dimensions(), layer);
+  P.k_scale = LayerOf(k_scale, layer), P.k_zero = LayerOf(k_zero, layer);
+  P.v_scale = LayerOf(v_scale, layer), P.v_zero = LayerOf(v_zero, layer);
   P.valid = valid.typed_data();
   P.row_groups = (P.g + kRows - 1) / kRows;
   P.blocks = (P.c + kBlock - 1) / kBlock;
@@ -474,6 +502,7 @@ ffi::Error Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::
 XLA_FFI_DEFINE_HANDLER_SYMBOL(KvjaxPackedAttention, Impl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()   // layer index (a scalar)
                                   .Arg<ffi::Buffer<ffi::F32>>()   // q
                                   .Arg<ffi::Buffer<ffi::U32>>()   // k_codes
                                   .Arg<ffi::AnyBuffer>()          // k_scale

@@ -13,8 +13,9 @@ FFI headers jaxlib ships, for the vector instructions /proc/cpuinfo lists, and c
 $KVJAX_CACHE (default ~/.cache/kvjax) by a digest of the source, flags and jaxlib version.
 `available()` says whether that worked; kvjax.kernels decides from it, once.
 
-    packed_attention_partials(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, valid, *,
+    packed_attention_partials(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, valid, layer=None, *,
                               key_bits, value_bits, group_size, symmetric) -> Partials
+    (with `layer`, the tier arrays are a cache's whole [L, ...] arrays and that layer is read in place)
     reference: packed_attention_partials_reference (decode_attention's jnp functions), same signature.
 """
 
@@ -128,14 +129,21 @@ def _check(q, k_codes, v_codes, valid, key_bits, value_bits, group_size, symmetr
 
 
 @functools.partial(jax.jit, static_argnames=("key_bits", "value_bits", "group_size", "symmetric", "portable"))
-def packed_attention_partials(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, valid, *, key_bits: int,
-                              value_bits: int, group_size: int, symmetric: bool = False,
+def packed_attention_partials(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, valid, layer=None, *,
+                              key_bits: int, value_bits: int, group_size: int, symmetric: bool = False,
                               portable: bool = False) -> da.Partials:
     """Partials of q [b, n, h] over the valid [b, c] slots of a packed tier (the C++ kernel).
 
     KIVI: k_scale/k_zero [b, k, c/G, h], v_scale/v_zero [b, k, c, h/G]; symmetric: k_scale, v_scale
-    [b, k, c, 1] and the zeros None. `portable`: the build without vector extensions (for tests)."""
-    b, k, g, h = _check(q, k_codes, v_codes, valid, key_bits, value_bits, group_size, symmetric)
+    [b, k, c, 1] and the zeros None. With `layer` (an int32 scalar), every tier array has a leading
+    [L] axis and layer `layer` is attended, read where it lies (a decode step's layer scan passes
+    the whole cache arrays: slicing them would copy the layer out). `portable`: the build without
+    vector extensions (for tests)."""
+    if layer is None:
+        k_codes, k_scale, k_zero, v_codes, v_scale, v_zero = (
+            None if a is None else a[None] for a in (k_codes, k_scale, k_zero, v_codes, v_scale, v_zero))
+        layer = 0
+    b, k, g, h = _check(q, k_codes[0], v_codes[0], valid, key_bits, value_bits, group_size, symmetric)
     target = TARGET + "_portable" if portable else TARGET
     reason = _registered(target, not portable)
     if reason is not None:
@@ -145,8 +153,8 @@ def packed_attention_partials(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_z
     shapes = [jax.ShapeDtypeStruct((b, k, g, h), jnp.float32), jax.ShapeDtypeStruct((b, k, g), jnp.float32),
               jax.ShapeDtypeStruct((b, k, g), jnp.float32)]
     o, m, l = jax.ffi.ffi_call(target, shapes, vmap_method="sequential")(
-        q.reshape(b, k, g, h).astype(jnp.float32), k_codes, k_scale, k_zero, v_codes, v_scale, v_zero,
-        valid.astype(jnp.bool_), key_bits=np.int32(key_bits), value_bits=np.int32(value_bits),
+        jnp.asarray(layer, jnp.int32), q.reshape(b, k, g, h).astype(jnp.float32), k_codes, k_scale, k_zero, v_codes,
+        v_scale, v_zero, valid.astype(jnp.bool_), key_bits=np.int32(key_bits), value_bits=np.int32(value_bits),
         group_size=np.int32(group_size), symmetric=np.int32(symmetric), sm_scale=np.float32(h ** -0.5))
     return da.Partials(o.reshape(b, k * g, h), m.reshape(b, k * g), l.reshape(b, k * g))
 
