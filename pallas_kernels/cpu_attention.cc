@@ -16,9 +16,9 @@
 //
 // The layer is an operand so that a decode step's layer scan hands over the cache's whole arrays:
 // a slice of them would be copied out for the call, every layer, every step. Scales and zeros may be
-// float16, bfloat16 or float32. Work is split into items of (row, kv head,
-// block of slots); items run on XLA's intra-op thread pool and the calling thread, and the blocks
-// of one (row, head) are merged here by log-sum-exp. Per slot, the keys' scale is folded into q
+// float16, bfloat16 or float32. Work is split into items of (row, kv head, up to kRows of its
+// query heads, kBlock slots); items run on XLA's intra-op thread pool and the calling thread, and
+// the blocks of one query head are merged here by log-sum-exp. Per slot, the keys' scale is folded into q
 // (q * scale . code, once per group of G slots) and the values' scale into the probabilities, so
 // codes are only unpacked (shift, mask, convert) and multiplied.
 
@@ -245,9 +245,9 @@ inline void ValueMix(const uint32_t* __restrict codes, int vw, int n, int h, int
 
 // Partials of NG query heads (q0..q0 + NG - 1) of (row, head) over slots
 // [s0, s1) into `out` (m [NG], l [NG], o [NG, h]).
-//   keys: vectorized along slots. A block's code words are first transposed to [w, slots], so
-//         code d of 16 consecutive slots is one shift and mask; q * scale of the slots' group
-//         multiplies it (no per-slot horizontal sums).
+//   keys: vectorized along slots. Word w of 16 consecutive slots is one gather, so code d of
+//         all 16 is one shift and mask; q * scale of the slots' group multiplies it (no per-slot
+//         horizontal sums).
 //   values: vectorized along channels; each slot's codes are unpacked once, and p * scale
 //         (one number per slot, row and channel group) multiplies them.
 template <int KB, int VB, int NG>
