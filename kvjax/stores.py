@@ -164,16 +164,16 @@ class KiviValues(_Store):
     def write(self, rows, slot, x, kernels):
         """x [b, k, h] at slot [b]."""
         codes, scale, zero = (a[:, :, 0] for a in self._encode(x[:, :, None], kernels))
-        at = (rows, slice(None), slot)
-        return self.replace(codes=self._put("codes", at, codes), scale=self._put("scale", at, scale),
-                            zero=self._put("zero", at, zero))
+        where = (rows, slice(None), slot)
+        return self.replace(codes=self._put("codes", where, codes), scale=self._put("scale", where, scale),
+                            zero=self._put("zero", where, zero))
 
     def write_group(self, rows, start, x, kernels):
         """x [b, k, G, h] at the G slots from start [b]."""
         codes, scale, zero = self._encode(x, kernels)
-        at = _group_slots(rows, start, x.shape[2])
-        return self.replace(codes=self._put("codes", at, _by_slot(codes)), scale=self._put("scale", at, _by_slot(scale)),
-                            zero=self._put("zero", at, _by_slot(zero)))
+        where = _group_slots(rows, start, x.shape[2])
+        return self.replace(codes=self._put("codes", where, _by_slot(codes)),
+                            scale=self._put("scale", where, _by_slot(scale)), zero=self._put("zero", where, _by_slot(zero)))
 
     def read_group(self, start, g, dtype):
         take = lambda f: self._take_group(f, start, g)
@@ -296,13 +296,14 @@ class Symmetric(_Store):
 
     def write(self, rows, slot, x, kernels):
         codes, scale = (a[:, :, 0] for a in self._encode(x[:, :, None], kernels))
-        at = (rows, slice(None), slot)
-        return self.replace(codes=self._put("codes", at, codes), scale=self._put("scale", at, scale))
+        where = (rows, slice(None), slot)
+        return self.replace(codes=self._put("codes", where, codes), scale=self._put("scale", where, scale))
 
     def write_group(self, rows, start, x, kernels):
         codes, scale = self._encode(x, kernels)
-        at = _group_slots(rows, start, x.shape[2])
-        return self.replace(codes=self._put("codes", at, _by_slot(codes)), scale=self._put("scale", at, _by_slot(scale)))
+        where = _group_slots(rows, start, x.shape[2])
+        return self.replace(codes=self._put("codes", where, _by_slot(codes)),
+                            scale=self._put("scale", where, _by_slot(scale)))
 
     def read_group(self, start, g, dtype):
         take = lambda f: self._take_group(f, start, g)

@@ -122,7 +122,7 @@ inline float ExpNonPositive(float x) {
 }
 
 struct Problem {
-  int b, k, g, h, c, G, key_bits, value_bits;
+  int b, k, g, h, c, G;
   bool symmetric;
   float sm_scale;
   const float* q;
@@ -447,7 +447,7 @@ ffi::Error Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::S32> layer_index, ffi::Bu
   if (layer < 0 || layer >= cd[0]) return ffi::Error::InvalidArgument("layer index out of range");
   Problem P;
   P.b = int(qd[0]), P.k = int(qd[1]), P.g = int(qd[2]), P.h = int(qd[3]), P.c = int(cd[3]);
-  P.G = group_size, P.key_bits = key_bits, P.value_bits = value_bits, P.symmetric = symmetric != 0;
+  P.G = group_size, P.symmetric = symmetric != 0;
   P.sm_scale = sm_scale;
   if (P.h > kMaxHead || P.h % 16 || (!P.symmetric && (P.G <= 0 || P.h % P.G || P.h / P.G > 8)))
     return ffi::Error::InvalidArgument("unsupported head dim or group size");

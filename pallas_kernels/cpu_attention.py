@@ -164,12 +164,7 @@ def packed_attention_partials_reference(q, k_codes, k_scale, k_zero, v_codes, v_
                                         key_bits: int, value_bits: int, group_size: int,
                                         symmetric: bool = False) -> da.Partials:
     """The kernel's jnp reference: decode_attention's attention over packed codes, same signature."""
-    b, k, g, h = _check(q, k_codes, v_codes, valid, key_bits, value_bits, group_size, symmetric)
-    qg = q.reshape(b, k, g, h).astype(jnp.float32)
-    if symmetric:
-        scores = da.sym_scores(qg, k_codes, k_scale, bits=key_bits)
-        mix = lambda p: da.sym_mix(p, v_codes, v_scale, bits=value_bits)
-    else:
-        scores = da.kivi_key_scores(qg, k_codes, k_scale, k_zero, bits=key_bits, group_size=group_size)
-        mix = lambda p: da.kivi_value_mix(p, v_codes, v_scale, v_zero, bits=value_bits, group_size=group_size)
-    return da.partials_of(scores * h ** -0.5, valid, mix)
+    _check(q, k_codes, v_codes, valid, key_bits, value_bits, group_size, symmetric)
+    return da.packed_partials(q, k_codes, k_scale, None if symmetric else k_zero, v_codes, v_scale,
+                              None if symmetric else v_zero, valid, key_bits=key_bits, value_bits=value_bits,
+                              group_size=group_size)

@@ -514,14 +514,23 @@ def tier_attention_partials_reference(q, k_codes, k_scale, k_zero, v_codes, v_sc
     """
     del blocks, interpret, backend
     b, k, g, h, c = _check_tier(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, count, bits, group_size)
-    qg, valid = _grouped(q, k), jnp.arange(c)[None, :] < count[:, None]
+    return packed_partials(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero,
+                           jnp.arange(c)[None, :] < count[:, None], key_bits=bits, value_bits=bits,
+                           group_size=group_size)
+
+
+def packed_partials(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, valid, *, key_bits: int,
+                    value_bits: int, group_size: int) -> Partials:
+    """Partials of q [b, n, h] over the valid [b, c] slots of a packed tier, straight from its codes
+    (jnp; keys and values at their own widths; k_zero None: a symmetric tier)."""
+    qg = _grouped(q, k_codes.shape[1])
     if k_zero is None:  # symmetric
-        scores = sym_scores(qg, k_codes, k_scale, bits=bits)
-        mix = lambda p: sym_mix(p, v_codes, v_scale, bits=bits)
+        scores = sym_scores(qg, k_codes, k_scale, bits=key_bits)
+        mix = lambda p: sym_mix(p, v_codes, v_scale, bits=value_bits)
     else:
-        scores = kivi_key_scores(qg, k_codes, k_scale, k_zero, bits=bits, group_size=group_size)
-        mix = lambda p: kivi_value_mix(p, v_codes, v_scale, v_zero, bits=bits, group_size=group_size)
-    return partials_of(scores * h ** -0.5, valid, mix)
+        scores = kivi_key_scores(qg, k_codes, k_scale, k_zero, bits=key_bits, group_size=group_size)
+        mix = lambda p: kivi_value_mix(p, v_codes, v_scale, v_zero, bits=value_bits, group_size=group_size)
+    return partials_of(scores * q.shape[-1] ** -0.5, valid, mix)
 
 
 @functools.partial(jax.jit, static_argnames=("bits", "group_size"))
