@@ -19,6 +19,7 @@ K/V and where each token went, and `fill` builds the state step-by-step decoding
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -33,7 +34,7 @@ from kvjax.errors import KvjaxError
 from kvjax.features import NUM_FEATURES
 from kvjax.history import History, enter, entries
 from kvjax.layout import Layout
-from kvjax.stores import KiviKeys, KiviValues, Symmetric, _set, same_codes, store_class
+from kvjax.stores import Dense, KiviKeys, KiviValues, Symmetric, _set, same_codes, store_class
 from pallas_kernels import cpu_attention
 from pallas_kernels import decode_attention as fused
 
@@ -171,21 +172,25 @@ class TieredCache(KVCache):
 
         qs, tokens = q[:, 0], positions[:, 0] + 1  # [b, n, h]; tokens stored so far, this one included
         slots = lambda n: jnp.arange(n)[None, :]
-        parts = [fused.dense_partials(qs, sink_k, sink_v, slots(lay.sink_slots) < jnp.minimum(tokens, lay.sinks)[:, None]),
-                 fused.dense_partials(qs, window_k, window_v,
-                                      slots(lay.window_slots) < jnp.clip(tokens - lay.sinks, 0, lay.window)[:, None])]
-        for i, t in enumerate(lay.tiers):
-            if t.slots:
-                parts += self._tier_partials(i, *tiers[i], qs)
-        out = fused.merge_partials(parts)[:, None].astype(q.dtype)
+        sink_valid = slots(lay.sink_slots) < jnp.minimum(tokens, lay.sinks)[:, None]
+        window_valid = slots(lay.window_slots) < jnp.clip(tokens - lay.sinks, 0, lay.window)[:, None]
+        if kernel_choice.native_attention(self.kernels):
+            out = self._native_attention(qs, (sink_k, sink_v, sink_valid), (window_k, window_v, window_valid), tiers)
+        else:
+            parts = [fused.dense_partials(qs, sink_k, sink_v, sink_valid),
+                     fused.dense_partials(qs, window_k, window_v, window_valid)]
+            for i, t in enumerate(lay.tiers):
+                if t.slots:
+                    parts += self._tier_partials(i, *tiers[i], qs)
+            out = fused.merge_partials(parts)
 
         # The sink and window slices are written back only after the attention has read them: without
-        # this data dependency XLA copies each whole [l, ...] array whose slice a dot reads (measured in
-        # the decode step's HLO). The tier views wrote into their whole arrays already.
+        # this data dependency XLA copies each whole [l, ...] array whose slice is read (measured in the
+        # decode step's HLO). The tier views wrote into their whole arrays already.
         after = functools.partial(_after, out.reshape(-1)[0])
         put = lambda full, part: full.at[li].set(after(part))
         back = lambda t, view: t.with_layer(local, view)
-        return out, self.replace(
+        return out[:, None].astype(q.dtype), self.replace(
             sink_k=put(self.sink_k, sink_k), sink_v=put(self.sink_v, sink_v), window_k=put(self.window_k, window_k),
             window_v=put(self.window_v, window_v),
             tiers=tuple(TierStores(_replace_at(t.keys, seg, back(t.keys[seg], keys)),
@@ -230,34 +235,49 @@ class TieredCache(KVCache):
             stage = fused.dense_partials(qs, keys.get("stage"), values.read_group(full, g, qs.dtype),
                                          slots_below(g, staged))
             return [packed, stage]
-        if kernel_choice.native_attention(self.kernels) and _packed_pair(keys, values) \
-                and cpu_attention.supported(qs.shape[-1], g, isinstance(keys, Symmetric)):
-            return self._native_partials(i, keys, values, qs)
         b, n, h = qs.shape
         heads = getattr(keys, keys.SLOTS[0]).shape[2]
         qg = qs.reshape(b, heads, n // heads, h).astype(jnp.float32)  # [b, k, g, h]
         scores = keys.scores(qg, stage_start, staged) * h ** -0.5
         return [fused.partials_of(scores, lay.valid_slots(i, entered), values.mix)]
 
-    def _native_partials(self, i, keys, values, qs):
-        """Tier i through the CPU kernel (pallas_kernels.cpu_attention): every valid slot whose key is
-        packed; the KIVI keys still in the 16-bit stage beside it, with their values read back."""
+    def _native_attention(self, qs, sink, window, tiers):
+        """Attention of qs [b, n, h] over one layer through the CPU kernel (pallas_kernels.cpu_attention):
+        one call over the sink and the window (this layer's k, v [b, k, s, h] and valid slots) and every
+        tier it takes; tiers it does not take are attended beside it. -> float32 [b, n, h]."""
+        lay, g = self.layout, self.layout.group_size
+        parts = [cpu_attention.Part.floats(k[None], v[None], valid, 0) for k, v, valid in (sink, window) if k.shape[-2]]
+        beside = []
+        for i, t in enumerate(lay.tiers):
+            if t.slots:
+                native = self._native_parts(i, *tiers[i], qs.shape[-1])
+                parts += native or []
+                beside += [] if native is not None else self._tier_partials(i, *tiers[i], qs)
+        partials = [cpu_attention.attention_partials(qs, parts, group_size=g)] if parts else []
+        return fused.merge_partials(partials + beside)
+
+    def _native_parts(self, i, keys, values, head_dim: int):
+        """Tier i as parts of the CPU kernel (None if it takes neither form): every valid slot whose key
+        is packed, and the KIVI keys still in the 16-bit stage with their values in the tier."""
         lay, entered, g = self.layout, self.entered[:, i], self.layout.group_size
         valid = lay.valid_slots(i, entered)  # [b, c]
+        if isinstance(keys, Dense) and isinstance(values, Dense):
+            return [cpu_attention.Part.floats(keys.x, values.x, valid, keys.at)]
+        if not _packed_pair(keys, values) or not cpu_attention.supported(head_dim, g, isinstance(keys, Symmetric)):
+            return None
         kivi = isinstance(keys, KiviKeys)
-        staged = kivi and keys.stage.shape[-2] > 0
-        if staged:
-            start, count = lay.stage_start(i, entered), entered % g
-            slot = jnp.arange(valid.shape[1])[None, :]
-            valid = valid & ~((slot >= start[:, None]) & (slot < (start + count)[:, None]))
-        packed = cpu_attention.packed_attention_partials(  # the whole [l, ...] arrays: read in place
-            qs, keys.codes, keys.scale, keys.zero if kivi else None, values.codes, values.scale,
-            values.zero if kivi else None, valid, keys.at, key_bits=keys.bits, value_bits=values.bits, group_size=g,
-            symmetric=not kivi)
-        if not staged:
-            return [packed]
-        return [packed, fused.dense_partials(qs, keys.get("stage"), values.read_group(start, g, qs.dtype),
-                                             slots_below(g, count))]
+        packed = lambda valid: cpu_attention.packed_part(  # the whole [l, ...] arrays: read in place
+            keys.codes, keys.scale, keys.zero if kivi else None, values.codes, values.scale,
+            values.zero if kivi else None, valid, keys.at, key_bits=keys.bits, value_bits=values.bits, symmetric=not kivi)
+        if not (kivi and keys.stage.shape[-2]):
+            return [packed(valid)]
+        start, count = lay.stage_start(i, entered), entered % g
+        slot = jnp.arange(valid.shape[1])[None, :]
+        in_stage = (slot >= start[:, None]) & (slot < (start + count)[:, None])
+        stage = dataclasses.replace(packed(slots_below(g, count)), keys=keys.stage, key_scale=None, key_zero=None,
+                                    key_bits=cpu_attention.FLOATS,
+                                    value_offset=jnp.minimum(start, valid.shape[1] - g))  # a full tier stages none
+        return [packed(valid & ~in_stage), stage]
 
     def advance(self, positions):
         return self.replace(lengths=jnp.maximum(self.lengths, positions.max(axis=1) + 1), route=None)

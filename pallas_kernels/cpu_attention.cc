@@ -1,26 +1,36 @@
-// Decode attention over one packed tier on a CPU: an XLA FFI custom call (kvjax "native" kernels).
+// Decode attention over one layer of a KV cache on a CPU: an XLA FFI custom call (kvjax "native" kernels).
 //
 // The CPU counterpart of decode_attention.py's Pallas kernel. XLA:CPU has no Pallas backend, and
-// its fusions of the jnp reference unpack every code twice and run far below memory speed; this
-// handler reads each packed word once. Shapes and semantics are those of
-// pallas_kernels.decode_attention (letters from its docstring):
+// its fusions of the jnp reference unpack every code twice and run far below memory speed, and each
+// small XLA op of a decode step costs a microsecond or more; this handler reads each packed word
+// once and attends over every part of a layer's cache in one call. Letters as in
+// pallas_kernels.decode_attention:
 //
-//   layer                int32 []                           which layer of the [L, ...] arrays below
+//   layers               int32 [P]                          per part, which entry of its [L, ...] arrays
 //   q                    float32 [b, k, g, h]
-//   k_codes, v_codes     uint32  [L, b, k, c, h * bits / 32] code d in word d / per, bits (d % per) * bits
-//   KIVI keys            k_scale, k_zero [L, b, k, c / G, h] key[s, d] = code * scale[s / G, d] + zero[s / G, d]
-//   KIVI values          v_scale, v_zero [L, b, k, c, h / G] value[s, d] = code * scale[s, d / G] + zero[s, d / G]
-//   symmetric            k_scale, v_scale [L, b, k, c, 1]    x = (code - 2^(bits-1)) * scale (zeros ignored)
-//   valid                bool [b, c]                         slots that take part
-//   -> o float32 [b, k, g, h] (unnormalized), m, l float32 [b, k, g]: flash-decoding partials
+//   then 8 operands per part (P parts), in this order:
+//   keys                 uint32 [L, b, k, c, h * kb / 32]    codes: code d in word d / per, bits (d % per) * kb
+//                        or float [L, b, k, c, h]            kb = 16: keys stored as float16/bfloat16/float32
+//   key_scale, key_zero  KIVI [L, b, k, c / G, h]           key[s, d] = code * scale[s / G, d] + zero[s / G, d]
+//                        symmetric [L, b, k, c, 1]          x = (code - 2^(bits-1)) * scale (zero not read)
+//   values               uint32 [L, b, k, c', h * vb / 32] or float [L, b, k, c', h] (vb = 16)
+//   value_scale, value_zero  KIVI [L, b, k, c', h / G]       value[s, d] = code * scale[s, d / G] + zero[s, d / G]
+//                        symmetric [L, b, k, c', 1]
+//   valid                bool [b, c]                        key slots that take part
+//   value_offset         int32 [b]                          key slot j's value is value slot value_offset + j
+//   (operands a part does not read, such as a float side's scales, may be any array)
+//   attributes: key_bits, value_bits, symmetric (int32 [P]), group_size, sm_scale
+//   -> o float32 [b, k, g, h] (unnormalized), m, l float32 [b, k, g]: flash-decoding partials of
+//      the union of the parts
 //
-// The layer is an operand so that a decode step's layer scan hands over the cache's whole arrays:
-// a slice of them would be copied out for the call, every layer, every step. Scales and zeros may be
-// float16, bfloat16 or float32. Work is split into items of (row, kv head, up to kRows of its
-// query heads, kBlock slots); items run on XLA's intra-op thread pool and the calling thread, and
-// the blocks of one query head are merged here by log-sum-exp. Per slot, the keys' scale is folded into q
-// (q * scale . code, once per group of G slots) and the values' scale into the probabilities, so
-// codes are only unpacked (shift, mask, convert) and multiplied.
+// kvjax's tiered cache passes its sink and window (float keys and values), each tier's packed slots
+// and a KIVI tier's stage (float keys, packed values at the stage's slots): one call per layer. The
+// layers are operands so that a decode step's layer scan hands over the cache's whole arrays: a
+// slice of them would be copied out for the call, every layer, every step. Work is split into items
+// of (row, kv head, up to kRows of its query heads, kBlock slots of one part); items run on XLA's
+// intra-op thread pool and the calling thread, and are merged here by log-sum-exp. Per slot, the
+// keys' scale is folded into q (q * scale . code, once per group of G slots) and the values' scale
+// into the probabilities, so codes are only unpacked (shift, mask, convert) and multiplied.
 
 #include <algorithm>
 #include <atomic>
@@ -28,8 +38,10 @@
 #include <condition_variable>
 #include <cstdint>
 #include <cstring>
+#include <initializer_list>
 #include <memory>
 #include <mutex>
+#include <string>
 #include <vector>
 
 #if defined(__AVX512F__)
@@ -121,17 +133,34 @@ inline float ExpNonPositive(float x) {
   return x < -87.0f ? 0.0f : p * two_n;
 }
 
+constexpr int kFloats = 16;  // a side's "width" when it is stored as floats, not codes
+
+struct Problem;
+struct Part;
+using ItemFn = void (*)(const Problem&, const Part&, int row, int head, int q0, int s0, int s1, float* out);
+
+// One part of a layer's cache, its arrays from their first element in this layer.
+struct Part {
+  int kb, vb;                  // key / value widths: 2, 4, 8 (codes) or kFloats
+  bool symmetric;              // the codes' form: symmetric or KIVI
+  int kc, vc;                  // slots of the key arrays / of the value arrays
+  const uint32_t *k_codes = nullptr, *v_codes = nullptr;
+  Floats keys{}, k_scale{}, k_zero{}, values{}, v_scale{}, v_zero{};  // keys, values: float sides
+  const bool* valid;           // [b, kc]
+  const int32_t* value_offset; // [b]
+  int first_block, blocks;     // its blocks of kBlock key slots, numbered across the parts
+  ItemFn fn[kRows];            // by query heads in the item
+};
+
 struct Problem {
-  int b, k, g, h, c, G;
-  bool symmetric;
+  int b, k, g, h, G;
   float sm_scale;
   const float* q;
-  const uint32_t *k_codes, *v_codes;
-  Floats k_scale, k_zero, v_scale, v_zero;
-  const bool* valid;
+  std::vector<Part> parts;
+  std::vector<int> part_of_block;
   int row_groups;  // ceil(g / kRows): items of kRows query heads (the last may have fewer)
-  int blocks;      // blocks of kBlock slots
-  std::vector<float> part;  // per item: m [NG], l [NG], o [NG, h] of its NG <= kRows query heads
+  int blocks;      // blocks of all parts
+  std::vector<float> out;  // per item: m [NG], l [NG], o [NG, h] of its NG <= kRows query heads
   int part_size() const { return kRows * (h + 2); }
 };
 
@@ -243,19 +272,55 @@ inline void ValueMix(const uint32_t* __restrict codes, int vw, int n, int h, int
   }
 }
 
-// Partials of NG query heads (q0..q0 + NG - 1) of (row, head) over slots
-// [s0, s1) into `out` (m [NG], l [NG], o [NG, h]).
-//   keys: vectorized along slots. Word w of 16 consecutive slots is one gather, so code d of
-//         all 16 is one shift and mask; q * scale of the slots' group multiplies it (no per-slot
-//         horizontal sums).
-//   values: vectorized along channels; each slot's codes are unpacked once, and p * scale
+// scores[r, t] = q_r . key_t * sm_scale over n slots of float keys from element `first` (kept slots only).
+template <int NG>
+void FloatKeyScores(const Floats& keys, size_t first, int n, int h, const float (*__restrict q)[kMaxHead],
+                    const bool* __restrict keep, float sm_scale, float (*__restrict scores)[kBlock]) {
+  alignas(64) float key[kMaxHead];
+  for (int t = 0; t < n; ++t) {
+    if (!keep[t]) {
+      for (int r = 0; r < NG; ++r) scores[r][t] = kEmptyMax;
+      continue;
+    }
+    ToFloat(keys, first + size_t(t) * h, h, key);
+    for (int r = 0; r < NG; ++r) {
+      float s = 0.0f;
+      for (int d = 0; d < h; ++d) s += q[r][d] * key[d];
+      scores[r][t] = s * sm_scale;
+    }
+  }
+}
+
+// o[r, d] += sum_t p[r, t] * value_t[d] over the kept of n slots of float values from element
+// `first` (an empty slot may hold anything, even NaN: it is skipped, not multiplied by 0).
+template <int NG>
+void FloatValueMix(const Floats& values, size_t first, int n, int h, const bool* __restrict keep,
+                   const float (*__restrict p)[kBlock], float* __restrict o) {
+  alignas(64) float value[kMaxHead];
+  for (int t = 0; t < n; ++t) {
+    if (!keep[t]) continue;
+    ToFloat(values, first + size_t(t) * h, h, value);
+    for (int r = 0; r < NG; ++r) {
+      const float w = p[r][t];
+      for (int d = 0; d < h; ++d) o[r * h + d] += w * value[d];
+    }
+  }
+}
+
+// Partials of NG query heads (q0..q0 + NG - 1) of (row, head) over key slots [s0, s1) of part T
+// into `out` (m [NG], l [NG], o [NG, h]).
+//   packed keys: vectorized along slots. Word w of 16 consecutive slots is one gather, so code d
+//         of all 16 is one shift and mask; q * scale of the slots' group multiplies it (no
+//         per-slot horizontal sums).
+//   packed values: vectorized along channels; each slot's codes are unpacked once, and p * scale
 //         (one number per slot, row and channel group) multiplies them.
+//   float sides (KB or VB = kFloats): one slot at a time, converted to float32.
 template <int KB, int VB, int NG>
-void Item(const Problem& P, int row, int head, int q0, int s0, int s1, float* __restrict out) {
-  const int h = P.h, G = P.G, c = P.c, n = s1 - s0, n16 = (n + 15) / 16 * 16;
-  const int kw = h * KB / 32, vw = h * VB / 32;
+void Item(const Problem& P, const Part& T, int row, int head, int q0, int s0, int s1, float* __restrict out) {
+  const int h = P.h, G = P.G, n = s1 - s0, n16 = (n + 15) / 16 * 16;
   const size_t bh = size_t(row) * P.k + head;
-  const bool* valid = P.valid + size_t(row) * c;
+  const bool* valid = T.valid + size_t(row) * T.kc;
+  const size_t v0 = bh * T.vc + size_t(T.value_offset[row]) + s0;  // the value slot of key slot s0
   float* m = out;
   float* l = out + NG;
   float* o = out + 2 * NG;
@@ -274,46 +339,52 @@ void Item(const Problem& P, int row, int head, int q0, int s0, int s1, float* __
     for (int d = 0; d < h; ++d) qsum[r] += q[r][d];
   }
   for (int t = 0; t < n16; ++t) keep[t] = t < n && valid[s0 + t];
-  const uint32_t* kc = P.k_codes + (bh * c + s0) * kw;
-
-  // keys: scores[r, t] = q_r . key_t * sm_scale, 16 slots at a time; a group of G slots folds its
-  // per-channel scale and zero into q (qs = q * scale, qz = q . zero), and where G < 16 (or 16 does
-  // not divide G) the 16 slots are scored once per group they touch
-  alignas(64) float acc[NG][16];
-  int folded = -1;  // the group qs, qz hold
   for (int r = 0; r < NG; ++r) std::fill(scores[r] + n, scores[r] + n16, kEmptyMax);  // past the block's end
-  for (int t0 = 0; t0 < n16; t0 += 16) {
-    const int lanes = std::min(16, n - t0);
-    if (P.symmetric) {
-      KeyDots<KB, NG>(kc + size_t(t0) * kw, kw, lanes, q, acc);
-      alignas(64) float s[16] = {};
-      ToFloat(P.k_scale, bh * c + s0 + t0, lanes, s);
-      for (int r = 0; r < NG; ++r)
-        for (int j = 0; j < lanes; ++j) {
-          const float x = (acc[r][j] - float(1 << (KB - 1)) * qsum[r]) * s[j] * P.sm_scale;
-          scores[r][t0 + j] = keep[t0 + j] ? x : kEmptyMax;
-        }
-      continue;
-    }
-    for (int group = (s0 + t0) / G; group * G < s0 + t0 + lanes; ++group) {
-      if (group != folded) {
-        folded = group;
-        const size_t at = (bh * (c / G) + group) * h;
-        ToFloat(P.k_scale, at, h, scale);
-        ToFloat(P.k_zero, at, h, zero);
-        for (int r = 0; r < NG; ++r) {
-          float z = 0.0f;
-          for (int d = 0; d < h; ++d) {
-            qs[r][d] = q[r][d] * scale[d];
-            z += q[r][d] * zero[d];
+
+  // keys: scores[r, t] = q_r . key_t * sm_scale
+  if constexpr (KB == kFloats) {
+    FloatKeyScores<NG>(T.keys, (bh * T.kc + s0) * h, n, h, q, keep, P.sm_scale, scores);
+  } else {
+    // 16 slots at a time; a group of G slots folds its per-channel scale and zero into q
+    // (qs = q * scale, qz = q . zero), and where G < 16 (or 16 does not divide G) the 16 slots
+    // are scored once per group they touch
+    const int kw = h * KB / 32;
+    const uint32_t* kc = T.k_codes + (bh * T.kc + s0) * kw;
+    alignas(64) float acc[NG][16];
+    int folded = -1;  // the group qs, qz hold
+    for (int t0 = 0; t0 < n16; t0 += 16) {
+      const int lanes = std::min(16, n - t0);
+      if (T.symmetric) {
+        KeyDots<KB, NG>(kc + size_t(t0) * kw, kw, lanes, q, acc);
+        alignas(64) float s[16] = {};
+        ToFloat(T.k_scale, bh * T.kc + s0 + t0, lanes, s);
+        for (int r = 0; r < NG; ++r)
+          for (int j = 0; j < lanes; ++j) {
+            const float x = (acc[r][j] - float(1 << (KB - 1)) * qsum[r]) * s[j] * P.sm_scale;
+            scores[r][t0 + j] = keep[t0 + j] ? x : kEmptyMax;
           }
-          qz[r] = z;
-        }
+        continue;
       }
-      KeyDots<KB, NG>(kc + size_t(t0) * kw, kw, lanes, qs, acc);
-      const int j0 = std::max(0, group * G - s0 - t0), j1 = std::min(lanes, (group + 1) * G - s0 - t0);
-      for (int r = 0; r < NG; ++r)
-        for (int j = j0; j < j1; ++j) scores[r][t0 + j] = keep[t0 + j] ? (acc[r][j] + qz[r]) * P.sm_scale : kEmptyMax;
+      for (int group = (s0 + t0) / G; group * G < s0 + t0 + lanes; ++group) {
+        if (group != folded) {
+          folded = group;
+          const size_t at = (bh * (T.kc / G) + group) * h;
+          ToFloat(T.k_scale, at, h, scale);
+          ToFloat(T.k_zero, at, h, zero);
+          for (int r = 0; r < NG; ++r) {
+            float z = 0.0f;
+            for (int d = 0; d < h; ++d) {
+              qs[r][d] = q[r][d] * scale[d];
+              z += q[r][d] * zero[d];
+            }
+            qz[r] = z;
+          }
+        }
+        KeyDots<KB, NG>(kc + size_t(t0) * kw, kw, lanes, qs, acc);
+        const int j0 = std::max(0, group * G - s0 - t0), j1 = std::min(lanes, (group + 1) * G - s0 - t0);
+        for (int r = 0; r < NG; ++r)
+          for (int j = j0; j < j1; ++j) scores[r][t0 + j] = keep[t0 + j] ? (acc[r][j] + qz[r]) * P.sm_scale : kEmptyMax;
+      }
     }
   }
   // softmax numerators: p = exp(s - m), which is 0 on empty slots (s = EMPTY_MAX, far below m)
@@ -329,39 +400,44 @@ void Item(const Problem& P, int row, int head, int q0, int s0, int s1, float* __
     m[r] = mx;
     l[r] = sum;
   }
-  // values: o[r, d] = sum_t p[r, t] (code[t, d] * scale[t, d / G] + zero[t, d / G])
-  const int per_slot = P.symmetric ? 1 : h / G;  // <= 8 (checked)
-  alignas(64) float side[kBlock * 8], vscale[8][kBlock], vzero[8][kBlock], pv[NG][8][kBlock];
-  ToFloat(P.v_scale, (bh * c + s0) * per_slot, n * per_slot, side);
-  Deinterleave(side, n, per_slot, vscale);
-  if (!P.symmetric) {
-    ToFloat(P.v_zero, (bh * c + s0) * per_slot, n * per_slot, side);
-    Deinterleave(side, n, per_slot, vzero);
-  }
-  float oz[NG][8] = {};
-  for (int r = 0; r < NG; ++r)
-    for (int mg = 0; mg < per_slot; ++mg) {
-      float z = 0.0f;
-      for (int t = 0; t < n; ++t) {
-        pv[r][mg][t] = scores[r][t] * vscale[mg][t];
-        z += P.symmetric ? pv[r][mg][t] : scores[r][t] * vzero[mg][t];
-      }
-      oz[r][mg] = z;
+  // values: o[r, d] = sum_t p[r, t] value_t[d]
+  if constexpr (VB == kFloats) {
+    FloatValueMix<NG>(T.values, v0 * h, n, h, keep, scores, o);
+  } else {
+    // codes: value_t[d] = code[t, d] * scale[t, d / G] + zero[t, d / G] (KIVI)
+    const int per_slot = T.symmetric ? 1 : h / G;  // <= 8 (checked)
+    alignas(64) float side[kBlock * 8], vscale[8][kBlock], vzero[8][kBlock], pv[NG][8][kBlock];
+    ToFloat(T.v_scale, v0 * per_slot, n * per_slot, side);
+    Deinterleave(side, n, per_slot, vscale);
+    if (!T.symmetric) {
+      ToFloat(T.v_zero, v0 * per_slot, n * per_slot, side);
+      Deinterleave(side, n, per_slot, vzero);
     }
-  ValueMix<VB, NG>(P.v_codes + (bh * c + s0) * vw, vw, n, h, P.symmetric ? h : G, &pv[0][0][0], o);
-  for (int r = 0; r < NG; ++r)
-    for (int d = 0; d < h; ++d)
-      o[r * h + d] += P.symmetric ? -float(1 << (VB - 1)) * oz[r][0] : oz[r][d / G];
+    float oz[NG][8] = {};
+    for (int r = 0; r < NG; ++r)
+      for (int mg = 0; mg < per_slot; ++mg) {
+        float z = 0.0f;
+        for (int t = 0; t < n; ++t) {
+          pv[r][mg][t] = scores[r][t] * vscale[mg][t];
+          z += T.symmetric ? pv[r][mg][t] : scores[r][t] * vzero[mg][t];
+        }
+        oz[r][mg] = z;
+      }
+    const int vw = h * VB / 32;
+    ValueMix<VB, NG>(T.v_codes + v0 * vw, vw, n, h, T.symmetric ? h : G, &pv[0][0][0], o);
+    for (int r = 0; r < NG; ++r)
+      for (int d = 0; d < h; ++d)
+        o[r * h + d] += T.symmetric ? -float(1 << (VB - 1)) * oz[r][0] : oz[r][d / G];
+  }
 }
-
-using ItemFn = void (*)(const Problem&, int, int, int, int, int, float*);
 
 template <int KB, int NG>
 ItemFn PickValues(int vb) {
   switch (vb) {
     case 2: return Item<KB, 2, NG>;
     case 4: return Item<KB, 4, NG>;
-    default: return Item<KB, 8, NG>;
+    case 8: return Item<KB, 8, NG>;
+    default: return Item<KB, kFloats, NG>;
   }
 }
 
@@ -370,7 +446,8 @@ ItemFn PickKeys(int kb, int vb) {
   switch (kb) {
     case 2: return PickValues<2, NG>(vb);
     case 4: return PickValues<4, NG>(vb);
-    default: return PickValues<8, NG>(vb);
+    case 8: return PickValues<8, NG>(vb);
+    default: return PickValues<kFloats, NG>(vb);
   }
 }
 
@@ -386,8 +463,6 @@ ItemFn Pick(int rows, int kb, int vb) {
 
 // Runs items [0, total) on the pool's threads and this one; returns when all are done. Helpers that
 // start after the work is gone return at once (the shared state outlives this call).
-// Runs items [0, total) on the pool's threads and this one; returns when all are done. Helpers that
-// start after the work is gone return at once (the shared state outlives this call).
 struct Work {
   std::atomic<int> next{0};
   int total = 0;
@@ -395,16 +470,16 @@ struct Work {
   std::mutex mu;
   std::condition_variable cv;
   Problem* problem = nullptr;
-  ItemFn fn[kRows] = {};  // by query heads in the item
   void Run() {
     int ran = 0;
     for (int i; (i = next.fetch_add(1)) < total; ++ran) {
       Problem& P = *problem;
       const int block = i % P.blocks, rest = i / P.blocks;  // item = ((row * k + head) * row_groups + rg) * blocks + block
       const int rg = rest % P.row_groups, bh = rest / P.row_groups;
-      const int s0 = block * kBlock, s1 = std::min(P.c, s0 + kBlock);
+      const Part& T = P.parts[P.part_of_block[block]];
+      const int s0 = (block - T.first_block) * kBlock, s1 = std::min(T.kc, s0 + kBlock);
       const int q0 = rg * kRows, rows = std::min(kRows, P.g - q0);
-      fn[rows - 1](P, bh / P.k, bh % P.k, q0, s0, s1, P.part.data() + size_t(i) * P.part_size());
+      T.fn[rows - 1](P, T, bh / P.k, bh % P.k, q0, s0, s1, P.out.data() + size_t(i) * P.part_size());
     }
     if (ran) {
       std::lock_guard<std::mutex> lock(mu);
@@ -414,12 +489,20 @@ struct Work {
   }
 };
 
-// Layer `layer` of a [L, ...] array: the element offset of its first element.
-template <typename Dims>
-size_t LayerOffset(const Dims& dims, int32_t layer) {
+// The element offset of layer `layer`'s first element in a [L, ...] array.
+size_t LayerOffset(ffi::Span<const int64_t> dims, int32_t layer) {
   size_t per_layer = 1;
   for (size_t i = 1; i < dims.size(); ++i) per_layer *= size_t(dims[i]);
   return per_layer * size_t(layer);
+}
+
+bool IsFloat(ffi::DataType t) {
+  return t == ffi::DataType::F32 || t == ffi::DataType::F16 || t == ffi::DataType::BF16;
+}
+
+bool HasDims(const ffi::AnyBuffer& x, std::initializer_list<int64_t> want) {
+  auto d = x.dimensions();
+  return d.size() == want.size() && std::equal(want.begin(), want.end(), d.begin());
 }
 
 Floats LayerOf(const ffi::AnyBuffer& x, int32_t layer) {
@@ -427,44 +510,100 @@ Floats LayerOf(const ffi::AnyBuffer& x, int32_t layer) {
   return {static_cast<const char*>(x.untyped_data()) + offset, x.element_type()};
 }
 
-ffi::Error Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::S32> layer_index, ffi::Buffer<ffi::F32> q,
-                ffi::Buffer<ffi::U32> k_codes, ffi::AnyBuffer k_scale, ffi::AnyBuffer k_zero,
-                ffi::Buffer<ffi::U32> v_codes, ffi::AnyBuffer v_scale, ffi::AnyBuffer v_zero,
-                ffi::Buffer<ffi::PRED> valid, int32_t key_bits, int32_t value_bits, int32_t group_size,
-                int32_t symmetric, float sm_scale, ffi::ResultBuffer<ffi::F32> o, ffi::ResultBuffer<ffi::F32> m,
-                ffi::ResultBuffer<ffi::F32> l) {
+// Part p (operands 8p .. 8p + 7) of the call, checked against q's shape [b, k, g, h].
+ffi::ErrorOr<Part> ReadPart(const ffi::RemainingArgs& args, int p, int32_t layer, int kb, int vb, bool symmetric,
+                            const Problem& P) {
+  auto arg = [&](int j) { return args.get<ffi::AnyBuffer>(size_t(8 * p + j)); };
+  ffi::ErrorOr<ffi::AnyBuffer> buffers[8] = {arg(0), arg(1), arg(2), arg(3), arg(4), arg(5), arg(6), arg(7)};
+  for (auto& x : buffers)
+    if (x.has_error()) return ffi::Unexpected(x.error());
+  const ffi::AnyBuffer &keys = *buffers[0], &k_scale = *buffers[1], &k_zero = *buffers[2], &values = *buffers[3],
+                       &v_scale = *buffers[4], &v_zero = *buffers[5], &valid = *buffers[6], &offset = *buffers[7];
+  auto bad = [p](const char* what) {
+    return ffi::Unexpected(ffi::Error::InvalidArgument("part " + std::to_string(p) + ": " + what));
+  };
+  auto ok_bits = [](int x) { return x == 2 || x == 4 || x == 8 || x == kFloats; };
+  if (!ok_bits(kb) || !ok_bits(vb)) return bad("bits must be 2, 4, 8 or 16");
+  if (kb != kFloats && vb == kFloats) return bad("packed keys with float values are not supported");
+  auto kd = keys.dimensions(), vd = values.dimensions();
+  if (kd.size() != 5 || vd.size() != 5) return bad("keys and values must be rank 5");
+  if (layer < 0 || layer >= kd[0] || layer >= vd[0]) return bad("layer index out of range");
+  const int64_t b = P.b, k = P.k, h = P.h, G = P.G, kc = kd[3], vc = vd[3];
+  Part T;
+  T.kb = kb, T.vb = vb, T.symmetric = symmetric, T.kc = int(kc), T.vc = int(vc);
+  auto side = [&](const ffi::AnyBuffer& x, int bits, int64_t slots, const ffi::AnyBuffer& scale,
+                  const ffi::AnyBuffer& zero, bool is_key, const uint32_t** codes, Floats* floats, Floats* s,
+                  Floats* z) -> const char* {
+    if (bits == kFloats) {
+      if (!IsFloat(x.element_type()) || !HasDims(x, {x.dimensions()[0], b, k, slots, h}))
+        return "float keys/values must be float [L, b, k, c, h]";
+      *floats = LayerOf(x, layer);
+      return nullptr;
+    }
+    if (x.element_type() != ffi::DataType::U32 || !HasDims(x, {x.dimensions()[0], b, k, slots, h * bits / 32}))
+      return "codes must be uint32 [L, b, k, c, h * bits / 32]";
+    *codes = static_cast<const uint32_t*>(x.untyped_data()) + LayerOffset(x.dimensions(), layer);
+    for (const ffi::AnyBuffer* a : {&scale, &zero}) {
+      if (symmetric && a == &zero) break;
+      if (!IsFloat(a->element_type())) return "scales and zeros must be float16, bfloat16 or float32";
+      const int64_t L = a->dimensions().size() ? a->dimensions()[0] : 0;
+      const bool fits = symmetric ? HasDims(*a, {L, b, k, slots, 1})
+                        : is_key  ? slots % G == 0 && HasDims(*a, {L, b, k, slots / G, h})
+                                  : HasDims(*a, {L, b, k, slots, h / G});
+      if (!fits || layer >= L) return "scales or zeros of the wrong shape";
+    }
+    *s = LayerOf(scale, layer);
+    if (!symmetric) *z = LayerOf(zero, layer);
+    return nullptr;
+  };
+  if (const char* e = side(keys, kb, kc, k_scale, k_zero, true, &T.k_codes, &T.keys, &T.k_scale, &T.k_zero)) return bad(e);
+  if (const char* e = side(values, vb, vc, v_scale, v_zero, false, &T.v_codes, &T.values, &T.v_scale, &T.v_zero))
+    return bad(e);
+  if (valid.element_type() != ffi::DataType::PRED || !HasDims(valid, {b, kc})) return bad("valid must be bool [b, c]");
+  if (offset.element_type() != ffi::DataType::S32 || !HasDims(offset, {b})) return bad("value_offset must be int32 [b]");
+  T.valid = static_cast<const bool*>(valid.untyped_data());
+  T.value_offset = static_cast<const int32_t*>(offset.untyped_data());
+  for (int64_t row = 0; row < b; ++row)
+    if (T.value_offset[row] < 0 || T.value_offset[row] + kc > vc) return bad("value slots out of range");
+  for (int rows = 1; rows <= kRows; ++rows) T.fn[rows - 1] = Pick(rows, kb, vb);
+  return T;
+}
+
+ffi::Error Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::S32> layers, ffi::Buffer<ffi::F32> q, ffi::RemainingArgs args,
+                ffi::Span<const int32_t> key_bits, ffi::Span<const int32_t> value_bits,
+                ffi::Span<const int32_t> symmetric, int32_t group_size, float sm_scale, ffi::ResultBuffer<ffi::F32> o,
+                ffi::ResultBuffer<ffi::F32> m, ffi::ResultBuffer<ffi::F32> l) {
   auto qd = q.dimensions();
-  auto cd = k_codes.dimensions();
-  if (qd.size() != 4 || cd.size() != 5) return ffi::Error::InvalidArgument("q must be rank 4 and codes rank 5");
-  for (const ffi::AnyBuffer* s : {&k_scale, &k_zero, &v_scale, &v_zero}) {
-    auto t = s->element_type();
-    if (t != ffi::DataType::F32 && t != ffi::DataType::F16 && t != ffi::DataType::BF16)
-      return ffi::Error::InvalidArgument("scales and zeros must be float16, bfloat16 or float32");
-  }
-  auto ok_bits = [](int b) { return b == 2 || b == 4 || b == 8; };
-  if (!ok_bits(key_bits) || !ok_bits(value_bits)) return ffi::Error::InvalidArgument("bits must be 2, 4 or 8");
-  const int32_t layer = layer_index.typed_data()[0];
-  if (layer < 0 || layer >= cd[0]) return ffi::Error::InvalidArgument("layer index out of range");
+  if (qd.size() != 4) return ffi::Error::InvalidArgument("q must be rank 4");
+  const size_t parts = key_bits.size();
+  if (args.size() != 8 * parts || value_bits.size() != parts || symmetric.size() != parts ||
+      layers.element_count() != parts)
+    return ffi::Error::InvalidArgument("8 operands, widths, a form and a layer per part");
   Problem P;
-  P.b = int(qd[0]), P.k = int(qd[1]), P.g = int(qd[2]), P.h = int(qd[3]), P.c = int(cd[3]);
-  P.G = group_size, P.symmetric = symmetric != 0;
+  P.b = int(qd[0]), P.k = int(qd[1]), P.g = int(qd[2]), P.h = int(qd[3]), P.G = group_size;
   P.sm_scale = sm_scale;
-  if (P.h > kMaxHead || P.h % 16 || (!P.symmetric && (P.G <= 0 || P.h % P.G || P.h / P.G > 8)))
-    return ffi::Error::InvalidArgument("unsupported head dim or group size");
   P.q = q.typed_data();
-  P.k_codes = k_codes.typed_data() + LayerOffset(cd, layer);
-  P.v_codes = v_codes.typed_data() + LayerOffset(v_codes.dimensions(), layer);
-  P.k_scale = LayerOf(k_scale, layer), P.k_zero = LayerOf(k_zero, layer);
-  P.v_scale = LayerOf(v_scale, layer), P.v_zero = LayerOf(v_zero, layer);
-  P.valid = valid.typed_data();
+  if (P.h > kMaxHead || P.h % 16) return ffi::Error::InvalidArgument("unsupported head dim");
+  P.blocks = 0;
+  for (size_t p = 0; p < parts; ++p) {
+    const bool sym = symmetric[p] != 0;
+    const bool grouped = !sym && (key_bits[p] != kFloats || value_bits[p] != kFloats);
+    if (grouped && (P.G <= 0 || P.h % P.G || P.h / P.G > 8))
+      return ffi::Error::InvalidArgument("unsupported group size");
+    auto T = ReadPart(args, int(p), layers.typed_data()[p], key_bits[p], value_bits[p], sym, P);
+    if (T.has_error()) return T.error();
+    T->first_block = P.blocks;
+    T->blocks = (T->kc + kBlock - 1) / kBlock;
+    P.blocks += T->blocks;
+    P.part_of_block.insert(P.part_of_block.end(), T->blocks, int(p));
+    P.parts.push_back(*T);
+  }
   P.row_groups = (P.g + kRows - 1) / kRows;
-  P.blocks = (P.c + kBlock - 1) / kBlock;
   const int heads = P.b * P.k, total = heads * P.row_groups * P.blocks;
-  P.part.assign(size_t(total) * P.part_size(), 0.0f);
+  P.out.assign(size_t(total) * P.part_size(), 0.0f);
   if (total) {
     auto work = std::make_shared<Work>();
     work->total = total, work->problem = &P;
-    for (int rows = 1; rows <= kRows; ++rows) work->fn[rows - 1] = Pick(rows, key_bits, value_bits);
     const int helpers = int(std::min<int64_t>(pool.num_threads(), total - 1));
     for (int i = 0; i < helpers; ++i) pool.Schedule([work] { work->Run(); });
     work->Run();
@@ -477,7 +616,7 @@ ffi::Error Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::S32> layer_index, ffi::Bu
   for (int bh = 0; bh < heads; ++bh) {
     for (int i = 0; i < g; ++i) {
       const int rg = i / kRows, r = i % kRows, ng = std::min(kRows, g - rg * kRows);
-      auto part = [&](int blk) { return P.part.data() + size_t((bh * P.row_groups + rg) * P.blocks + blk) * P.part_size(); };
+      auto part = [&](int blk) { return P.out.data() + size_t((bh * P.row_groups + rg) * P.blocks + blk) * P.part_size(); };
       float mx = kEmptyMax;
       for (int blk = 0; blk < P.blocks; ++blk) mx = std::max(mx, part(blk)[r]);
       float sum = 0.0f;
@@ -499,22 +638,16 @@ ffi::Error Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::S32> layer_index, ffi::Bu
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(KvjaxPackedAttention, Impl,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(KvjaxLayerAttention, Impl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()   // layer index (a scalar)
+                                  .Arg<ffi::Buffer<ffi::S32>>()   // layers, one per part
                                   .Arg<ffi::Buffer<ffi::F32>>()   // q
-                                  .Arg<ffi::Buffer<ffi::U32>>()   // k_codes
-                                  .Arg<ffi::AnyBuffer>()          // k_scale
-                                  .Arg<ffi::AnyBuffer>()          // k_zero
-                                  .Arg<ffi::Buffer<ffi::U32>>()   // v_codes
-                                  .Arg<ffi::AnyBuffer>()          // v_scale
-                                  .Arg<ffi::AnyBuffer>()          // v_zero
-                                  .Arg<ffi::Buffer<ffi::PRED>>()  // valid
-                                  .Attr<int32_t>("key_bits")
-                                  .Attr<int32_t>("value_bits")
+                                  .RemainingArgs()                // 8 per part
+                                  .Attr<ffi::Span<const int32_t>>("key_bits")
+                                  .Attr<ffi::Span<const int32_t>>("value_bits")
+                                  .Attr<ffi::Span<const int32_t>>("symmetric")
                                   .Attr<int32_t>("group_size")
-                                  .Attr<int32_t>("symmetric")
                                   .Attr<float>("sm_scale")
                                   .Ret<ffi::Buffer<ffi::F32>>()   // o
                                   .Ret<ffi::Buffer<ffi::F32>>()   // m

@@ -1,27 +1,28 @@
-"""Decode attention over one packed tier on a CPU: a C++ kernel called through XLA's FFI.
+"""Decode attention over one layer of a KV cache on a CPU: a C++ kernel called through XLA's FFI.
 
-XLA:CPU has no Pallas backend, and its fusions of the jnp reference (decode_attention's
-`kivi_key_scores` and `kivi_value_mix`) unpack each code twice and run far below memory speed.
-cpu_attention.cc reads each packed word once: per slot it unpacks the codes (shift, mask, convert)
-and multiplies them by q with the key scale folded in, and by the probabilities with the value
-scale folded in. It returns the same flash-decoding partials as the Pallas kernel, over the slots
-where `valid` is set (any pattern, so rings too), for KIVI and symmetric tiers, keys and values at
-their own widths in {2, 4, 8}.
+XLA:CPU has no Pallas backend, its fusions of the jnp reference (decode_attention's
+`kivi_key_scores` and `kivi_value_mix`) unpack each code twice and run far below memory speed, and
+each of the small XLA ops that attending over a sink, a window, a stage and a tier takes costs a
+microsecond or more, 30 layers a step. cpu_attention.cc attends over every part of a layer in one
+call: per packed slot it unpacks the codes (shift, mask, convert) and multiplies them by q with the
+key scale folded in, and by the probabilities with the value scale folded in; float parts (a sink,
+a window, a KIVI stage's keys) are read as they are. It returns the flash-decoding partials of the
+union of the parts over the slots where each part's `valid` is set (any pattern, so rings too), for
+KIVI and symmetric codes, keys and values at their own widths in {2, 4, 8}.
 
 The library is compiled on first use with the machine's C++ compiler (g++ or $CXX) against the
 FFI headers jaxlib ships, for the vector instructions /proc/cpuinfo lists, and cached under
 $KVJAX_CACHE (default ~/.cache/kvjax) by a digest of the source, flags and jaxlib version.
 `available()` says whether that worked; kvjax.kernels decides from it, once.
 
-    packed_attention_partials(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, valid, layer=None, *,
-                              key_bits, value_bits, group_size, symmetric) -> Partials
-    (with `layer`, the tier arrays are a cache's whole [L, ...] arrays and that layer is read in place)
-    reference: packed_attention_partials_reference (decode_attention's jnp functions), same signature.
+    attention_partials(q, parts, *, group_size) -> Partials       (parts: a sequence of `Part`)
+    reference: attention_partials_reference (decode_attention's jnp functions), same signature.
 """
 
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import functools
 import hashlib
 import os
@@ -40,7 +41,8 @@ import numpy as np
 from pallas_kernels import decode_attention as da
 
 SOURCE = Path(__file__).with_name("cpu_attention.cc")
-TARGET = "kvjax_packed_attention"
+TARGET = "kvjax_layer_attention"
+FLOATS = 16  # a side's bits when it is stored as floats (float16, bfloat16 or float32), not codes
 
 
 def _vector_flags(vector: bool = True) -> list[str]:
@@ -95,7 +97,7 @@ def _registered(target: str = TARGET, vector: bool = True) -> str | None:
         return "compiling cpu_attention.cc failed: " + (e.stderr.strip().splitlines() or ["?"])[-1]
     except OSError as e:
         return f"loading the compiled kernel failed: {e}"
-    jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(library.KvjaxPackedAttention), platform="cpu")
+    jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(library.KvjaxLayerAttention), platform="cpu")
     return None
 
 
@@ -114,57 +116,133 @@ def supported(head_dim: int, group_size: int, symmetric: bool) -> bool:
                                                                      head_dim // group_size <= 8))
 
 
-def _check(q, k_codes, v_codes, valid, key_bits, value_bits, group_size, symmetric):
+@dataclasses.dataclass(frozen=True)
+class Part:
+    """One part of a layer's cache, as the kernel reads it: every array but `valid` and
+    `value_offset` has a leading [L] axis, and entry `layer` of it is read where it lies (a decode
+    step's layer scan passes a cache's whole arrays: slicing them would copy the layer out).
+
+      keys    uint32 codes [L, b, k, c, h * key_bits / 32] with key_scale, key_zero
+              (KIVI: [L, b, k, c / G, h]; symmetric: key_scale [L, b, k, c, 1], key_zero None),
+              or float keys [L, b, k, c, h] with key_bits = FLOATS and no scale or zero
+      values  likewise with c' slots (KIVI scales and zeros [L, b, k, c', h / G]); float values
+              only beside float keys
+      valid   bool [b, c]: the key slots that take part
+      value_offset  int32 [b] or None (0): key slot j's value is value slot value_offset + j (a KIVI
+              stage: keys in a float buffer, values already in their tier)
+    """
+
+    keys: jax.Array
+    key_scale: jax.Array | None
+    key_zero: jax.Array | None
+    values: jax.Array
+    value_scale: jax.Array | None
+    value_zero: jax.Array | None
+    valid: jax.Array
+    layer: jax.Array  # int32 []
+    value_offset: jax.Array | None = None
+    key_bits: int = FLOATS
+    value_bits: int = FLOATS
+    symmetric: bool = False
+
+    @staticmethod
+    def floats(keys, values, valid, layer):
+        """A part stored as float keys and values [L, b, k, c, h] (a sink, a window)."""
+        return Part(keys, None, None, values, None, None, valid, layer)
+
+
+jax.tree_util.register_dataclass(
+    Part, data_fields=["keys", "key_scale", "key_zero", "values", "value_scale", "value_zero", "valid", "layer",
+                       "value_offset"], meta_fields=["key_bits", "value_bits", "symmetric"])
+
+
+def _check(q, parts, group_size):
     b, n, h = q.shape
-    _, k, c, _ = k_codes.shape
-    if k_codes.shape[-1] * 32 // key_bits != h or v_codes.shape[-1] * 32 // value_bits != h:
-        raise ValueError(f"codes {k_codes.shape} / {v_codes.shape} do not hold {h} channels at {key_bits} / "
-                         f"{value_bits} bits")
-    if valid.shape != (b, c) or n % k:
-        raise ValueError(f"valid {valid.shape} for {b} rows x {c} slots, {n} query heads over {k} kv heads")
-    if not supported(h, group_size, symmetric):
-        raise ValueError(f"the CPU kernel takes head dims that are multiples of 16 up to 256, and at least "
-                         f"{h // 8} channels per value group; not {h} and {group_size}")
+    if not parts:
+        raise ValueError("no parts to attend over")
+    k = parts[0].keys.shape[2]
+    if n % k:
+        raise ValueError(f"{n} query heads over {k} kv heads")
+    for part in parts:
+        for name, x, bits in (("keys", part.keys, part.key_bits), ("values", part.values, part.value_bits)):
+            width = h if bits == FLOATS else h * bits // 32
+            if x.ndim != 5 or x.shape[1:3] != (b, k) or x.shape[-1] != width:
+                raise ValueError(f"{name} {x.shape} do not hold [L, {b}, {k}, slots, {h}] at {bits} bits")
+        if part.key_bits != FLOATS and part.value_bits == FLOATS:
+            raise ValueError("packed keys with float values are not supported")
+        if part.valid.shape != (b, part.keys.shape[3]):
+            raise ValueError(f"valid {part.valid.shape} for {b} rows x {part.keys.shape[3]} slots")
+        packed = part.key_bits != FLOATS or part.value_bits != FLOATS
+        if not supported(h, group_size, part.symmetric or not packed):
+            raise ValueError(f"the CPU kernel takes head dims that are multiples of 16 up to 256, and at least "
+                             f"{h // 8} channels per value group; not {h} and {group_size}")
     return b, k, n // k, h
 
 
-@functools.partial(jax.jit, static_argnames=("key_bits", "value_bits", "group_size", "symmetric", "portable"))
-def packed_attention_partials(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, valid, layer=None, *,
-                              key_bits: int, value_bits: int, group_size: int, symmetric: bool = False,
-                              portable: bool = False) -> da.Partials:
-    """Partials of q [b, n, h] over the valid [b, c] slots of a packed tier (the C++ kernel).
-
-    KIVI: k_scale/k_zero [b, k, c/G, h], v_scale/v_zero [b, k, c, h/G]; symmetric: k_scale, v_scale
-    [b, k, c, 1] and the zeros None. With `layer` (an int32 scalar), every tier array has a leading
-    [L] axis and layer `layer` is attended, read where it lies (a decode step's layer scan passes
-    the whole cache arrays: slicing them would copy the layer out). `portable`: the build without
-    vector extensions (for tests)."""
-    if layer is None:
-        k_codes, k_scale, k_zero, v_codes, v_scale, v_zero = (
-            None if a is None else a[None] for a in (k_codes, k_scale, k_zero, v_codes, v_scale, v_zero))
-        layer = 0
-    b, k, g, h = _check(q, k_codes[0], v_codes[0], valid, key_bits, value_bits, group_size, symmetric)
+@functools.partial(jax.jit, static_argnames=("group_size", "portable"))
+def attention_partials(q, parts, *, group_size: int, portable: bool = False) -> da.Partials:
+    """Partials of q [b, n, h] over the union of the parts' valid slots (the C++ kernel): one call.
+    `portable`: the build without vector extensions (for tests)."""
+    parts = tuple(parts)
+    b, k, g, h = _check(q, parts, group_size)
     target = TARGET + "_portable" if portable else TARGET
     reason = _registered(target, not portable)
     if reason is not None:
         raise RuntimeError(f"the CPU attention kernel is unavailable: {reason}")
-    if symmetric:
-        k_zero, v_zero = k_scale, v_scale  # not read
+    operands = []
+    for p in parts:  # 8 per part; what a part does not read is passed as its keys (never read)
+        dummy = lambda x: p.keys if x is None else x
+        offset = jnp.zeros((b,), jnp.int32) if p.value_offset is None else p.value_offset.astype(jnp.int32)
+        operands += [p.keys, dummy(p.key_scale), dummy(p.key_zero), p.values, dummy(p.value_scale),
+                     dummy(p.value_zero), p.valid.astype(jnp.bool_), offset]
+    layers = jnp.stack([jnp.asarray(p.layer, jnp.int32) for p in parts])
     shapes = [jax.ShapeDtypeStruct((b, k, g, h), jnp.float32), jax.ShapeDtypeStruct((b, k, g), jnp.float32),
               jax.ShapeDtypeStruct((b, k, g), jnp.float32)]
     o, m, l = jax.ffi.ffi_call(target, shapes, vmap_method="sequential")(
-        jnp.asarray(layer, jnp.int32), q.reshape(b, k, g, h).astype(jnp.float32), k_codes, k_scale, k_zero, v_codes,
-        v_scale, v_zero, valid.astype(jnp.bool_), key_bits=np.int32(key_bits), value_bits=np.int32(value_bits),
-        group_size=np.int32(group_size), symmetric=np.int32(symmetric), sm_scale=np.float32(h ** -0.5))
+        layers, q.reshape(b, k, g, h).astype(jnp.float32), *operands,
+        key_bits=np.array([p.key_bits for p in parts], np.int32),
+        value_bits=np.array([p.value_bits for p in parts], np.int32),
+        symmetric=np.array([p.symmetric for p in parts], np.int32), group_size=np.int32(group_size),
+        sm_scale=np.float32(h ** -0.5))
     return da.Partials(o.reshape(b, k * g, h), m.reshape(b, k * g), l.reshape(b, k * g))
 
 
-@functools.partial(jax.jit, static_argnames=("key_bits", "value_bits", "group_size", "symmetric"))
-def packed_attention_partials_reference(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, valid, *,
-                                        key_bits: int, value_bits: int, group_size: int,
-                                        symmetric: bool = False) -> da.Partials:
-    """The kernel's jnp reference: decode_attention's attention over packed codes, same signature."""
-    _check(q, k_codes, v_codes, valid, key_bits, value_bits, group_size, symmetric)
-    return da.packed_partials(q, k_codes, k_scale, None if symmetric else k_zero, v_codes, v_scale,
-                              None if symmetric else v_zero, valid, key_bits=key_bits, value_bits=value_bits,
-                              group_size=group_size)
+@functools.partial(jax.jit, static_argnames=("group_size",))
+def attention_partials_reference(q, parts, *, group_size: int) -> da.Partials:
+    """The kernel's jnp reference (decode_attention's functions over each part, merged), same signature."""
+    parts = tuple(parts)
+    b, k, g, h = _check(q, parts, group_size)
+    qg = q.reshape(b, k, g, h).astype(jnp.float32)
+    out = []
+    for p in parts:
+        at = lambda x: None if x is None else x[p.layer]
+        keys, values = at(p.keys), at(p.values)
+        v_scale, v_zero = at(p.value_scale), at(p.value_zero)
+        if p.value_offset is not None:  # the values of key slots 0..c-1
+            slots = p.value_offset[:, None] + jnp.arange(keys.shape[2])[None, :]  # [b, c]
+            take = lambda x: None if x is None else jnp.take_along_axis(x, slots[:, None, :, None], axis=2)
+            values, v_scale, v_zero = take(values), take(v_scale), take(v_zero)
+        if p.key_bits == FLOATS:
+            scores = da.dense_scores(qg, keys)
+        elif p.symmetric:
+            scores = da.sym_scores(qg, keys, at(p.key_scale), bits=p.key_bits)
+        else:
+            scores = da.kivi_key_scores(qg, keys, at(p.key_scale), at(p.key_zero), bits=p.key_bits,
+                                        group_size=group_size)
+        if p.value_bits == FLOATS:
+            values = jnp.where(p.valid[:, None, :, None], values.astype(jnp.float32), 0.0)
+            mix = lambda w, values=values: da.dense_mix(w, values)
+        elif p.symmetric:
+            mix = lambda w, values=values, s=v_scale, bits=p.value_bits: da.sym_mix(w, values, s, bits=bits)
+        else:
+            mix = lambda w, values=values, s=v_scale, z=v_zero, bits=p.value_bits: da.kivi_value_mix(
+                w, values, s, z, bits=bits, group_size=group_size)
+        out.append(da.partials_of(scores * h ** -0.5, p.valid, mix))
+    return da.combine_partials(out)
+
+
+def packed_part(k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, valid, layer, *, key_bits: int,
+                value_bits: int, symmetric: bool = False) -> Part:
+    """A part of packed keys and values (a tier's slots); symmetric tiers have no zeros."""
+    return Part(k_codes, k_scale, None if symmetric else k_zero, v_codes, v_scale, None if symmetric else v_zero,
+                valid, layer, key_bits=key_bits, value_bits=value_bits, symmetric=symmetric)

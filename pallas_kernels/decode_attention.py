@@ -553,12 +553,17 @@ def dense_partials(q, k, v, valid) -> Partials:
     return _grouped_partials(q, k, v, valid)
 
 
+def combine_partials(parts: Sequence[Partials]) -> Partials:
+    """The partials of the union of the parts (log-sum-exp merge)."""
+    if len(parts) == 1:
+        return parts[0]
+    o, m, l = (jnp.stack([p[i] for p in parts]) for i in range(3))  # [P, b, n, (h)]
+    return Partials(*_combine(o, m, l, axis=0))
+
+
 @jax.jit
 def merge_partials(parts: Sequence[Partials]):
-    """Softmax attention over the union of the parts: float32 [b, n, h].
-
-    Log-sum-exp merge of (o, m, l) partials; a query with no valid key anywhere gets 0.
-    """
-    o, m, l = (jnp.stack([p[i] for p in parts]) for i in range(3))  # [P, b, n, (h)]
-    o, _, l = _combine(o, m, l, axis=0)
+    """Softmax attention over the union of the parts: float32 [b, n, h] (a query with no valid key
+    anywhere gets 0)."""
+    o, _, l = combine_partials(parts)
     return jnp.where(l[..., None] > 0, o / jnp.where(l > 0, l, 1.0)[..., None], 0.0)

@@ -1,8 +1,8 @@
-"""The C++ CPU kernel for packed tiers (pallas_kernels.cpu_attention) against its jnp reference.
+"""The C++ CPU kernel (pallas_kernels.cpu_attention) against its jnp reference.
 
 Random keys/values are encoded with pallas_kernels.quantize_pack; the kernel and the reference
-attend over the same codes, so they agree to float32 rounding (the kernel sums in another order
-and uses its own exp). Both builds are checked: the one with this CPU's vector extensions (what
+attend over the same codes (and float parts), so they agree to float32 rounding (the kernel sums
+in another order and uses its own exp). Both builds are checked: the one with this CPU's vector extensions (what
 kvjax uses) and the portable one. Shapes: b batch, k kv heads, g query heads per kv head, h head
 dim, c slots, G group size.
 """
@@ -75,8 +75,15 @@ def make(case: Case, seed: int = 0):
              "none": np.zeros((b, c), bool)}[case.valid]
     if case.valid != "none" and b > 1:
         valid[-1] = False  # one row with no valid slot
-    return (q, kc, ks, kz, vc, vs, vz, jnp.asarray(valid)), dict(
-        key_bits=case.key_bits, value_bits=case.value_bits, group_size=case.G, symmetric=case.symmetric)
+    tier = (kc, ks, kz, vc, vs, vz, jnp.asarray(valid))
+    return q, tier, dict(key_bits=case.key_bits, value_bits=case.value_bits, symmetric=case.symmetric)
+
+
+def part_of(tier, layers=1, layer=0, **kw):
+    """A packed part of a [layers, ...] cache whose every layer holds `tier`."""
+    stack = lambda x: None if x is None else jnp.stack([x] * layers)
+    *arrays, valid = tier
+    return cpu_attention.packed_part(*map(stack, arrays), valid, jnp.int32(layer), **kw)
 
 
 def attention(p):
@@ -95,31 +102,63 @@ def assert_partials_close(got, want):
 @pytest.mark.parametrize("portable", [False, True], ids=["vector", "portable"])
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_kernel_equals_reference(case, portable):
-    args, kw = make(case)
-    got = cpu_attention.packed_attention_partials(*args, **kw, portable=portable)
-    want = cpu_attention.packed_attention_partials_reference(*args, **kw)
+    q, tier, kw = make(case)
+    parts = [part_of(tier, layers=2, layer=1, **kw)]
+    got = cpu_attention.attention_partials(q, parts, group_size=case.G, portable=portable)
+    want = cpu_attention.attention_partials_reference(q, parts, group_size=case.G)
     assert_partials_close(got, want)
-    empty = ~np.asarray(args[-1]).any(axis=1)  # rows with no valid slot add nothing to a merge
+    empty = ~np.asarray(tier[-1]).any(axis=1)  # rows with no valid slot add nothing to a merge
     assert np.all(np.asarray(got.m)[empty] == EMPTY_MAX) and np.all(np.asarray(got.l)[empty] == 0)
     assert np.all(np.asarray(got.o)[empty] == 0)
 
 
+@pytest.mark.parametrize("portable", [False, True], ids=["vector", "portable"])
+@pytest.mark.parametrize("float_dtype", ["float16", "bfloat16", "float32"])
+def test_a_whole_layer_equals_reference(float_dtype, portable):
+    """What a KIVI layer passes: float sink and window, the packed tier, and its stage (float keys,
+    the values at the stage's tier slots), in one call; empty float slots hold NaN, never read."""
+    case = Case(2, 3, 3, 64, 640, 2, 4, valid="prefix")
+    q, tier, kw = make(case)
+    rng = np.random.default_rng(1)
+    dtype = jnp.dtype(float_dtype)
+
+    def floats(slots, count):
+        valid = np.arange(slots)[None, :] < np.asarray(count)[:, None]  # [b, slots]
+        empty = ~valid[None, :, None, :, None]
+        x, y = (np.where(empty, np.nan, rng.normal(size=(3, 2, 3, slots, 64))) for _ in range(2))
+        return jnp.asarray(x, dtype), jnp.asarray(y, dtype), jnp.asarray(valid)
+
+    sink_k, sink_v, sink_valid = floats(4, [4, 2])
+    window_k, window_v, window_valid = floats(128, [128, 7])
+    stage_k, _, stage_valid = floats(32, [5, 31])
+    packed = part_of(tier, layers=3, layer=2, **kw)
+    stage = dataclasses.replace(packed, keys=stage_k, key_scale=None, key_zero=None, key_bits=cpu_attention.FLOATS,
+                                valid=stage_valid, value_offset=jnp.asarray([64, 608], jnp.int32), layer=jnp.int32(1))
+    parts = [cpu_attention.Part.floats(sink_k, sink_v, sink_valid, jnp.int32(0)),
+             cpu_attention.Part.floats(window_k, window_v, window_valid, jnp.int32(2)), packed, stage]
+    got = cpu_attention.attention_partials(q, parts, group_size=case.G, portable=portable)
+    want = cpu_attention.attention_partials_reference(q, parts, group_size=case.G)
+    assert np.all(np.isfinite(np.asarray(got.o)))
+    assert_partials_close(got, want)
+
+
 @pytest.mark.parametrize("case", [c for c in CASES if c.key_bits == c.value_bits and c.valid == "prefix"], ids=str)
 def test_kernel_equals_attention_over_the_dequantized_tier(case):
-    args, kw = make(case)
-    count = jnp.asarray(np.asarray(args[-1]).sum(axis=1), jnp.int32)
-    want = tier_attention_partials_dequantized(*args[:7], count, bits=case.key_bits, group_size=case.G)
-    assert_partials_close(cpu_attention.packed_attention_partials(*args, **kw), want)
+    q, tier, kw = make(case)
+    count = jnp.asarray(np.asarray(tier[-1]).sum(axis=1), jnp.int32)
+    want = tier_attention_partials_dequantized(q, *tier[:6], count, bits=case.key_bits, group_size=case.G)
+    got = cpu_attention.attention_partials(q, [part_of(tier, **kw)], group_size=case.G)
+    assert_partials_close(got, want)
 
 
 def test_kernel_runs_under_jit_scan_and_vmap():
     case = Case(2, 3, 3, 64, 160, 2, 2)
-    args, kw = make(case)
-    want = cpu_attention.packed_attention_partials_reference(*args, **kw)
-    stacked = jax.tree_util.tree_map(lambda a: jnp.stack([a, a]), args)
-    scanned = jax.jit(lambda xs: jax.lax.scan(
-        lambda _, x: (None, cpu_attention.packed_attention_partials(*x, **kw)), None, xs)[1])(stacked)
-    mapped = jax.vmap(lambda *x: cpu_attention.packed_attention_partials(*x, **kw))(*stacked)
+    q, tier, kw = make(case)
+    want = cpu_attention.attention_partials_reference(q, [part_of(tier, **kw)], group_size=case.G)
+    attend = lambda q, tier: cpu_attention.attention_partials(q, [part_of(tier, **kw)], group_size=case.G)
+    stacked = jax.tree_util.tree_map(lambda a: jnp.stack([a, a]), (q, tier))
+    scanned = jax.jit(lambda xs: jax.lax.scan(lambda _, x: (None, attend(*x)), None, xs)[1])(stacked)
+    mapped = jax.vmap(attend)(*stacked)
     for out in (scanned, mapped):
         assert_partials_close(jax.tree_util.tree_map(lambda a: a[1], out), want)
 
@@ -128,6 +167,8 @@ def test_unsupported_shapes_are_refused():
     assert not cpu_attention.supported(24, 8, False)  # head dim not a multiple of 16
     assert not cpu_attention.supported(64, 4, False)  # 16 value groups per token
     assert cpu_attention.supported(64, 4, True)  # symmetric tiers have no groups
-    args, kw = make(Case(1, 1, 1, 64, 32, 2, 2))
+    q, tier, kw = make(Case(1, 1, 1, 64, 32, 2, 2))
     with pytest.raises(ValueError, match="multiples of 16"):
-        cpu_attention.packed_attention_partials(*args, **{**kw, "group_size": 4})
+        cpu_attention.attention_partials(q, [part_of(tier, **kw)], group_size=4)
+    with pytest.raises(ValueError, match="valid"):
+        cpu_attention.attention_partials(q, [part_of(tier[:-1] + (tier[-1][:, :16],), **kw)], group_size=32)
