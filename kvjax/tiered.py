@@ -140,15 +140,20 @@ class TieredCache(KVCache):
         demotions), stores this step's k, v [b, 1, k, h], and attends q [b, 1, n, h] over every tier:
         one softmax over their union (flash-decoding partials). -> (out [b, 1, n, h], cache).
 
-        Works on the layer's slices, written back once at the end (kvjax.stores says why)."""
+        The tier stores are views that write into their whole arrays (kvjax.stores says why). The
+        CPU kernel reads the sink and window where they lie too, and this step's token beside them;
+        the other paths work on the layer's sink and window slices, written back at the end."""
         lay, r = self.layout, self.route
         seg, li = layer.segment, layer.index
         local = li - lay.segments[seg][0]
         rows = jnp.arange(k.shape[0])
-        sink_k, sink_v, window_k, window_v = (x[li] for x in (self.sink_k, self.sink_v, self.window_k, self.window_v))
+        native = kernel_choice.native_attention(self.kernels)
+        dense = (self.sink_k, self.sink_v, self.window_k, self.window_v)
+        sink_k, sink_v, window_k, window_v = dense if native else (x[li] for x in dense)
         tiers = [(t.keys[seg].layer(local), t.values[seg].layer(local)) for t in self.tiers]  # this layer's stores
-        read = jnp.minimum(r.window_slot, lay.window_slots - 1)
-        old_k, old_v = window_k[rows, :, read], window_v[rows, :, read]  # [b, k, h]: the token leaving the window
+        read = (li, rows) if native else (rows,)
+        read += (slice(None), jnp.minimum(r.window_slot, lay.window_slots - 1))
+        old_k, old_v = window_k[read], window_v[read]  # [b, k, h]: the token leaving the window
         # The tier views write into their whole arrays in place; what this step reads of a tier before
         # writing it (a demoted group) is made an input of every later write (`tie`), so that XLA
         # orders the read first instead of copying the whole array to keep it.
@@ -165,34 +170,43 @@ class TieredCache(KVCache):
                 slot = jnp.where(r.leaving & (r.tier == i), r.slot, t.slots)
                 tiers[i] = (tiers[i][0].write(rows, slot, old_k, self.kernels),
                             tiers[i][1].write(rows, slot, old_v, self.kernels))
-        new_k, new_v = k[:, 0], v[:, 0]
-        sink_at, window_at = (rows, slice(None), r.sink_slot), (rows, slice(None), r.window_slot)
-        sink_k, sink_v = _set(sink_k, sink_at, new_k), _set(sink_v, sink_at, new_v)
-        window_k, window_v = _set(window_k, window_at, new_k), _set(window_v, window_at, new_v)
 
+        new_k, new_v = k[:, 0], v[:, 0]  # [b, k, h]
         qs, tokens = q[:, 0], positions[:, 0] + 1  # [b, n, h]; tokens stored so far, this one included
         slots = lambda n: jnp.arange(n)[None, :]
         sink_valid = slots(lay.sink_slots) < jnp.minimum(tokens, lay.sinks)[:, None]
         window_valid = slots(lay.window_slots) < jnp.clip(tokens - lay.sinks, 0, lay.window)[:, None]
-        if kernel_choice.native_attention(self.kernels):
-            out = self._native_attention(qs, (sink_k, sink_v, sink_valid), (window_k, window_v, window_valid), tiers)
+        sink_at, window_at = (rows, slice(None), r.sink_slot), (rows, slice(None), r.window_slot)
+        if native:  # the new token as a part of its own: its slot is written after the kernel read the layer
+            stored = lambda x: x.astype(self.window_k.dtype)[None, :, :, None]  # [1, b, k, 1, h]
+            parts = [cpu_attention.Part.floats(sink_k, sink_v, sink_valid & (slots(lay.sink_slots) != r.sink_slot[:, None]), li),
+                     cpu_attention.Part.floats(window_k, window_v,
+                                               window_valid & (slots(lay.window_slots) != r.window_slot[:, None]), li),
+                     cpu_attention.Part.floats(stored(new_k), stored(new_v), jnp.ones((k.shape[0], 1), bool), 0)]
+            out = self._native_attention(qs, parts, tiers)
+            after = functools.partial(_after, out.reshape(-1)[0])
+            put = lambda full, at, x: _set(full, (li,) + at, after(x))
+            sink_k, sink_v = put(sink_k, sink_at, new_k), put(sink_v, sink_at, new_v)
+            window_k, window_v = put(window_k, window_at, new_k), put(window_v, window_at, new_v)
         else:
+            sink_k, sink_v = _set(sink_k, sink_at, new_k), _set(sink_v, sink_at, new_v)
+            window_k, window_v = _set(window_k, window_at, new_k), _set(window_v, window_at, new_v)
             parts = [fused.dense_partials(qs, sink_k, sink_v, sink_valid),
                      fused.dense_partials(qs, window_k, window_v, window_valid)]
             for i, t in enumerate(lay.tiers):
                 if t.slots:
                     parts += self._tier_partials(i, *tiers[i], qs)
             out = fused.merge_partials(parts)
-
-        # The sink and window slices are written back only after the attention has read them: without
-        # this data dependency XLA copies each whole [l, ...] array whose slice is read (measured in the
-        # decode step's HLO). The tier views wrote into their whole arrays already.
-        after = functools.partial(_after, out.reshape(-1)[0])
-        put = lambda full, part: full.at[li].set(after(part))
+            # The sink and window slices are written back only after the attention has read them:
+            # without this data dependency XLA copies each whole [l, ...] array whose slice is read
+            # (measured in the decode step's HLO).
+            after = functools.partial(_after, out.reshape(-1)[0])
+            put = lambda full, part: full.at[li].set(after(part))
+            sink_k, sink_v = put(self.sink_k, sink_k), put(self.sink_v, sink_v)
+            window_k, window_v = put(self.window_k, window_k), put(self.window_v, window_v)
         back = lambda t, view: t.with_layer(local, view)
         return out[:, None].astype(q.dtype), self.replace(
-            sink_k=put(self.sink_k, sink_k), sink_v=put(self.sink_v, sink_v), window_k=put(self.window_k, window_k),
-            window_v=put(self.window_v, window_v),
+            sink_k=sink_k, sink_v=sink_v, window_k=window_k, window_v=window_v,
             tiers=tuple(TierStores(_replace_at(t.keys, seg, back(t.keys[seg], keys)),
                                    _replace_at(t.values, seg, back(t.values[seg], values)))
                         for t, (keys, values) in zip(self.tiers, tiers)))
@@ -241,20 +255,19 @@ class TieredCache(KVCache):
         scores = keys.scores(qg, stage_start, staged) * h ** -0.5
         return [fused.partials_of(scores, lay.valid_slots(i, entered), values.mix)]
 
-    def _native_attention(self, qs, sink, window, tiers):
+    def _native_attention(self, qs, parts, tiers):
         """Attention of qs [b, n, h] over one layer through the CPU kernel (pallas_kernels.cpu_attention):
-        one call over the sink and the window (this layer's k, v [b, k, s, h] and valid slots) and every
-        tier it takes; tiers it does not take are attended beside it. -> float32 [b, n, h]."""
+        one call over the given float parts (sink, window, token) and every tier it takes; tiers it does
+        not take are attended beside it. -> float32 [b, n, h]."""
         lay, g = self.layout, self.layout.group_size
-        parts = [cpu_attention.Part.floats(k[None], v[None], valid, 0) for k, v, valid in (sink, window) if k.shape[-2]]
+        parts = [p for p in parts if p.keys.shape[-2]]
         beside = []
         for i, t in enumerate(lay.tiers):
             if t.slots:
                 native = self._native_parts(i, *tiers[i], qs.shape[-1])
                 parts += native or []
                 beside += [] if native is not None else self._tier_partials(i, *tiers[i], qs)
-        partials = [cpu_attention.attention_partials(qs, parts, group_size=g)] if parts else []
-        return fused.merge_partials(partials + beside)
+        return fused.merge_partials([cpu_attention.attention_partials(qs, parts, group_size=g)] + beside)
 
     def _native_parts(self, i, keys, values, head_dim: int):
         """Tier i as parts of the CPU kernel (None if it takes neither form): every valid slot whose key
