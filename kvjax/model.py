@@ -121,7 +121,10 @@ def _apply(params, cfg: ModelConfig, tokens, positions, cache, dtype, token_stat
             layer_params = jax.tree_util.tree_map(lambda a: a[layer], params["layers"])  # no copy of the stack
             return block.apply({"params": layer_params}, carry, layer, positions)
 
-        (x, cache), out = jax.lax.scan(body, (x, cache), jnp.arange(start, stop))
+        # The barrier keeps a one-layer segment's index a runtime value: XLA folds a constant index
+        # into a static slice of every weight, which XLA:CPU copies out several times slower.
+        layers = jax.lax.optimization_barrier(jnp.arange(start, stop))
+        (x, cache), out = jax.lax.scan(body, (x, cache), layers)
         outs.append(out)
     x = RMSNorm(cfg.rms_norm_eps, dtype).apply({"params": params["final_norm"]}, x)
     if cfg.tie_word_embeddings:  # x . embedding rows, without transposing the [v, d] table (XLA copied it each step)
