@@ -13,6 +13,9 @@ teacher-forced prefill would not fit in memory): only decode is timed.
 
 `--kv-budget-gib` gives each policy the largest batch whose KV cache (sized for the largest
 context plus the decode steps; weights not counted) fits the budget: KIVI's "larger batches".
+At each context the policies run in turn, one run each per round (`--repeats` rounds, after a
+warm-up), and the median is reported: on a machine whose speed drifts, ratios within one command
+stay fair.
 """
 
 from __future__ import annotations
@@ -75,9 +78,10 @@ def _filled_rows(key, *, policy, cfg, batch: int, context: int, capacity: int, d
     return cache.filled(k_all, v_all, positions)
 
 
-def bench_context(model, context: int, decode_steps: int, batch: int, kv, dtype, repeats: int, synthetic: bool,
-                  kernels="auto", kv_dtype=None):
-    """-> (prefill tokens/s or None, decode ms/token, KV bytes) for `context` tokens per sequence."""
+def context_runner(model, context: int, decode_steps: int, batch: int, kv, dtype, synthetic: bool, kernels="auto",
+                   kv_dtype=None):
+    """-> run(): one measurement of `kv` at `context` tokens per sequence: (prefill seconds or None,
+    decode seconds for `decode_steps` steps, KV bytes). The first run compiles."""
     cfg = model.cfg
     capacity = context + decode_steps + 1
     if not synthetic:
@@ -85,7 +89,7 @@ def bench_context(model, context: int, decode_steps: int, batch: int, kv, dtype,
         tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (batch, context)), jnp.int32)
         positions = jnp.broadcast_to(jnp.arange(context, dtype=jnp.int32), (batch, context))
 
-    def run_once():
+    def run():
         t_prefill = None
         if synthetic:
             cache = filled_cache(jax.random.PRNGKey(context), policy=kv, cfg=cfg, batch=batch, context=context,
@@ -104,14 +108,28 @@ def bench_context(model, context: int, decode_steps: int, batch: int, kv, dtype,
         state = decode_chunk(model.params, state, -1, cfg=cfg, dtype=dtype, sampling=GREEDY,
                              chunk=decode_steps)
         state.step.block_until_ready()
-        t_decode = time.perf_counter() - t0
-        return t_prefill, t_decode, state.cache.nbytes
+        return t_prefill, time.perf_counter() - t0, state.cache.nbytes
 
-    run_once()  # compile and warm up
-    runs = [run_once() for _ in range(repeats)]
-    t_prefill = None if synthetic else float(np.median([r[0] for r in runs]))
+    return run
+
+
+def interleaved(runners, repeats: int) -> list[list[tuple]]:
+    """Warms up (compiles) every runner, then runs each once per round for `repeats` rounds, so that
+    a machine whose speed drifts (a shared VM) slows every policy alike. -> the runs of each runner."""
+    for run in runners:
+        run()
+    runs = [[] for _ in runners]
+    for _ in range(repeats):
+        for out, run in zip(runs, runners):
+            out.append(run())
+    return runs
+
+
+def summary(runs, batch: int, context: int, decode_steps: int):
+    """-> (prefill tokens/s or None, decode ms/token, KV bytes): medians of the runs."""
+    t_prefill = None if runs[0][0] is None else float(np.median([r[0] for r in runs]))
     t_decode = float(np.median([r[1] for r in runs]))
-    return (None if synthetic else batch * context / t_prefill), 1e3 * t_decode / decode_steps, runs[0][2]
+    return (None if t_prefill is None else batch * context / t_prefill), 1e3 * t_decode / decode_steps, runs[0][2]
 
 
 def cpu_model() -> str:
@@ -162,7 +180,7 @@ def _parser() -> cli.ArgumentParser:
     batch.add_argument("--batch", type=cli.at_least(1), default=1, help="sequences decoded together")
     batch.add_argument("--kv-budget-gib", type=cli.above(0.0), default=None,
                        help="per policy, the largest batch whose KV cache at the largest context fits this many GiB")
-    p.add_argument("--repeats", type=cli.at_least(1), default=3, help="timed runs per measurement (median)")
+    p.add_argument("--repeats", type=cli.at_least(1), default=3, help="rounds of timed runs, every policy once a round (median)")
     add_policy_flags(p)
     p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="compute dtype (default: float32 on CPU)")
     p.add_argument("--kv-dtype", default=None, choices=sorted(DTYPES),
@@ -214,11 +232,12 @@ def _main(argv) -> int:
           + (f"KV budget {args.kv_budget_gib} GiB" if args.kv_budget_gib else f"batch {args.batch}"))
     print(f"{'kv':<16} {'batch':>6} {'context':>8} {'prefill tok/s':>14} {'decode ms/tok':>14} {'decode tok/s':>13} "
           f"{'KV MiB':>8}")
-    for name, kv, batch in zip(names, policies, batches):
-        for context in contexts:
-            tps, ms, kv_bytes = bench_context(model, context, args.decode_steps, batch, kv,
-                                              DTYPES[dtype_name], args.repeats, synthetic=bool(args.preset),
-                                              kernels=args.kernels, kv_dtype=DTYPES.get(args.kv_dtype))
+    for context in contexts:
+        runners = [context_runner(model, context, args.decode_steps, batch, kv, DTYPES[dtype_name],
+                                  synthetic=bool(args.preset), kernels=args.kernels, kv_dtype=DTYPES.get(args.kv_dtype))
+                   for kv, batch in zip(policies, batches)]
+        for name, batch, runs in zip(names, batches, interleaved(runners, args.repeats)):
+            tps, ms, kv_bytes = summary(runs, batch, context, args.decode_steps)
             prefill_col = "-" if tps is None else f"{tps:.1f}"
             print(f"{name:<16} {batch:>6} {context:>8} {prefill_col:>14} {ms:>14.2f} {batch * 1e3 / ms:>13.1f} "
                   f"{kv_bytes / 2**20:>8.1f}", flush=True)
