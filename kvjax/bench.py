@@ -180,7 +180,8 @@ def _parser() -> cli.ArgumentParser:
     batch.add_argument("--batch", type=cli.at_least(1), default=1, help="sequences decoded together")
     batch.add_argument("--kv-budget-gib", type=cli.above(0.0), default=None,
                        help="per policy, the largest batch whose KV cache at the largest context fits this many GiB")
-    p.add_argument("--repeats", type=cli.at_least(1), default=3, help="rounds of timed runs, every policy once a round (median)")
+    p.add_argument("--repeats", type=cli.at_least(1), default=3,
+                   help="rounds of timed runs, every policy once a round (median)")
     add_policy_flags(p)
     p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="compute dtype (default: float32 on CPU)")
     p.add_argument("--kv-dtype", default=None, choices=sorted(DTYPES),

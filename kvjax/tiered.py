@@ -179,9 +179,10 @@ class TieredCache(KVCache):
         sink_at, window_at = (rows, slice(None), r.sink_slot), (rows, slice(None), r.window_slot)
         if native:  # the new token as a part of its own: its slot is written after the kernel read the layer
             stored = lambda x: x.astype(self.window_k.dtype)[None, :, :, None]  # [1, b, k, 1, h]
-            parts = [cpu_attention.Part.floats(sink_k, sink_v, sink_valid & (slots(lay.sink_slots) != r.sink_slot[:, None]), li),
+            not_at = lambda slot, n: slots(n) != slot[:, None]
+            parts = [cpu_attention.Part.floats(sink_k, sink_v, sink_valid & not_at(r.sink_slot, lay.sink_slots), li),
                      cpu_attention.Part.floats(window_k, window_v,
-                                               window_valid & (slots(lay.window_slots) != r.window_slot[:, None]), li),
+                                               window_valid & not_at(r.window_slot, lay.window_slots), li),
                      cpu_attention.Part.floats(stored(new_k), stored(new_v), jnp.ones((k.shape[0], 1), bool), 0)]
             out = self._native_attention(qs, parts, tiers)
             after = functools.partial(_after, out.reshape(-1)[0])

@@ -23,10 +23,10 @@
 //   -> o float32 [b, k, g, h] (unnormalized), m, l float32 [b, k, g]: flash-decoding partials of
 //      the union of the parts
 //
-// kvjax's tiered cache passes its sink and window (float keys and values), each tier's packed slots
-// and a KIVI tier's stage (float keys, packed values at the stage's slots): one call per layer. The
-// layers are operands so that a decode step's layer scan hands over the cache's whole arrays: a
-// slice of them would be copied out for the call, every layer, every step. Work is split into items
+// kvjax's tiered cache passes its sink and window (float keys and values), this step's token, each
+// tier's packed slots and a KIVI tier's stage (float keys, packed values at the stage's slots): one
+// call per layer. The layers are operands so that a decode step's layer scan hands over the cache's
+// whole arrays: a slice of them would be copied out for the call, every layer, every step. Work is split into items
 // of (row, kv head, up to kRows of its query heads, kBlock slots of one part); items run on XLA's
 // intra-op thread pool and the calling thread, and are merged here by log-sum-exp. Per slot, the
 // keys' scale is folded into q (q * scale . code, once per group of G slots) and the values' scale
