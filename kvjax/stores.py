@@ -14,7 +14,7 @@ holding the whole [l, ...] arrays and the index `at` = i; its methods write into
 whole arrays and read that layer (`get`). A view never copies the layer out: a slice of a layer
 that is written and read again in one step is materialized by XLA (once to write into, once to
 write back: the whole tier, every layer, every step), while a write into the whole array is in
-place, as in kvjax.cache.DenseCache. `with_layer(i, view)` gives the whole store back.
+place, as in kvjax.cache.DenseCache. `view.whole()` gives the whole store back.
 
 A layer's store has the same small interface in every class, which the step-by-step cache
 (kvjax.tiered) uses: `write` one token per row, `write_group` / `read_group` a whole group of G
@@ -68,9 +68,9 @@ class _Store:
         """The view of layer i (no copy)."""
         return self.replace(at=jnp.asarray(i, jnp.int32))
 
-    def with_layer(self, i, view):
-        """The whole store, once `view` (of layer i) has written into it."""
-        return view.replace(at=None)
+    def whole(self):
+        """The whole store this view of a layer has written into."""
+        return self.replace(at=None)
 
     def _index(self, index: tuple) -> tuple:
         return index if self.at is None else (self.at,) + index

@@ -205,11 +205,9 @@ class TieredCache(KVCache):
             put = lambda full, part: full.at[li].set(after(part))
             sink_k, sink_v = put(self.sink_k, sink_k), put(self.sink_v, sink_v)
             window_k, window_v = put(self.window_k, window_k), put(self.window_v, window_v)
-        back = lambda t, view: t.with_layer(local, view)
         return out[:, None].astype(q.dtype), self.replace(
             sink_k=sink_k, sink_v=sink_v, window_k=window_k, window_v=window_v,
-            tiers=tuple(TierStores(_replace_at(t.keys, seg, back(t.keys[seg], keys)),
-                                   _replace_at(t.values, seg, back(t.values[seg], values)))
+            tiers=tuple(TierStores(_replace_at(t.keys, seg, keys.whole()), _replace_at(t.values, seg, values.whole()))
                         for t, (keys, values) in zip(self.tiers, tiers)))
 
     def _move_group(self, a, b, rows, from_slot, to_slot, tie):
