@@ -193,6 +193,12 @@ class KiviValues(_Store):
         return qp.decode_values(*qp.encode_values_reference(x, bits, group_size, dtype), bits, group_size, jnp.float32)
 
 
+def staged_slots(c: int, stage_start, staged):
+    """Bool [b, c]: the `staged` [b] slots from stage_start [b], whose keys are still in a KIVI stage."""
+    slot = jnp.arange(c)[None, :]
+    return (slot >= stage_start[:, None]) & (slot < (stage_start + staged)[:, None])
+
+
 @struct.dataclass
 class KiviKeys(_Store):
     codes: jax.Array  # uint32 [l, b, k, c, w]
@@ -255,9 +261,7 @@ class KiviKeys(_Store):
         if not self.stage.shape[-2]:  # no stage: every group is whole
             return packed
         stage = jnp.tile(da.dense_scores(q, self.get("stage")), (1, 1, 1, self.slots // g))  # slot s -> stage s % G
-        slot = jnp.arange(self.slots)
-        in_stage = (slot >= stage_start[:, None]) & (slot < (stage_start + staged)[:, None])  # [b, c]
-        return jnp.where(in_stage[:, None, None, :], stage, packed)
+        return jnp.where(staged_slots(self.slots, stage_start, staged)[:, None, None, :], stage, packed)
 
     @classmethod
     def fill(cls, placed, bits, group_size, kernels, dtype, stage_start=None):

@@ -34,7 +34,7 @@ from kvjax.errors import KvjaxError
 from kvjax.features import NUM_FEATURES
 from kvjax.history import History, enter, entries
 from kvjax.layout import Layout
-from kvjax.stores import Dense, KiviKeys, KiviValues, Symmetric, _set, same_codes, store_class
+from kvjax.stores import Dense, KiviKeys, KiviValues, Symmetric, _set, same_codes, staged_slots, store_class
 from pallas_kernels import cpu_attention
 from pallas_kernels import decode_attention as fused
 
@@ -284,12 +284,10 @@ class TieredCache(KVCache):
         if not (kivi and keys.stage.shape[-2]):
             return [packed(valid)]
         start, count = lay.stage_start(i, entered), entered % g
-        slot = jnp.arange(valid.shape[1])[None, :]
-        in_stage = (slot >= start[:, None]) & (slot < (start + count)[:, None])
         stage = dataclasses.replace(packed(slots_below(g, count)), keys=keys.stage, key_scale=None, key_zero=None,
                                     key_bits=cpu_attention.FLOATS,
                                     value_offset=jnp.minimum(start, valid.shape[1] - g))  # a full tier stages none
-        return [packed(valid & ~in_stage), stage]
+        return [packed(valid & ~staged_slots(valid.shape[1], start, count)), stage]
 
     def advance(self, positions):
         return self.replace(lengths=jnp.maximum(self.lengths, positions.max(axis=1) + 1), route=None)
