@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import operator
 
+import jax
 import jax.numpy as jnp
 
 VALID_BITS = (2, 4, 8)
@@ -185,11 +186,10 @@ def pack(codes, bits: int):
     per_word = 32 // bits
     words = packed_length(codes.shape[-1], bits)
     lanes = codes.reshape(*codes.shape[:-1], words, per_word).astype(jnp.uint32)  # [..., w, 32/bits]
-    lanes = lanes & jnp.uint32(2**bits - 1)
-    out = lanes[..., 0]
-    for i in range(1, per_word):
-        out = out | (lanes[..., i] << jnp.uint32(i * bits))
-    return out  # [..., w]
+    shifts = jnp.arange(per_word, dtype=jnp.uint32) * jnp.uint32(bits)  # [32/bits]
+    fields = (lanes & jnp.uint32(2**bits - 1)) << shifts  # disjoint bit fields of each word
+    # One OR-reduce rather than 32/bits slices, shifts and ORs: a few ops to trace and compile.
+    return jax.lax.reduce(fields, jnp.uint32(0), jax.lax.bitwise_or, (fields.ndim - 1,))  # [..., w]
 
 
 def unpack(words, bits: int):
