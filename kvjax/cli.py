@@ -1,7 +1,8 @@
 """What every command line of kvjax shares.
 
 Bad input ends with one `error: ...` line naming the flag and exit code 2, before anything slow
-(loading a model, compiling) happens; progress goes to stderr.
+(loading a model, compiling) happens; progress goes to stderr; compiled programs are kept on disk
+for the next run.
 
     def main(argv=None) -> int:
         return cli.run(lambda: _main(argv))
@@ -14,7 +15,10 @@ import os
 import sys
 from typing import Callable
 
+import jax
+
 from kvjax.errors import KvjaxError
+from pallas_kernels import cpu_attention
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -99,8 +103,19 @@ def say(message: str):
     print(message, file=sys.stderr, flush=True)
 
 
+def use_compilation_cache():
+    """Keeps XLA's compiled programs under $KVJAX_CACHE/xla (at most 1 GiB, the least recently used dropped first), so
+    a command run again with the same shapes loads them instead of compiling; a cache the user named
+    (JAX_COMPILATION_CACHE_DIR) is left as it is."""
+    if jax.config.jax_compilation_cache_dir is None:
+        jax.config.update("jax_compilation_cache_dir", str(cpu_attention.cache_dir() / "xla"))
+        jax.config.update("jax_compilation_cache_max_size", 2**30)
+
+
 def run(main: Callable[[], int], interrupted: str = "interrupted") -> int:
-    """Runs a command: a KvjaxError is one `error:` line and exit code 2, Ctrl-C exit code 130."""
+    """Runs a command: a KvjaxError is one `error:` line and exit code 2, Ctrl-C exit code 130.
+    Compiled programs are cached between runs (`use_compilation_cache`)."""
+    use_compilation_cache()
     try:
         return main()
     except KvjaxError as e:

@@ -23,6 +23,7 @@ tier form a *segment*: the model runs one scan per segment, so every width is st
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax.numpy as jnp
 
@@ -117,7 +118,7 @@ class Layout:
     def caps(self) -> tuple[int, ...]:
         return tuple(t.slots for t in self.tiers)
 
-    @property
+    @functools.cached_property  # asked for every layer and tier while tracing
     def segments(self) -> tuple[tuple[int, int], ...]:
         """(start, stop) of the runs of layers whose widths are the same in every tier."""
         sig = [tuple(t.bits_of(layer) for t in self.tiers) for layer in range(self.num_layers)]

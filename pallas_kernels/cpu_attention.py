@@ -70,11 +70,16 @@ def _compile_command(out: Path, vector: bool = True) -> list[str]:
             str(SOURCE), "-o", str(out)]
 
 
+def cache_dir() -> Path:
+    """Where kvjax keeps what it builds: $KVJAX_CACHE, default ~/.cache/kvjax (safe to delete)."""
+    return Path(os.environ.get("KVJAX_CACHE") or Path.home() / ".cache" / "kvjax")
+
+
 def _library(vector: bool = True) -> Path:
     """The compiled kernel library, built if this source, these flags and this jaxlib have none yet."""
     command = _compile_command(Path("OUT"), vector)
     key = hashlib.sha256(SOURCE.read_bytes() + " ".join(command).encode() + jaxlib.__version__.encode()).hexdigest()
-    cache = Path(os.environ.get("KVJAX_CACHE") or Path.home() / ".cache" / "kvjax")
+    cache = cache_dir()
     path = cache / f"cpu_attention-{key[:16]}.so"
     if not path.exists():
         print("[kvjax] compiling the CPU attention kernel (once, about 30 s)", file=sys.stderr, flush=True)

@@ -21,6 +21,9 @@ from kvjax.config import get_preset
 from kvjax.loading import permute_rotary
 
 CFG = get_preset("tiny")
+# The commands keep compiled programs on disk between runs (kvjax.cli.use_compilation_cache); the
+# tests call them in-process, and compile afresh rather than read or fill a cache on disk.
+jax.config.update("jax_enable_compilation_cache", False)
 MAX_MEMORY_MAPS = 20000  # Linux allows a process 65530 (vm.max_map_count)
 
 

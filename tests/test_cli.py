@@ -1,6 +1,7 @@
 """Every command: bad input is one `error:` line naming the problem, exit code 2, before any model loads;
-every option has a description in --help."""
+every option has a description in --help; compiled programs are cached where the user expects."""
 
+import jax
 import pytest
 
 import eval.__main__ as eval_main
@@ -11,6 +12,7 @@ import kvjax.generate as generate
 import pallas_kernels.bench as kernel_bench
 import train_controller.__main__ as train_main
 import train_controller.allocate as allocate
+from kvjax import cli
 
 COMMANDS = {"generate": generate, "eval": eval_main, "perplexity": perplexity, "bench": bench,
             "train": train_main, "allocate": allocate, "report": report, "kernel-bench": kernel_bench}
@@ -112,3 +114,19 @@ def test_every_option_has_a_description(name):
     for action in parser._actions:
         if action.option_strings and action.dest != "help":
             assert action.help, f"{name}: {action.option_strings} has no --help text"
+
+
+def test_commands_keep_compiled_programs_under_kvjax_cache(tmp_path, monkeypatch):
+    before = jax.config.jax_compilation_cache_dir, jax.config.jax_compilation_cache_max_size
+    monkeypatch.setenv("KVJAX_CACHE", str(tmp_path))
+    try:
+        jax.config.update("jax_compilation_cache_dir", None)
+        cli.use_compilation_cache()
+        assert jax.config.jax_compilation_cache_dir == str(tmp_path / "xla")
+        assert jax.config.jax_compilation_cache_max_size == 2**30
+        jax.config.update("jax_compilation_cache_dir", "/a/users/own/cache")  # JAX_COMPILATION_CACHE_DIR
+        cli.use_compilation_cache()
+        assert jax.config.jax_compilation_cache_dir == "/a/users/own/cache"
+    finally:
+        jax.config.update("jax_compilation_cache_dir", before[0])
+        jax.config.update("jax_compilation_cache_max_size", before[1])
