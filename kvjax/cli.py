@@ -107,9 +107,16 @@ def use_compilation_cache():
     """Keeps XLA's compiled programs under $KVJAX_CACHE/xla (at most 1 GiB, the least recently used dropped first), so
     a command run again with the same shapes loads them instead of compiling; a cache the user named
     (JAX_COMPILATION_CACHE_DIR) is left as it is."""
-    if jax.config.jax_compilation_cache_dir is None:
-        jax.config.update("jax_compilation_cache_dir", str(cpu_attention.cache_dir() / "xla"))
-        jax.config.update("jax_compilation_cache_max_size", 2**30)
+    if jax.config.jax_compilation_cache_dir is not None:
+        return
+    folder = cpu_attention.cache_dir() / "xla"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        say(f"[kvjax] compiled programs are not kept: cannot make {folder} ({e.strerror})")
+        return
+    jax.config.update("jax_compilation_cache_dir", str(folder))
+    jax.config.update("jax_compilation_cache_max_size", 2**30)
 
 
 def run(main: Callable[[], int], interrupted: str = "interrupted") -> int:

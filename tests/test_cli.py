@@ -130,3 +130,18 @@ def test_commands_keep_compiled_programs_under_kvjax_cache(tmp_path, monkeypatch
     finally:
         jax.config.update("jax_compilation_cache_dir", before[0])
         jax.config.update("jax_compilation_cache_max_size", before[1])
+
+
+def test_an_unwritable_cache_folder_is_one_line_and_no_cache(tmp_path, monkeypatch, capsys):
+    regular = tmp_path / "file"
+    regular.write_text("x")
+    before = jax.config.jax_compilation_cache_dir
+    monkeypatch.setenv("KVJAX_CACHE", str(regular))  # a file where the folder should be
+    try:
+        jax.config.update("jax_compilation_cache_dir", None)
+        cli.use_compilation_cache()
+        assert jax.config.jax_compilation_cache_dir is None
+    finally:
+        jax.config.update("jax_compilation_cache_dir", before)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "compiled programs are not kept" in err[0], err
