@@ -95,6 +95,10 @@ def _library(vector: bool = True) -> Path:
 def _registered(target: str = TARGET, vector: bool = True) -> str | None:
     """Builds and registers the kernel once under `target`: None when ready, else why not (one line)."""
     try:
+        cache_dir().mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        return f"cannot make the kernel's folder {cache_dir()} ({e.strerror})"
+    try:
         library = ctypes.CDLL(str(_library(vector)))
     except FileNotFoundError as e:
         return f"no C++ compiler ({e.filename})"

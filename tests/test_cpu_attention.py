@@ -172,3 +172,11 @@ def test_unsupported_shapes_are_refused():
         cpu_attention.attention_partials(q, [part_of(tier, **kw)], group_size=4)
     with pytest.raises(ValueError, match="valid"):
         cpu_attention.attention_partials(q, [part_of(tier[:-1] + (tier[-1][:, :16],), **kw)], group_size=32)
+
+
+def test_an_unusable_cache_folder_is_named_as_the_reason(tmp_path, monkeypatch):
+    regular = tmp_path / "file"
+    regular.write_text("x")
+    monkeypatch.setenv("KVJAX_CACHE", str(regular / "sub"))  # under a file: no folder can be made
+    reason = cpu_attention._registered("kvjax_test_unusable_cache")  # a new target: not cached yet
+    assert reason.startswith(f"cannot make the kernel's folder {regular / 'sub'}"), reason
