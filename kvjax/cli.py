@@ -104,9 +104,9 @@ def say(message: str):
 
 
 def use_compilation_cache():
-    """Keeps XLA's compiled programs under $KVJAX_CACHE/xla (at most 1 GiB, the least recently used dropped first), so
-    a command run again with the same shapes loads them instead of compiling; a cache the user named
-    (JAX_COMPILATION_CACHE_DIR) is left as it is."""
+    """Keeps XLA's compiled programs under $KVJAX_CACHE/xla (at most 1 GiB, the least recently used
+    dropped first), so a command run again with the same shapes loads them instead of compiling; a
+    cache the user named (JAX_COMPILATION_CACHE_DIR) is left as it is."""
     if jax.config.jax_compilation_cache_dir is not None:
         return
     folder = cpu_attention.cache_dir() / "xla"
