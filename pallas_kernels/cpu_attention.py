@@ -76,14 +76,14 @@ def cache_dir() -> Path:
 
 
 def _library(vector: bool = True) -> Path:
-    """The compiled kernel library, built if this source, these flags and this jaxlib have none yet."""
+    """The compiled kernel library, built if this source, these flags and this jaxlib have none yet
+    (in cache_dir(), which `_registered` makes)."""
     command = _compile_command(Path("OUT"), vector)
     key = hashlib.sha256(SOURCE.read_bytes() + " ".join(command).encode() + jaxlib.__version__.encode()).hexdigest()
     cache = cache_dir()
     path = cache / f"cpu_attention-{key[:16]}.so"
     if not path.exists():
         print("[kvjax] compiling the CPU attention kernel (once, about 30 s)", file=sys.stderr, flush=True)
-        cache.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=cache) as tmp:  # built aside, then renamed: no half-written library
             built = Path(tmp) / path.name
             subprocess.run(_compile_command(built, vector), check=True, capture_output=True, text=True)
