@@ -116,32 +116,31 @@ def test_every_option_has_a_description(name):
             assert action.help, f"{name}: {action.option_strings} has no --help text"
 
 
-def test_commands_keep_compiled_programs_under_kvjax_cache(tmp_path, monkeypatch):
+@pytest.fixture
+def no_compilation_cache():
+    """JAX's compilation cache settings cleared for a test, and put back after it."""
     before = jax.config.jax_compilation_cache_dir, jax.config.jax_compilation_cache_max_size
+    jax.config.update("jax_compilation_cache_dir", None)
+    yield
+    jax.config.update("jax_compilation_cache_dir", before[0])
+    jax.config.update("jax_compilation_cache_max_size", before[1])
+
+
+def test_commands_keep_compiled_programs_under_kvjax_cache(tmp_path, monkeypatch, no_compilation_cache):
     monkeypatch.setenv("KVJAX_CACHE", str(tmp_path))
-    try:
-        jax.config.update("jax_compilation_cache_dir", None)
-        cli.use_compilation_cache()
-        assert jax.config.jax_compilation_cache_dir == str(tmp_path / "xla")
-        assert jax.config.jax_compilation_cache_max_size == 2**30
-        jax.config.update("jax_compilation_cache_dir", "/a/users/own/cache")  # JAX_COMPILATION_CACHE_DIR
-        cli.use_compilation_cache()
-        assert jax.config.jax_compilation_cache_dir == "/a/users/own/cache"
-    finally:
-        jax.config.update("jax_compilation_cache_dir", before[0])
-        jax.config.update("jax_compilation_cache_max_size", before[1])
+    cli.use_compilation_cache()
+    assert jax.config.jax_compilation_cache_dir == str(tmp_path / "xla")
+    assert jax.config.jax_compilation_cache_max_size == 2**30
+    jax.config.update("jax_compilation_cache_dir", "/a/users/own/cache")  # JAX_COMPILATION_CACHE_DIR
+    cli.use_compilation_cache()
+    assert jax.config.jax_compilation_cache_dir == "/a/users/own/cache"
 
 
-def test_an_unwritable_cache_folder_is_one_line_and_no_cache(tmp_path, monkeypatch, capsys):
+def test_an_unwritable_cache_folder_is_one_line_and_no_cache(tmp_path, monkeypatch, capsys, no_compilation_cache):
     regular = tmp_path / "file"
     regular.write_text("x")
-    before = jax.config.jax_compilation_cache_dir
     monkeypatch.setenv("KVJAX_CACHE", str(regular))  # a file where the folder should be
-    try:
-        jax.config.update("jax_compilation_cache_dir", None)
-        cli.use_compilation_cache()
-        assert jax.config.jax_compilation_cache_dir is None
-    finally:
-        jax.config.update("jax_compilation_cache_dir", before)
+    cli.use_compilation_cache()
+    assert jax.config.jax_compilation_cache_dir is None
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "compiled programs are not kept" in err[0], err
