@@ -245,7 +245,7 @@ inline void ValueMix(const uint32_t* __restrict codes, int vw, int n, int h, int
   auto weight = [&](int r, int mg, int t) { return pv[(size_t(r) * 8 + mg) * kBlock + t]; };
   alignas(64) float code[kMaxHead];
 #if defined(__AVX512F__)
-  if (h % 64 == 0) {
+  if (h % 64 == 0 && span % 16 == 0) {  // (each vector of 16 channels in one group)
     for (int d0 = 0; d0 < h; d0 += 64) {  // 64 channels at a time: NG x 4 accumulators stay in registers
       __m512 sums[NG][4];
       for (int r = 0; r < NG; ++r)

@@ -43,6 +43,7 @@ CASES = [
     Case(2, 3, 3, 64, 544, 4, 4, valid="prefix"),
     Case(2, 1, 4, 128, 608, 8, 4, G=16, dtype="bfloat16"),
     Case(1, 2, 1, 16, 96, 4, 2, G=4, dtype="float32"),  # groups shorter than a vector of 16 slots
+    Case(1, 3, 3, 64, 160, 2, 4, G=8),  # value groups shorter than a vector of 16 channels
     Case(1, 2, 9, 16, 40, 2, 4, G=4, valid="ring"),  # three items of query heads (4 + 4 + 1)
     Case(2, 1, 6, 96, 1200, 4, 8, G=48),  # groups that straddle vectors of 16 slots
     Case(2, 3, 3, 64, 704, 2, 8, symmetric=True),
