@@ -62,12 +62,12 @@ def _vector_flags(vector: bool = True) -> list[str]:
     return out
 
 
-def _compile_command(out: Path, vector: bool = True) -> list[str]:
+def _compile_command(out: Path, vector: bool = True, source: Path = SOURCE) -> list[str]:
     cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or "c++"
     # Reassociation lets the dot products and sums vectorize; no finite-math assumptions (masks use EMPTY_MAX).
     return [cxx, "-std=c++17", "-O3", "-shared", "-fPIC", "-fno-math-errno", "-fassociative-math",
             "-fno-signed-zeros", "-fno-trapping-math", *_vector_flags(vector), f"-I{jax.ffi.include_dir()}",
-            str(SOURCE), "-o", str(out)]
+            str(source), "-o", str(out)]
 
 
 def cache_dir() -> Path:
@@ -75,18 +75,19 @@ def cache_dir() -> Path:
     return Path(os.environ.get("KVJAX_CACHE") or Path.home() / ".cache" / "kvjax")
 
 
-def _library(vector: bool = True) -> Path:
-    """The compiled kernel library, built if this source, these flags and this jaxlib have none yet
-    (in cache_dir(), which `_registered` makes)."""
-    command = _compile_command(Path("OUT"), vector)
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(command).encode() + jaxlib.__version__.encode()).hexdigest()
+def _library(vector: bool = True, source: Path = SOURCE) -> Path:
+    """The compiled library of `source` (the kernel, or cpu_bench's cpu_limits.cc), built if this
+    source, these flags and this jaxlib have none yet (in cache_dir(), which the caller makes)."""
+    command = _compile_command(Path("OUT"), vector, source)
+    key = hashlib.sha256(source.read_bytes() + " ".join(command).encode() + jaxlib.__version__.encode()).hexdigest()
     cache = cache_dir()
-    path = cache / f"cpu_attention-{key[:16]}.so"
+    path = cache / f"{source.stem}-{key[:16]}.so"
     if not path.exists():
-        print("[kvjax] compiling the CPU attention kernel (once, about 30 s)", file=sys.stderr, flush=True)
+        what = "the CPU attention kernel" if source == SOURCE else source.name
+        print(f"[kvjax] compiling {what} (once, about 30 s)", file=sys.stderr, flush=True)
         with tempfile.TemporaryDirectory(dir=cache) as tmp:  # built aside, then renamed: no half-written library
             built = Path(tmp) / path.name
-            subprocess.run(_compile_command(built, vector), check=True, capture_output=True, text=True)
+            subprocess.run(_compile_command(built, vector, source), check=True, capture_output=True, text=True)
             os.replace(built, path)
     return path
 
