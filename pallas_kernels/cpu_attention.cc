@@ -164,46 +164,257 @@ struct Problem {
   int part_size() const { return kRows * (h + 2); }
 };
 
-// The h codes of one slot as floats: words [h * B / 32] -> out [h] (h a multiple of 16).
+#if defined(__AVX512F__)
+// Vector helpers of the AVX-512 build.
+
+inline __m512i LaneIndex() { return _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0); }
+
+// float(i & mask) for i in 0..15: `_mm512_permutexvar_ps(x, table)` reads the low 4 bits of each
+// lane of x, so a code of B <= 4 bits in a lane's low bits becomes a float in one instruction
+// (instead of mask and convert), whatever lies above it. kHigh2 reads the second 2-bit code.
+alignas(64) constexpr float kLow2[16] = {0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3};
+alignas(64) constexpr float kHigh2[16] = {0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3};
+alignas(64) constexpr float kLow4[16] = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+
+// Sixteen floats from element i of a float32 / float16 / bfloat16 array.
+struct LoadF32 {
+  const float* p;
+  __m512 operator()(size_t i) const { return _mm512_loadu_ps(p + i); }
+};
+struct LoadF16 {
+  const uint16_t* p;
+  __m512 operator()(size_t i) const {
+    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + i)));
+  }
+};
+struct LoadBF16 {
+  const uint16_t* p;
+  __m512 operator()(size_t i) const {
+    return _mm512_castsi512_ps(
+        _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + i))), 16));
+  }
+};
+
+// f(load) with the loader of x's type, from element `first`.
+template <class F>
+inline void WithLoader(const Floats& x, size_t first, F&& f) {
+  switch (x.type) {
+    case ffi::DataType::F32: return f(LoadF32{static_cast<const float*>(x.data) + first});
+    case ffi::DataType::F16: return f(LoadF16{static_cast<const uint16_t*>(x.data) + first});
+    default: return f(LoadBF16{static_cast<const uint16_t*>(x.data) + first});
+  }
+}
+
+// out[j] = the sum of v[j]'s 16 lanes, for 16 vectors: a tree of 15 adds and 30 shuffles.
+inline __m512 Reduce16(const __m512 (&v)[16]) {
+  __m512 a[8], b[4], c[2];
+  for (int i = 0; i < 8; ++i)  // per 128-bit lane: v[2i] at 0 and 2, v[2i + 1] at 1 and 3
+    a[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+  for (int i = 0; i < 4; ++i) {  // per 128-bit lane: v[4i .. 4i + 3], one partial sum each
+    const __m512d x = _mm512_castps_pd(a[2 * i]), y = _mm512_castps_pd(a[2 * i + 1]);
+    b[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)), _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
+  }
+  for (int i = 0; i < 2; ++i)  // lanes: v[8i ..] from lanes 0+1, 2+3, then v[8i + 4 ..] likewise
+    c[i] = _mm512_add_ps(_mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], _MM_SHUFFLE(2, 0, 2, 0)),
+                         _mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], _MM_SHUFFLE(3, 1, 3, 1)));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(c[0], c[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                       _mm512_shuffle_f32x4(c[0], c[1], _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+// The bits of keep[0 .. lanes) as a mask.
+inline __mmask16 KeepMask(const bool* keep, int lanes) {
+  __mmask16 m = 0;
+  for (int j = 0; j < lanes; ++j) m |= __mmask16(keep[j] ? 1u << j : 0u);
+  return m;
+}
+
+// scores[r, t] = q_r . key_t * sm_scale for n float key slots (kept ones; EMPTY_MAX elsewhere). Per
+// 16 slots: each key converted once into a small buffer, then per query head 16 dot products of h / 16
+// vectors each, summed across lanes by one Reduce16.
+template <int NG, class Load>
+void FloatKeyScoresV(Load load, int n, int h, const float (*__restrict q)[kMaxHead], const bool* __restrict keep,
+                     float sm_scale, float (*__restrict scores)[kBlock]) {
+  alignas(64) float key[16][kMaxHead];
+  const int chunks = h / 16;
+  const __m512 empty = _mm512_set1_ps(kEmptyMax), scale = _mm512_set1_ps(sm_scale);
+  for (int t0 = 0; t0 < n; t0 += 16) {
+    const int lanes = std::min(16, n - t0);
+    const __mmask16 kept = KeepMask(keep + t0, lanes);
+    if (!kept) {
+      for (int r = 0; r < NG; ++r) _mm512_store_ps(scores[r] + t0, empty);
+      continue;
+    }
+    for (int j = 0; j < 16; ++j)  // (an empty slot may hold NaN: its dot product is replaced below)
+      for (int c = 0; c < chunks; ++c)
+        _mm512_store_ps(key[j] + 16 * c, j < lanes ? load(size_t(t0 + j) * h + 16 * c) : _mm512_setzero_ps());
+    for (int r = 0; r < NG; ++r) {
+      __m512 dots[16];
+      for (int j = 0; j < 16; ++j) {
+        __m512 s = _mm512_mul_ps(_mm512_load_ps(q[r]), _mm512_load_ps(key[j]));
+        for (int c = 1; c < chunks; ++c) s = _mm512_fmadd_ps(_mm512_load_ps(q[r] + 16 * c), _mm512_load_ps(key[j] + 16 * c), s);
+        dots[j] = s;
+      }
+      _mm512_store_ps(scores[r] + t0, _mm512_mask_blend_ps(kept, empty, _mm512_mul_ps(Reduce16(dots), scale)));
+    }
+  }
+}
+
+// o[r, d0 + d] += sum_t p[r, t] * value_t[d0 + d] for d < 16 * CS, over the kept of n float value slots:
+// NG x CS accumulators in registers, one conversion per slot and vector.
+template <int NG, int CS, class Load>
+void FloatValueMixV(Load load, int n, int h, int d0, const bool* __restrict keep, const float (*__restrict p)[kBlock],
+                    float* __restrict o) {
+  __m512 acc[NG][CS];
+  for (int r = 0; r < NG; ++r)
+    for (int c = 0; c < CS; ++c) acc[r][c] = _mm512_setzero_ps();
+  for (int t = 0; t < n; ++t) {
+    if (!keep[t]) continue;  // (not multiplied by p = 0: the slot may hold NaN)
+    for (int c = 0; c < CS; ++c) {
+      const __m512 x = load(size_t(t) * h + d0 + 16 * c);
+      for (int r = 0; r < NG; ++r) acc[r][c] = _mm512_fmadd_ps(_mm512_set1_ps(p[r][t]), x, acc[r][c]);
+    }
+  }
+  for (int r = 0; r < NG; ++r)
+    for (int c = 0; c < CS; ++c) {
+      float* at = o + r * h + d0 + 16 * c;
+      _mm512_storeu_ps(at, _mm512_add_ps(_mm512_loadu_ps(at), acc[r][c]));
+    }
+}
+
+// Codes d0 .. d0 + 15 of one slot (its words) as floats.
+template <int B>
+inline __m512 Codes16(const uint32_t* __restrict words, int d0) {
+  if constexpr (B == 2) {  // one word: lane i shifted by 2i, then looked up
+    const __m512i shifts = _mm512_slli_epi32(LaneIndex(), 1);
+    return _mm512_permutexvar_ps(_mm512_srlv_epi32(_mm512_set1_epi32(int32_t(words[d0 / 16])), shifts),
+                                 _mm512_load_ps(kLow2));
+  } else if constexpr (B == 4) {  // two words: lane i takes word i / 8, shifted by 4 (i % 8)
+    const __m512i lane = LaneIndex();
+    const __m512i pair = _mm512_set1_epi64(int64_t(words[d0 / 8]) | int64_t(words[d0 / 8 + 1]) << 32);
+    const __m512i x = _mm512_permutexvar_epi32(_mm512_srli_epi32(lane, 3), pair);
+    return _mm512_permutexvar_ps(
+        _mm512_srlv_epi32(x, _mm512_slli_epi32(_mm512_and_si512(lane, _mm512_set1_epi32(7)), 2)), _mm512_load_ps(kLow4));
+  } else {  // four words: one byte per code
+    return _mm512_cvtepi32_ps(
+        _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(words + d0 / 4))));
+  }
+}
+
+// o[r, d] += sum_t pv[r, d / span, t] * code d of slot t over the n slots of a block (codes [n, vw],
+// pv [NG, 8, kBlock]; span a multiple of 16: each vector of 16 channels in one group), 64 channels
+// at a time: NG x 4 accumulators stay in registers.
+template <int VB, int NG, int CS>
+void ValueMixV(const uint32_t* __restrict codes, int vw, int n, int h, int d0, int span, const float* __restrict pv,
+               float* __restrict o) {
+  __m512 acc[NG][CS];
+  for (int r = 0; r < NG; ++r)
+    for (int c = 0; c < CS; ++c) acc[r][c] = _mm512_setzero_ps();
+  int group[CS];
+  for (int c = 0; c < CS; ++c) group[c] = (d0 + 16 * c) / span;
+  for (int t = 0; t < n; ++t) {
+    const uint32_t* words = codes + size_t(t) * vw;
+    for (int c = 0; c < CS; ++c) {
+      const __m512 x = Codes16<VB>(words, d0 + 16 * c);
+      for (int r = 0; r < NG; ++r)
+        acc[r][c] = _mm512_fmadd_ps(_mm512_set1_ps(pv[(size_t(r) * 8 + group[c]) * kBlock + t]), x, acc[r][c]);
+    }
+  }
+  for (int r = 0; r < NG; ++r)
+    for (int c = 0; c < CS; ++c) {
+      float* at = o + r * h + d0 + 16 * c;
+      _mm512_storeu_ps(at, _mm512_add_ps(_mm512_loadu_ps(at), acc[r][c]));
+    }
+}
+#endif  // __AVX512F__
+
+// The h codes of one slot as floats: words [h * B / 32] -> out [h].
 template <int B>
 inline void Unpack(const uint32_t* __restrict words, int h, float* __restrict out) {
   constexpr int per = 32 / B;
-#if defined(__AVX512F__)
-  constexpr int words_per_vector = 16 / per;
-  alignas(64) static const int32_t lane_word[16] = {0 / per, 1 / per, 2 / per, 3 / per, 4 / per, 5 / per,
-                                                    6 / per, 7 / per, 8 / per, 9 / per, 10 / per, 11 / per,
-                                                    12 / per, 13 / per, 14 / per, 15 / per};
-  const __m512i which = _mm512_load_si512(lane_word);
-  const __m512i shifts = _mm512_mullo_epi32(_mm512_sub_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4,
-                                                                               3, 2, 1, 0),
-                                                              _mm512_mullo_epi32(which, _mm512_set1_epi32(per))),
-                                            _mm512_set1_epi32(B));
-  const __m512i mask = _mm512_set1_epi32((1 << B) - 1);
-  for (int v = 0; v < h / 16; ++v) {
-    const __m512i w = per == 16 ? _mm512_set1_epi32(int32_t(words[v]))
-                                : _mm512_permutexvar_epi32(
-                                      which, _mm512_maskz_loadu_epi32(__mmask16((1 << words_per_vector) - 1),
-                                                                      words + v * words_per_vector));
-    _mm512_storeu_ps(out + 16 * v, _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srlv_epi32(w, shifts), mask)));
-  }
-#else
   constexpr uint32_t mask = (1u << B) - 1;
   for (int d = 0; d < h; ++d) out[d] = float((words[d / per] >> ((d % per) * B)) & mask);
-#endif
 }
 
 // planes[j, t] = x[t * per + j]: n slots' per values, as one row per value.
 inline void Deinterleave(const float* __restrict x, int n, int per, float (*__restrict planes)[kBlock]) {
   int t = 0;
 #if defined(__AVX512F__)
-  const __m512i at = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
-                                        _mm512_set1_epi32(per));
+  if (per == 1) {
+    std::copy(x, x + n, planes[0]);
+    return;
+  }
+  if (per == 2) {  // even and odd elements of 32: two two-source shuffles
+    const __m512i even = _mm512_slli_epi32(LaneIndex(), 1), odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
+    for (; t + 16 <= n; t += 16) {
+      const __m512 a = _mm512_loadu_ps(x + 2 * t), b = _mm512_loadu_ps(x + 2 * t + 16);
+      _mm512_store_ps(planes[0] + t, _mm512_permutex2var_ps(a, even, b));
+      _mm512_store_ps(planes[1] + t, _mm512_permutex2var_ps(a, odd, b));
+    }
+  }
+  const __m512i at = _mm512_mullo_epi32(LaneIndex(), _mm512_set1_epi32(per));
   for (; t + 16 <= n; t += 16)
     for (int j = 0; j < per; ++j) _mm512_store_ps(planes[j] + t, _mm512_i32gather_ps(at, x + t * per + j, 4));
 #endif
   for (; t < n; ++t)
     for (int j = 0; j < per; ++j) planes[j][t] = x[t * per + j];
 }
+
+#if defined(__AVX512F__)
+// x[i] = word w0 + i of each of 16 slots (codes [16, kw], kw a multiple of 4): four vectors of four
+// slots' four words (whole lines when kw is 4), then eight two-source shuffles.
+inline void Words4(const uint32_t* __restrict codes, int kw, int w0, __m512i (&x)[4]) {
+  __m512i z[4];  // z[i]: slots 4i .. 4i + 3, words w0 .. w0 + 3 of each
+  auto line = [&](int slot) { return _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + size_t(slot) * kw + w0)); };
+  for (int i = 0; i < 4; ++i)
+    z[i] = kw == 4 ? _mm512_loadu_si512(codes + 16 * i)
+                   : _mm512_inserti32x4(_mm512_inserti32x4(_mm512_inserti32x4(_mm512_castsi128_si512(line(4 * i)),
+                                                                                line(4 * i + 1), 1),
+                                                           line(4 * i + 2), 2),
+                                        line(4 * i + 3), 3);
+  // words w0, w0 + 1 (and w0 + 2, w0 + 3) of 8 slots: element 4 s + w of a pair of z
+  const __m512i even = _mm512_set_epi32(29, 25, 21, 17, 13, 9, 5, 1, 28, 24, 20, 16, 12, 8, 4, 0);
+  const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(2));
+  const __m512i a0 = _mm512_permutex2var_epi32(z[0], even, z[1]), a1 = _mm512_permutex2var_epi32(z[0], odd, z[1]);
+  const __m512i b0 = _mm512_permutex2var_epi32(z[2], even, z[3]), b1 = _mm512_permutex2var_epi32(z[2], odd, z[3]);
+  x[0] = _mm512_shuffle_i64x2(a0, b0, _MM_SHUFFLE(1, 0, 1, 0));
+  x[1] = _mm512_shuffle_i64x2(a0, b0, _MM_SHUFFLE(3, 2, 3, 2));
+  x[2] = _mm512_shuffle_i64x2(a1, b1, _MM_SHUFFLE(1, 0, 1, 0));
+  x[3] = _mm512_shuffle_i64x2(a1, b1, _MM_SHUFFLE(3, 2, 3, 2));
+}
+
+// sums[r] += sum_e at[r][e] * code e of x's lanes (one word of 16 slots): a shift and a lookup per
+// code (2 bits: per two codes), or shift, mask and convert (8 bits).
+template <int KB, int NG>
+inline void AccumulateWord(__m512i x, const float* const (&at)[NG], __m512 (&sums)[NG]) {
+  constexpr int per = 32 / KB;
+  if constexpr (KB == 2) {
+    const __m512 low = _mm512_load_ps(kLow2), high = _mm512_load_ps(kHigh2);
+#pragma GCC unroll 8
+    for (int e = 0; e < per; e += 2) {
+      const __m512i y = _mm512_srli_epi32(x, e * KB);
+      const __m512 c0 = _mm512_permutexvar_ps(y, low), c1 = _mm512_permutexvar_ps(y, high);
+      for (int r = 0; r < NG; ++r) {
+        sums[r] = _mm512_fmadd_ps(_mm512_set1_ps(at[r][e]), c0, sums[r]);
+        sums[r] = _mm512_fmadd_ps(_mm512_set1_ps(at[r][e + 1]), c1, sums[r]);
+      }
+    }
+  } else if constexpr (KB == 4) {
+    const __m512 table = _mm512_load_ps(kLow4);
+#pragma GCC unroll 8
+    for (int e = 0; e < per; ++e) {
+      const __m512 code = _mm512_permutexvar_ps(_mm512_srli_epi32(x, e * KB), table);
+      for (int r = 0; r < NG; ++r) sums[r] = _mm512_fmadd_ps(_mm512_set1_ps(at[r][e]), code, sums[r]);
+    }
+  } else {
+    const __m512i m = _mm512_set1_epi32(0xff);
+#pragma GCC unroll 4
+    for (int e = 0; e < per; ++e) {
+      const __m512 code = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(x, e * KB), m));
+      for (int r = 0; r < NG; ++r) sums[r] = _mm512_fmadd_ps(_mm512_set1_ps(at[r][e]), code, sums[r]);
+    }
+  }
+}
+#endif
 
 // acc[r, j] = sum_d weights[r, d] * code d of slot j, for 16 slots: codes [16, kw] (rows past the
 // block's end read as zeros: `slots` of them are real).
@@ -215,16 +426,23 @@ inline void KeyDots(const uint32_t* __restrict codes, int kw, int slots, const f
 #if defined(__AVX512F__)
   __m512 sums[NG];
   for (int r = 0; r < NG; ++r) sums[r] = _mm512_setzero_ps();
-  const __m512i m = _mm512_set1_epi32(int32_t(mask));
-  const __m512i rows = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
-                                          _mm512_set1_epi32(kw));
-  const __mmask16 real = __mmask16((1u << slots) - 1);
-  for (int w = 0; w < kw; ++w) {
-    const __m512i x = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), real, rows, codes + w, 4);  // word w of each slot
-#pragma GCC unroll 16
-    for (int e = 0; e < per; ++e) {
-      const __m512 code = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(x, e * KB), m));
-      for (int r = 0; r < NG; ++r) sums[r] = _mm512_fmadd_ps(_mm512_set1_ps(weights[r][w * per + e]), code, sums[r]);
+  if (slots == 16 && kw % 4 == 0) {
+    for (int w0 = 0; w0 < kw; w0 += 4) {
+      __m512i x[4];
+      Words4(codes, kw, w0, x);
+      for (int i = 0; i < 4; ++i) {
+        const float* at[NG];
+        for (int r = 0; r < NG; ++r) at[r] = weights[r] + (w0 + i) * per;
+        AccumulateWord<KB, NG>(x[i], at, sums);
+      }
+    }
+  } else {  // word w of each slot: one gather
+    const __m512i rows = _mm512_mullo_epi32(LaneIndex(), _mm512_set1_epi32(kw));
+    const __mmask16 real = __mmask16((1u << slots) - 1);
+    for (int w = 0; w < kw; ++w) {
+      const float* at[NG];
+      for (int r = 0; r < NG; ++r) at[r] = weights[r] + w * per;
+      AccumulateWord<KB, NG>(_mm512_mask_i32gather_epi32(_mm512_setzero_si512(), real, rows, codes + w, 4), at, sums);
     }
   }
   for (int r = 0; r < NG; ++r) _mm512_store_ps(acc[r], sums[r]);
@@ -242,29 +460,21 @@ inline void KeyDots(const uint32_t* __restrict codes, int kw, int slots, const f
 template <int VB, int NG>
 inline void ValueMix(const uint32_t* __restrict codes, int vw, int n, int h, int span, const float* __restrict pv,
                      float* __restrict o) {
-  auto weight = [&](int r, int mg, int t) { return pv[(size_t(r) * 8 + mg) * kBlock + t]; };
-  alignas(64) float code[kMaxHead];
 #if defined(__AVX512F__)
-  if (h % 64 == 0 && span % 16 == 0) {  // (each vector of 16 channels in one group)
-    for (int d0 = 0; d0 < h; d0 += 64) {  // 64 channels at a time: NG x 4 accumulators stay in registers
-      __m512 sums[NG][4];
-      for (int r = 0; r < NG; ++r)
-        for (int v = 0; v < 4; ++v) sums[r][v] = _mm512_setzero_ps();
-      for (int t = 0; t < n; ++t) {
-        Unpack<VB>(codes + size_t(t) * vw + d0 * VB / 32, 64, code);
-        for (int v = 0; v < 4; ++v) {
-          const __m512 x = _mm512_load_ps(code + 16 * v);
-          const int mg = (d0 + 16 * v) / span;
-          for (int r = 0; r < NG; ++r) sums[r][v] = _mm512_fmadd_ps(_mm512_set1_ps(weight(r, mg, t)), x, sums[r][v]);
-        }
-      }
-      for (int r = 0; r < NG; ++r)
-        for (int v = 0; v < 4; ++v)
-          _mm512_storeu_ps(o + r * h + d0 + 16 * v, _mm512_add_ps(_mm512_loadu_ps(o + r * h + d0 + 16 * v), sums[r][v]));
+  if (span % 16 == 0) {  // each vector of 16 channels in one group
+    int d0 = 0;
+    for (; d0 + 64 <= h; d0 += 64) ValueMixV<VB, NG, 4>(codes, vw, n, h, d0, span, pv, o);
+    switch ((h - d0) / 16) {
+      case 3: ValueMixV<VB, NG, 3>(codes, vw, n, h, d0, span, pv, o); break;
+      case 2: ValueMixV<VB, NG, 2>(codes, vw, n, h, d0, span, pv, o); break;
+      case 1: ValueMixV<VB, NG, 1>(codes, vw, n, h, d0, span, pv, o); break;
+      default: break;
     }
     return;
   }
 #endif
+  auto weight = [&](int r, int mg, int t) { return pv[(size_t(r) * 8 + mg) * kBlock + t]; };
+  alignas(64) float code[kMaxHead];
   for (int t = 0; t < n; ++t) {
     Unpack<VB>(codes + size_t(t) * vw, h, code);
     for (int r = 0; r < NG; ++r)
@@ -272,10 +482,14 @@ inline void ValueMix(const uint32_t* __restrict codes, int vw, int n, int h, int
   }
 }
 
-// scores[r, t] = q_r . key_t * sm_scale over n slots of float keys from element `first` (kept slots only).
+// scores[r, t] = q_r . key_t * sm_scale over n slots of float keys from element `first` (kept slots
+// only, EMPTY_MAX elsewhere).
 template <int NG>
 void FloatKeyScores(const Floats& keys, size_t first, int n, int h, const float (*__restrict q)[kMaxHead],
                     const bool* __restrict keep, float sm_scale, float (*__restrict scores)[kBlock]) {
+#if defined(__AVX512F__)
+  WithLoader(keys, first, [&](auto load) { FloatKeyScoresV<NG>(load, n, h, q, keep, sm_scale, scores); });
+#else
   alignas(64) float key[kMaxHead];
   for (int t = 0; t < n; ++t) {
     if (!keep[t]) {
@@ -289,6 +503,7 @@ void FloatKeyScores(const Floats& keys, size_t first, int n, int h, const float 
       scores[r][t] = s * sm_scale;
     }
   }
+#endif
 }
 
 // o[r, d] += sum_t p[r, t] * value_t[d] over the kept of n slots of float values from element
@@ -296,6 +511,18 @@ void FloatKeyScores(const Floats& keys, size_t first, int n, int h, const float 
 template <int NG>
 void FloatValueMix(const Floats& values, size_t first, int n, int h, const bool* __restrict keep,
                    const float (*__restrict p)[kBlock], float* __restrict o) {
+#if defined(__AVX512F__)
+  WithLoader(values, first, [&](auto load) {
+    int d0 = 0;
+    for (; d0 + 64 <= h; d0 += 64) FloatValueMixV<NG, 4>(load, n, h, d0, keep, p, o);
+    switch ((h - d0) / 16) {
+      case 3: FloatValueMixV<NG, 3>(load, n, h, d0, keep, p, o); break;
+      case 2: FloatValueMixV<NG, 2>(load, n, h, d0, keep, p, o); break;
+      case 1: FloatValueMixV<NG, 1>(load, n, h, d0, keep, p, o); break;
+      default: break;
+    }
+  });
+#else
   alignas(64) float value[kMaxHead];
   for (int t = 0; t < n; ++t) {
     if (!keep[t]) continue;
@@ -305,16 +532,88 @@ void FloatValueMix(const Floats& values, size_t first, int n, int h, const bool*
       for (int d = 0; d < h; ++d) o[r * h + d] += w * value[d];
     }
   }
+#endif
+}
+
+// exp(x) of 16 lanes x <= 0, ExpNonPositive's polynomial (0 below -87).
+#if defined(__AVX512F__)
+inline __m512 ExpNonPositiveV(__m512 x) {
+  const __m512 xc = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_fmadd_ps(xc, _mm512_set1_ps(1.44269504088896341f), _mm512_set1_ps(0.5f)),
+                                        _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  const __m512 r = _mm512_fmadd_ps(n, _mm512_set1_ps(2.12194440e-4f), _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), xc));
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(p, r), r, r), _mm512_set1_ps(1.0f));
+  const __m512 two_n = _mm512_castsi512_ps(
+      _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23));
+  return _mm512_maskz_mul_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.0f), _CMP_GE_OQ), p, two_n);
+}
+#endif
+
+// Softmax numerators of a block: scores[r, t] -> exp(scores[r, t] - m[r]) for t < n16 (0 on empty
+// slots, whose score EMPTY_MAX lies far below m), l[r] their sum.
+template <int NG>
+inline void Softmax(float (*__restrict scores)[kBlock], int n16, float* __restrict m, float* __restrict l) {
+  for (int r = 0; r < NG; ++r) {
+#if defined(__AVX512F__)
+    __m512 mx = _mm512_set1_ps(kEmptyMax);
+    for (int t = 0; t < n16; t += 16) mx = _mm512_max_ps(mx, _mm512_load_ps(scores[r] + t));
+    const float top = _mm512_reduce_max_ps(mx);
+    const __m512 mv = _mm512_set1_ps(top);
+    __m512 sum = _mm512_setzero_ps();
+    for (int t = 0; t < n16; t += 16) {
+      const __m512 p = ExpNonPositiveV(_mm512_min_ps(_mm512_sub_ps(_mm512_load_ps(scores[r] + t), mv), _mm512_setzero_ps()));
+      _mm512_store_ps(scores[r] + t, p);
+      sum = _mm512_add_ps(sum, p);
+    }
+    m[r] = top;
+    l[r] = _mm512_reduce_add_ps(sum);
+#else
+    float mx = kEmptyMax;
+    for (int t = 0; t < n16; ++t) mx = std::max(mx, scores[r][t]);
+    float sum = 0.0f;
+    for (int t = 0; t < n16; ++t) {
+      const float p = ExpNonPositive(std::min(scores[r][t] - mx, 0.0f));
+      scores[r][t] = p;
+      sum += p;
+    }
+    m[r] = mx;
+    l[r] = sum;
+#endif
+  }
+}
+
+// scores[j] = keep[j] ? (acc[j] + add) * mul[j] * sm_scale : EMPTY_MAX for j in [j0, j1) (mul null: 1).
+inline void ScoreLanes(const float* __restrict acc, const float* __restrict mul, float add, float sm_scale,
+                       const bool* __restrict keep, int j0, int j1, float* __restrict scores) {
+#if defined(__AVX512F__)
+  const __mmask16 range = __mmask16(((1u << j1) - 1) & ~((1u << j0) - 1));
+  const __mmask16 kept = _mm_test_epi8_mask(_mm_loadu_si128(reinterpret_cast<const __m128i*>(keep)),
+                                            _mm_set1_epi8(1));
+  __m512 x = _mm512_add_ps(_mm512_load_ps(acc), _mm512_set1_ps(add));
+  if (mul) x = _mm512_mul_ps(x, _mm512_loadu_ps(mul));
+  x = _mm512_mul_ps(x, _mm512_set1_ps(sm_scale));
+  _mm512_mask_storeu_ps(scores, range, _mm512_mask_blend_ps(kept, _mm512_set1_ps(kEmptyMax), x));
+#else
+  for (int j = j0; j < j1; ++j) scores[j] = keep[j] ? (acc[j] + add) * (mul ? mul[j] : 1.0f) * sm_scale : kEmptyMax;
+#endif
 }
 
 // Partials of NG query heads (q0..q0 + NG - 1) of (row, head) over key slots [s0, s1) of part T
-// into `out` (m [NG], l [NG], o [NG, h]).
-//   packed keys: vectorized along slots. Word w of 16 consecutive slots is one gather, so code d
-//         of all 16 is one shift and mask; q * scale of the slots' group multiplies it (no
-//         per-slot horizontal sums).
-//   packed values: vectorized along channels; each slot's codes are unpacked once, and p * scale
-//         (one number per slot, row and channel group) multiplies them.
-//   float sides (KB or VB = kFloats): one slot at a time, converted to float32.
+// into `out` (m [NG], l [NG], o [NG, h]). In the vector build:
+//   packed keys: vectorized along slots. Word w of 16 consecutive slots comes from four loads and
+//         eight shuffles per four words (or one gather), so code d of all 16 is a shift and a lookup;
+//         q * scale of the slots' group multiplies it (no per-slot horizontal sums).
+//   packed values: vectorized along channels; each slot's codes are unpacked once (a shift and a
+//         lookup per 16 channels), and p * scale (one number per slot, row and channel group)
+//         multiplies them.
+//   float keys: 16 slots at a time, converted once, every query head's dot products summed across
+//         lanes by one shuffle tree; float values: along channels, all query heads at once.
 template <int KB, int VB, int NG>
 void Item(const Problem& P, const Part& T, int row, int head, int q0, int s0, int s1, float* __restrict out) {
   const int h = P.h, G = P.G, n = s1 - s0, n16 = (n + 15) / 16 * 16;
@@ -354,15 +653,12 @@ void Item(const Problem& P, const Part& T, int row, int head, int q0, int s0, in
     int folded = -1;  // the group qs, qz hold
     for (int t0 = 0; t0 < n16; t0 += 16) {
       const int lanes = std::min(16, n - t0);
-      if (T.symmetric) {
+      if (T.symmetric) {  // x = (code - 2^(bits-1)) * scale per slot
         KeyDots<KB, NG>(kc + size_t(t0) * kw, kw, lanes, q, acc);
         alignas(64) float s[16] = {};
         ToFloat(T.k_scale, bh * T.kc + s0 + t0, lanes, s);
         for (int r = 0; r < NG; ++r)
-          for (int j = 0; j < lanes; ++j) {
-            const float x = (acc[r][j] - float(1 << (KB - 1)) * qsum[r]) * s[j] * P.sm_scale;
-            scores[r][t0 + j] = keep[t0 + j] ? x : kEmptyMax;
-          }
+          ScoreLanes(acc[r], s, -float(1 << (KB - 1)) * qsum[r], P.sm_scale, keep + t0, 0, lanes, scores[r] + t0);
         continue;
       }
       for (int group = (s0 + t0) / G; group * G < s0 + t0 + lanes; ++group) {
@@ -382,24 +678,12 @@ void Item(const Problem& P, const Part& T, int row, int head, int q0, int s0, in
         }
         KeyDots<KB, NG>(kc + size_t(t0) * kw, kw, lanes, qs, acc);
         const int j0 = std::max(0, group * G - s0 - t0), j1 = std::min(lanes, (group + 1) * G - s0 - t0);
-        for (int r = 0; r < NG; ++r)
-          for (int j = j0; j < j1; ++j) scores[r][t0 + j] = keep[t0 + j] ? (acc[r][j] + qz[r]) * P.sm_scale : kEmptyMax;
+        for (int r = 0; r < NG; ++r) ScoreLanes(acc[r], nullptr, qz[r], P.sm_scale, keep + t0, j0, j1, scores[r] + t0);
       }
     }
   }
-  // softmax numerators: p = exp(s - m), which is 0 on empty slots (s = EMPTY_MAX, far below m)
-  for (int r = 0; r < NG; ++r) {
-    float mx = kEmptyMax;
-    for (int t = 0; t < n16; ++t) mx = std::max(mx, scores[r][t]);
-    float sum = 0.0f;
-    for (int t = 0; t < n16; ++t) {
-      const float p = ExpNonPositive(std::min(scores[r][t] - mx, 0.0f));
-      scores[r][t] = p;
-      sum += p;
-    }
-    m[r] = mx;
-    l[r] = sum;
-  }
+  Softmax<NG>(scores, n16, m, l);
+
   // values: o[r, d] = sum_t p[r, t] value_t[d]
   if constexpr (VB == kFloats) {
     FloatValueMix<NG>(T.values, v0 * h, n, h, keep, scores, o);
@@ -413,21 +697,28 @@ void Item(const Problem& P, const Part& T, int row, int head, int q0, int s0, in
       ToFloat(T.v_zero, v0 * per_slot, n * per_slot, side);
       Deinterleave(side, n, per_slot, vzero);
     }
-    float oz[NG][8] = {};
+    float oz[NG][8] = {};  // sum_t p * zero (KIVI), sum_t p * scale (symmetric)
     for (int r = 0; r < NG; ++r)
       for (int mg = 0; mg < per_slot; ++mg) {
+        const float* p = scores[r];
+        const float* s = vscale[mg];
+        const float* zr = T.symmetric ? vscale[mg] : vzero[mg];
+        float* w = pv[r][mg];
         float z = 0.0f;
         for (int t = 0; t < n; ++t) {
-          pv[r][mg][t] = scores[r][t] * vscale[mg][t];
-          z += T.symmetric ? pv[r][mg][t] : scores[r][t] * vzero[mg][t];
+          w[t] = p[t] * s[t];
+          z += p[t] * zr[t];
         }
         oz[r][mg] = z;
       }
     const int vw = h * VB / 32;
-    ValueMix<VB, NG>(T.v_codes + v0 * vw, vw, n, h, T.symmetric ? h : G, &pv[0][0][0], o);
+    const int span = T.symmetric ? h : G;
+    ValueMix<VB, NG>(T.v_codes + v0 * vw, vw, n, h, span, &pv[0][0][0], o);
     for (int r = 0; r < NG; ++r)
-      for (int d = 0; d < h; ++d)
-        o[r * h + d] += T.symmetric ? -float(1 << (VB - 1)) * oz[r][0] : oz[r][d / G];
+      for (int mg = 0; mg < per_slot; ++mg) {
+        const float add = T.symmetric ? -float(1 << (VB - 1)) * oz[r][0] : oz[r][mg];
+        for (int d = mg * span; d < (mg + 1) * span; ++d) o[r * h + d] += add;
+      }
   }
 }
 
