@@ -382,10 +382,11 @@ inline void Words4(const uint32_t* __restrict codes, int kw, int w0, __m512i (&x
   x[3] = _mm512_shuffle_i64x2(a1, b1, _MM_SHUFFLE(3, 2, 3, 2));
 }
 
-// sums[r] += sum_e at[r][e] * code e of x's lanes (one word of 16 slots): a shift and a lookup per
-// code (2 bits: per two codes), or shift, mask and convert (8 bits).
+// sums[e % 2][r] += sum_e at[r][e] * code e of x's lanes (one word of 16 slots): a shift and a
+// lookup per code (2 bits: per two codes), or shift, mask and convert (8 bits). Two sums per query
+// head: one chain of multiply-adds per head would wait on their latency.
 template <int KB, int NG>
-inline void AccumulateWord(__m512i x, const float* const (&at)[NG], __m512 (&sums)[NG]) {
+inline void AccumulateWord(__m512i x, const float* const (&at)[NG], __m512 (&sums)[2][NG]) {
   constexpr int per = 32 / KB;
   if constexpr (KB == 2) {
     const __m512 low = _mm512_load_ps(kLow2), high = _mm512_load_ps(kHigh2);
@@ -394,8 +395,8 @@ inline void AccumulateWord(__m512i x, const float* const (&at)[NG], __m512 (&sum
       const __m512i y = _mm512_srli_epi32(x, e * KB);
       const __m512 c0 = _mm512_permutexvar_ps(y, low), c1 = _mm512_permutexvar_ps(y, high);
       for (int r = 0; r < NG; ++r) {
-        sums[r] = _mm512_fmadd_ps(_mm512_set1_ps(at[r][e]), c0, sums[r]);
-        sums[r] = _mm512_fmadd_ps(_mm512_set1_ps(at[r][e + 1]), c1, sums[r]);
+        sums[0][r] = _mm512_fmadd_ps(_mm512_set1_ps(at[r][e]), c0, sums[0][r]);
+        sums[1][r] = _mm512_fmadd_ps(_mm512_set1_ps(at[r][e + 1]), c1, sums[1][r]);
       }
     }
   } else if constexpr (KB == 4) {
@@ -403,14 +404,14 @@ inline void AccumulateWord(__m512i x, const float* const (&at)[NG], __m512 (&sum
 #pragma GCC unroll 8
     for (int e = 0; e < per; ++e) {
       const __m512 code = _mm512_permutexvar_ps(_mm512_srli_epi32(x, e * KB), table);
-      for (int r = 0; r < NG; ++r) sums[r] = _mm512_fmadd_ps(_mm512_set1_ps(at[r][e]), code, sums[r]);
+      for (int r = 0; r < NG; ++r) sums[e % 2][r] = _mm512_fmadd_ps(_mm512_set1_ps(at[r][e]), code, sums[e % 2][r]);
     }
   } else {
     const __m512i m = _mm512_set1_epi32(0xff);
 #pragma GCC unroll 4
     for (int e = 0; e < per; ++e) {
       const __m512 code = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(x, e * KB), m));
-      for (int r = 0; r < NG; ++r) sums[r] = _mm512_fmadd_ps(_mm512_set1_ps(at[r][e]), code, sums[r]);
+      for (int r = 0; r < NG; ++r) sums[e % 2][r] = _mm512_fmadd_ps(_mm512_set1_ps(at[r][e]), code, sums[e % 2][r]);
     }
   }
 }
@@ -424,8 +425,8 @@ inline void KeyDots(const uint32_t* __restrict codes, int kw, int slots, const f
   constexpr int per = 32 / KB;
   constexpr uint32_t mask = (1u << KB) - 1;
 #if defined(__AVX512F__)
-  __m512 sums[NG];
-  for (int r = 0; r < NG; ++r) sums[r] = _mm512_setzero_ps();
+  __m512 sums[2][NG];
+  for (int r = 0; r < NG; ++r) sums[0][r] = sums[1][r] = _mm512_setzero_ps();
   if (slots == 16 && kw % 4 == 0) {
     for (int w0 = 0; w0 < kw; w0 += 4) {
       __m512i x[4];
@@ -445,7 +446,7 @@ inline void KeyDots(const uint32_t* __restrict codes, int kw, int slots, const f
       AccumulateWord<KB, NG>(_mm512_mask_i32gather_epi32(_mm512_setzero_si512(), real, rows, codes + w, 4), at, sums);
     }
   }
-  for (int r = 0; r < NG; ++r) _mm512_store_ps(acc[r], sums[r]);
+  for (int r = 0; r < NG; ++r) _mm512_store_ps(acc[r], _mm512_add_ps(sums[0][r], sums[1][r]));
 #else
   for (int r = 0; r < NG; ++r) std::fill(acc[r], acc[r] + 16, 0.0f);
   for (int j = 0; j < slots; ++j)
