@@ -164,6 +164,24 @@ struct Problem {
   int part_size() const { return kRows * (h + 2); }
 };
 
+// The packed values' lines of 16 slots, fetched into the cache while the keys of those slots are
+// scored, so that the value pass finds them there (codes, scales, zeros; measured: kivi2 ~5% faster
+// over 30 layers of 8k slots; float values, 4x the bytes, gained nothing and are not fetched).
+struct Ahead {
+  const char* at[3] = {};
+  size_t per_slot[3] = {};
+  int arrays = 0;
+  void Add(const void* first, size_t bytes_per_slot) {
+    at[arrays] = static_cast<const char*>(first), per_slot[arrays++] = bytes_per_slot;
+  }
+  void Fetch(int t0, int slots) const {
+    for (int a = 0; a < arrays; ++a) {
+      const char* p = at[a] + size_t(t0) * per_slot[a];
+      for (size_t off = 0; off < size_t(slots) * per_slot[a]; off += 64) __builtin_prefetch(p + off, 0, 2);
+    }
+  }
+};
+
 #if defined(__AVX512F__)
 // Vector helpers of the AVX-512 build.
 
@@ -221,11 +239,9 @@ inline __m512 Reduce16(const __m512 (&v)[16]) {
                        _mm512_shuffle_f32x4(c[0], c[1], _MM_SHUFFLE(3, 1, 3, 1)));
 }
 
-// The bits of keep[0 .. lanes) as a mask.
-inline __mmask16 KeepMask(const bool* keep, int lanes) {
-  __mmask16 m = 0;
-  for (int j = 0; j < lanes; ++j) m |= __mmask16(keep[j] ? 1u << j : 0u);
-  return m;
+// The bits of keep[0 .. 16) as a mask.
+inline __mmask16 KeepMask(const bool* keep) {
+  return _mm_test_epi8_mask(_mm_loadu_si128(reinterpret_cast<const __m128i*>(keep)), _mm_set1_epi8(1));
 }
 
 // scores[r, t] = q_r . key_t * sm_scale for n float key slots (kept ones; EMPTY_MAX elsewhere). Per
@@ -233,13 +249,14 @@ inline __mmask16 KeepMask(const bool* keep, int lanes) {
 // vectors each, summed across lanes by one Reduce16.
 template <int NG, class Load>
 void FloatKeyScoresV(Load load, int n, int h, const float (*__restrict q)[kMaxHead], const bool* __restrict keep,
-                     float sm_scale, float (*__restrict scores)[kBlock]) {
+                     float sm_scale, float (*__restrict scores)[kBlock], const Ahead& ahead) {
   alignas(64) float key[16][kMaxHead];
   const int chunks = h / 16;
   const __m512 empty = _mm512_set1_ps(kEmptyMax), scale = _mm512_set1_ps(sm_scale);
   for (int t0 = 0; t0 < n; t0 += 16) {
     const int lanes = std::min(16, n - t0);
-    const __mmask16 kept = KeepMask(keep + t0, lanes);
+    ahead.Fetch(t0, lanes);
+    const __mmask16 kept = KeepMask(keep + t0);  // (false past the block's end)
     if (!kept) {
       for (int r = 0; r < NG; ++r) _mm512_store_ps(scores[r] + t0, empty);
       continue;
@@ -248,11 +265,12 @@ void FloatKeyScoresV(Load load, int n, int h, const float (*__restrict q)[kMaxHe
       for (int c = 0; c < chunks; ++c)
         _mm512_store_ps(key[j] + 16 * c, j < lanes ? load(size_t(t0 + j) * h + 16 * c) : _mm512_setzero_ps());
     for (int r = 0; r < NG; ++r) {
-      __m512 dots[16];
-      for (int j = 0; j < 16; ++j) {
-        __m512 s = _mm512_mul_ps(_mm512_load_ps(q[r]), _mm512_load_ps(key[j]));
-        for (int c = 1; c < chunks; ++c) s = _mm512_fmadd_ps(_mm512_load_ps(q[r] + 16 * c), _mm512_load_ps(key[j] + 16 * c), s);
-        dots[j] = s;
+      __m512 dots[16];  // 16 independent chains of multiply-adds
+      const __m512 q0 = _mm512_load_ps(q[r]);
+      for (int j = 0; j < 16; ++j) dots[j] = _mm512_mul_ps(q0, _mm512_load_ps(key[j]));
+      for (int c = 1; c < chunks; ++c) {
+        const __m512 qc = _mm512_load_ps(q[r] + 16 * c);
+        for (int j = 0; j < 16; ++j) dots[j] = _mm512_fmadd_ps(qc, _mm512_load_ps(key[j] + 16 * c), dots[j]);
       }
       _mm512_store_ps(scores[r] + t0, _mm512_mask_blend_ps(kept, empty, _mm512_mul_ps(Reduce16(dots), scale)));
     }
@@ -487,9 +505,10 @@ inline void ValueMix(const uint32_t* __restrict codes, int vw, int n, int h, int
 // only, EMPTY_MAX elsewhere).
 template <int NG>
 void FloatKeyScores(const Floats& keys, size_t first, int n, int h, const float (*__restrict q)[kMaxHead],
-                    const bool* __restrict keep, float sm_scale, float (*__restrict scores)[kBlock]) {
+                    const bool* __restrict keep, float sm_scale, float (*__restrict scores)[kBlock],
+                    const Ahead& ahead) {
 #if defined(__AVX512F__)
-  WithLoader(keys, first, [&](auto load) { FloatKeyScoresV<NG>(load, n, h, q, keep, sm_scale, scores); });
+  WithLoader(keys, first, [&](auto load) { FloatKeyScoresV<NG>(load, n, h, q, keep, sm_scale, scores, ahead); });
 #else
   alignas(64) float key[kMaxHead];
   for (int t = 0; t < n; ++t) {
@@ -497,6 +516,7 @@ void FloatKeyScores(const Floats& keys, size_t first, int n, int h, const float 
       for (int r = 0; r < NG; ++r) scores[r][t] = kEmptyMax;
       continue;
     }
+    if (t % 16 == 0) ahead.Fetch(t, std::min(16, n - t));
     ToFloat(keys, first + size_t(t) * h, h, key);
     for (int r = 0; r < NG; ++r) {
       float s = 0.0f;
@@ -594,8 +614,7 @@ inline void ScoreLanes(const float* __restrict acc, const float* __restrict mul,
                        const bool* __restrict keep, int j0, int j1, float* __restrict scores) {
 #if defined(__AVX512F__)
   const __mmask16 range = __mmask16(((1u << j1) - 1) & ~((1u << j0) - 1));
-  const __mmask16 kept = _mm_test_epi8_mask(_mm_loadu_si128(reinterpret_cast<const __m128i*>(keep)),
-                                            _mm_set1_epi8(1));
+  const __mmask16 kept = KeepMask(keep);
   __m512 x = _mm512_add_ps(_mm512_load_ps(acc), _mm512_set1_ps(add));
   if (mul) x = _mm512_mul_ps(x, _mm512_loadu_ps(mul));
   x = _mm512_mul_ps(x, _mm512_set1_ps(sm_scale));
@@ -641,9 +660,21 @@ void Item(const Problem& P, const Part& T, int row, int head, int q0, int s0, in
   for (int t = 0; t < n16; ++t) keep[t] = t < n && valid[s0 + t];
   for (int r = 0; r < NG; ++r) std::fill(scores[r] + n, scores[r] + n16, kEmptyMax);  // past the block's end
 
+  Ahead ahead;  // packed values of the block's slots, fetched during the key pass
+  auto add = [&](const Floats& x, size_t first, size_t per_slot) {
+    const size_t width = ffi::ByteWidth(x.type);
+    ahead.Add(static_cast<const char*>(x.data) + first * width, per_slot * width);
+  };
+  if constexpr (VB != kFloats) {
+    const int per_slot = T.symmetric ? 1 : h / G;
+    ahead.Add(T.v_codes + v0 * (h * VB / 32), h * VB / 8);
+    add(T.v_scale, v0 * per_slot, per_slot);
+    if (!T.symmetric) add(T.v_zero, v0 * per_slot, per_slot);
+  }
+
   // keys: scores[r, t] = q_r . key_t * sm_scale
   if constexpr (KB == kFloats) {
-    FloatKeyScores<NG>(T.keys, (bh * T.kc + s0) * h, n, h, q, keep, P.sm_scale, scores);
+    FloatKeyScores<NG>(T.keys, (bh * T.kc + s0) * h, n, h, q, keep, P.sm_scale, scores, ahead);
   } else {
     // 16 slots at a time; a group of G slots folds its per-channel scale and zero into q
     // (qs = q * scale, qz = q . zero), and where G < 16 (or 16 does not divide G) the 16 slots
@@ -654,6 +685,7 @@ void Item(const Problem& P, const Part& T, int row, int head, int q0, int s0, in
     int folded = -1;  // the group qs, qz hold
     for (int t0 = 0; t0 < n16; t0 += 16) {
       const int lanes = std::min(16, n - t0);
+      ahead.Fetch(t0, lanes);
       if (T.symmetric) {  // x = (code - 2^(bits-1)) * scale per slot
         KeyDots<KB, NG>(kc + size_t(t0) * kw, kw, lanes, q, acc);
         alignas(64) float s[16] = {};
