@@ -181,3 +181,76 @@ def test_an_unusable_cache_folder_is_named_as_the_reason(tmp_path, monkeypatch):
     monkeypatch.setenv("KVJAX_CACHE", str(regular / "sub"))  # under a file: no folder can be made
     reason = cpu_attention._registered("kvjax_test_unusable_cache")  # a new target: not cached yet
     assert reason.startswith(f"cannot make the kernel's folder {regular / 'sub'}"), reason
+
+
+@dataclasses.dataclass(frozen=True)
+class FloatCase:
+    b: int
+    k: int
+    g: int
+    h: int
+    c: int
+    dtype: str = "float16"
+    valid: str = "holes"  # holes | prefix | ring | none
+
+
+FLOAT_CASES = [
+    FloatCase(1, 3, 3, 64, 8192 - 1),  # SmolLM2-135M's heads, 16 blocks, the last one slot short of 512
+    FloatCase(2, 3, 3, 64, 700, valid="prefix"),  # a block of 188 slots: 11 vectors of 16 and 12 slots
+    FloatCase(2, 1, 4, 128, 37, "bfloat16"),  # two passes of 64 channels over the values
+    FloatCase(1, 2, 1, 48, 21, "float32"),  # 3 vectors of channels: no pass of 64
+    FloatCase(1, 2, 9, 16, 530, valid="ring"),  # items of 4 + 4 + 1 query heads, one vector of channels
+    FloatCase(2, 1, 5, 96, 17, valid="holes"),  # 64 + 32 channels
+    FloatCase(2, 2, 2, 32, 40, valid="none"),
+]
+
+
+@pytest.mark.parametrize("portable", [False, True], ids=["vector", "portable"])
+@pytest.mark.parametrize("case", FLOAT_CASES, ids=str)
+def test_float_parts_equal_reference(case, portable):
+    """Float keys and values (what fp16 passes: its whole cache as one part, this step's slot masked
+    out), any slot count and mask; every empty slot holds NaN or inf, which must not leak."""
+    rng = np.random.default_rng(3)
+    b, k, c, h = case.b, case.k, case.c, case.h
+    slot = np.arange(c)[None, :]
+    counts = rng.integers(1, c + 1, (b, 1))
+    valid = {"holes": rng.random((b, c)) < 0.8,
+             "prefix": slot < counts,
+             "ring": (slot < counts // 3) | (slot >= c - counts // 2),
+             "none": np.zeros((b, c), bool)}[case.valid]
+    if case.valid != "none":
+        valid[:, 0] = True
+        if c > 1:
+            valid[:, -1] = False  # this step's slot
+    empty = ~valid[None, :, None, :, None]
+    filler = np.where(rng.random((2, b, k, c, 1)) < 0.5, np.nan, np.inf)
+    keys, values = (np.where(empty, filler, rng.normal(size=(2, b, k, c, h)) * 2) for _ in range(2))
+    dtype = jnp.dtype(case.dtype)
+    q = jnp.asarray(rng.normal(size=(b, k * case.g, h)), jnp.float32)
+    part = cpu_attention.Part.floats(jnp.asarray(keys, dtype), jnp.asarray(values, dtype), jnp.asarray(valid),
+                                     jnp.int32(1))
+    got = cpu_attention.attention_partials(q, [part], group_size=32, portable=portable)
+    clean = dataclasses.replace(part, keys=jnp.where(jnp.isfinite(part.keys), part.keys, 0),
+                                values=jnp.where(jnp.isfinite(part.values), part.values, 0))
+    want = cpu_attention.attention_partials_reference(q, [clean], group_size=32)
+    assert np.all(np.isfinite(np.asarray(got.o))) and np.all(np.isfinite(np.asarray(got.l)))
+    assert_partials_close(got, want)
+
+
+@pytest.mark.parametrize("portable", [False, True], ids=["vector", "portable"])
+def test_a_stage_reads_its_values_at_the_offset(portable):
+    """A KIVI stage: float keys in their own buffer, values in the tier from value_offset (a different
+    offset per row, at the tier's start, middle and end), beside the tier's own packed part."""
+    case = Case(3, 3, 3, 64, 1024 + 64, 2, 2, valid="prefix")
+    q, tier, kw = make(case, seed=5)
+    rng = np.random.default_rng(6)
+    stage_k = jnp.asarray(rng.normal(size=(2, 3, 3, 32, 64)) * 2, jnp.float16)
+    packed = part_of(tier, layers=2, layer=1, **kw)
+    for offsets in ([0, 512, 1024 + 32], [32, 1024 - 32, 7]):
+        stage = dataclasses.replace(packed, keys=stage_k, key_scale=None, key_zero=None,
+                                    key_bits=cpu_attention.FLOATS, valid=jnp.asarray(rng.random((3, 32)) < 0.6),
+                                    value_offset=jnp.asarray(offsets, jnp.int32), layer=jnp.int32(0))
+        for parts in ([stage], [packed, stage]):
+            got = cpu_attention.attention_partials(q, parts, group_size=case.G, portable=portable)
+            want = cpu_attention.attention_partials_reference(q, parts, group_size=case.G)
+            assert_partials_close(got, want)
