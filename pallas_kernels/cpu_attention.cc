@@ -563,9 +563,11 @@ void FloatValueMix(const Floats& values, size_t first, int n, int h, const bool*
 // exp(x) of 16 lanes x <= 0, ExpNonPositive's polynomial (0 below -87).
 #if defined(__AVX512F__)
 inline __m512 ExpNonPositiveV(__m512 x) {
-  const __m512 xc = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_fmadd_ps(xc, _mm512_set1_ps(1.44269504088896341f), _mm512_set1_ps(0.5f)),
-                                        _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  // 2^n e^r with n = round(x / ln 2) and r = x - n ln 2 (ln 2 in two parts), e^r by Horner's rule,
+  // and 2^n applied by vscalefps (no exponent arithmetic); 0 below -87 as in the scalar version
+  const __m512 xc = _mm512_max_ps(x, _mm512_set1_ps(-88.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(xc, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m512 r = _mm512_fmadd_ps(n, _mm512_set1_ps(2.12194440e-4f), _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), xc));
   __m512 p = _mm512_set1_ps(1.9875691500e-4f);
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
@@ -573,10 +575,9 @@ inline __m512 ExpNonPositiveV(__m512 x) {
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-  p = _mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(p, r), r, r), _mm512_set1_ps(1.0f));
-  const __m512 two_n = _mm512_castsi512_ps(
-      _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23));
-  return _mm512_maskz_mul_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.0f), _CMP_GE_OQ), p, two_n);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  return _mm512_maskz_scalef_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.0f), _CMP_GE_OQ), p, n);
 }
 #endif
 
@@ -741,8 +742,20 @@ void Item(const Problem& P, const Part& T, int row, int head, int q0, int s0, in
         const float* s = vscale[mg];
         const float* zr = T.symmetric ? vscale[mg] : vzero[mg];
         float* w = pv[r][mg];
+        int t = 0;
         float z = 0.0f;
-        for (int t = 0; t < n; ++t) {
+#if defined(__AVX512F__)
+        __m512 z0 = _mm512_setzero_ps(), z1 = _mm512_setzero_ps();  // two chains: the sum waits on neither
+        for (; t + 32 <= n; t += 32) {
+          const __m512 p0 = _mm512_load_ps(p + t), p1 = _mm512_load_ps(p + t + 16);
+          _mm512_store_ps(w + t, _mm512_mul_ps(p0, _mm512_load_ps(s + t)));
+          _mm512_store_ps(w + t + 16, _mm512_mul_ps(p1, _mm512_load_ps(s + t + 16)));
+          z0 = _mm512_fmadd_ps(p0, _mm512_load_ps(zr + t), z0);
+          z1 = _mm512_fmadd_ps(p1, _mm512_load_ps(zr + t + 16), z1);
+        }
+        z = _mm512_reduce_add_ps(_mm512_add_ps(z0, z1));
+#endif
+        for (; t < n; ++t) {
           w[t] = p[t] * s[t];
           z += p[t] * zr[t];
         }
