@@ -347,6 +347,41 @@ void ValueMixV(const uint32_t* __restrict codes, int vw, int n, int h, int d0, i
       _mm512_storeu_ps(at, _mm512_add_ps(_mm512_loadu_ps(at), acc[r][c]));
     }
 }
+
+// ValueMixV for 4-bit codes and groups of a multiple of 32 channels, 32 channels per load: 16 bytes
+// widened to 16 lanes, whose low nibbles (even channels) and high nibbles (odd channels) are each
+// one lookup; the even and odd sums are interleaved back at the end. SC: 32-channel pieces, 1 or 2.
+template <int NG, int SC>
+void ValueMix4V(const uint32_t* __restrict codes, int vw, int n, int h, int d0, int span, const float* __restrict pv,
+                float* __restrict o) {
+  __m512 even[NG][SC], odd[NG][SC];
+  for (int r = 0; r < NG; ++r)
+    for (int c = 0; c < SC; ++c) even[r][c] = odd[r][c] = _mm512_setzero_ps();
+  int group[SC];
+  for (int c = 0; c < SC; ++c) group[c] = (d0 + 32 * c) / span;
+  const __m512 table = _mm512_load_ps(kLow4);
+  for (int t = 0; t < n; ++t) {
+    const uint32_t* words = codes + size_t(t) * vw + d0 / 8;
+    for (int c = 0; c < SC; ++c) {
+      const __m512i x = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(words + 4 * c)));
+      const __m512 lo = _mm512_permutexvar_ps(x, table), hi = _mm512_permutexvar_ps(_mm512_srli_epi32(x, 4), table);
+      for (int r = 0; r < NG; ++r) {
+        const __m512 w = _mm512_set1_ps(pv[(size_t(r) * 8 + group[c]) * kBlock + t]);
+        even[r][c] = _mm512_fmadd_ps(w, lo, even[r][c]);
+        odd[r][c] = _mm512_fmadd_ps(w, hi, odd[r][c]);
+      }
+    }
+  }
+  const __m512i first = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  const __m512i second = _mm512_add_epi32(first, _mm512_set1_epi32(8));
+  for (int r = 0; r < NG; ++r)
+    for (int c = 0; c < SC; ++c) {
+      float* at = o + r * h + d0 + 32 * c;
+      _mm512_storeu_ps(at, _mm512_add_ps(_mm512_loadu_ps(at), _mm512_permutex2var_ps(even[r][c], first, odd[r][c])));
+      _mm512_storeu_ps(at + 16,
+                       _mm512_add_ps(_mm512_loadu_ps(at + 16), _mm512_permutex2var_ps(even[r][c], second, odd[r][c])));
+    }
+}
 #endif  // __AVX512F__
 
 // The h codes of one slot as floats: words [h * B / 32] -> out [h].
@@ -484,6 +519,12 @@ template <int VB, int NG>
 inline void ValueMix(const uint32_t* __restrict codes, int vw, int n, int h, int span, const float* __restrict pv,
                      float* __restrict o) {
 #if defined(__AVX512F__)
+  if (VB == 4 && span % 32 == 0) {  // (and so h % 32 == 0)
+    int d0 = 0;
+    for (; d0 + 64 <= h; d0 += 64) ValueMix4V<NG, 2>(codes, vw, n, h, d0, span, pv, o);
+    if (d0 < h) ValueMix4V<NG, 1>(codes, vw, n, h, d0, span, pv, o);
+    return;
+  }
   if (span % 16 == 0) {  // each vector of 16 channels in one group
     int d0 = 0;
     for (; d0 + 64 <= h; d0 += 64) ValueMixV<VB, NG, 4>(codes, vw, n, h, d0, span, pv, o);

@@ -46,6 +46,8 @@ CASES = [
     Case(1, 3, 3, 64, 160, 2, 4, G=8),  # value groups shorter than a vector of 16 channels
     Case(1, 2, 9, 16, 40, 2, 4, G=4, valid="ring"),  # three items of query heads (4 + 4 + 1)
     Case(2, 1, 6, 96, 1200, 4, 8, G=48),  # groups that straddle vectors of 16 slots
+    Case(2, 1, 3, 96, 320, 4, 4),  # 4-bit values 64 + 32 channels at a time
+    Case(1, 2, 2, 128, 256, 2, 4, G=64, valid="prefix"),
     Case(2, 3, 3, 64, 704, 2, 8, symmetric=True),
     Case(1, 1, 5, 16, 25, 8, 2, symmetric=True, dtype="float32", valid="prefix"),
     Case(2, 2, 2, 32, 64, 2, 2, G=8, valid="none"),
