@@ -988,7 +988,9 @@ ffi::Error Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::S32> layers, ffi::Buffer<
     work->total = total, work->problem = &P;
     int64_t slots = 0;  // key slots x kv heads x rows: the work, roughly
     for (const Part& T : P.parts) slots += int64_t(T.kc) * heads * P.row_groups;
-    const int helpers = slots < kParallelSlots ? 0 : int(std::min<int64_t>(pool.num_threads(), total - 1));
+    // the pool has a thread per core and this thread works too: one helper fewer, or a core would
+    // time-slice two workers and the call wait for an item whose thread is descheduled
+    const int helpers = slots < kParallelSlots ? 0 : int(std::min<int64_t>(pool.num_threads() - 1, total - 1));
     for (int i = 0; i < helpers; ++i) pool.Schedule([work] { work->Run(); });
     work->Run();
     std::unique_lock<std::mutex> lock(work->mu);
