@@ -348,6 +348,38 @@ void ValueMixV(const uint32_t* __restrict codes, int vw, int n, int h, int d0, i
     }
 }
 
+// pv[r, g, t] = p[r, t] * scale[t, g] and oz[r, g] = sum_t p[r, t] * zero[t, g] for the n slots of a
+// block with two value groups per slot, scales and zeros float16 [n, 2] (KIVI at h = 2 G): 16 slots'
+// 32 halves per load, split into the two groups by two shuffles, in one pass (p is 0 past n).
+template <int NG>
+inline void WeighPairs(const uint16_t* __restrict scale, const uint16_t* __restrict zero, int n,
+                       const float (*__restrict p)[kBlock], float (*__restrict pv)[8][kBlock], float (*__restrict oz)[8]) {
+  const __m512i even = _mm512_slli_epi32(LaneIndex(), 1), odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
+  __m512 z[NG][2];
+  for (int r = 0; r < NG; ++r) z[r][0] = z[r][1] = _mm512_setzero_ps();
+  auto pair = [&](const uint16_t* x, int t, __mmask32 m, __m512& g0, __m512& g1) {
+    const __m512i raw = _mm512_maskz_loadu_epi16(m, x + 2 * t);
+    const __m512 a = _mm512_cvtph_ps(_mm512_castsi512_si256(raw)), b = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(raw, 1));
+    g0 = _mm512_permutex2var_ps(a, even, b);
+    g1 = _mm512_permutex2var_ps(a, odd, b);
+  };
+  for (int t = 0; t < n; t += 16) {
+    const int lanes = std::min(16, n - t);
+    const __mmask32 m = lanes == 16 ? ~__mmask32(0) : __mmask32((1u << (2 * lanes)) - 1);
+    __m512 s0, s1, z0, z1;
+    pair(scale, t, m, s0, s1);
+    pair(zero, t, m, z0, z1);
+    for (int r = 0; r < NG; ++r) {
+      const __m512 pr = _mm512_load_ps(p[r] + t);
+      _mm512_store_ps(pv[r][0] + t, _mm512_mul_ps(pr, s0));
+      _mm512_store_ps(pv[r][1] + t, _mm512_mul_ps(pr, s1));
+      z[r][0] = _mm512_fmadd_ps(pr, z0, z[r][0]);
+      z[r][1] = _mm512_fmadd_ps(pr, z1, z[r][1]);
+    }
+  }
+  for (int r = 0; r < NG; ++r) oz[r][0] = _mm512_reduce_add_ps(z[r][0]), oz[r][1] = _mm512_reduce_add_ps(z[r][1]);
+}
+
 // ValueMixV for 4-bit codes and groups of a multiple of 32 channels, 32 channels per load: 16 bytes
 // widened to 16 lanes, whose low nibbles (even channels) and high nibbles (odd channels) are each
 // one lookup; the even and odd sums are interleaved back at the end. SC: 32-channel pieces, 1 or 2.
@@ -770,14 +802,24 @@ void Item(const Problem& P, const Part& T, int row, int head, int q0, int s0, in
     // codes: value_t[d] = code[t, d] * scale[t, d / G] + zero[t, d / G] (KIVI)
     const int per_slot = T.symmetric ? 1 : h / G;  // <= 8 (checked)
     alignas(64) float side[kBlock * 8], vscale[8][kBlock], vzero[8][kBlock], pv[NG][8][kBlock];
-    ToFloat(T.v_scale, v0 * per_slot, n * per_slot, side);
-    Deinterleave(side, n, per_slot, vscale);
-    if (!T.symmetric) {
-      ToFloat(T.v_zero, v0 * per_slot, n * per_slot, side);
-      Deinterleave(side, n, per_slot, vzero);
-    }
     float oz[NG][8] = {};  // sum_t p * zero (KIVI), sum_t p * scale (symmetric)
-    for (int r = 0; r < NG; ++r)
+    bool weighed = false;
+#if defined(__AVX512F__)
+    if (per_slot == 2 && !T.symmetric && T.v_scale.type == ffi::DataType::F16 && T.v_zero.type == ffi::DataType::F16) {
+      WeighPairs<NG>(static_cast<const uint16_t*>(T.v_scale.data) + v0 * 2,
+                     static_cast<const uint16_t*>(T.v_zero.data) + v0 * 2, n, scores, pv, oz);
+      weighed = true;
+    }
+#endif
+    if (!weighed) {
+      ToFloat(T.v_scale, v0 * per_slot, n * per_slot, side);
+      Deinterleave(side, n, per_slot, vscale);
+      if (!T.symmetric) {
+        ToFloat(T.v_zero, v0 * per_slot, n * per_slot, side);
+        Deinterleave(side, n, per_slot, vzero);
+      }
+    }
+    for (int r = 0; r < NG && !weighed; ++r)
       for (int mg = 0; mg < per_slot; ++mg) {
         const float* p = scores[r];
         const float* s = vscale[mg];
