@@ -4,9 +4,10 @@ XLA:CPU has no Pallas backend, its fusions of the jnp reference (decode_attentio
 `kivi_key_scores` and `kivi_value_mix`) unpack each code twice and run far below memory speed, and
 each of the small XLA ops that attending over a sink, a window, a stage and a tier takes costs a
 microsecond or more, 30 layers a step. cpu_attention.cc attends over every part of a layer in one
-call: per packed slot it unpacks the codes (shift, mask, convert) and multiplies them by q with the
-key scale folded in, and by the probabilities with the value scale folded in; float parts (a sink,
-a window, a KIVI stage's keys) are read as they are. It returns the flash-decoding partials of the
+call: per packed slot it unpacks the codes (a shift and a table lookup per vector) and multiplies
+them by q with the key scale folded in, and by the probabilities with the value scale folded in;
+float parts (a sink, a window, a KIVI stage's keys, a whole fp16 cache) are read as they are.
+`python -m pallas_kernels.cpu_bench` measures it against the machine's limits. It returns the flash-decoding partials of the
 union of the parts over the slots where each part's `valid` is set (any pattern, so rings too), for
 KIVI and symmetric codes, keys and values at their own widths in {2, 4, 8}.
 
