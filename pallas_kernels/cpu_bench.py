@@ -23,7 +23,10 @@ all CPUs; the read-only rate of a vector sum is printed beside them).
 A fraction above 1 means the kernel beats that model of the machine (e.g. caches that fit in L3).
 
 Timing: every policy of a (context, batch) case is built first; then rounds, each timing the
-limits and every policy in turn (several calls each), medians over all rounds.
+limits and every policy in turn (several calls each). `ms` is the median over all calls; the
+fraction of the limit and the ratio to fp16 are medians over the rounds of each round's own
+(its time against that round's limits and that round's fp16), so that a shared machine's drift
+between rounds hits both sides of each ratio alike.
 
     python -m pallas_kernels.cpu_bench --contexts 1024,4096,8192,32768 --batches 1,8 [--json out.json]
 """
@@ -98,8 +101,8 @@ class Limits:
         self.lib, self.threads, self.floats = lib, threads, copy_mib << 18
         self.lanes, self.chains = lib.kvjax_fma_lanes(), lib.kvjax_fma_chains()
         self.fma_iterations = 1 << 20
-        t = self.lib.kvjax_fma_seconds(self.fma_iterations, self.threads)  # size the loop to ~50 ms
-        self.fma_iterations = max(1 << 16, int(self.fma_iterations * 0.05 / max(t, 1e-6)))
+        t = self.lib.kvjax_fma_seconds(self.fma_iterations, self.threads)  # size the loop to ~20 ms
+        self.fma_iterations = max(1 << 16, int(self.fma_iterations * 0.02 / max(t, 1e-6)))
 
     def copy_gbs(self) -> float:
         """STREAM copy: (bytes read + bytes written) / s, median of 3, in GB/s."""
@@ -109,8 +112,8 @@ class Limits:
         return 4 * self.floats / self.lib.kvjax_read_seconds(self.floats, self.threads, 3) / 1e9
 
     def fma_rate(self) -> float:
-        """Vector multiply-adds per second (one multiply-add = 2 flops)."""
-        t = self.lib.kvjax_fma_seconds(self.fma_iterations, self.threads)
+        """Vector multiply-adds per second (one multiply-add = 2 flops), median of 3 runs."""
+        t = float(np.median([self.lib.kvjax_fma_seconds(self.fma_iterations, self.threads) for _ in range(3)]))
         return self.fma_iterations * self.chains * self.lanes * self.threads / t
 
 
@@ -231,27 +234,37 @@ def run_case(s: Shapes, b: int, context: int, policies, limits: Limits, rounds: 
         nbytes, macs = case_stats(s, b, parts)
         cases[name] = dict(fn=fn, args=(qs, parts), reps=max(1, math.ceil(budget_s / max(est, 1e-4))), times=[],
                            bytes=nbytes, macs=macs)
-    copy, read, fma = [], [], []
+    rounds_out = []  # per round: the limits, then each policy's median time over its calls
     for _ in range(rounds):
-        copy.append(limits.copy_gbs())
-        fma.append(limits.fma_rate())
-        read.append(limits.read_gbs())
-        for c in cases.values():
+        r = dict(copy=limits.copy_gbs(), fma=limits.fma_rate(), read=limits.read_gbs(), ms={})
+        for name, c in cases.items():
+            times = []
             for _ in range(c["reps"]):
                 t0 = time.perf_counter()
                 jax.block_until_ready(c["fn"](*c["args"]))
-                c["times"].append(time.perf_counter() - t0)
-    copy_gbs, read_gbs, fma_rate = (float(np.median(x)) for x in (copy, read, fma))
+                times.append(time.perf_counter() - t0)
+            c["times"] += times
+            r["ms"][name] = 1e3 * float(np.median(times))
+        rounds_out.append(r)
+    median = lambda xs: float(np.median(list(xs)))
+    copy_gbs, read_gbs, fma_rate = (median(r[k] for r in rounds_out) for k in ("copy", "read", "fma"))
+
+    def limit_ms(c, r):  # the binding limit under round r's limits: (ms, bound)
+        mem, fma = c["bytes"] / (r["copy"] * 1e6), c["macs"] / r["fma"] * 1e3
+        return (mem, "memory") if mem >= fma else (fma, "fma")
+
     rows = []
-    fp16 = float(np.median(cases["fp16"]["times"])) if "fp16" in cases else None
     for name, c in cases.items():
         t = float(np.median(c["times"]))
-        mem_t, fma_t = c["bytes"] / (copy_gbs * 1e9), c["macs"] / fma_rate
+        limit, bound = limit_ms(c, dict(copy=copy_gbs, fma=fma_rate))
         rows.append(dict(policy=name, context=context, batch=b, ms=1e3 * t, bytes=c["bytes"], GBps=c["bytes"] / t / 1e9,
-                         macs=c["macs"], GFLOPs=2 * c["macs"] / t / 1e9, bound="memory" if mem_t >= fma_t else "fma",
-                         limit_ms=1e3 * max(mem_t, fma_t), fraction=max(mem_t, fma_t) / t,
-                         vs_fp16=None if fp16 is None else fp16 / t, copy_GBps=copy_gbs, read_GBps=read_gbs,
-                         fma_GFLOPs=2 * fma_rate / 1e9, samples=len(c["times"])))
+                         macs=c["macs"], GFLOPs=2 * c["macs"] / t / 1e9, bound=bound, limit_ms=limit,
+                         # paired by round: each round's time against that round's limits and fp16
+                         fraction=median(limit_ms(c, r)[0] / r["ms"][name] for r in rounds_out),
+                         vs_fp16=median(r["ms"]["fp16"] / r["ms"][name] for r in rounds_out) if "fp16" in cases else None,
+                         copy_GBps=copy_gbs, read_GBps=read_gbs, fma_GFLOPs=2 * fma_rate / 1e9, samples=len(c["times"]),
+                         rounds=[dict(ms=r["ms"][name], copy_GBps=r["copy"], fma_GFLOPs=2 * r["fma"] / 1e9)
+                                 for r in rounds_out]))
     return rows
 
 
