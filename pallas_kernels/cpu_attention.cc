@@ -59,7 +59,7 @@
 #include <string>
 #include <vector>
 
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(__F16C__)
 #include <immintrin.h>
 #endif
 
@@ -121,6 +121,9 @@ void ToFloat(const Floats& x, size_t start, int n, float* out) {
 #if defined(__AVX512F__)
       for (; i + 16 <= n; i += 16)
         _mm512_storeu_ps(out + i, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + i))));
+#elif defined(__F16C__)
+      for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(out + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + i))));
 #endif
       for (; i < n; ++i) out[i] = HalfToFloat(p[i]);
       return;
@@ -436,7 +439,8 @@ template <int B>
 inline void Unpack(const uint32_t* __restrict words, int h, float* __restrict out) {
   constexpr int per = 32 / B;
   constexpr uint32_t mask = (1u << B) - 1;
-  for (int d = 0; d < h; ++d) out[d] = float((words[d / per] >> ((d % per) * B)) & mask);
+  for (int w = 0; w < h / per; ++w)
+    for (int e = 0; e < per; ++e) out[w * per + e] = float((words[w] >> (e * B)) & mask);
 }
 
 // planes[j, t] = x[t * per + j]: n slots' per values, as one row per value.
@@ -552,11 +556,17 @@ inline void KeyDots(const uint32_t* __restrict codes, int kw, int slots, const f
   }
   for (int r = 0; r < NG; ++r) _mm512_store_ps(acc[r], _mm512_add_ps(sums[0][r], sums[1][r]));
 #else
+  // word w of the 16 slots side by side, so that the compiler vectorizes the slots
   for (int r = 0; r < NG; ++r) std::fill(acc[r], acc[r] + 16, 0.0f);
-  for (int j = 0; j < slots; ++j)
-    for (int w = 0; w < kw; ++w)
-      for (int e = 0; e < per; ++e)
-        for (int r = 0; r < NG; ++r) acc[r][j] += weights[r][w * per + e] * float((codes[j * kw + w] >> (e * KB)) & mask);
+  uint32_t x[16];
+  for (int w = 0; w < kw; ++w) {
+    for (int j = 0; j < 16; ++j) x[j] = j < slots ? codes[j * kw + w] : 0;
+    for (int e = 0; e < per; ++e)
+      for (int r = 0; r < NG; ++r) {
+        const float weight = weights[r][w * per + e];
+        for (int j = 0; j < 16; ++j) acc[r][j] += weight * float((x[j] >> (e * KB)) & mask);
+      }
+  }
 #endif
 }
 
@@ -589,7 +599,10 @@ inline void ValueMix(const uint32_t* __restrict codes, int vw, int n, int h, int
   for (int t = 0; t < n; ++t) {
     Unpack<VB>(codes + size_t(t) * vw, h, code);
     for (int r = 0; r < NG; ++r)
-      for (int d = 0; d < h; ++d) o[r * h + d] += weight(r, d / span, t) * code[d];
+      for (int mg = 0; mg < h / span; ++mg) {  // (no division per channel: the loop over d vectorizes)
+        const float w = weight(r, mg, t);
+        for (int d = mg * span; d < (mg + 1) * span; ++d) o[r * h + d] += w * code[d];
+      }
   }
 }
 
