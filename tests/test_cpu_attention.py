@@ -55,6 +55,17 @@ CASES = [
 ]
 
 
+def valid_slots(rng, b, c, pattern, *, fraction=0.7, least=0):
+    """bool [b, c]: random (each slot with probability `fraction`), a prefix, a ring (a prefix and a
+    suffix) of at least `least` slots, or none."""
+    slot = np.arange(c)[None, :]
+    counts = rng.integers(least, c + 1, (b, 1))
+    return {"random": rng.random((b, c)) < fraction,
+            "prefix": slot < counts,
+            "ring": (slot < counts // 3) | (slot >= c - counts // 2),
+            "none": np.zeros((b, c), bool)}[pattern]
+
+
 def make(case: Case, seed: int = 0):
     rng = np.random.default_rng(seed)
     b, k, c, h = case.b, case.k, case.c, case.h
@@ -70,12 +81,7 @@ def make(case: Case, seed: int = 0):
     else:
         kc, ks, kz = codecs.encode_key_groups_reference(keys, case.key_bits, case.G, dtype)
         vc, vs, vz = codecs.encode_values_reference(values, case.value_bits, case.G, dtype)
-    slot = np.arange(c)[None, :]
-    counts = rng.integers(0, c + 1, (b, 1))
-    valid = {"random": rng.random((b, c)) < 0.7,
-             "prefix": slot < counts,
-             "ring": (slot < counts // 3) | (slot >= c - counts // 2),
-             "none": np.zeros((b, c), bool)}[case.valid]
+    valid = valid_slots(rng, b, c, case.valid)
     if case.valid != "none" and b > 1:
         valid[-1] = False  # one row with no valid slot
     tier = (kc, ks, kz, vc, vs, vz, jnp.asarray(valid))
@@ -193,7 +199,7 @@ class FloatCase:
     h: int
     c: int
     dtype: str = "float16"
-    valid: str = "holes"  # holes | prefix | ring | none
+    valid: str = "random"  # random | prefix | ring | none
 
 
 FLOAT_CASES = [
@@ -202,7 +208,7 @@ FLOAT_CASES = [
     FloatCase(2, 1, 4, 128, 37, "bfloat16"),  # two passes of 64 channels over the values
     FloatCase(1, 2, 1, 48, 21, "float32"),  # 3 vectors of channels: no pass of 64
     FloatCase(1, 2, 9, 16, 530, valid="ring"),  # items of 4 + 4 + 1 query heads, one vector of channels
-    FloatCase(2, 1, 5, 96, 17, valid="holes"),  # 64 + 32 channels
+    FloatCase(2, 1, 5, 96, 17),  # 64 + 32 channels
     FloatCase(2, 2, 2, 32, 40, valid="none"),
 ]
 
@@ -214,12 +220,7 @@ def test_float_parts_equal_reference(case, portable):
     out), any slot count and mask; every empty slot holds NaN or inf, which must not leak."""
     rng = np.random.default_rng(3)
     b, k, c, h = case.b, case.k, case.c, case.h
-    slot = np.arange(c)[None, :]
-    counts = rng.integers(1, c + 1, (b, 1))
-    valid = {"holes": rng.random((b, c)) < 0.8,
-             "prefix": slot < counts,
-             "ring": (slot < counts // 3) | (slot >= c - counts // 2),
-             "none": np.zeros((b, c), bool)}[case.valid]
+    valid = valid_slots(rng, b, c, case.valid, fraction=0.8, least=1)
     if case.valid != "none":
         valid[:, 0] = True
         if c > 1:
