@@ -43,9 +43,12 @@
 //   float keys     16 slots converted once (F16C for float16), 16 dot products per query head as
 //                  16 chains, summed across lanes by one shuffle tree
 //   float values   along channels, NG x 4 accumulators in registers, one conversion per slot
-// Measured on a 2-core AMD EPYC (Zen 4: one 512-bit multiply-add per cycle and core), the packed
-// parts run at about 2/3 of the multiply-add rate (24 vector multiply-adds per slot, kv head and 3
-// query heads at h = 64) and the float16 part at the memory's speed (pallas_kernels.cpu_bench).
+// Measured on a 2-core AMD EPYC (Zen 4: one 512-bit multiply-add per cycle and core; BENCHMARKS.md,
+// pallas_kernels.cpu_bench): a kivi2 slot and kv head (3 query heads, h = 64) takes ~34 cycles on
+// one core with the data in cache, of which 24 are its vector multiply-adds (keys and values each
+// ~12, at the multiply-add bound) and ~10 the rest (folding scales, softmax, weights); over 30
+// layers on two cores that is ~50% of the machine's multiply-add rate. The float16 part reads at
+// ~80% of the copy bandwidth.
 
 #include <algorithm>
 #include <atomic>
