@@ -81,7 +81,7 @@ class FP16(Policy):
         return None
 
     def make_cache(self, cfg, batch, capacity, dtype=jnp.float32, kernels=kernel_choice.Kernels.AUTO, kv_dtype=None):
-        return DenseCache.init(cfg, batch, capacity, storage_dtype(dtype, kv_dtype))
+        return DenseCache.init(cfg, batch, capacity, storage_dtype(dtype, kv_dtype), kernels)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -16,7 +16,8 @@ import pytest
 
 from pallas_kernels import cpu_attention
 from pallas_kernels import quantize_pack as codecs
-from pallas_kernels.decode_attention import EMPTY_MAX, tier_attention_partials_dequantized
+from pallas_kernels.decode_attention import tier_attention_partials_dequantized
+from pallas_kernels.xla_attention import EMPTY_MAX
 
 pytestmark = pytest.mark.skipif(jax.default_backend() != "cpu" or not cpu_attention.available(),
                                 reason=f"no CPU kernel here: {cpu_attention.unavailable_reason()}")

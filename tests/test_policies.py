@@ -24,11 +24,13 @@ from kvjax.config import get_preset
 from kvjax.controller import INPUTS, Controller, ControllerMLP, model_signature
 from kvjax.errors import KvjaxError
 from kvjax.features import forward_recording_features
+from kvjax.generation import prefill
 from kvjax.kernels import Kernels, resolve
 from kvjax.model import forward, init_params
 from kvjax.layout import EVICTED, Layout, Tier
 from kvjax.allocation import Allocation
 from kvjax.policies import MIXED_WIDTHS, REGISTRY, Bands, Mixed, get_policy, make_cache
+from kvjax.stores import KiviKeys
 from kvjax.tiered import TieredCache
 from replay import Replay
 
@@ -47,6 +49,9 @@ TEST_POLICIES = {
     # a chain of three tiers: two rings, then the rest
     "test-three-bands": Bands("test-three-bands", bands=((8, 8), (4, 4), (2, 2)), shares=(0.25, 0.25), sinks=4,
                               window=WINDOW, group_size=GROUP),
+    # two rings of one group each: a token enters, is quantized and moves on twice within a prompt chunk
+    "test-one-group-rings": Bands("test-one-group-rings", bands=((8, 8), (4, 4), (2, 2)), shares=(0.01, 0.01),
+                                  sinks=3, window=WINDOW, group_size=GROUP),
 }
 # An allocation for the tiny model at 2.5 bits: three age bands, 16-bit keys demoted to 2, keys and
 # values apart, per layer.
@@ -137,27 +142,54 @@ def test_teacher_forced_equals_step_by_step_decode(name):
         np.testing.assert_array_equal(stored, lengths)
 
 
+@pytest.mark.parametrize("chunk", [3, 7])
 @pytest.mark.parametrize("name", NAMES)
-def test_prefill_then_decode_equals_teacher_forced(name):
-    """A prompt of P tokens prefilled, then decoded step by step, equals teacher forcing of the whole.
-
-    The prompt is given at the full length with its tail as padding (position -1): the prefill then
-    runs the same program on the same shapes as the reference, and padding is masked before any
-    reduction, so the prompt's logits, K/V and tiers are bit-identical to the reference's (not
-    only close: a different matmul shape could flip a code, see tests/replay.py). The decode steps
-    replay the reference K/V.
-    """
+def test_chunked_prefill_then_decode_equals_teacher_forced(name, chunk):
+    """Prompts of P tokens (and a shorter one, right-padded) prefilled `chunk` tokens at a time, then
+    decoded step by step, equal teacher forcing of the whole: chunks of 3 and 7 split the window
+    (W = 8), the key groups (G = 4) and the sinks. The prefill is kvjax.generation.prefill itself; every
+    step replays the reference K/V (tests/replay.py), so both paths quantize identical floats."""
     policy = policy_of(name)
-    tokens, positions = ragged_batch(T=37, short=37, seed=1)
-    capacity, P = 40, 23
+    tokens, positions = ragged_batch(T=62, short=41, seed=1)
+    capacity, P = 64, 49
     want, tf, features = reference(policy, tokens, positions, capacity)
-    prompt_positions = positions.at[:, P:].set(-1)
-    cache = make_cache(policy, CFG, 2, capacity)
-    logits, cache = cache.prefill(PARAMS, CFG, tokens, prompt_positions, jnp.float32)
-    np.testing.assert_array_equal(logits[:, :P], want[:, :P])
-    got, cache = decode_steps(Replay.around(cache, tf, features), tokens, positions, start=P)
+    cache = Replay.around(make_cache(policy, CFG, 2, capacity), tf, features)
+    last, cache = prefill(PARAMS, tokens[:, :P], positions[:, :P], cache, cfg=CFG, dtype=jnp.float32, chunk=chunk)
+    ends = jnp.asarray([P, 41]) - 1
+    np.testing.assert_allclose(last, want[jnp.arange(2), ends], atol=2e-5, rtol=1e-5)
+    got, cache = decode_steps(cache, tokens, positions, start=P)
     assert float(cache.drift.max()) < DRIFT, cache.drift
-    np.testing.assert_allclose(got, want[:, P:], atol=2e-5, rtol=1e-5)
+    valid = np.asarray(positions[:, P:]) >= 0
+    np.testing.assert_allclose(np.asarray(got)[valid], np.asarray(want[:, P:])[valid], atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["kivi2", "band@3", "mixed-rule@3", "test-one-group-rings", "fp16"])
+def test_chunked_prefill_leaves_the_state_decoding_leaves(name):
+    """After a prompt, the chunked prefill's cache holds every array as step-by-step decoding of the
+    prompt leaves it: the same codes, scales, zeros, stages and counters, bit for bit (both store the
+    same replayed K/V), except the stage slots past the group being filled, which nothing reads."""
+    policy = policy_of(name)
+    tokens, positions = ragged_batch(T=51, short=37, seed=5)
+    _, tf, features = reference(policy, tokens, positions, 52)
+    empty = lambda: Replay.around(make_cache(policy, CFG, 2, 52), tf, features)
+    _, stepped = decode_steps(empty(), tokens, positions)
+    _, chunked = prefill(PARAMS, tokens, positions, empty(), cfg=CFG, dtype=jnp.float32, chunk=7)
+    stepped, chunked = (_unread_zeroed(c.inner) for c in (stepped, chunked))
+    for a, b in zip(jax.tree_util.tree_leaves(stepped), jax.tree_util.tree_leaves(chunked)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def _unread_zeroed(cache):
+    """The cache with what no step reads zeroed: the KIVI stage past the keys of the group being filled."""
+    if not isinstance(cache, TieredCache):
+        return cache
+    tiers = list(cache.tiers)
+    for i in cache.layout.heads:
+        staged = jnp.arange(GROUP)[None, :] < (cache.entered[:, i] % GROUP)[:, None]  # [b, G]
+        keys = tuple(k.replace(stage=jnp.where(staged[None, :, None, :, None], k.stage, 0))
+                     if isinstance(k, KiviKeys) and k.stage.shape[-2] else k for k in tiers[i].keys)
+        tiers[i] = tiers[i].replace(keys=keys)
+    return cache.replace(tiers=tuple(tiers))
 
 
 @struct.dataclass
@@ -194,12 +226,12 @@ def test_pallas_kernels_decode_equals_reference(name):
     np.testing.assert_allclose(np.asarray(got)[valid], np.asarray(want)[valid], atol=2e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["kivi2", "int8-sink", "band@3", "test-per-layer", "test-three-bands",
-                                  "learned-alloc@2.5"])
+@pytest.mark.parametrize("name", ["fp16", "kivi2", "int8-sink", "band@3", "test-per-layer", "test-three-bands",
+                                  "test-dense-keys", "learned-alloc@2.5"])
 def test_native_cpu_kernel_decode_equals_reference(name):
     """Decoding with packed tiers attended by the C++ CPU kernel (the CPU default) equals the jnp/XLA
     reference path; with the proofs above, which run the default, both equal teacher forcing."""
-    if jax.default_backend() != "cpu" or resolve(Kernels.AUTO) is not Kernels.NATIVE:
+    if jax.default_backend() != "cpu" or resolve(Kernels.AUTO).kernels is not Kernels.NATIVE:
         pytest.skip("the native kernel is the default only on a CPU where it compiles")
     policy = policy_of(name)
     tokens, positions = ragged_batch(T=27, short=22, seed=3)
@@ -214,8 +246,8 @@ def test_prefill_with_pallas_kernels_is_bit_identical(name):
     """Prompt prefill writes the same codes, scales and zeros through the quantize + pack kernels."""
     policy = policy_of(name)
     tokens, positions = ragged_batch(T=29, short=25, seed=4)
-    caches = [make_cache(policy, CFG, 2, 32, kernels=k).prefill(PARAMS, CFG, tokens, positions, jnp.float32)[1]
-              for k in (Kernels.REFERENCE, Kernels.INTERPRET)]
+    caches = [prefill(PARAMS, tokens, positions, make_cache(policy, CFG, 2, 32, kernels=k), cfg=CFG,
+                      dtype=jnp.float32)[1] for k in (Kernels.REFERENCE, Kernels.INTERPRET)]
     assert int(jnp.sum(caches[0].entered)) > 0  # tokens did reach the quantized tiers
     for a, b in zip(*(jax.tree_util.tree_leaves(c) for c in caches)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -360,8 +392,8 @@ def test_band_demotes_whole_groups_and_fills_its_budget():
     (lambda: get_policy("kivi2", controller="x.npz"), "a controller applies"),
     (lambda: make_cache(get_policy("kivi2", group_size=12, window=120), CFG, 1, 64), "does not divide head_dim"),
     (lambda: make_cache(get_policy("streaming", window=600), CFG, 1, 64), "exceeds the model's context"),
-    (lambda: forward(PARAMS, CFG, jnp.zeros((1, 2), jnp.int32), jnp.arange(2)[None],
-                     make_cache(policy_of("kivi2"), CFG, 1, 64)), "one token per sequence"),
+    (lambda: forward(PARAMS, CFG, jnp.zeros((1, WINDOW + 1), jnp.int32), jnp.arange(WINDOW + 1)[None],
+                     make_cache(policy_of("kivi2"), CFG, 1, 64)), "at most W = 8 tokens"),
 ])
 def test_invalid_configurations_raise_clear_errors(make, message):
     with pytest.raises(KvjaxError, match=message):
