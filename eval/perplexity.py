@@ -71,14 +71,14 @@ def segment_nll(params, cfg, tokens: np.ndarray, policy: Policy, dtype=jnp.float
     which its left tokens were stored at the last query [L] (0 = evicted; fp16: none left)."""
     ids = jnp.asarray(tokens, jnp.int32)[None]
     positions = jnp.arange(ids.shape[1], dtype=jnp.int32)[None]
-    logits, cache = teacher_forced.score(params, cfg, ids, positions, policy, ids.shape[1], dtype)
+    targets = jnp.pad(ids[:, 1:], ((0, 0), (0, 1)))  # the last token predicts nothing scored
+    logp, cache = teacher_forced.score_targets(params, cfg, ids, positions, targets, policy, ids.shape[1], dtype)
     left = np.zeros((0,), np.float32)
     if policy.layout(cfg, ids.shape[1]) is not None:  # tokens leave a window
         last = ids.shape[1] - 1
         bits = np.asarray(cache.bits_at(last)[0])
         left = bits[cache.layout.has_left(np.arange(len(bits)), last)]
-    logp = jax.nn.log_softmax(logits[0, :-1], axis=-1)
-    return -np.asarray(jnp.take_along_axis(logp, ids[0, 1:, None], axis=-1)[:, 0]), left
+    return -np.asarray(logp[0, :-1]), left
 
 
 PAIRED_BLOCK = 128  # tokens per block of the paired standard error (neighbouring tokens' differences correlate)

@@ -14,7 +14,6 @@ import functools
 from typing import Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from kvjax import teacher_forced
@@ -40,9 +39,7 @@ def encode_pair(tokenizer, context: str, continuation: str, prefix_id: int) -> t
 def target_logprobs(params, inputs, targets, positions, *, cfg, policy):
     """log p(targets[b, t] | inputs[b, :t+1]) -> [b, T] float32."""
     # capacity = the padded length: every row fits its tiers, as in a cache sized for it
-    logits, _ = teacher_forced.score(params, cfg, inputs, positions, policy, inputs.shape[1])
-    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]  # [b, T]
-    return picked - jax.nn.logsumexp(logits, axis=-1)
+    return teacher_forced.score_targets(params, cfg, inputs, positions, targets, policy, inputs.shape[1])[0]
 
 
 def _rows(model, requests: list[Request]):
