@@ -92,6 +92,15 @@ def output_dir(text: str) -> str:
     return text
 
 
+def readable_file(text: str) -> str:
+    """An argparse `type` for a file to read: it exists and is a file this process may read."""
+    if not os.path.isfile(text):
+        raise argparse.ArgumentTypeError(f"no file {text!r}")
+    if not os.access(text, os.R_OK):
+        raise argparse.ArgumentTypeError(f"{text!r} is not readable")
+    return text
+
+
 def open_for_append(path: str):
     """Opens an output file for appending, making its folder first."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

@@ -19,8 +19,10 @@ from kvjax.sampling import SamplingConfig
 
 def _parser() -> cli.ArgumentParser:
     p = cli.ArgumentParser(prog="python -m kvjax.generate", description="Generate text with a quantized KV cache.")
-    p.add_argument("--prompt", action="append", required=True,
+    p.add_argument("--prompt", action="append", default=[],
                    help="prompt text; repeat for a batch of prompts (answers are numbered)")
+    p.add_argument("--prompt-file", action="append", default=[], type=cli.readable_file,
+                   help="a UTF-8 file whose whole text is a prompt (a long document); repeatable, after the --prompts")
     p.add_argument("--model", default=None,
                    help="a .gguf file, a HF checkpoint folder or a hub id (default: $KVJAX_MODEL, "
                         "else the embedded SmolLM2-135M-Instruct)")
@@ -39,6 +41,9 @@ def _parser() -> cli.ArgumentParser:
 
 def _main(argv) -> int:
     args = _parser().parse_args(argv)
+    args.prompt = args.prompt + [_read_prompt(path) for path in args.prompt_file]
+    if not args.prompt:
+        raise KvjaxError("give at least one --prompt or --prompt-file")
     sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     dtype = args.dtype or default_dtype()
     kv = policy_from_flags(args)
@@ -71,6 +76,14 @@ def _main(argv) -> int:
             print(f"--- {i + 1}/{len(prompts)} ---\n{_heading(prompt, args.chat)}{text}")
     print(result.stats_line(), file=sys.stderr)
     return 0
+
+
+def _read_prompt(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except UnicodeDecodeError as e:
+        raise KvjaxError(f"--prompt-file {path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
 
 
 def _heading(prompt: str, chat: bool) -> str:

@@ -66,23 +66,30 @@ def permute_rotary(w: np.ndarray, heads: int) -> np.ndarray:
 
 
 def assemble_params(cfg: ModelConfig, get: Callable[[str], np.ndarray], dtype) -> dict:
-    """Builds the Llama params pytree from `get(hf_name) -> float32 array [out, in]`."""
+    """Builds the Llama params pytree from `get(hf_name) -> float32 array [out, in]`.
+
+    Each leaf becomes a jax array as soon as it is read, its layers stacked in place: loading holds
+    the params and one leaf's float32 copy at most, not the whole model twice."""
     layers = {}
     for leaf, hf_name, kind in _LAYER_LEAVES:
-        per_layer = []
+        stacked = None
         for i in range(cfg.num_layers):
             w = get(f"model.layers.{i}.{hf_name}.weight")
-            per_layer.append(w.T if kind == "linear" else w)
-        layers[leaf] = {"kernel" if kind == "linear" else "scale": np.stack(per_layer)}
+            w = w.T if kind == "linear" else w
+            if stacked is None:
+                stacked = np.empty((cfg.num_layers,) + w.shape, np.float32)
+            stacked[i] = w
+        layers[leaf] = {"kernel" if kind == "linear" else "scale": jnp.asarray(stacked, dtype)}
+        del stacked
     params = {
-        "embed": {"embedding": get("model.embed_tokens.weight")},
+        "embed": {"embedding": jnp.asarray(get("model.embed_tokens.weight"), dtype)},
         "layers": layers,
-        "final_norm": {"scale": get("model.norm.weight")},
+        "final_norm": {"scale": jnp.asarray(get("model.norm.weight"), dtype)},
     }
     if not cfg.tie_word_embeddings:
-        params["lm_head"] = {"kernel": get("lm_head.weight").T}
+        params["lm_head"] = {"kernel": jnp.asarray(get("lm_head.weight").T, dtype)}
     _check_shapes(cfg, params)
-    return _to_jax(params, dtype)
+    return params
 
 
 def _check_shapes(cfg: ModelConfig, params: dict):
@@ -100,12 +107,6 @@ def _check_shapes(cfg: ModelConfig, params: dict):
             x = x[key]
         if tuple(x.shape) != shape:
             raise KvjaxError(f"tensor {'.'.join(path)} has shape {tuple(x.shape)}, the config says {shape}")
-
-
-def _to_jax(tree, dtype):
-    if isinstance(tree, dict):
-        return {k: _to_jax(v, dtype) for k, v in tree.items()}
-    return jnp.asarray(tree, dtype)
 
 
 # ----------------------------------------------------------------------------- GGUF
