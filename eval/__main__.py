@@ -25,8 +25,9 @@ import numpy as np
 from tqdm import tqdm
 
 from eval.scoring import accuracy, picks, score_requests
-from eval.tasks import DATA_DIR, TASKS, check_task, load_task
+from eval.tasks import TASKS, check_task, load_task
 from kvjax import cli
+from kvjax.data import DATA_DIR
 from kvjax.errors import KvjaxError
 from kvjax.loading import load_model, read_config, resolve_model
 from kvjax.policies import Policy, add_policy_flags, family_of, policies_from_flags

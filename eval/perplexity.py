@@ -3,9 +3,7 @@
     python -m eval.perplexity --kv fp16,kivi4,kivi2,int8-sink,streaming,mixed@3 \
         --text wikitext2 --context 4096 --segments 2
 
-Texts (from ../shared/data, see its MANIFEST.md): `wikitext2` is the WikiText-2 test split
-in its word-level *tokenized* form (wiki.test.tokens: `<unk>`, ` @-@ `), read as one stream;
-`sherlock` is Project Gutenberg #1661 between its START/END markers. Each segment of
+Texts: `wikitext2` and `sherlock` from the shared data folder (kvjax.data). Each segment of
 `context` tokens is scored on its own; perplexity is exp(mean next-token NLL) over all of them.
 Each result also records the widths the policy gave the tokens that had left the 16-bit window
 by the last query of their segment (the tokens a budget counts): their average bits and shares.
@@ -16,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import sys
 import time
 
@@ -25,29 +22,12 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from eval.tasks import DATA_DIR
 from kvjax import teacher_forced
+from kvjax.data import DATA_DIR, TEXTS, read_text
 from kvjax.errors import KvjaxError
 from kvjax import cli
 from kvjax.loading import load_model, read_config, resolve_model
 from kvjax.policies import Policy, add_policy_flags, family_of, policies_from_flags
-
-TEXTS = {"wikitext2": "wikitext-2/test.txt", "sherlock": "gutenberg/sherlock.txt"}
-
-
-def read_text(name: str, data_dir: str = DATA_DIR) -> str:
-    if name not in TEXTS:
-        raise KvjaxError(f"unknown text {name!r}; known: {', '.join(TEXTS)}")
-    path = os.path.join(data_dir, TEXTS[name])
-    if not os.path.exists(path):
-        raise KvjaxError(f"{path} not found: pass --data-dir (the shared data folder)")
-    with open(path, encoding="utf-8-sig") as f:  # sherlock.txt starts with a BOM
-        text = f.read().replace("\r\n", "\n")
-    if name == "sherlock":
-        start = text.index("\n", text.index("*** START OF")) + 1
-        text = text[start:text.index("*** END OF")]
-    return text
-
 
 @dataclasses.dataclass
 class PerplexityResult:

@@ -13,6 +13,7 @@ from eval import scoring, tasks
 from eval.__main__ import count_changed, main, read_cache
 from eval.tasks import Request, load_task
 from kvjax import teacher_forced
+from kvjax.data import DATA_DIR
 from kvjax.errors import KvjaxError
 from kvjax.loading import load_model
 from kvjax.model import forward
@@ -111,15 +112,15 @@ def test_hellaswag_preprocess():
         == "How to cook. Boil water. Add salt."
 
 
-needs_data = pytest.mark.skipif(not os.path.isdir(os.path.join(tasks.DATA_DIR, "hf_datasets")),
-                                reason=f"no evaluation data at {tasks.DATA_DIR} (set KVJAX_DATA to the folder "
+needs_data = pytest.mark.skipif(not os.path.isdir(os.path.join(DATA_DIR, "hf_datasets")),
+                                reason=f"no evaluation data at {DATA_DIR} (set KVJAX_DATA to the folder "
                                        "holding hf_datasets/, see README 'Evaluation data')")
 
 
 @needs_data
 @pytest.mark.parametrize("name", list(tasks.TASKS))
 def test_task_loaders_on_shared_data(name):
-    reqs = load_task(name, tasks.DATA_DIR, limit=2)
+    reqs = load_task(name, DATA_DIR, limit=2)
     assert len(reqs) == 2
     for r in reqs:
         assert all(c.strip() for c in r.contexts) and all(x.startswith(" ") for x in r.continuations)

@@ -80,7 +80,7 @@ def _check(args):
 
 
 def run(args) -> int:
-    from eval.tasks import DATA_DIR
+    from kvjax.data import DATA_DIR
     from kvjax.controller import Controller, model_signature, save_controller
     from kvjax.loading import load_model, resolve_model
     from kvjax.policies import max_budget
