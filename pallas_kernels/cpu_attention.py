@@ -39,6 +39,7 @@ import jaxlib
 import numpy as np
 
 from pallas_kernels import decode_attention as da
+from pallas_kernels.cache_folder import cache_dir
 
 SOURCE = Path(__file__).with_name("cpu_attention.cc")
 TARGET = "kvjax_layer_attention"
@@ -68,11 +69,6 @@ def _compile_command(out: Path, vector: bool = True) -> list[str]:
     return [cxx, "-std=c++17", "-O3", "-shared", "-fPIC", "-fno-math-errno", "-fassociative-math",
             "-fno-signed-zeros", "-fno-trapping-math", *_vector_flags(vector), f"-I{jax.ffi.include_dir()}",
             str(SOURCE), "-o", str(out)]
-
-
-def cache_dir() -> Path:
-    """Where kvjax keeps what it builds: $KVJAX_CACHE, default ~/.cache/kvjax (safe to delete)."""
-    return Path(os.environ.get("KVJAX_CACHE") or Path.home() / ".cache" / "kvjax")
 
 
 def _library(vector: bool = True) -> Path:
