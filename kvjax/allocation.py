@@ -1,4 +1,5 @@
-"""Bit allocations: a width for keys and for values, per layer and per age band (a `Bands` policy).
+"""Bit allocations: a width for keys and for values, per layer and per age band (the `Bands` policy
+that stores one is made by kvjax.policies: `learned-alloc@B`).
 
 An allocation is a small JSON file:
 
@@ -57,12 +58,6 @@ class Allocation:
         """Average bits of a left token's K/V elements in a full cache (scales not counted)."""
         return sum(s * (sum(k) + sum(v)) / (2 * self.num_layers)
                    for s, k, v in zip(self.band_shares, self.keys, self.values))
-
-    def policy(self, name: str, **overrides):
-        """The `Bands` policy that stores this allocation."""
-        from kvjax.policies import Bands
-        o = {"sinks": self.sinks, "window": self.window, "group_size": self.group_size, **overrides}
-        return Bands(name, bands=tuple(zip(self.keys, self.values)), shares=tuple(self.shares), **o)
 
     def to_json(self) -> dict:
         d = dataclasses.asdict(self)

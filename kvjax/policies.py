@@ -383,7 +383,8 @@ def _allocated(name, budget, o):
     allocation = _given_or_shipped(o, "allocation", Allocation, load_allocation, default_allocation, budget)
     if abs(allocation.average_bits - budget) > 0.05:
         raise KvjaxError(f"{name}: the allocation averages {allocation.average_bits:.3f} bits, not {budget:g}")
-    return allocation.policy(name, **o)
+    stored = {"sinks": allocation.sinks, "window": allocation.window, "group_size": allocation.group_size, **o}
+    return Bands(name, bands=tuple(zip(allocation.keys, allocation.values)), shares=tuple(allocation.shares), **stored)
 
 
 def _band(name, budget, o):
