@@ -30,8 +30,9 @@ from eval.tasks import TASKS, check_task, load_task
 from kvjax import cli
 from kvjax.data import DATA_DIR
 from kvjax.errors import KvjaxError
+from kvjax.flags import add_policy_flags, policies_from_flags
 from kvjax.loading import load_model, read_config, resolve_model
-from kvjax.policies import Policy, add_policy_flags, family_of, policies_from_flags
+from kvjax.policies import Policy, family_of
 
 
 def average_bits(policy: Policy) -> float | None:

@@ -26,8 +26,9 @@ from kvjax import teacher_forced
 from kvjax.data import DATA_DIR, TEXTS, read_text
 from kvjax.errors import KvjaxError
 from kvjax import cli
+from kvjax.flags import add_policy_flags, policies_from_flags
 from kvjax.loading import load_model, read_config, resolve_model
-from kvjax.policies import Policy, add_policy_flags, family_of, policies_from_flags
+from kvjax.policies import Policy, family_of
 
 @dataclasses.dataclass
 class PerplexityResult:

@@ -55,6 +55,7 @@ CASES = [
     ("perplexity", ["--json", "/etc/hostname/x.jsonl"], "argument --json: '/etc/hostname' is a file, not a folder"),
     ("perplexity", ["--json", "/tmp"], "argument --json: '/tmp' is a folder"),
     ("perplexity", ["--data-dir", "/nonexistent"], "not found: pass --data-dir"),
+    ("perplexity", ["--kernels", "native"], "unrecognized arguments: --kernels native"),  # scoring runs no kernel
     ("bench", ["--contexts", "0"], "argument --contexts: must be >= 1, got 0"),
     ("bench", ["--contexts", "abc"], "argument --contexts: must be an integer, got 'abc'"),
     ("bench", ["--contexts", ""], "argument --contexts: needs at least one value"),
@@ -69,6 +70,7 @@ CASES = [
     ("eval", ["--batch-size", "0"], "argument --batch-size"),
     ("eval", ["--tasks", "mmlu"], "unknown task 'mmlu'"),
     ("eval", ["--kv", "fp16,kivi3"], "unknown KV-cache policy 'kivi3'"),
+    ("eval", ["--kernels", "reference"], "unrecognized arguments: --kernels reference"),
     ("train", ["--budget-bits", "1.5"], "argument --budget-bits: must be >= 2.0"),
     ("train", ["--budget-bits", "17"], "argument --budget-bits: must be <= 16"),
     ("train", ["--steps", "0"], "argument --steps"),
@@ -97,6 +99,15 @@ def test_bad_input_is_one_line_before_the_model_loads(command, argv, message, ca
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2, err
     assert len(err) == 1 and err[0].startswith("error:") and message in err[0], err
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the Pallas kernels run on GPU and TPU")
+@pytest.mark.parametrize("command, argv", [("generate", ["--prompt", "hi"]), ("bench", ["--contexts", "64"])])
+@pytest.mark.parametrize("kv", ["fp16", "kivi2"])
+def test_kernels_a_cpu_cannot_run_are_refused_for_every_policy(command, argv, kv, capsys):
+    assert COMMANDS[command].main(argv + ["--kv", kv, "--kernels", "pallas"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "the Pallas kernels compile for GPU and TPU only" in err[0], err
 
 
 def test_train_controller_refuses_a_file_for_a_folder(tmp_path, capsys):

@@ -171,7 +171,7 @@ def test_eval_commands_tell_controllers_apart(tmp_path):
     import argparse
 
     from eval.__main__ import cache_suffix
-    from kvjax.policies import add_policy_flags, policies_from_flags
+    from kvjax.flags import add_policy_flags, policies_from_flags
     from test_policies import tiny_controller
 
     path = _tiny_controller_file(tmp_path)
