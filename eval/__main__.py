@@ -169,11 +169,11 @@ def setup(args):
         check_task(t)
     specs = {policy.name: policy for policy in policies_from_flags(args)}
     policies = list(specs)
-    requests = {t: load_task(t, args.data_dir, args.limit) for t in tasks}
     cfg = read_config(args.model)
     for policy in specs.values():
         if cfg is not None:
             policy.check(cfg)
+    requests = {t: load_task(t, args.data_dir, args.limit) for t in tasks}  # files after the flags
     cli.say(f"[kvjax] loading {resolve_model(args.model)}")
     model = load_model(args.model)
     for policy in specs.values():

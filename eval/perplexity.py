@@ -106,13 +106,13 @@ def _main(argv) -> int:
     args = _parser().parse_args(argv)
     specs = {policy.name: policy for policy in policies_from_flags(args)}
     policies = list(specs)
-    text = read_text(args.text, args.data_dir)
     cfg = read_config(args.model)
-    if cfg is not None:
+    if cfg is not None:  # numbers before files: a bad --context is refused with or without the data folder
         if args.context > cfg.max_position_embeddings:
             raise KvjaxError(f"--context {args.context} exceeds the model's {cfg.max_position_embeddings} tokens")
         for policy in specs.values():
             policy.check(cfg)
+    text = read_text(args.text, args.data_dir)
     cli.say(f"[kvjax] loading {resolve_model(args.model)}")
     model = load_model(args.model)
     ids = np.asarray(model.tokenizer.encode(text), np.int32)

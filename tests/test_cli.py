@@ -49,6 +49,7 @@ CASES = [
     ("perplexity", ["--context", "1"], "argument --context: must be >= 2, got 1"),
     ("perplexity", ["--context", "-5"], "argument --context: must be >= 2, got -5"),
     ("perplexity", ["--context", "16384"], "--context 16384 exceeds the model's 8192 tokens"),
+    ("perplexity", ["--context", "16384", "--data-dir", "/nonexistent"], "--context 16384 exceeds"),  # numbers first
     ("perplexity", ["--segments", "0"], "argument --segments: must be >= 1, got 0"),
     ("perplexity", ["--text", "novel"], "argument --text: invalid choice"),
     ("perplexity", ["--kv", "band@5"], "2 < B <= 4"),
@@ -71,6 +72,7 @@ CASES = [
     ("eval", ["--tasks", "mmlu"], "unknown task 'mmlu'"),
     ("eval", ["--kv", "fp16,kivi3"], "unknown KV-cache policy 'kivi3'"),
     ("eval", ["--kernels", "reference"], "unrecognized arguments: --kernels reference"),
+    ("eval", ["--kv", "kivi2", "--group-size", "48", "--data-dir", "/nonexistent"], "G=48 does not divide"),
     ("train", ["--budget-bits", "1.5"], "argument --budget-bits: must be >= 2.0"),
     ("train", ["--budget-bits", "17"], "argument --budget-bits: must be <= 16"),
     ("train", ["--steps", "0"], "argument --steps"),
