@@ -28,7 +28,7 @@ from kvjax.errors import KvjaxError
 from kvjax import cli
 from kvjax.flags import add_policy_flags, policies_from_flags
 from kvjax.loading import load_model, read_config, resolve_model
-from kvjax.policies import Policy, family_of
+from kvjax.policies import Policy, cache_bytes, family_of
 
 @dataclasses.dataclass
 class PerplexityResult:
@@ -81,9 +81,8 @@ def width_summary(left: np.ndarray) -> tuple[float, dict[str, float]]:
 
 
 def kv_bytes_per_token(policy: Policy, cfg, context: int) -> float:
-    """Allocated bytes per token of a batch-1 cache for `context` tokens, 16-bit storage."""
-    cache = jax.eval_shape(lambda: policy.make_cache(cfg, 1, context, jnp.float16))
-    return sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(cache)) / context
+    """Allocated bytes per token of a batch-1 cache for `context` tokens, 16-bit storage (nothing compiled)."""
+    return cache_bytes(policy, cfg, 1, context, jnp.float16) / context
 
 
 def _parser() -> cli.ArgumentParser:

@@ -31,6 +31,7 @@ import dataclasses
 import math
 from typing import Callable
 
+import jax
 import jax.numpy as jnp
 
 from kvjax import kernels as kernel_choice
@@ -455,3 +456,14 @@ def make_cache(policy: str | Policy, cfg: ModelConfig, batch: int, capacity: int
     """An empty cache of `policy` for `batch` sequences of up to `capacity` tokens each."""
     policy = get_policy(policy) if isinstance(policy, str) else policy
     return policy.make_cache(cfg, batch, capacity, dtype, kernels, kv_dtype)
+
+
+def cache_bytes(policy: str | Policy, cfg: ModelConfig, batch: int, capacity: int, dtype=jnp.float32,
+                kv_dtype=None) -> int:
+    """Bytes an empty cache of `policy` holds (`make_cache`'s arguments), from its shapes alone: nothing is
+    allocated or compiled (it is sized with the reference kernels; no size depends on the kernels, and
+    `auto` would build the CPU kernel)."""
+    policy = get_policy(policy) if isinstance(policy, str) else policy
+    shapes = jax.eval_shape(lambda: policy.make_cache(cfg, batch, capacity, dtype, kernel_choice.Kernels.REFERENCE,
+                                                      kv_dtype))
+    return sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(shapes))
