@@ -111,8 +111,10 @@ def available() -> bool:
     return _registered() is None
 
 
-def unavailable_reason() -> str | None:
-    return _registered()
+def unavailable_reason(target: str = TARGET, vector: bool = True) -> str | None:
+    """Why the kernel cannot run (one line), None when it can: it is built (`vector`: for this CPU's
+    vector instructions, else the portable build) and registered under `target` on the first call."""
+    return _registered(target, vector)
 
 
 def supported(head_dim: int, group_size: int, symmetric: bool) -> bool:

@@ -58,7 +58,7 @@ def reference_logprob(model, context, continuation, spec=None):
         logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
         return sum(logp[t - 1, ids[t]] for t in range(len(ctx), len(ids)))
     n = len(ids) - 1
-    length = scoring._bucket(n, model.cfg.max_position_embeddings)
+    length = scoring.bucket_length(n, model.cfg.max_position_embeddings)
     pad = lambda x, fill: np.asarray([x + [fill] * (length - len(x))], np.int32)
     logp = scoring.target_logprobs(model.params, pad(ids[:-1], 0), pad(ids[1:], 0), pad(list(range(n)), -1),
                                    cfg=model.cfg, policy=spec)
