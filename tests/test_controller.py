@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from kvjax import teacher_forced
-from kvjax.controller import INPUTS, Controller, load_controller, save_controller
+from kvjax.controller import INPUTS, load_controller, save_controller
 from kvjax.errors import KvjaxError
 from kvjax.loading import load_model
 from kvjax.policies import get_policy

@@ -12,7 +12,6 @@ import pytest
 from eval import scoring, tasks
 from eval.__main__ import count_changed, main, read_cache
 from eval.tasks import Request, load_task
-from kvjax import teacher_forced
 from kvjax.data import DATA_DIR
 from kvjax.errors import KvjaxError
 from kvjax.loading import load_model

@@ -13,7 +13,6 @@ budget on the held-out split, and write OUT/controller.npz and OUT/loss.png. The
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import shutil
 import sys
