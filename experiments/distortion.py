@@ -28,7 +28,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from kvjax import load_model
 from kvjax.model import forward
-from train_controller.allocate import WIDTHS, RelaxedCache, teacher_logprobs
+from kvjax.layout import WIDTHS
+from train_controller.allocate import RelaxedCache, teacher_logprobs
 from train_controller.data import training_ids
 
 

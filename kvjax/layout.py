@@ -28,10 +28,13 @@ import functools
 import jax.numpy as jnp
 
 from kvjax.errors import KvjaxError
+from pallas_kernels.quant import VALID_BITS
 
 EVICTED = -1  # entry of a token that was dropped
 NO_ENTRY = -2  # not left (yet), a sink, or padding
-WIDTHS = (2, 4, 8, 16)  # 16: stored as is, in the cache's 16-bit dtype
+CODE_WIDTHS = VALID_BITS  # the widths stored as packed codes: what the codecs pack (pallas_kernels.quant)
+WIDTHS = CODE_WIDTHS + (16,)  # every width a tier stores at (16: as is, in the cache's 16-bit dtype), in this
+# order: the controller's logits, the mixed policies' tiers and the allocation trainer's choices follow it
 
 
 def has_left(positions, query_positions, sinks: int, window: int):

@@ -40,7 +40,7 @@ from kvjax.cache import DenseCache, storage_dtype
 from kvjax.config import ModelConfig
 from kvjax.controller import Controller, default_controller, load_controller
 from kvjax.errors import KvjaxError
-from kvjax.layout import EVICTED, Layout, Tier
+from kvjax.layout import CODE_WIDTHS, EVICTED, WIDTHS, Layout, Tier
 from kvjax.tiered import TieredCache
 
 DEFAULT_WINDOW = 128  # W (KIVI's residual R)
@@ -201,7 +201,6 @@ class Streaming(Quantized):
 
 PRECISIONS = ("static", "rule", "learned", "random")
 CONTROLLED = ("learned", "random")  # precisions that need a controller
-MIXED_WIDTHS = (2, 4, 8, 16)  # the tiers of a mixed policy, in this order
 _UPGRADE_SHARES = {16: 0.2, 8: 0.3, 4: 0.5}  # share of the bits above 2 spent on 16-, 8- and 4-bit tokens
 
 
@@ -254,7 +253,7 @@ class Mixed(Quantized):
         g, hist = self.group_size, self.histogram()
         caps = {w: _round_up(math.floor(hist[w] * left), g) for w in (4, 8, 16)}
         caps[2] = _round_up(max(left - sum(caps.values()), 0), g)
-        return tuple(Tier(f"{w}-bit", caps[w], (w,) * cfg.num_layers, (w,) * cfg.num_layers) for w in MIXED_WIDTHS)
+        return tuple(Tier(f"{w}-bit", caps[w], (w,) * cfg.num_layers, (w,) * cfg.num_layers) for w in WIDTHS)
 
     def check(self, cfg):
         super().check(cfg)
@@ -277,11 +276,11 @@ class Mixed(Quantized):
         ties to the wider."""
         preferred, caps = self.preferred(positions, features), layout.caps
         tier = jnp.zeros_like(preferred)
-        for pref in MIXED_WIDTHS:
-            order = sorted(MIXED_WIDTHS, key=lambda w: (abs(math.log2(w) - math.log2(pref)), -w))
+        for pref in WIDTHS:
+            order = sorted(WIDTHS, key=lambda w: (abs(math.log2(w) - math.log2(pref)), -w))
             chosen = jnp.full_like(preferred, EVICTED)  # every tier full (cannot happen within the capacity)
             for w in reversed(order):  # the first in `order` with room wins
-                i = MIXED_WIDTHS.index(w)
+                i = WIDTHS.index(w)
                 chosen = jnp.where(entered[:, i] < caps[i], i, chosen)
             tier = jnp.where(preferred == pref, chosen, tier)
         return tier
@@ -349,14 +348,14 @@ def _controlled(precision):
 
 def _register_builtins():
     register(Family("fp16", lambda name, budget, o: FP16(), "every token in 16 bits"))
-    for bits in (2, 4, 8):
+    for bits in CODE_WIDTHS:
         register(Family(f"kivi{bits}", lambda name, budget, o, b=bits: Bands(name, bands=((b, b),), **o),
                         f"KIVI at {bits} bits: 16-bit residual of R tokens, keys per channel, values per token"))
         register(Family(f"int{bits}-sink", lambda name, budget, o, b=bits: Bands(
             name, bands=((b, b),), symmetric=True, **{"sinks": DEFAULT_SINKS, **o}),
             f"S sinks + W newest in 16 bits, the rest {bits}-bit symmetric per token"))
-    for kb in (2, 4, 8):
-        for vb in (2, 4, 8):
+    for kb in CODE_WIDTHS:
+        for vb in CODE_WIDTHS:
             if kb != vb:
                 register(Family(f"kivi-k{kb}v{vb}", lambda name, budget, o, k=kb, v=vb: Bands(
                     name, bands=((k, v),), **o), f"KIVI with keys at {kb} bits and values at {vb}"))

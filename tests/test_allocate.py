@@ -12,6 +12,7 @@ from kvjax import teacher_forced
 from kvjax.allocation import Allocation, load_allocation, save_allocation
 from kvjax.config import get_preset
 from kvjax.errors import KvjaxError
+from kvjax.layout import WIDTHS
 from kvjax.model import forward, init_params
 from kvjax.policies import Bands, get_policy
 from train_controller import allocate
@@ -33,8 +34,8 @@ def relaxed_logits(weights, ids, sinks, ends=(1 << 30,)):
 
 def one_hot(key_bits, value_bits, bands=1):
     w = np.zeros((CFG.num_layers, 2, bands, 4), np.float32)
-    w[:, 0, :, allocate.WIDTHS.index(key_bits)] = 1
-    w[:, 1, :, allocate.WIDTHS.index(value_bits)] = 1
+    w[:, 0, :, WIDTHS.index(key_bits)] = 1
+    w[:, 1, :, WIDTHS.index(value_bits)] = 1
     return w
 
 
@@ -76,7 +77,7 @@ def test_discrete_allocation_fits_the_budget_and_narrows_with_age(budget):
     shares = (0.125, 0.375, 0.5)
     theta = np.random.default_rng(3).normal(size=(30, 2, 3, 4)).astype(np.float32) * 3
     idx = allocate.discrete_allocation(theta, shares, budget)
-    bits = (np.asarray(allocate.WIDTHS)[idx] * np.asarray(shares)).sum(-1).mean()
+    bits = (np.asarray(WIDTHS)[idx] * np.asarray(shares)).sum(-1).mean()
     assert budget - 2 * 0.125 / 60 - 1e-9 <= bits <= budget + 1e-9  # the smallest step: 2 -> 4 bits in the newest band
     assert (np.diff(idx, axis=-1) <= 0).all()
 

@@ -26,9 +26,9 @@ from kvjax.errors import KvjaxError
 from kvjax.features import forward_recording_features
 from kvjax.kernels import Kernels, resolve
 from kvjax.model import forward, init_params
-from kvjax.layout import EVICTED, Layout, Tier
+from kvjax.layout import EVICTED, WIDTHS, Layout, Tier
 from kvjax.allocation import Allocation
-from kvjax.policies import MIXED_WIDTHS, REGISTRY, Bands, Mixed, get_policy, make_cache
+from kvjax.policies import REGISTRY, Bands, Mixed, get_policy, make_cache
 from kvjax.tiered import TieredCache
 from replay import Replay
 
@@ -314,13 +314,13 @@ class _Prefers(Mixed):
 
 def test_full_tier_sends_token_to_nearest_tier_with_room():
     caps = (8, 4, 4, 4)  # tiers 2, 4, 8, 16 bits
-    layout = Layout(4, 8, 4, tuple(Tier(f"{w}-bit", c, (w, w), (w, w)) for w, c in zip(MIXED_WIDTHS, caps)), 2, 4, 8)
+    layout = Layout(4, 8, 4, tuple(Tier(f"{w}-bit", c, (w, w), (w, w)) for w, c in zip(WIDTHS, caps)), 2, 4, 8)
     entered = jnp.asarray([[0, 4, 0, 0], [0, 4, 4, 0], [8, 4, 4, 4], [0, 0, 4, 0]])
     got = [int(_Prefers("m", width=w).entry(jnp.zeros((1,), jnp.int32), None, row[None], layout)[0])
            for w, row in zip((4, 4, 16, 8), entered)]
     # 4 full -> 8 (as near as 2, ties to the wider); 4 and 8 full -> 2; everything full -> evicted;
     # 8 full -> 16 (ties between 4 and 16 go to the wider)
-    assert got == [MIXED_WIDTHS.index(8), MIXED_WIDTHS.index(2), EVICTED, MIXED_WIDTHS.index(16)]
+    assert got == [WIDTHS.index(8), WIDTHS.index(2), EVICTED, WIDTHS.index(16)]
 
 
 def test_mixed_budget_histogram_and_capacities():

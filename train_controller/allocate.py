@@ -40,7 +40,7 @@ from kvjax.allocation import Allocation, save_allocation
 from kvjax.attention import MASK_VALUE, causal_mask, grouped_output, grouped_scores
 from kvjax.cache import KVCache
 from kvjax.errors import KvjaxError
-from kvjax.layout import WIDTHS  # 2, 4, 8, 16: the order of the last axis of weights and logits
+from kvjax.layout import CODE_WIDTHS, WIDTHS  # WIDTHS: the order of the last axis of weights and logits
 from kvjax.loading import load_model
 from kvjax.model import forward
 from kvjax.policies import Bands, get_policy
@@ -88,7 +88,7 @@ def quantized_forms(keys, values, sinks: int, group_size: int, dtype=jnp.float16
     tail = jnp.pad(keys[:, :, sinks:], ((0, 0), (0, 0), (0, pad), (0, 0)))
     head = keys[:, :, :sinks].astype(jnp.float32)
     forms = {16: (keys.astype(jnp.float32), values.astype(jnp.float32))}
-    for w in WIDTHS[:-1]:
+    for w in CODE_WIDTHS:
         kq = KiviKeys.roundtrip(tail, w, group_size, dtype)[:, :, :n]
         forms[w] = (jnp.concatenate([head, kq], axis=2), KiviValues.roundtrip(values, w, group_size, dtype))
     return forms
