@@ -32,7 +32,8 @@ from kvjax.data import read_text
 from kvjax import load_model
 from eval.report import allocation_plot
 from kvjax.allocation import default_allocation, load_allocation
-from kvjax.policies import DEFAULT_SINKS, Bands, get_policy
+from kvjax.layout import DEFAULT_SINKS
+from kvjax.policies import Bands, get_policy
 
 
 def kv_split(budget: float) -> Bands:

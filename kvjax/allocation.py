@@ -20,7 +20,7 @@ import json
 import os
 
 from kvjax.errors import KvjaxError
-from kvjax.layout import WIDTHS
+from kvjax.layout import DEFAULT_GROUP, DEFAULT_SINKS, DEFAULT_WINDOW, WIDTHS
 from kvjax.shipped import shipped_file
 
 DEFAULT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "allocations")
@@ -31,9 +31,9 @@ class Allocation:
     keys: tuple[tuple[int, ...], ...]  # [band][layer], newest band first
     values: tuple[tuple[int, ...], ...]
     shares: tuple[float, ...]  # per band but the last
-    sinks: int = 4
-    window: int = 128
-    group_size: int = 32
+    sinks: int = DEFAULT_SINKS
+    window: int = DEFAULT_WINDOW
+    group_size: int = DEFAULT_GROUP
     trained: dict | None = dataclasses.field(default=None, compare=False, hash=False)
 
     def __post_init__(self):
@@ -76,7 +76,8 @@ def load_allocation(path: str) -> Allocation:
         raise KvjaxError(f"cannot read allocation {path}: {e}") from None
     try:
         return Allocation(tuple(map(tuple, d["keys"])), tuple(map(tuple, d["values"])), tuple(d["shares"]),
-                          d.get("sinks", 4), d.get("window", 128), d.get("group_size", 32), d.get("trained"))
+                          d.get("sinks", DEFAULT_SINKS), d.get("window", DEFAULT_WINDOW),
+                          d.get("group_size", DEFAULT_GROUP), d.get("trained"))
     except (KeyError, TypeError) as e:
         raise KvjaxError(f"allocation {path}: missing or malformed field ({e})") from None
 

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 from kvjax import kernels
 from kvjax.errors import KvjaxError
-from kvjax.policies import (ALIASES, DEFAULT_GROUP, DEFAULT_SINKS, DEFAULT_WINDOW, REGISTRY, Policy, family_of,
-                            get_policy)
+from kvjax.layout import DEFAULT_GROUP, DEFAULT_SINKS, DEFAULT_WINDOW
+from kvjax.policies import ALIASES, REGISTRY, Policy, family_of, get_policy
 
 SUGGESTED = "learned-alloc@2.5"  # the policy to try for memory: near-FP16 perplexity (README's results table)
 

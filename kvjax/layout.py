@@ -30,6 +30,9 @@ import jax.numpy as jnp
 from kvjax.errors import KvjaxError
 from pallas_kernels.quant import VALID_BITS
 
+DEFAULT_SINKS = 4  # S, for the policies that keep sinks
+DEFAULT_WINDOW = 128  # W (KIVI's residual R)
+DEFAULT_GROUP = 32  # G
 EVICTED = -1  # entry of a token that was dropped
 NO_ENTRY = -2  # not left (yet), a sink, or padding
 CODE_WIDTHS = VALID_BITS  # the widths stored as packed codes: what the codecs pack (pallas_kernels.quant)

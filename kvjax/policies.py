@@ -40,12 +40,8 @@ from kvjax.cache import DenseCache, storage_dtype
 from kvjax.config import ModelConfig
 from kvjax.controller import Controller, default_controller, load_controller
 from kvjax.errors import KvjaxError
-from kvjax.layout import CODE_WIDTHS, EVICTED, WIDTHS, Layout, Tier
+from kvjax.layout import CODE_WIDTHS, DEFAULT_GROUP, DEFAULT_SINKS, DEFAULT_WINDOW, EVICTED, WIDTHS, Layout, Tier
 from kvjax.tiered import TieredCache
-
-DEFAULT_WINDOW = 128  # W (KIVI's residual R)
-DEFAULT_GROUP = 32  # G
-DEFAULT_SINKS = 4  # S, for the policies that keep sinks
 
 
 @dataclasses.dataclass(frozen=True)

@@ -22,7 +22,7 @@ import numpy as np
 
 from kvjax import cli
 from kvjax.errors import KvjaxError
-from kvjax.policies import DEFAULT_GROUP, DEFAULT_SINKS, DEFAULT_WINDOW
+from kvjax.layout import DEFAULT_GROUP, DEFAULT_SINKS, DEFAULT_WINDOW
 
 
 def _parser():
