@@ -50,6 +50,7 @@ class Policy:
 
     name: str
     uses_features = False  # whether token widths depend on model outputs (then scoring runs block by block)
+    evicts = False  # whether tokens that leave the window may be dropped (`entry` returns EVICTED)
 
     def layout(self, cfg: ModelConfig, capacity: int) -> Layout | None:
         """The static shape of a cache for sequences of up to `capacity` tokens; None: plain 16-bit."""
@@ -183,6 +184,8 @@ def _label(keys, values, index: int) -> str:
 @dataclasses.dataclass(frozen=True)
 class Streaming(Quantized):
     """StreamingLLM: tokens that leave the window are evicted."""
+
+    evicts = True
 
     def tiers(self, cfg, left):
         return ()
