@@ -35,10 +35,11 @@ from kvjax.loading import load_model, read_config, resolve_model
 from kvjax.policies import Policy, family_of
 
 
-def average_bits(policy: Policy) -> float | None:
-    """Bits per cached value of the left tokens (fp16 16, kivi{b} b, mixed@B and band@B B); None for
-    an evicting policy (no bit count)."""
-    return policy.average_bits or None
+def average_bits(policy: Policy, cfg) -> float | None:
+    """Bits per cached value of the left tokens in a cache full at the model's context (fp16 16, kivi{b}
+    b, mixed@B B, band@B and learned-alloc@B within a group's rounding of B: `Policy.average_bits`);
+    None for a policy that evicts (no bit count)."""
+    return None if policy.evicts else policy.average_bits(cfg)
 
 
 def model_tag(source: str) -> str:
@@ -203,7 +204,7 @@ def _main(argv) -> int:
                   f"({results[t][p]['n']} examples, {seconds[t][p]:.0f} s)", flush=True)
         if "fp16" in policies:
             count_changed(requests[t], scores[t], results[t])
-    bits = {p: average_bits(specs[p]) for p in policies}
+    bits = {p: average_bits(specs[p], model.cfg) for p in policies}
     os.makedirs(args.out, exist_ok=True)
     report = {"command": "python -m eval " + " ".join(sys.argv[1:] if argv is None else argv),
               "device": device_name(), "date": datetime.date.today().isoformat(),

@@ -124,6 +124,18 @@ class Layout:
     def caps(self) -> tuple[int, ...]:
         return tuple(t.slots for t in self.tiers)
 
+    @property
+    def average_bits(self) -> float:
+        """Mean width of the left tokens when every slot of every tier holds one, as in a full cache whose
+        tokens all pass through one chain of tiers: the tiers' `mean_bits` weighted by their slots (0
+        without tiers: every left token is evicted; 16 while no slot can be reached)."""
+        slots = sum(self.caps)
+        if not self.tiers:
+            return 0.0
+        if not slots:
+            return 16.0
+        return sum(t.slots * t.mean_bits() for t in self.tiers) / slots
+
     @functools.cached_property  # asked for every layer and tier while tracing
     def segments(self) -> tuple[tuple[int, int], ...]:
         """(start, stop) of the runs of layers whose widths are the same in every tier."""

@@ -65,10 +65,10 @@ class Policy:
     def check(self, cfg: ModelConfig):
         """Raises a KvjaxError if the policy cannot run on this model."""
 
-    @property
-    def average_bits(self) -> float:
-        """Bits per K/V element of the tokens that left the window, in a full cache (16 for fp16)."""
-        return 16.0
+    def average_bits(self, cfg: ModelConfig) -> float:
+        """Bits per K/V element of the tokens that left the window, in a cache full at the model's
+        context (evicted tokens count 0)."""
+        raise NotImplementedError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,6 +77,9 @@ class FP16(Policy):
 
     def layout(self, cfg, capacity):
         return None
+
+    def average_bits(self, cfg):
+        return 16.0
 
     def make_cache(self, cfg, batch, capacity, dtype=jnp.float32, kernels=kernel_choice.Kernels.AUTO, kv_dtype=None):
         return DenseCache.init(cfg, batch, capacity, storage_dtype(dtype, kv_dtype))
@@ -113,6 +116,16 @@ class Quantized(Policy):
     def make_cache(self, cfg, batch, capacity, dtype=jnp.float32, kernels=kernel_choice.Kernels.AUTO, kv_dtype=None):
         self.check(cfg)
         return TieredCache.init(self, cfg, batch, capacity, storage_dtype(dtype, kv_dtype), kernels)
+
+    def average_bits(self, cfg):
+        """Read from the layout of a cache for the model's context (`Layout.average_bits`), so that a
+        subclass says it only through its tiers. Tokens that enter several tiers fill them by the
+        policy's choice, not slot by slot: such a policy (Mixed) states its own."""
+        layout = self.layout(cfg, cfg.max_position_embeddings)
+        if len(layout.heads) > 1:
+            raise NotImplementedError(f"{self.name}: tokens enter {len(layout.heads)} tiers, whose slots are "
+                                      "capacities, not shares: the policy states its average bits")
+        return layout.average_bits
 
     def check(self, cfg):
         h = cfg.head_dim
@@ -168,12 +181,6 @@ class Bands(Quantized):
             used += slots
         return tuple(out)
 
-    @property
-    def average_bits(self) -> float:
-        shares = list(self.shares) + [1.0 - sum(self.shares)]
-        mean = lambda b: sum(b) / len(b) if isinstance(b, tuple) else float(b)
-        return sum(s * (mean(kb) + mean(vb)) / 2 for s, (kb, vb) in zip(shares, self.bands))
-
 
 def _label(keys, values, index: int) -> str:
     if len(set(keys)) == 1 and len(set(values)) == 1:
@@ -192,10 +199,6 @@ class Streaming(Quantized):
 
     def entry(self, positions, features, entered, layout):
         return jnp.full(positions.shape, EVICTED, jnp.int32)
-
-    @property
-    def average_bits(self) -> float:
-        return 0.0
 
 
 PRECISIONS = ("static", "rule", "learned", "random")
@@ -236,8 +239,8 @@ class Mixed(Quantized):
     def uses_features(self) -> bool:
         return self.precision in ("rule", "learned")
 
-    @property
-    def average_bits(self) -> float:
+    def average_bits(self, cfg):
+        """The budget: every token enters the tier of its own width (as far as there is room)."""
         return self.budget_bits
 
     def histogram(self) -> dict[int, float]:

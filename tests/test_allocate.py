@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from kvjax import teacher_forced
-from kvjax.allocation import Allocation, load_allocation, save_allocation
+from kvjax.allocation import Allocation, default_allocation, load_allocation, save_allocation
 from kvjax.config import get_preset
 from kvjax.errors import KvjaxError
 from kvjax.layout import WIDTHS
@@ -95,7 +95,8 @@ def test_training_moves_the_logits_and_gives_a_policy(tmp_path):
     save_allocation(alloc, path)
     assert load_allocation(path) == alloc
     policy = get_policy("learned-alloc@3", allocation=path)
-    assert policy.average_bits == pytest.approx(alloc.average_bits)
+    # the bands rounded to whole groups of the tiny model's context shift its average a little
+    assert policy.average_bits(CFG) == pytest.approx(alloc.average_bits, abs=0.1)
     assert policy.make_cache(CFG, 1, 64) is not None
 
 
@@ -112,7 +113,8 @@ def test_allocation_files_are_checked():
 def test_the_shipped_allocations_meet_their_budgets():
     for budget in (2.25, 2.5, 3.0):
         policy = get_policy(f"learned-alloc@{budget:g}")
-        assert budget - 0.01 <= policy.average_bits <= budget + 1e-9
+        assert budget - 0.01 <= default_allocation(budget).average_bits <= budget + 1e-9
+        assert budget - 0.01 <= policy.average_bits(get_preset("SmolLM2-135M")) <= budget + 1e-9
 
 
 def test_eval_keeps_the_scores_of_two_allocations_apart():

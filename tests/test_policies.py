@@ -245,6 +245,25 @@ def test_perplexity_summarizes_the_widths_of_left_tokens(name):
         assert len(shares) > 1
 
 
+@pytest.mark.parametrize("name", [n for n in NAMES if n != "fp16"])
+def test_average_bits_are_what_a_full_cache_stores(name):
+    """`average_bits` (what `python -m eval` reports) is read from the layout: for a policy whose left
+    tokens pass through one chain of tiers it is the mean width of the left tokens of a full cache,
+    as the exact scorer stores them at the last query (evicted: 0 bits)."""
+    from eval.perplexity import segment_nll
+
+    policy = policy_of(name)
+    capacity = policy.sinks + policy.window + 8 * policy.group_size  # 8 whole groups leave the window
+    full = CFG.replace(max_position_embeddings=capacity)  # average_bits: of a cache full at the model's context
+    if len(policy.layout(full, capacity).heads) > 1:
+        assert policy.average_bits(full) == policy.budget_bits  # mixed: tiers sized from the budget's histogram
+        return
+    tokens = np.random.default_rng(0).integers(0, CFG.vocab_size, capacity)
+    _, left = segment_nll(PARAMS, CFG, tokens, policy)
+    assert len(left) == 8 * policy.group_size
+    assert policy.average_bits(full) == pytest.approx(float(left.mean()), abs=1e-6)
+
+
 def test_fp16_policy_is_the_plain_cache_bit_for_bit():
     tokens, positions = ragged_batch(T=12, short=12)
     a = forward(PARAMS, CFG, tokens, positions, make_cache("fp16", CFG, 2, 16))[0]
