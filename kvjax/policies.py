@@ -147,6 +147,8 @@ def _round_up(n: int, g: int) -> int:
 def _per_layer(bits, num_layers: int, name: str) -> tuple[int, ...]:
     if isinstance(bits, int):
         return (bits,) * num_layers
+    if callable(bits):  # a rule of the layer's depth
+        return tuple(int(bits(layer / num_layers)) for layer in range(num_layers))
     if len(bits) != num_layers:
         raise KvjaxError(f"{name}: widths for {len(bits)} layers, the model has {num_layers}")
     return tuple(bits)
@@ -156,8 +158,12 @@ def _per_layer(bits, num_layers: int, name: str) -> tuple[int, ...]:
 class Bands(Quantized):
     """Widths by age. Every left token enters the first band; each band but the last is a ring of
     whole groups holding its share of a full cache's left tokens, whose oldest group moves on to the
-    next band when a new one starts. Widths per band: (keys, values), each an int or one per layer.
-    One band is KIVI (or int8-sink, symmetric)."""
+    next band when a new one starts. One band is KIVI (or int8-sink, symmetric).
+
+    Widths per band: (keys, values), each an int (every layer), a tuple (one per layer of the model)
+    or a rule: a function of the layer's depth, layer / layers in [0, 1), to a width, which fits
+    every model (`lambda depth: 4 if depth < 0.5 else 2`: 4 bits in the first half of the layers).
+    A rule is compared by identity, as a static argument of jit: define it once, not per call."""
 
     bands: tuple = ((2, 2),)
     shares: tuple[float, ...] = ()  # per band but the last: its share of the left tokens

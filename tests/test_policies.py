@@ -2,7 +2,9 @@
 
 The proofs run over `kvjax.policies.REGISTRY` (each family's examples) and over TEST_POLICIES,
 which exercise what no registered policy uses yet: widths that differ by layer and between keys
-and values, 16-bit keys inside a tier, a chain of three bands.
+and values, 16-bit keys inside a tier, a chain of three bands. One more is registered below the
+way a user adds a policy (a `Bands` with a rule and a `register` call, public names only), so the
+proofs cover it because it is in the registry.
 
 They decode through `replay.Replay`, which stores the teacher-forced path's K/V and features in
 the step-by-step cache, so that both paths quantize bit-identical inputs whatever the CPU's
@@ -28,7 +30,7 @@ from kvjax.kernels import Kernels, resolve
 from kvjax.model import forward, init_params
 from kvjax.layout import EVICTED, WIDTHS, Layout, Tier
 from kvjax.allocation import Allocation
-from kvjax.policies import REGISTRY, Bands, Mixed, get_policy, make_cache
+from kvjax.policies import REGISTRY, Bands, Family, Mixed, get_policy, make_cache, register
 from kvjax.tiered import TieredCache
 from replay import Replay
 
@@ -52,6 +54,19 @@ TEST_POLICIES = {
 # values apart, per layer.
 TINY_ALLOCATION = Allocation(keys=((16, 2), (2, 2), (2, 2)), values=((4, 2), (2, 2), (2, 2)), shares=(0.125, 0.375),
                              sinks=2, window=WINDOW, group_size=GROUP)
+
+
+def keys_4_bit_in_the_first_half(depth):
+    """A width rule of the layer's depth in [0, 1): 4 bits in the first half of the layers, 2 after."""
+    return 4 if depth < 0.5 else 2
+
+
+# A policy added as a user adds one: a Bands with a rule and one register call. Being in the
+# registry is all it takes for every proof below to run it.
+register(Family("test-k4-first-half",
+                lambda name, budget, o: Bands(name, bands=((keys_4_bit_in_the_first_half, 2),), **o),
+                "KIVI with keys at 4 bits in the first half of the layers, 2 bits after, and values at 2 bits"))
+
 NAMES = [name for family in REGISTRY.values() for name in (family.examples or (family.name,))] + list(TEST_POLICIES)
 # Largest difference between the model's own K/V (and features) and the reference ones that the proofs
 # accept: one ulp of the 16-bit storage (2^-10 relative) plus float32 rounding, far below a quantization step.
@@ -262,6 +277,14 @@ def test_average_bits_are_what_a_full_cache_stores(name):
     _, left = segment_nll(PARAMS, CFG, tokens, policy)
     assert len(left) == 8 * policy.group_size
     assert policy.average_bits(full) == pytest.approx(float(left.mean()), abs=1e-6)
+
+
+def test_a_width_rule_fits_every_model():
+    policy = policy_of("test-k4-first-half")
+    assert policy.layout(CFG, 64).tiers[0].key_bits == (4, 2)
+    smol = get_preset("SmolLM2-135M")
+    assert get_policy("test-k4-first-half").layout(smol, 4096).tiers[0].key_bits == (4,) * 15 + (2,) * 15
+    assert get_policy("test-k4-first-half").average_bits(smol) == 2.5
 
 
 def test_fp16_policy_is_the_plain_cache_bit_for_bit():
