@@ -422,7 +422,8 @@ def family_of(name: str) -> Family:
 
 def get_policy(name: str, *, window: int | None = None, sinks: int | None = None, group_size: int | None = None,
                controller=None, allocation=None) -> Policy:
-    """The policy called `name` (`kivi2`, `band@3`, `mixed-rule@2.5`, an alias), with optional overrides of
+    """The policy called `name` (`kivi2`, `band@3`, `mixed-rule@2.5`, an alias; @BITS for the families
+    registered with a budget: band, learned-alloc and the mixed ones), with optional overrides of
     W, S, G, for learned and random policies the controller (a path or a Controller) and for
     learned-alloc the allocation (a path or a kvjax.allocation.Allocation)."""
     full = canonical_name(name)
@@ -431,7 +432,8 @@ def get_policy(name: str, *, window: int | None = None, sinks: int | None = None
     budget = None
     if text:
         if family.budget == "none":
-            raise KvjaxError(f"{name!r}: only mixed and band policies take a bit budget")
+            takers = ", ".join(f"{f.name}@BITS" for f in REGISTRY.values() if f.budget != "none")
+            raise KvjaxError(f"{name!r}: {base} takes no bit budget; the policies that do: {takers}")
         try:
             budget = float(text)
         except ValueError:

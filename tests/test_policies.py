@@ -396,7 +396,7 @@ def test_band_demotes_whole_groups_and_fills_its_budget():
     (lambda: Bands("x", bands=((3, 3),)).layout(CFG, 200), "width 3"),
     (lambda: get_policy("mixed@1.5"), "below 2 bits"),
     (lambda: get_policy("mixed@abc"), "not a number"),
-    (lambda: get_policy("kivi2@3"), "only mixed and band"),
+    (lambda: get_policy("kivi2@3"), "kivi2 takes no bit budget; the policies that do: band@BITS, learned-alloc@BITS"),
     (lambda: get_policy("band@4.5"), "2 < B <= 4"),
     (lambda: get_policy("band"), "needs a bit budget"),
     (lambda: get_policy("kivi3"), "unknown KV-cache policy"),
