@@ -22,14 +22,20 @@ DATA_DIR = os.environ.get("KVJAX_DATA", os.path.join(os.path.dirname(__file__), 
 TEXTS = {"wikitext2": "wikitext-2/test.txt", "sherlock": "gutenberg/sherlock.txt"}
 
 
-def read_text(name: str, data_dir: str = DATA_DIR) -> str:
-    """The text called `name` (a key of TEXTS) from the data folder; a KvjaxError if it is not there."""
+def text_path(name: str, data_dir: str = DATA_DIR) -> str:
+    """The file of the text called `name` (a key of TEXTS); a KvjaxError if it is not there (a command
+    asks before it loads the model)."""
     if name not in TEXTS:
         raise KvjaxError(f"unknown text {name!r}; known: {', '.join(TEXTS)}")
     path = os.path.join(data_dir, TEXTS[name])
     if not os.path.exists(path):
         raise KvjaxError(f"{path} not found: pass --data-dir (the shared data folder)")
-    with open(path, encoding="utf-8-sig") as f:  # sherlock.txt starts with a BOM
+    return path
+
+
+def read_text(name: str, data_dir: str = DATA_DIR) -> str:
+    """The text called `name` from the data folder (see `text_path`)."""
+    with open(text_path(name, data_dir), encoding="utf-8-sig") as f:  # sherlock.txt starts with a BOM
         text = f.read().replace("\r\n", "\n")
     if name == "sherlock":
         start = text.index("\n", text.index("*** START OF")) + 1

@@ -45,7 +45,7 @@ from kvjax.loading import load_model
 from kvjax.model import forward
 from kvjax.policies import Bands, get_policy
 from kvjax.stores import KiviKeys, KiviValues
-from train_controller.data import training_ids
+from train_controller.data import check_training_text, training_ids
 
 DEFAULT_SHARES = (0.125, 0.375)  # newest 1/8 of the left tokens, the next 3/8, the oldest half
 # sinks + window + a group of left tokens, and one more to predict, at the defaults the command trains with
@@ -292,6 +292,7 @@ def _main(argv) -> int:
         raise KvjaxError(f"--budget must be in (2, 16), got {args.budget:g}")
     if any(s <= 0 for s in shares) or sum(shares) >= 1:
         raise KvjaxError(f"--shares must be positive and sum to less than 1, got {args.shares}")
+    check_training_text(args.text)
     model = load_model(args.model)
     ids = training_ids(model.tokenizer, args.text, max_tokens=args.context * args.segments)
     if len(ids) < args.context * args.segments:

@@ -9,12 +9,23 @@ multiple-choice validation sets are never read here. `--text FILE` trains on a f
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
-from kvjax.data import DATA_DIR, read_text
+from kvjax.data import DATA_DIR, read_text, text_path
 from kvjax.errors import KvjaxError
 
 SKIP_TOKENS = 32768
+
+
+def check_training_text(text_file: str | None = None, data_dir: str = DATA_DIR):
+    """A KvjaxError unless the training text is there: `--text FILE`, else the data folder's Sherlock
+    (the commands call this before they load the model)."""
+    if text_file is None:
+        text_path("sherlock", data_dir)
+    elif not os.path.isfile(text_file):
+        raise KvjaxError(f"--text {text_file}: no such file")
 
 
 def training_ids(tokenizer, text_file: str | None = None, data_dir: str = DATA_DIR,
