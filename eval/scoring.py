@@ -54,7 +54,8 @@ def _rows(model, requests: list[Request]):
             yield r, c, ids[:-1], ids[1:], min(len(cont), len(ids) - 1)
 
 
-def _bucket(n: int, max_len: int) -> int:
+def bucket_length(n: int, max_len: int) -> int:
+    """The padded length of a row of n input tokens: n rounded up to a multiple of BUCKET, at most max_len."""
     return min(-(-n // BUCKET) * BUCKET, max_len)
 
 
@@ -74,7 +75,7 @@ def score_requests(model, requests: list[Request], policy: str | Policy = "fp16"
     waiting = [len(req.continuations) for req in requests]
     by_bucket: dict[int, list] = {}
     for row in rows:
-        by_bucket.setdefault(_bucket(len(row[2]), model.cfg.max_position_embeddings), []).append(row)
+        by_bucket.setdefault(bucket_length(len(row[2]), model.cfg.max_position_embeddings), []).append(row)
     for length, bucket_rows in by_bucket.items():
         for start in range(0, len(bucket_rows), batch_size):
             batch = bucket_rows[start:start + batch_size]

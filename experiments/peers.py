@@ -121,11 +121,11 @@ def llamacpp_runs(path, kv, context, steps, repeats, threads):
                           flash_attn=True, type_k=kv_type, type_v=kv_type, verbose=False)
     vocab = llm.n_vocab()
 
-    def argmax():  # of the last token's logits (llm.scores is not filled unless logits_all=True)
-        return int(np.argmax(np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(vocab,))))
+    def argmax(model):  # of the last token's logits (model.scores is not filled unless logits_all=True)
+        return int(np.argmax(np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(model.ctx, -1), shape=(vocab,))))
 
     llm.eval(prompt(context, vocab).tolist())
-    first = argmax()
+    first = argmax(llm)
     runs = []
     for _ in range(repeats + 1):
         llm.n_tokens = context  # eval() drops the cache entries past n_tokens: decode again from the prompt
@@ -133,7 +133,7 @@ def llamacpp_runs(path, kv, context, steps, repeats, threads):
         t0 = time.perf_counter()
         for _ in range(steps):
             llm.eval([token])
-            token = argmax()
+            token = argmax(llm)
         runs.append((time.perf_counter() - t0) / steps)
     del llm
     return runs[1:]
@@ -193,7 +193,7 @@ def main():
                         extra = dict(quanto_residual_length=residual) if kv.startswith("quanto") else {}
                         f.write(json.dumps(dict(meta, peer=peer, kv=kv, context=context, ms_per_token=ms,
                                                 runs_ms=[1e3 * r for r in runs], **extra)) + "\n")
-    print(f"\n| peer | kv | context | decode ms/token |\n|---|---|---:|---:|")
+    print("\n| peer | kv | context | decode ms/token |\n|---|---|---:|---:|")
     for peer, kv, context, ms in rows:
         print(f"| {peer} | {kv} | {context} | {ms:.2f} |")
 

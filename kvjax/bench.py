@@ -35,10 +35,11 @@ import numpy as np
 from kvjax import cli
 from kvjax.config import PRESETS, get_preset
 from kvjax.errors import KvjaxError
+from kvjax.flags import add_kernels_flag, add_policy_flags, kernels_from_flags, policies_from_flags
 from kvjax.generation import decode_chunk, default_dtype, prefill, start_state
 from kvjax.loading import LoadedModel, load_model, read_config, resolve_model
 from kvjax.model import DTYPES, init_params
-from kvjax.policies import add_policy_flags, policies_from_flags
+from kvjax.policies import cache_bytes
 from kvjax.sampling import SamplingConfig
 
 GREEDY = SamplingConfig()
@@ -142,12 +143,6 @@ def cpu_model() -> str:
         return platform.processor() or platform.machine()
 
 
-def cache_bytes(policy, cfg, batch: int, capacity: int, dtype, kv_dtype=None) -> int:
-    """Bytes of an empty cache of `policy` (shapes only, nothing allocated)."""
-    shapes = jax.eval_shape(lambda: policy.make_cache(cfg, batch, capacity, dtype, kv_dtype=kv_dtype))
-    return sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(shapes))
-
-
 def largest_batch(policy, cfg, capacity: int, dtype, budget_bytes: int, kv_dtype=None) -> int:
     """The most sequences of `capacity` tokens whose cache fits `budget_bytes` (cache bytes are affine in batch)."""
     one, two = (cache_bytes(policy, cfg, n, capacity, dtype, kv_dtype) for n in (1, 2))
@@ -183,6 +178,7 @@ def _parser() -> cli.ArgumentParser:
     p.add_argument("--repeats", type=cli.at_least(1), default=3,
                    help="rounds of timed runs, every policy once a round (median)")
     add_policy_flags(p)
+    add_kernels_flag(p)
     p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="compute dtype (default: float32 on CPU)")
     p.add_argument("--kv-dtype", default=None, choices=sorted(DTYPES),
                    help="what 16-bit K/V (fp16's whole cache, every window and sink) are stored in (default: the "
@@ -213,6 +209,7 @@ def _main(argv) -> int:
         for kv in policies:
             kv.check(cfg)
     batches = fitting_batches(args, policies, cfg, last, DTYPES[dtype_name]) if cfg is not None else None
+    kernels = kernels_from_flags(args)  # after the numbers: on a CPU, auto may build the C++ kernel
     if args.preset:
         cli.say(f"[kvjax] random weights of {args.preset}")
         model = LoadedModel(cfg, init_params(cfg, jax.random.PRNGKey(0), DTYPES[dtype_name]), None,
@@ -235,7 +232,7 @@ def _main(argv) -> int:
           f"{'KV MiB':>8}")
     for context in contexts:
         runners = [context_runner(model, context, args.decode_steps, batch, kv, DTYPES[dtype_name],
-                                  synthetic=bool(args.preset), kernels=args.kernels, kv_dtype=DTYPES.get(args.kv_dtype))
+                                  synthetic=bool(args.preset), kernels=kernels, kv_dtype=DTYPES.get(args.kv_dtype))
                    for kv, batch in zip(policies, batches)]
         for name, batch, runs in zip(names, batches, interleaved(runners, args.repeats)):
             tps, ms, kv_bytes = summary(runs, batch, context, args.decode_steps)

@@ -83,7 +83,7 @@ def begin(cache, positions):
 def attend(cache, layer, q, k, v, positions):
     """One layer of a chunk: q [b, t, n, h], this chunk's k, v [b, t, k, h] at positions [b, t]
     -> (out [b, t, n, h], cache)."""
-    lay, route, li = cache.layout, cache.route, layer.index
+    lay, li = cache.layout, layer.index
     seg, local = layer.segment, layer.index - lay.segments[layer.segment][0]
     b, t = positions.shape
     k16, v16 = (x.astype(cache.window_k.dtype).swapaxes(1, 2) for x in (k, v))  # [b, k, t, h], as stored

@@ -18,7 +18,7 @@ from typing import Callable
 import jax
 
 from kvjax.errors import KvjaxError
-from pallas_kernels import cpu_attention
+from pallas_kernels.cache_folder import cache_dir
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -118,7 +118,7 @@ def use_compilation_cache():
     cache the user named (JAX_COMPILATION_CACHE_DIR) is left as it is."""
     if jax.config.jax_compilation_cache_dir is not None:
         return
-    folder = cpu_attention.cache_dir() / "xla"
+    folder = cache_dir() / "xla"
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:

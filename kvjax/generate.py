@@ -10,10 +10,10 @@ import sys
 
 from kvjax import cli
 from kvjax.errors import KvjaxError
+from kvjax.flags import add_kernels_flag, add_policy_flags, kernels_from_flags, policy_from_flags
 from kvjax.generation import default_dtype, generate
 from kvjax.loading import load_model, read_config, resolve_model
 from kvjax.model import DTYPES
-from kvjax.policies import add_policy_flags, policy_from_flags
 from kvjax.sampling import SamplingConfig
 
 
@@ -35,6 +35,7 @@ def _parser() -> cli.ArgumentParser:
     p.add_argument("--dtype", default=None, choices=sorted(DTYPES),
                    help="compute dtype (default: float32 on CPU, bfloat16 on GPU/TPU)")
     add_policy_flags(p)
+    add_kernels_flag(p)
     p.add_argument("--chunk", type=cli.at_least(1), default=8, help="decode steps per device dispatch while streaming")
     return p
 
@@ -54,6 +55,7 @@ def _main(argv) -> int:
         if args.max_new_tokens >= cfg.max_position_embeddings:
             raise KvjaxError(f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt in the model's "
                              f"context of {cfg.max_position_embeddings} tokens")
+    kernels = kernels_from_flags(args)  # after the numbers: on a CPU, auto may build the C++ kernel
     cli.say(f"[kvjax] loading {source}")
     model = load_model(source, DTYPES[dtype])
     prompts = args.prompt
@@ -68,7 +70,7 @@ def _main(argv) -> int:
         print(text, end="", flush=True)
 
     result = generate(model, prompts, args.max_new_tokens, sampling, args.seed, kv, dtype, chunk=args.chunk,
-                      on_text=show if stream else None, kernels=args.kernels, log=cli.say)
+                      on_text=show if stream else None, kernels=kernels, log=cli.say)
     if stream:
         print()
     else:

@@ -148,8 +148,9 @@ class GenerationResult:
                 f"{self.memory_before / 2**30:.2f} before | compile {self.compile_s:.1f} s")
 
 
-def _pad_prompts(prompts: list[list[int]]):
-    """Right-pads token lists -> tokens [b, t], positions [b, t] (-1 on padding)."""
+def pad_prompts(prompts: list[list[int]]):
+    """Right-pads token lists -> tokens [b, t], positions [b, t] (-1 on padding): a batch of prompts as
+    the model and every cache take it."""
     longest = max(len(p) for p in prompts)
     tokens = np.zeros((len(prompts), longest), np.int32)
     positions = np.full((len(prompts), longest), -1, np.int32)
@@ -192,7 +193,7 @@ def generate(model: LoadedModel, prompts: list[str] | list[list[int]], max_new_t
     jdtype = DTYPES[dtype]
     eos_id = cfg.eos_token_id if cfg.eos_token_id is not None else -1
     chunk = chunk or max_new_tokens
-    tokens, positions = _pad_prompts(ids)
+    tokens, positions = pad_prompts(ids)
     policy.check(cfg)
     capacity = longest + max_new_tokens
     memory_before = memory.current()

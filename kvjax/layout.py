@@ -28,10 +28,16 @@ import functools
 import jax.numpy as jnp
 
 from kvjax.errors import KvjaxError
+from pallas_kernels.quant import VALID_BITS
 
+DEFAULT_SINKS = 4  # S, for the policies that keep sinks
+DEFAULT_WINDOW = 128  # W (KIVI's residual R)
+DEFAULT_GROUP = 32  # G
 EVICTED = -1  # entry of a token that was dropped
 NO_ENTRY = -2  # not left (yet), a sink, or padding
-WIDTHS = (2, 4, 8, 16)  # 16: stored as is, in the cache's 16-bit dtype
+CODE_WIDTHS = VALID_BITS  # the widths stored as packed codes: what the codecs pack (pallas_kernels.quant)
+WIDTHS = CODE_WIDTHS + (16,)  # every width a tier stores at (16: as is, in the cache's 16-bit dtype), in this
+# order: the controller's logits, the mixed policies' tiers and the allocation trainer's choices follow it
 
 
 def has_left(positions, query_positions, sinks: int, window: int):
@@ -117,6 +123,18 @@ class Layout:
     @property
     def caps(self) -> tuple[int, ...]:
         return tuple(t.slots for t in self.tiers)
+
+    @property
+    def average_bits(self) -> float:
+        """Mean width of the left tokens when every slot of every tier holds one, as in a full cache whose
+        tokens all pass through one chain of tiers: the tiers' `mean_bits` weighted by their slots (0
+        without tiers: every left token is evicted; 16 while no slot can be reached)."""
+        slots = sum(self.caps)
+        if not self.tiers:
+            return 0.0
+        if not slots:
+            return 16.0
+        return sum(t.slots * t.mean_bits() for t in self.tiers) / slots
 
     @functools.cached_property  # asked for every layer and tier while tracing
     def segments(self) -> tuple[tuple[int, int], ...]:

@@ -19,7 +19,6 @@ K/V and where each token went, and `fill` builds the state step-by-step decoding
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import jax
@@ -29,7 +28,6 @@ from flax import struct
 from kvjax import chunk, teacher_forced
 from kvjax.cache import KVCache
 from kvjax.config import ModelConfig
-from kvjax.errors import KvjaxError
 from kvjax.features import NUM_FEATURES
 from kvjax.history import History, enter, entries
 from kvjax.layout import Layout
@@ -331,12 +329,6 @@ class TieredCache(KVCache):
                             window_k=place(k_all, window_slot, lay.window_slots),
                             window_v=place(v_all, window_slot, lay.window_slots), tiers=tuple(tiers), entered=entered,
                             window_features=window_features, lengths=n.astype(jnp.int32))
-
-
-def _packed_pair(keys, values) -> bool:
-    """Keys and values both packed alike (KIVI, or symmetric), at any widths."""
-    return (isinstance(keys, KiviKeys) and isinstance(values, KiviValues)) or \
-        (isinstance(keys, Symmetric) and isinstance(values, Symmetric))
 
 
 def _staged(store, tier: int, layout: Layout):

@@ -38,6 +38,7 @@ import jaxlib
 import numpy as np
 
 from pallas_kernels import xla_attention as xla
+from pallas_kernels.cache_folder import cache_dir
 from pallas_kernels.xla_attention import FLOATS, Part, packed_part  # noqa: F401  (the parts this kernel reads)
 
 SOURCE = Path(__file__).with_name("cpu_attention.cc")
@@ -67,11 +68,6 @@ def _compile_command(out: Path, vector: bool = True) -> list[str]:
     return [cxx, "-std=c++17", "-O3", "-shared", "-fPIC", "-fno-math-errno", "-fassociative-math",
             "-fno-signed-zeros", "-fno-trapping-math", *_vector_flags(vector), f"-I{jax.ffi.include_dir()}",
             str(SOURCE), "-o", str(out)]
-
-
-def cache_dir() -> Path:
-    """Where kvjax keeps what it builds: $KVJAX_CACHE, default ~/.cache/kvjax (safe to delete)."""
-    return Path(os.environ.get("KVJAX_CACHE") or Path.home() / ".cache" / "kvjax")
 
 
 def _library(vector: bool = True) -> Path:
@@ -114,8 +110,10 @@ def available() -> bool:
     return _registered() is None
 
 
-def unavailable_reason() -> str | None:
-    return _registered()
+def unavailable_reason(target: str = TARGET, vector: bool = True) -> str | None:
+    """Why the kernel cannot run (one line), None when it can: it is built (`vector`: for this CPU's
+    vector instructions, else the portable build) and registered under `target` on the first call."""
+    return _registered(target, vector)
 
 
 def supported(head_dim: int, group_size: int, symmetric: bool) -> bool:

@@ -289,7 +289,6 @@ def _tier_pallas_call(q4, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, co
     array dims or multiples of (8, 128); a [b, k, S, r] array with [r] blocks fails for S > 1).
     """
     b, k, r, h = q4.shape
-    c = k_codes.shape[2]
     S, G = plan.splits, group_size
     symmetric = k_zero is None
     gather = target != "tpu"

@@ -179,5 +179,5 @@ def test_an_unusable_cache_folder_is_named_as_the_reason(tmp_path, monkeypatch):
     regular = tmp_path / "file"
     regular.write_text("x")
     monkeypatch.setenv("KVJAX_CACHE", str(regular / "sub"))  # under a file: no folder can be made
-    reason = cpu_attention._registered("kvjax_test_unusable_cache")  # a new target: not cached yet
+    reason = cpu_attention.unavailable_reason("kvjax_test_unusable_cache")  # a new target: not cached yet
     assert reason.startswith(f"cannot make the kernel's folder {regular / 'sub'}"), reason

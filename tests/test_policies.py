@@ -2,7 +2,9 @@
 
 The proofs run over `kvjax.policies.REGISTRY` (each family's examples) and over TEST_POLICIES,
 which exercise what no registered policy uses yet: widths that differ by layer and between keys
-and values, 16-bit keys inside a tier, a chain of three bands.
+and values, 16-bit keys inside a tier, a chain of three bands. One more is registered below the
+way a user adds a policy (a `Bands` with a rule and a `register` call, public names only), so the
+proofs cover it because it is in the registry.
 
 They decode through `replay.Replay`, which stores the teacher-forced path's K/V and features in
 the step-by-step cache, so that both paths quantize bit-identical inputs whatever the CPU's
@@ -27,9 +29,9 @@ from kvjax.features import forward_recording_features
 from kvjax.generation import prefill
 from kvjax.kernels import Kernels, resolve
 from kvjax.model import forward, init_params
-from kvjax.layout import EVICTED, Layout, Tier
+from kvjax.layout import EVICTED, WIDTHS, Layout, Tier
 from kvjax.allocation import Allocation
-from kvjax.policies import MIXED_WIDTHS, REGISTRY, Bands, Mixed, get_policy, make_cache
+from kvjax.policies import REGISTRY, Bands, Family, Mixed, get_policy, make_cache, register
 from kvjax.stores import KiviKeys
 from kvjax.tiered import TieredCache
 from replay import Replay
@@ -57,6 +59,19 @@ TEST_POLICIES = {
 # values apart, per layer.
 TINY_ALLOCATION = Allocation(keys=((16, 2), (2, 2), (2, 2)), values=((4, 2), (2, 2), (2, 2)), shares=(0.125, 0.375),
                              sinks=2, window=WINDOW, group_size=GROUP)
+
+
+def keys_4_bit_in_the_first_half(depth):
+    """A width rule of the layer's depth in [0, 1): 4 bits in the first half of the layers, 2 after."""
+    return 4 if depth < 0.5 else 2
+
+
+# A policy added as a user adds one: a Bands with a rule and one register call. Being in the
+# registry is all it takes for every proof below to run it.
+register(Family("test-k4-first-half",
+                lambda name, budget, o: Bands(name, bands=((keys_4_bit_in_the_first_half, 2),), **o),
+                "KIVI with keys at 4 bits in the first half of the layers, 2 bits after, and values at 2 bits"))
+
 NAMES = [name for family in REGISTRY.values() for name in (family.examples or (family.name,))] + list(TEST_POLICIES)
 # Largest difference between the model's own K/V (and features) and the reference ones that the proofs
 # accept: one ulp of the 16-bit storage (2^-10 relative) plus float32 rounding, far below a quantization step.
@@ -130,14 +145,15 @@ def test_teacher_forced_equals_step_by_step_decode(name):
     got, cache, want = decode_all(policy, tokens, positions, capacity)
     valid = np.asarray(positions) >= 0
     np.testing.assert_allclose(np.asarray(got)[valid], np.asarray(want)[valid], atol=2e-5, rtol=1e-5)
-    if name != "fp16":  # the policy really changed something: not equal to the full-precision forward
+    if policy.layout(CFG, capacity) is not None:  # quantized: not equal to the full-precision forward
         full, _ = forward(PARAMS, CFG, tokens, positions)
         assert float(jnp.abs(full - got)[valid].max()) > 1e-3
-    # nothing dropped unless evicting; every stored token is in exactly one tier
+    # every stored token is in exactly one tier, and nothing is dropped unless the policy says it
+    # evicts; then the sinks and the window still are not
     stored = sum(np.asarray(v) for v in cache.tokens_per_tier().values())
     lengths = valid.sum(1)
-    if name == "streaming":
-        np.testing.assert_array_equal(stored, np.minimum(lengths, policy.sinks + policy.window))
+    if policy.evicts:
+        assert (stored <= lengths).all() and (stored >= np.minimum(lengths, policy.sinks + policy.window)).all()
     else:
         np.testing.assert_array_equal(stored, lengths)
 
@@ -276,6 +292,33 @@ def test_perplexity_summarizes_the_widths_of_left_tokens(name):
         assert len(shares) > 1
 
 
+@pytest.mark.parametrize("name", [n for n in NAMES if n != "fp16"])
+def test_average_bits_are_what_a_full_cache_stores(name):
+    """`average_bits` (what `python -m eval` reports) is read from the layout: for a policy whose left
+    tokens pass through one chain of tiers it is the mean width of the left tokens of a full cache,
+    as the exact scorer stores them at the last query (evicted: 0 bits)."""
+    from eval.perplexity import segment_nll
+
+    policy = policy_of(name)
+    capacity = policy.sinks + policy.window + 8 * policy.group_size  # 8 whole groups leave the window
+    full = CFG.replace(max_position_embeddings=capacity)  # average_bits: of a cache full at the model's context
+    if len(policy.layout(full, capacity).heads) > 1:
+        assert policy.average_bits(full) == policy.budget_bits  # mixed: tiers sized from the budget's histogram
+        return
+    tokens = np.random.default_rng(0).integers(0, CFG.vocab_size, capacity)
+    _, left = segment_nll(PARAMS, CFG, tokens, policy)
+    assert len(left) == 8 * policy.group_size
+    assert policy.average_bits(full) == pytest.approx(float(left.mean()), abs=1e-6)
+
+
+def test_a_width_rule_fits_every_model():
+    policy = policy_of("test-k4-first-half")
+    assert policy.layout(CFG, 64).tiers[0].key_bits == (4, 2)
+    smol = get_preset("SmolLM2-135M")
+    assert get_policy("test-k4-first-half").layout(smol, 4096).tiers[0].key_bits == (4,) * 15 + (2,) * 15
+    assert get_policy("test-k4-first-half").average_bits(smol) == 2.5
+
+
 def test_fp16_policy_is_the_plain_cache_bit_for_bit():
     tokens, positions = ragged_batch(T=12, short=12)
     a = forward(PARAMS, CFG, tokens, positions, make_cache("fp16", CFG, 2, 16))[0]
@@ -346,13 +389,13 @@ class _Prefers(Mixed):
 
 def test_full_tier_sends_token_to_nearest_tier_with_room():
     caps = (8, 4, 4, 4)  # tiers 2, 4, 8, 16 bits
-    layout = Layout(4, 8, 4, tuple(Tier(f"{w}-bit", c, (w, w), (w, w)) for w, c in zip(MIXED_WIDTHS, caps)), 2, 4, 8)
+    layout = Layout(4, 8, 4, tuple(Tier(f"{w}-bit", c, (w, w), (w, w)) for w, c in zip(WIDTHS, caps)), 2, 4, 8)
     entered = jnp.asarray([[0, 4, 0, 0], [0, 4, 4, 0], [8, 4, 4, 4], [0, 0, 4, 0]])
     got = [int(_Prefers("m", width=w).entry(jnp.zeros((1,), jnp.int32), None, row[None], layout)[0])
            for w, row in zip((4, 4, 16, 8), entered)]
     # 4 full -> 8 (as near as 2, ties to the wider); 4 and 8 full -> 2; everything full -> evicted;
     # 8 full -> 16 (ties between 4 and 16 go to the wider)
-    assert got == [MIXED_WIDTHS.index(8), MIXED_WIDTHS.index(2), EVICTED, MIXED_WIDTHS.index(16)]
+    assert got == [WIDTHS.index(8), WIDTHS.index(2), EVICTED, WIDTHS.index(16)]
 
 
 def test_mixed_budget_histogram_and_capacities():
@@ -385,7 +428,7 @@ def test_band_demotes_whole_groups_and_fills_its_budget():
     (lambda: Bands("x", bands=((3, 3),)).layout(CFG, 200), "width 3"),
     (lambda: get_policy("mixed@1.5"), "below 2 bits"),
     (lambda: get_policy("mixed@abc"), "not a number"),
-    (lambda: get_policy("kivi2@3"), "only mixed and band"),
+    (lambda: get_policy("kivi2@3"), "kivi2 takes no bit budget; the policies that do: band@BITS, learned-alloc@BITS"),
     (lambda: get_policy("band@4.5"), "2 < B <= 4"),
     (lambda: get_policy("band"), "needs a bit budget"),
     (lambda: get_policy("kivi3"), "unknown KV-cache policy"),
