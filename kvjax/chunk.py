@@ -38,7 +38,7 @@ from flax import struct
 
 from kvjax.errors import KvjaxError
 from kvjax.history import NEVER
-from kvjax.stores import KiviKeys, after_reading, same_codes, write_at
+from kvjax.stores import after_reading, same_codes, write_at
 from pallas_kernels.xla_attention import CHUNK_SLOTS, chunk_partials, combine_partials, merge_partials, slices
 
 BEFORE = -1  # the step of an event that happened before the chunk
@@ -107,8 +107,7 @@ def attend(cache, layer, q, k, v, positions):
     for arriving in arrivals:
         stores[arriving.tier] = arriving.store(*stores[arriving.tier], read)
     rows = jnp.arange(b)[:, None]
-    sink_slot = jnp.where((positions >= 0) & (positions < lay.sinks), positions, lay.sink_slots)
-    window_slot = jnp.where(positions >= lay.sinks, (positions - lay.sinks) % lay.window, lay.window_slots)
+    sink_slot, window_slot = lay.sink_slot(positions), lay.window_slot(positions)
     put = lambda full, slot, x: write_at(full, (li, rows, slice(None), slot), after_reading(read, x.swapaxes(1, 2)))
     return out.astype(q.dtype), cache.replace(
         sink_k=put(cache.sink_k, sink_slot, k16), sink_v=put(cache.sink_v, sink_slot, v16),
@@ -129,7 +128,7 @@ def _sixteen_bit(cache, li, k16, v16, positions):
     chunk = positions[:, None, :]  # [b, 1, t]
     mask = jnp.concatenate([
         jnp.broadcast_to((sink < jnp.minimum(start, S)[:, None])[:, None], (*positions.shape, lay.sink_slots)),
-        ((in_window >= S)[:, None] & (step - in_window[:, None] < W)),
+        (in_window >= S)[:, None] & ~lay.has_left(in_window[:, None], step),  # until it leaves the window
         (chunk >= 0) & (chunk <= step)], axis=2)
     keys = jnp.concatenate([cache.sink_k[li], cache.window_k[li], k16], axis=2)
     values = jnp.concatenate([cache.sink_v[li], cache.window_v[li], v16], axis=2)
@@ -197,10 +196,10 @@ class Arrivals:
         keys16 = None
         if d == 0:  # from the window (and, for what entered before the chunk, the tier as it is)
             entering = rank >= first[:, None]
-            window_slot = jnp.clip((arrive - lay.window - lay.sinks) % lay.window, 0, lay.window_slots - 1)
+            window_slot = jnp.minimum(lay.window_slot(lay.leaving(arrive)), lay.window_slots - 1)
             from_window = lambda x: jnp.take_along_axis(x[li], window_slot[:, None, :, None], axis=2)  # [b, k, N, h]
             k_new, v_new = from_window(cache.window_k), from_window(cache.window_v)
-            staged = isinstance(keys, KiviKeys)
+            staged = keys.staged
             if staged:  # a KIVI key waits in the 16-bit stage until its group is complete
                 stage = jnp.take_along_axis(keys.get("stage"), (rank % g)[:, None, :, None], axis=2)
                 keys16 = jnp.where(entering[:, None, :, None], k_new, stage)

@@ -149,6 +149,26 @@ class Layout:
     def has_left(self, positions, query_positions):
         return has_left(positions, query_positions, self.sinks, self.window)
 
+    def leaving(self, positions):
+        """The position of the token that leaves the window when the one at `positions` arrives (jnp;
+        -1: none, or padding)."""
+        return jnp.where(self.has_left(positions - self.window, positions), positions - self.window, -1)
+
+    def sink_slot(self, positions):
+        """The sink slot of tokens at `positions` (jnp): the position, or sink_slots (none) past S or for padding."""
+        return jnp.where((positions >= 0) & (positions < self.sinks), positions, self.sink_slots)
+
+    def window_slot(self, positions):
+        """The window slot of tokens at `positions` (jnp): (p - S) % W, or window_slots (none) for a
+        sink or padding."""
+        return jnp.where(positions >= self.sinks, (positions - self.sinks) % self.window, self.window_slots)
+
+    def keeps_key_stage(self, tier: int, key_bits: int) -> bool:
+        """Whether a tier's keys wait in a 16-bit stage until their group of G is complete: KIVI keys
+        (codes, not symmetric) of a tier that leaving tokens enter; a tier reached only by demotion
+        receives whole groups."""
+        return key_bits < 16 and not self.tiers[tier].symmetric and tier in self.heads
+
     def held(self, tier: int, entered):
         """Tokens a tier holds, given how many entered it (jnp [...]): a ring has moved its oldest on."""
         t = self.tiers[tier]

@@ -61,6 +61,7 @@ class _Store:
 
     SLOTS: tuple[str, ...] = ()
     GROUPS: tuple[str, ...] = ()
+    staged = False  # whether keys wait in a 16-bit stage until their group is complete (KiviKeys of a head tier)
 
     @property
     def slots(self) -> int:
@@ -245,6 +246,10 @@ class KiviKeys(_Store):
     def without_stage(self):
         """This store with no 16-bit stage: for a tier only reached by demotion (whole groups)."""
         return self.replace(stage=self.stage[..., :0, :])
+
+    @property
+    def staged(self) -> bool:
+        return self.stage.shape[-2] > 0
 
     @classmethod
     def fill(cls, placed, bits, group_size, backend, dtype, stage_start=None):

@@ -103,10 +103,10 @@ class TeacherForcedCache(KVCache):
             here = hist.at_depth(d, qp)  # [b, t, T]
             key_read, key_waits, value_read = (jnp.zeros(hist.tier.shape, bool) for _ in range(3))
             for _, t, member in hist.members(d):
-                tier, (kbits, vbits) = self.layout.tiers[t], self.layout.segment_bits(segment, t)
+                kbits, vbits = self.layout.segment_bits(segment, t)
                 key_read |= member & (kbits < 16)
                 value_read |= member & (vbits < 16)
-                if d == 0 and store_class(kbits, tier.symmetric, keys=True) is KiviKeys:
+                if self.layout.keeps_key_stage(t, kbits):
                     key_waits |= member
             ready = ~key_waits[:, None, :] | (hist.key_ready[:, None, :] <= qp)
             parts.append((here & key_read[:, None, :] & ready, kq, here & value_read[:, None, :], vq))

@@ -32,7 +32,7 @@ from kvjax.features import NUM_FEATURES
 from kvjax.history import History, enter, entries
 from kvjax.layout import Layout
 from kvjax.kernels import Backend, Kernels, resolve
-from kvjax.stores import (Dense, KiviKeys, Symmetric, after_reading, same_codes, staged_slots, store_class,
+from kvjax.stores import (Dense, Symmetric, after_reading, same_codes, staged_slots, store_class,
                           write_at)
 from pallas_kernels.xla_attention import FLOATS, Part
 
@@ -79,15 +79,15 @@ class TieredCache(KVCache):
         """`dtype`: what 16-bit K/V, scales and zeros are stored in."""
         layout = policy.layout(cfg, capacity)
         dense = lambda slots: jnp.zeros((cfg.num_layers, batch, cfg.num_kv_heads, slots, cfg.head_dim), dtype)
-        tiers = []
-        for i, t in enumerate(layout.tiers):
-            stores = {True: [], False: []}
-            for s, (start, stop) in enumerate(layout.segments):
-                shape = (stop - start, batch, cfg.num_kv_heads, t.slots, cfg.head_dim)
-                for keys, bits in zip((True, False), layout.segment_bits(s, i)):
-                    store = store_class(bits, t.symmetric, keys).init(shape, bits, layout.group_size, dtype)
-                    stores[keys].append(_staged(store, i, layout))
-            tiers.append(TierStores(tuple(stores[True]), tuple(stores[False])))
+
+        def empty(i, s):
+            start, stop = layout.segments[s]
+            shape = (stop - start, batch, cfg.num_kv_heads, layout.tiers[i].slots, cfg.head_dim)
+            return tuple(store_class(bits, layout.tiers[i].symmetric, side == 0).init(shape, bits, layout.group_size,
+                                                                                       dtype)
+                         for side, bits in enumerate(layout.segment_bits(s, i)))
+
+        tiers = _tier_stores(layout, empty)
         features = layout.window_slots if policy.uses_features else 0
         return cls(dense(layout.sink_slots), dense(layout.sink_slots), dense(layout.window_slots),
                    dense(layout.window_slots), tuple(tiers), jnp.zeros((batch, len(layout.tiers)), jnp.int32),
@@ -122,9 +122,8 @@ class TieredCache(KVCache):
         the token leaving the window for it goes, and which groups move down their chains, given the
         tokens that had entered each tier, entered [b, n] -> (Route, entered after the step)."""
         lay = self.layout
-        S, W, g = lay.sinks, lay.window, lay.group_size
-        window_slot = jnp.where(p >= S, (p - S) % W, lay.window_slots)
-        leave = jnp.where(p - W >= S, p - W, -1)
+        g = lay.group_size
+        window_slot, leave = lay.window_slot(p), lay.leaving(p)
         features = self.window_features[jnp.arange(p.shape[0]), jnp.minimum(window_slot, lay.window_slots - 1)] \
             if self.uses_features else jnp.zeros((p.shape[0], NUM_FEATURES), jnp.float32)
         tier, rank, entered = enter(self.policy, lay, entered, leave, features)
@@ -143,7 +142,7 @@ class TieredCache(KVCache):
                                                jnp.where(moving, lay.tiers[dst].slot_of(start), lay.tiers[dst].slots))))
                 entered = entered.at[:, dst].add(jnp.where(moving, g, 0))
         moves = moves[::-1]
-        route = Route(jnp.where((p >= 0) & (p < S), p, lay.sink_slots), window_slot, leave >= 0, tier, rank, slot,
+        route = Route(lay.sink_slot(p), window_slot, leave >= 0, tier, rank, slot,
                       tuple(m[1] for m in moves), tuple(m[0] for m in moves))
         return route, entered
 
@@ -233,7 +232,7 @@ class TieredCache(KVCache):
         symmetric = isinstance(keys, Symmetric) or isinstance(values, Symmetric)
         part = lambda valid, count: Part(k_x, k_scale, k_zero, v_x, v_scale, v_zero, valid, keys.at, count=count,
                                          key_bits=k_bits, value_bits=v_bits, symmetric=symmetric)
-        if not (isinstance(keys, KiviKeys) and keys.stage.shape[-2]):
+        if not keys.staged:
             return [part(valid, None if ring else entered)]
         start, staged = lay.stage_start(i, entered), entered % g
         stage = Part(keys.stage, None, None, v_x, v_scale, v_zero, slots_below(g, staged), keys.at,
@@ -247,8 +246,7 @@ class TieredCache(KVCache):
         """Keeps the features [b, t, F] of this step's tokens (positions [b, t]) for when they leave the window."""
         if not self.uses_features:
             return self
-        lay = self.layout
-        slot = jnp.where(positions >= lay.sinks, (positions - lay.sinks) % lay.window, lay.window_slots)  # [b, t]
+        slot = self.layout.window_slot(positions)  # [b, t]
         rows = jnp.arange(positions.shape[0])[:, None]
         return self.replace(window_features=self.window_features.at[rows, slot].set(features, mode="drop"))
 
@@ -298,9 +296,8 @@ class TieredCache(KVCache):
             return empty.at[:, rows, :, slot].set(x.transpose(1, 3, 0, 2, 4), mode="drop")
 
         valid = j < n[:, None]
-        sink_slot = jnp.where(valid & (j < lay.sinks), j, lay.sink_slots)
-        in_window = valid & (j >= lay.sinks) & (j > last[:, None] - lay.window)
-        window_slot = jnp.where(in_window, (j - lay.sinks) % lay.window, lay.window_slots)
+        sink_slot = lay.sink_slot(jnp.where(valid, j, -1))
+        window_slot = lay.window_slot(jnp.where(valid & ~lay.has_left(j, last[:, None]), j, -1))
         hist = History.of(lay, tf.tier, tf.rank)
         where = hist.tier_at(last)  # [b, T]
         entered = []
@@ -308,32 +305,37 @@ class TieredCache(KVCache):
             h, d = _place_in_chains(lay, i)
             entered.append(jnp.sum((hist.tier == h) & (hist.reach[:, d] <= last[:, None]), axis=1))
         entered = jnp.stack(entered, axis=1).astype(jnp.int32) if lay.tiers else self.entered
-        tiers = []
-        for i, t in enumerate(lay.tiers):
-            _, d = _place_in_chains(lay, i)
+        def filled(i, s):
+            t, (start, stop), (_, d) = lay.tiers[i], lay.segments[s], _place_in_chains(lay, i)
             slot = jnp.where(where == i, t.slot_of(tf.rank), t.slots)
-            stores = {True: [], False: []}
-            for s, (start, stop) in enumerate(lay.segments):
-                ks, vs = k_all[start:stop], v_all[start:stop]
-                if d:  # it holds what the tier before it gave back
-                    ks, vs = teacher_forced.stored_forms(lay, s, ks, vs, hist)[d - 1]
-                for keys, x, bits in zip((True, False), (ks, vs), lay.segment_bits(s, i)):
-                    stores[keys].append(_staged(store_class(bits, t.symmetric, keys).fill(
-                        place(x, slot, t.slots), bits, lay.group_size, self.backend, self.window_k.dtype,
-                        stage_start=lay.stage_start(i, entered[:, i])), i, lay))
-            tiers.append(TierStores(tuple(stores[True]), tuple(stores[False])))
+            ks, vs = k_all[start:stop], v_all[start:stop]
+            if d:  # it holds what the tier before it gave back
+                ks, vs = teacher_forced.stored_forms(lay, s, ks, vs, hist)[d - 1]
+            return tuple(store_class(bits, t.symmetric, side == 0).fill(
+                place(x, slot, t.slots), bits, lay.group_size, self.backend, self.window_k.dtype,
+                stage_start=lay.stage_start(i, entered[:, i])) for side, (x, bits) in enumerate(
+                    zip((ks, vs), lay.segment_bits(s, i))))
+
+        tiers = _tier_stores(lay, filled)
         window_features = self.window_features
         if self.uses_features:
             window_features = window_features.at[rows, window_slot].set(features, mode="drop")
         return self.replace(sink_k=place(k_all, sink_slot, lay.sink_slots), sink_v=place(v_all, sink_slot, lay.sink_slots),
                             window_k=place(k_all, window_slot, lay.window_slots),
-                            window_v=place(v_all, window_slot, lay.window_slots), tiers=tuple(tiers), entered=entered,
+                            window_v=place(v_all, window_slot, lay.window_slots), tiers=tiers, entered=entered,
                             window_features=window_features, lengths=n.astype(jnp.int32))
 
 
-def _staged(store, tier: int, layout: Layout):
-    """KIVI keys keep a 16-bit stage for the group being filled only where leaving tokens enter."""
-    return store if tier in layout.heads or not isinstance(store, KiviKeys) else store.without_stage()
+def _tier_stores(layout: Layout, make) -> tuple:
+    """TierStores per tier of the layout, from make(tier, segment) -> (keys store, values store); KIVI
+    keys keep their 16-bit stage only where `Layout.keeps_key_stage` says."""
+    tiers = []
+    for i in range(len(layout.tiers)):
+        pairs = [make(i, s) for s in range(len(layout.segments))]
+        keys = tuple(k.without_stage() if k.staged and not layout.keeps_key_stage(i, k.bits) else k
+                     for k, _ in pairs)
+        tiers.append(TierStores(keys, tuple(v for _, v in pairs)))
+    return tuple(tiers)
 
 
 def slots_below(g: int, count):

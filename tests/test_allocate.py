@@ -44,9 +44,11 @@ def exact_logits(policy, ids):
 
 
 def test_relaxed_cache_at_16_bits_is_the_fp16_cache():
+    """Equal up to summation order: the two attend in different blocks, and a K/V that differs in its
+    last float32 bit may round to a neighbouring float16 when stored (about 1e-4 in these logits)."""
     ids = tokens()
     np.testing.assert_allclose(relaxed_logits(one_hot(16, 16), ids, sinks=2), exact_logits(get_policy("fp16"), ids),
-                               atol=1e-5, rtol=1e-5)
+                               atol=2e-4, rtol=2e-4)
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
