@@ -25,8 +25,9 @@ from kvjax.features import forward_recording_features, token_features
 from kvjax.kernels import Kernels
 from kvjax.loading import LoadedModel
 from kvjax.model import DTYPES, head, hidden_states
-from kvjax.policies import Policy, get_policy
+from kvjax.policies import Policy, cache_bytes, get_policy
 from kvjax.sampling import SamplingConfig, sample
+from pallas_kernels.xla_attention import CHUNK_SLOTS
 
 
 @struct.dataclass
@@ -47,6 +48,31 @@ def chunk_size(cache, length: int, chunk: int | None = None) -> int:
     PREFILL_CHUNK), at most the cache's `max_chunk` and the prompt."""
     limit = cache.max_chunk or length
     return max(1, min(chunk or PREFILL_CHUNK, limit, length))
+
+
+# What a generate request holds at its peak besides its weights and cache (kvjax.memory.Estimate),
+# from the compiled prefill's own memory analysis and measured peaks (BENCHMARKS.md, "peak memory"):
+RUNTIME_BYTES = int(0.45 * memory.GIB)  # Python, jax, XLA's client and compiled programs, the tokenizer
+SCORE_COPIES = 4  # float32 [b, n, t, block] arrays of one attention block that XLA holds at once
+
+
+def estimate_memory(cfg, policy: Policy, batch: int, prompt_length: int, max_new_tokens: int,
+                    dtype="float32") -> memory.Estimate:
+    """What generating `max_new_tokens` after `batch` prompts of up to `prompt_length` tokens needs at
+    its peak, from shapes alone (nothing is loaded or compiled): the weights, the cache, and the
+    working memory of one prefill chunk (attention scores of a block of slots, activations, logits
+    where a policy reads features) beside the runtime's own."""
+    jdtype = DTYPES[dtype]
+    capacity = prompt_length + max_new_tokens
+    layout = policy.layout(cfg, capacity)
+    chunk = min(PREFILL_CHUNK, layout.window if layout else prompt_length, prompt_length)
+    item = jnp.dtype(jdtype).itemsize
+    scores = batch * cfg.num_heads * chunk * min(CHUNK_SLOTS, capacity) * 4 * SCORE_COPIES
+    activations = batch * chunk * (6 * cfg.hidden_size + 3 * cfg.intermediate_size) * max(item, 4)
+    logits = batch * (chunk if policy.uses_features else 1) * cfg.vocab_size * 4 * 3
+    return memory.Estimate(weights=memory.parameter_bytes(cfg, jdtype),
+                           cache=cache_bytes(policy, cfg, batch, capacity, jdtype),
+                           transient=RUNTIME_BYTES + scores + activations + logits)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "dtype", "chunk"), donate_argnames=("cache",))

@@ -10,6 +10,7 @@ equals its HF original.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import glob
 import importlib.util
 import json
@@ -138,7 +139,15 @@ def _gguf_reader(path: str):
 
 
 def _open_gguf(path: str):
-    """(reader, metadata dict, tensors by name) of a GGUF file; only the header is read here."""
+    """(reader, metadata dict, tensors by name) of a GGUF file; only the header is read here (about
+    2 s for the default model's vocabulary, so a command that reads the config, then the tokenizer,
+    then the weights parses it once)."""
+    stat = os.stat(path)
+    return _parse_gguf(os.path.abspath(path), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=2)
+def _parse_gguf(path: str, size: int, mtime_ns: int):
     try:
         reader = _gguf_reader(path)
         meta = {name: _gguf_field(field) for name, field in reader.fields.items()}
@@ -197,7 +206,9 @@ def read_gguf(path: str, dtype=jnp.float32) -> LoadedModel:
             w = unpermute_rotary(w, cfg.num_kv_heads)
         return w
 
-    return LoadedModel(cfg=cfg, params=assemble_params(cfg, get, dtype), tokenizer=tok, source=path)
+    params = assemble_params(cfg, get, dtype)
+    _parse_gguf.cache_clear()  # the file's memory map is no longer needed
+    return LoadedModel(cfg=cfg, params=params, tokenizer=tok, source=path)
 
 
 def dequantize_gguf_tensor(tensor, path: str) -> np.ndarray:
@@ -305,6 +316,19 @@ def load_model(spec: str | None = None, dtype=jnp.float32) -> LoadedModel:
     if kind == "gguf":
         return read_gguf(spec, dtype)
     return read_hf_folder(spec if kind == "folder" else download_hub(spec), dtype)
+
+
+def read_tokenizer(spec: str | None = None) -> tokenizer_lib.Tokenizer | None:
+    """The model's tokenizer without loading its weights, to count prompt tokens before anything slow;
+    None for a hub id (it comes with the download)."""
+    spec = resolve_model(spec)
+    kind = _kind(spec)
+    if kind == "gguf":
+        return tokenizer_lib.from_gguf_metadata(_open_gguf(spec)[1])
+    if kind == "folder":
+        cfg = read_config(spec)
+        return tokenizer_lib.from_hf_folder(spec, cfg.bos_token_id, cfg.eos_token_id)
+    return None
 
 
 def read_config(spec: str | None = None) -> ModelConfig | None:

@@ -27,9 +27,10 @@ from kvjax.controller import INPUTS, Controller, ControllerMLP, model_signature
 from kvjax.errors import KvjaxError
 from kvjax.features import forward_recording_features
 from kvjax.generation import prefill
+from kvjax.history import History
 from kvjax.kernels import Kernels, resolve
 from kvjax.model import forward, init_params
-from kvjax.layout import EVICTED, WIDTHS, Layout, Tier
+from kvjax.layout import EVICTED, NO_ENTRY, WIDTHS, Layout, Tier
 from kvjax.allocation import Allocation
 from kvjax.policies import REGISTRY, Bands, Family, Mixed, get_policy, make_cache, register
 from kvjax.stores import KiviKeys
@@ -183,29 +184,49 @@ def test_chunked_prefill_then_decode_equals_teacher_forced(name, chunk):
 def test_chunked_prefill_leaves_the_state_decoding_leaves(name):
     """After a prompt, the chunked prefill's cache holds every array as step-by-step decoding of the
     prompt leaves it: the same codes, scales, zeros, stages and counters, bit for bit (both store the
-    same replayed K/V), except the stage slots past the group being filled, which nothing reads."""
+    same replayed K/V), and so does `filled` (the benchmarks' state after given K/V); what no step
+    reads may differ (`_unread_zeroed`)."""
     policy = policy_of(name)
     tokens, positions = ragged_batch(T=51, short=37, seed=5)
     _, tf, features = reference(policy, tokens, positions, 52)
     empty = lambda: Replay.around(make_cache(policy, CFG, 2, 52), tf, features)
     _, stepped = decode_steps(empty(), tokens, positions)
     _, chunked = prefill(PARAMS, tokens, positions, empty(), cfg=CFG, dtype=jnp.float32, chunk=7)
-    stepped, chunked = (_unread_zeroed(c.inner) for c in (stepped, chunked))
-    for a, b in zip(jax.tree_util.tree_leaves(stepped), jax.tree_util.tree_leaves(chunked)):
+    filled = make_cache(policy, CFG, 2, 52).filled(tf.k, tf.v, positions, features)
+    stepped, chunked, filled = (_unread_zeroed(c) for c in (stepped.inner, chunked.inner, filled))
+    for a, b, c in zip(*(jax.tree_util.tree_leaves(x) for x in (stepped, chunked, filled))):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(c))
 
 
 def _unread_zeroed(cache):
-    """The cache with what no step reads zeroed: the KIVI stage past the keys of the group being filled."""
+    """The cache with what no step reads zeroed: every tier's slots that hold no token (a ring's
+    slots whose group moved on), and in a tier leaving tokens enter, the KIVI key codes, scales and
+    zeros of the group being filled (its keys are read from the stage until it is complete) and
+    the stage past its keys."""
     if not isinstance(cache, TieredCache):
         return cache
-    tiers = list(cache.tiers)
-    for i in cache.layout.heads:
-        staged = jnp.arange(GROUP)[None, :] < (cache.entered[:, i] % GROUP)[:, None]  # [b, G]
-        keys = tuple(k.replace(stage=jnp.where(staged[None, :, None, :, None], k.stage, 0))
-                     if isinstance(k, KiviKeys) and k.stage.shape[-2] else k for k in tiers[i].keys)
-        tiers[i] = tiers[i].replace(keys=keys)
-    return cache.replace(tiers=tuple(tiers))
+    tiers, lay = list(cache.tiers), cache.layout
+    for i, t in enumerate(lay.tiers):
+        entered = cache.entered[:, i]
+        held = lay.valid_slots(i, entered)  # [b, c]
+        start = lay.stage_start(i, entered)[:, None]
+        slot = jnp.arange(t.slots)[None, :]
+        filling = (slot >= start) & (slot < start + GROUP) & (i in lay.heads)
+        staged = jnp.arange(GROUP)[None, :] < (entered % GROUP)[:, None]
+        per_slot = lambda keep, x: jnp.where(keep[None, :, None, :, None], x, 0)
+        per_group = lambda keep, x: per_slot(keep.reshape(keep.shape[0], -1, GROUP).any(-1), x)
+
+        def zeroed(store, keys):
+            out = {f: per_slot(held & ~(filling & keys), getattr(store, f)) for f in store.SLOTS}
+            out.update({f: per_group(held & ~filling, getattr(store, f)) for f in store.GROUPS})
+            if keys and store.staged:
+                out["stage"] = per_slot(staged, store.stage)
+            return store.replace(**out)
+
+        tiers[i] = tiers[i].replace(keys=tuple(zeroed(k, True) for k in tiers[i].keys),
+                                    values=tuple(zeroed(v, False) for v in tiers[i].values))
+    return cache.replace(tiers=tuple(tiers), route=None)
 
 
 @struct.dataclass
@@ -362,6 +383,30 @@ def test_a_short_run_allocates_no_more_than_fp16():
         cache = make_cache(name, cfg, 1, 25, jnp.float16)
         assert all(t.slots == 0 for t in cache.layout.tiers)
         assert cache.nbytes <= fp16 + 64, name  # + the per-tier counters
+
+
+@pytest.mark.parametrize("name", ["band@3", "test-three-bands", "test-one-group-rings", "learned-alloc@2.5",
+                                  "mixed-static@3", "streaming"])
+def test_demotion_schedule_online_equals_closed_form(name):
+    """Decoding moves each group down its chain online (TieredCache.route_step, one step at a time);
+    kvjax.history.History says in closed form at which step each token reaches each depth. At every
+    step the tokens each tier has received are the same count both ways."""
+    policy, T = policy_of(name), 90
+    cache = make_cache(policy, CFG, 1, T)
+    lay, entered = cache.layout, cache.entered
+    online, tier, rank = [], np.full((1, T), NO_ENTRY), np.zeros((1, T), np.int32)
+    for p in range(T):
+        route, entered = cache.route_step(jnp.asarray([p]), entered)
+        online.append(np.asarray(entered[0]))
+        if route.leaving[0]:  # the token p - W left the window at this step
+            tier[0, p - lay.window], rank[0, p - lay.window] = int(route.tier[0]), int(route.rank[0])
+    hist = History.of(lay, jnp.asarray(tier), jnp.asarray(rank))
+    depth_of = {i: (h, d) for h in lay.heads for d, i in enumerate(lay.chain(h))}
+    for step in range(T):
+        closed = [int(jnp.sum((hist.tier == depth_of[i][0]) & (hist.reach[:, depth_of[i][1]] <= step)))
+                  for i in range(len(lay.tiers))]
+        assert closed == online[step].tolist(), step
+    assert any(n > 0 for n in online[-1][1:]) or len(lay.tiers) < 2 or name.startswith("mixed")  # groups did move
 
 
 @pytest.mark.parametrize("name", ["band@3", "test-three-bands", "mixed-static@3"])
