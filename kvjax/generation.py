@@ -222,6 +222,7 @@ def generate(model: LoadedModel, prompts: list[str] | list[list[int]], max_new_t
     tokens, positions = pad_prompts(ids)
     policy.check(cfg)
     capacity = longest + max_new_tokens
+    memory.release_freed()
     memory_before = memory.current()
     memory.reset_peak()
     cache = policy.make_cache(cfg, len(ids), capacity, jdtype, kernels)

@@ -9,6 +9,7 @@ would not fit (`--max-memory`) with an `error:` line instead of being killed by 
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import os
 import re
@@ -51,10 +52,21 @@ def peak() -> int:
     return kib * 1024
 
 
+def release_freed():
+    """Hands memory the process has freed back to the system (glibc's malloc_trim), so that what it
+    holds (`current`) is what it uses: XLA's CPU buffers come from malloc, which keeps freed pages."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
 def reset_peak() -> bool:
-    """Starts a new peak from what the process holds now (Linux; a device's peak cannot be reset)."""
+    """Starts a new peak from what the process holds now (Linux; a device's peak cannot be reset),
+    after handing freed memory back (`release_freed`)."""
     if on_device():
         return False
+    release_freed()
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")

@@ -340,7 +340,7 @@ def chunk_partials(q, read, mask, *, kv_heads: int, block: int = CHUNK_SLOTS, li
     block decoded).
 
     Computed in blocks of `block` slots, so that at most [b, n, t, block] scores (and one block read)
-    exist at a time; a block no query sees (`live` [b, c], default: any query's mask) is
+    exist at a time; on a CPU a block no query sees (`live` [b, c], default: any query's mask) is
     skipped, not read. Slots no query sees may hold anything, NaN included."""
     b, t, n, h = q.shape
     k, g, c = kv_heads, n // kv_heads, mask.shape[2]
@@ -359,7 +359,10 @@ def chunk_partials(q, read, mask, *, kv_heads: int, block: int = CHUNK_SLOTS, li
         o = jnp.einsum("bkqc,bkch->bkqh", p.reshape(b, k, g * t, size), vb, precision=_HIGHEST)
         return Partials(per_query(o.reshape(b, k, g, t, h)), per_query(m), per_query(jnp.sum(p, axis=-1)))
 
+    # A conditional costs nothing on a CPU; a GPU copies its predicate to the host first, so there
+    # every block is computed (masked) rather than skipped.
+    skip = jax.default_backend() == "cpu"
     out = [lax.cond(jnp.any(live[:, start:start + block]), functools.partial(partials, start, min(block, c - start)),
-                    lambda: empty_partials(b, t, n, h))
+                    lambda: empty_partials(b, t, n, h)) if skip else partials(start, min(block, c - start))
            for start in range(0, c, block)]
     return combine_partials(out) if out else empty_partials(b, t, n, h)

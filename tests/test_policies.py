@@ -33,7 +33,6 @@ from kvjax.model import forward, init_params
 from kvjax.layout import EVICTED, NO_ENTRY, WIDTHS, Layout, Tier
 from kvjax.allocation import Allocation
 from kvjax.policies import REGISTRY, Bands, Family, Mixed, get_policy, make_cache, register
-from kvjax.stores import KiviKeys
 from kvjax.tiered import TieredCache
 from replay import Replay
 
