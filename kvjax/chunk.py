@@ -49,7 +49,8 @@ class ChunkRoute:
     """The bookkeeping of a chunk's steps, the same for every layer (set by `begin`)."""
 
     entered: jax.Array  # int32 [b, n]: tokens that had entered each tier when the chunk began
-    arrivals: jax.Array  # int32 [b, n, t]: the step at which the j-th token to enter tier i during the chunk did (NEVER: none)
+    arrivals: jax.Array  # int32 [b, n, t]: the step at which the j-th token to enter tier i during the chunk
+    #                      entered it (NEVER: fewer entered)
 
     def entry_step(self, tier: int, rank):
         """The step at which `rank` (int32 [b, ...]) of a tier that leaving tokens enter entered it:
@@ -112,9 +113,7 @@ def attend(cache, layer, q, k, v, positions):
     return out.astype(q.dtype), cache.replace(
         sink_k=put(cache.sink_k, sink_slot, k16), sink_v=put(cache.sink_v, sink_slot, v16),
         window_k=put(cache.window_k, window_slot, k16), window_v=put(cache.window_v, window_slot, v16),
-        tiers=tuple(tier.replace(keys=_replace_at(tier.keys, seg, keys.whole()),
-                                 values=_replace_at(tier.values, seg, values.whole()))
-                    for tier, (keys, values) in zip(cache.tiers, stores)))
+        tiers=tuple(tier.with_segment(seg, keys, values) for tier, (keys, values) in zip(cache.tiers, stores)))
 
 
 def _sixteen_bit(cache, li, k16, v16, positions):
@@ -140,21 +139,15 @@ def _as_stored(cache, stores, tier: int, chain, d: int, step):
     KIVI group being filled, which arrives again), each seen until its group moves on."""
     lay, g, route = cache.layout, cache.layout.group_size, cache.route
     keys, values = stores
-    c, entered = lay.tiers[tier].slots, route.entered[:, tier]
-    slot = jnp.arange(c)[None, :]
-    rank = (entered[:, None] - 1 - (entered[:, None] - 1 - slot) % c) if lay.tiers[tier].ring else slot  # [b, c]
-    valid = lay.valid_slots(tier, entered)
+    entered = route.entered[:, tier]
+    rank, valid = lay.rank_at(tier, entered), lay.valid_slots(tier, entered)  # [b, c]
     if d == 0:
         valid &= rank < (entered // g * g)[:, None]
     leaves = route.entry_step(chain[0], rank // g * g + lay.through(chain, d)) if d + 1 < len(chain) else NEVER
-    mask = valid[:, None] & (step < jnp.broadcast_to(leaves, rank.shape)[:, None])
+    mask = valid[:, None] & (step < jnp.broadcast_to(leaves, rank.shape)[:, None])  # [b, t, c]
     read = lambda start, size: tuple(s.decode(s.take(jnp.broadcast_to(jnp.arange(start, start + size), (
         entered.shape[0], size)))) for s in (keys, values))
     return read, mask, max(CHUNK_SLOTS // g, 1) * g  # blocks of whole key groups
-
-
-def _replace_at(items: tuple, i: int, item) -> tuple:
-    return items[:i] + (item,) + items[i + 1:]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -205,8 +198,8 @@ class Arrivals:
                 keys16 = jnp.where(entering[:, None, :, None], k_new, stage)
                 raw_keys = keys.encode(keys16, cache.backend)
             else:
-                raw_keys = _select(keys, entering, keys.encode(k_new, cache.backend), keys.take(slots))
-            raw_values = _select(values, entering, values.encode(v_new, cache.backend), values.take(slots))
+                raw_keys = keys.select(entering, keys.encode(k_new, cache.backend), keys.take(slots))
+            raw_values = values.select(entering, values.encode(v_new, cache.backend), values.take(slots))
             ready = route.entry_step(head, group + g - 1) if staged else arrive
         else:  # from the depth before: arrivals there during the chunk, or its tier as the chunk found it
             ready = arrive
@@ -215,7 +208,7 @@ class Arrivals:
             src = stores[chain[d - 1]]
             src_slots = lay.tiers[chain[d - 1]].slot_of(rank)
             raw_keys, raw_values = (
-                _moved(store, source, _select(source, lower, _gather(source, raw, at), source.take(src_slots)),
+                _moved(store, source, source.select(lower, source.gather(raw, at), source.take(src_slots)),
                        cache.backend)
                 for store, source, raw in ((keys, src[0], below.raw_keys), (values, src[1], below.raw_values)))
         forms = (keys.decode(raw_keys), values.decode(raw_values))
@@ -242,25 +235,6 @@ class Arrivals:
         complete = self.ready != NEVER
         keys = keys.put(self.slots, later(self.raw_keys), here & complete)
         return keys.put_stage(self.slots, after_reading(read, self.keys16), here & ~complete), values
-
-
-def _select(store, pick, a: dict, b: dict) -> dict:
-    """Per rank (pick bool [b, N]), the fields of `a` or of `b` (a group's fields by its first rank)."""
-    out = {}
-    for f in store.SLOTS + store.GROUPS:
-        p = pick if f in store.SLOTS else pick[:, ::store.group_size]
-        out[f] = jnp.where(p.reshape(p.shape[:1] + (1,) + p.shape[1:] + (1,) * (a[f].ndim - 3)), a[f], b[f])
-    return out
-
-
-def _gather(store, raw: dict, at) -> dict:
-    """Fields of raw ranks at indices at [b, N] (whole groups)."""
-    out = {}
-    for f in store.SLOTS + store.GROUPS:
-        i = at if f in store.SLOTS else at[:, ::store.group_size] // store.group_size
-        out[f] = jnp.take_along_axis(raw[f], i.reshape(i.shape[:1] + (1,) + i.shape[1:] + (1,) * (raw[f].ndim - 3)),
-                                     axis=2)
-    return out
 
 
 def _moved(store, source, raw: dict, backend) -> dict:

@@ -183,15 +183,20 @@ class Layout:
             return jnp.zeros_like(entered)
         return jnp.maximum(-(-entered // g) * g - t.slots, 0)
 
-    def valid_slots(self, tier: int, entered):
-        """bool [b, c]: slots holding a token, given entered [b] (no positions are stored)."""
+    def rank_at(self, tier: int, entered):
+        """int32 [b, c]: the rank of the token in each slot (in a ring, the latest rank that used the slot),
+        given entered [b]; `valid_slots` says which slots hold one."""
         t = self.tiers[tier]
         slot = jnp.arange(t.slots)[None, :]
         e = entered[:, None]
-        if not t.ring:
-            return slot < e
-        newest = e - 1 - (e - 1 - slot) % t.slots  # the latest rank that used this slot
-        return (e > 0) & (newest >= self.evicted_below(tier, e))
+        return e - 1 - (e - 1 - slot) % t.slots if t.ring else jnp.broadcast_to(slot, (e.shape[0], t.slots))
+
+    def valid_slots(self, tier: int, entered):
+        """bool [b, c]: slots holding a token, given entered [b] (no positions are stored)."""
+        rank, e = self.rank_at(tier, entered), entered[:, None]
+        if not self.tiers[tier].ring:
+            return rank < e
+        return (e > 0) & (rank >= self.evicted_below(tier, e))
 
     def stage_start(self, tier: int, entered):
         """[b]: slot of the first rank of the group being filled (KIVI keys wait in the stage)."""

@@ -135,6 +135,26 @@ class _Store:
         """Every slot of this view's layer as it is read back, float32 [b, k, c, h] (empty slots: anything)."""
         return self.decode({f: self.get(f) for f in self.SLOTS + self.GROUPS})
 
+    def select(self, pick, a: dict, b: dict) -> dict:
+        """Raw fields ([b, k, N, ...], as `take` gives them) of `a` where pick [b, N], else of `b` (a
+        group's fields by its first slot)."""
+        return {f: jnp.where(_per_field(self, f, pick), a[f], b[f]) for f in self.SLOTS + self.GROUPS}
+
+    def gather(self, raw: dict, at) -> dict:
+        """Raw fields of the slots at indices at [b, N] (whole groups, in order) of raw fields."""
+        out = {}
+        for f in self.SLOTS + self.GROUPS:
+            i = at if f in self.SLOTS else at[:, ::self.group_size] // self.group_size
+            out[f] = jnp.take_along_axis(raw[f], i.reshape(i.shape[:1] + (1,) + i.shape[1:] + (1,) * (raw[f].ndim - 3)),
+                                         axis=2)
+        return out
+
+
+def _per_field(store, field: str, x):
+    """x [b, N] (per slot) as it broadcasts against the raw field `field` [b, k, N or N / G, ...]."""
+    x = x if field in store.SLOTS else x[:, ::store.group_size]
+    return x.reshape(x.shape[:1] + (1,) + x.shape[1:] + (1,) * (getattr(store, field).ndim - 4))
+
 
 @struct.dataclass
 class Dense(_Store):
@@ -298,6 +318,19 @@ class Symmetric(_Store):
     @staticmethod
     def roundtrip(x, bits, group_size, dtype):
         return qp.decode_sym(*qp.encode_sym_reference(x, bits, dtype), bits, jnp.float32)
+
+
+@struct.dataclass
+class TierStores:
+    """Both sides of one tier: per segment of layers, a store of its keys and one of its values."""
+
+    keys: tuple  # per segment: a store [l_seg, b, k, c, ...]
+    values: tuple
+
+    def with_segment(self, segment: int, keys, values) -> "TierStores":
+        """These stores with segment `segment`'s replaced by the whole stores of the views keys, values."""
+        put = lambda items, item: items[:segment] + (item.whole(),) + items[segment + 1:]
+        return TierStores(put(self.keys, keys), put(self.values, values))
 
 
 def store_class(bits: int, symmetric: bool, keys: bool):

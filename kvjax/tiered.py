@@ -32,15 +32,9 @@ from kvjax.features import NUM_FEATURES
 from kvjax.history import History, enter, entries
 from kvjax.layout import Layout
 from kvjax.kernels import Backend, Kernels, resolve
-from kvjax.stores import (Dense, Symmetric, after_reading, same_codes, staged_slots, store_class,
+from kvjax.stores import (Dense, Symmetric, TierStores, after_reading, same_codes, staged_slots, store_class,
                           write_at)
 from pallas_kernels.xla_attention import FLOATS, Part
-
-
-@struct.dataclass
-class TierStores:
-    keys: tuple  # per segment: kvjax.stores store [l_seg, b, k, c, ...]
-    values: tuple
 
 
 @struct.dataclass
@@ -203,8 +197,7 @@ class TieredCache(KVCache):
         return out[:, None].astype(q.dtype), self.replace(
             sink_k=put(self.sink_k, r.sink_slot, new_k), sink_v=put(self.sink_v, r.sink_slot, new_v),
             window_k=put(self.window_k, r.window_slot, new_k), window_v=put(self.window_v, r.window_slot, new_v),
-            tiers=tuple(TierStores(_replace_at(t.keys, seg, keys.whole()), _replace_at(t.values, seg, values.whole()))
-                        for t, (keys, values) in zip(self.tiers, tiers)))
+            tiers=tuple(t.with_segment(seg, keys, values) for t, (keys, values) in zip(self.tiers, tiers)))
 
     def _move_group(self, a, b, from_slot, to_slot, tie):
         """A ring's oldest group from store a into store b (one layer, one side): its codes copied if the
@@ -340,10 +333,6 @@ def _tier_stores(layout: Layout, make) -> tuple:
 
 def slots_below(g: int, count):
     return jnp.arange(g)[None, :] < count[:, None]
-
-
-def _replace_at(items: tuple, i: int, item) -> tuple:
-    return items[:i] + (item,) + items[i + 1:]
 
 
 def _place_in_chains(layout: Layout, tier: int) -> tuple[int, int]:
