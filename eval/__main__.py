@@ -24,18 +24,22 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
+from eval.accuracy_report import accuracy_plot, example_counts, markdown_table
 from eval.scoring import accuracy, picks, score_requests
-from eval.tasks import DATA_DIR, TASKS, check_task, load_task
+from eval.tasks import TASKS, check_task, load_task
 from kvjax import cli
+from kvjax.data import DATA_DIR
 from kvjax.errors import KvjaxError
+from kvjax.flags import add_policy_flags, policies_from_flags
 from kvjax.loading import load_model, read_config, resolve_model
-from kvjax.policies import Policy, add_policy_flags, family_of, policies_from_flags
+from kvjax.policies import Policy, family_of
 
 
-def average_bits(policy: Policy) -> float | None:
-    """Bits per cached value of the left tokens (fp16 16, kivi{b} b, mixed@B and band@B B); None for
-    an evicting policy (no bit count)."""
-    return policy.average_bits or None
+def average_bits(policy: Policy, cfg) -> float | None:
+    """Bits per cached value of the left tokens in a cache full at the model's context (fp16 16, kivi{b}
+    b, mixed@B B, band@B and learned-alloc@B within a group's rounding of B: `Policy.average_bits`);
+    None for a policy that evicts (no bit count)."""
+    return None if policy.evicts else policy.average_bits(cfg)
 
 
 def model_tag(source: str) -> str:
@@ -134,74 +138,12 @@ def count_changed(requests: list, scores: dict[str, list], results: dict):
         results[p]["changed"], results[p]["changed_norm"] = (int(np.sum(m != b)) for m, b in zip(mine, base))
 
 
-def example_counts(results: dict, tasks: list[str]) -> str:
-    """"arc_easy 570, hellaswag 1000": the examples scored per task (the same for every policy)."""
-    return ", ".join(f"{t} {next(iter(results[t].values()))['n']}" for t in tasks)
-
-
-def markdown_table(results: dict, tasks: list[str], policies: list[str], bits: dict) -> str:
-    """Rows: policy (and its average bits); columns: acc and acc_norm of each task, and, when fp16
-    was run, a second table of the answers that differ from fp16's."""
-    head = ["policy", "bits"] + [f"{t} {m}" for t in tasks for m in ("acc", "acc_norm")]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for p in policies:
-        cells = [p, "-" if bits[p] is None else f"{bits[p]:g}"]
-        cells += [f"{results[t][p][m]:.3f}" for t in tasks for m in ("acc", "acc_norm")]
-        lines.append("| " + " | ".join(cells) + " |")
-    if all("changed" in results[t][p] for t in tasks for p in policies):
-        lines += ["", "Answers that differ from fp16's (by acc's choice / by acc_norm's choice):", "",
-                  "| policy | " + " | ".join(tasks) + " |", "|" + "---|" * (len(tasks) + 1)]
-        for p in policies:
-            cells = [p] + [f"{results[t][p]['changed']} / {results[t][p]['changed_norm']}" for t in tasks]
-            lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
 def device_name() -> str:
     """The first device in words: "cpu (2 cores)" or e.g. "gpu NVIDIA H100 80GB HBM3"."""
     device = jax.devices()[0]
     if device.platform == "cpu":
         return f"cpu ({os.cpu_count()} cores)"
     return f"{device.platform} {device.device_kind}"
-
-
-def plot(results: dict, tasks: list[str], policies: list[str], bits: dict, path: str):
-    """Accuracy vs average bits, one panel per task: a colour per policy (acc filled, acc_norm
-    hollow), fp16's two values as dashed lines; policies at the same bits are spread a little
-    along x. Streaming (no bit count) is skipped."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    shown = [p for p in policies if bits[p] is not None]
-    columns = min(3, len(tasks))
-    rows = -(-len(tasks) // columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.4 * rows + 0.8), squeeze=False)
-    colors = {p: plt.cm.tab10(i % 10) for i, p in enumerate(shown)}
-    for ax, t in zip(axes.flat, tasks):
-        for i, p in enumerate(shown):
-            x = bits[p] * 2 ** (0.05 * (i - (len(shown) - 1) / 2))
-            ax.scatter([x], [results[t][p]["acc"]], marker="o", color=colors[p], label=p)
-            ax.scatter([x], [results[t][p]["acc_norm"]], marker="s", facecolors="none", edgecolors=colors[p])
-        if "fp16" in results[t]:
-            for metric in ("acc", "acc_norm"):
-                ax.axhline(results[t]["fp16"][metric], color="gray", linestyle="--", linewidth=0.8)
-        ax.set_xscale("log", base=2)
-        ax.set_xlim(1.6, 20)
-        ax.set_xticks([2, 4, 8, 16], ["2", "4", "8", "16"])
-        ax.set_title(f"{t} (n = {next(iter(results[t].values()))['n']})", fontsize=9)
-        ax.set_xlabel("average bits per cached value", fontsize=8)
-        ax.set_ylabel("accuracy", fontsize=8)
-        ax.grid(alpha=0.3)
-    for ax in axes.flat[len(tasks):]:
-        ax.axis("off")
-    handles, labels = axes.flat[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=min(len(shown), 5), fontsize=8)
-    fig.suptitle("Zero-shot accuracy vs KV-cache bits (filled: acc, hollow: acc_norm; dashed: fp16)", fontsize=10)
-    fig.tight_layout(rect=(0, 0.06 + 0.02 * (len(shown) > 5), 1, 1))
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def _parser() -> cli.ArgumentParser:
@@ -228,11 +170,11 @@ def setup(args):
         check_task(t)
     specs = {policy.name: policy for policy in policies_from_flags(args)}
     policies = list(specs)
-    requests = {t: load_task(t, args.data_dir, args.limit) for t in tasks}
     cfg = read_config(args.model)
     for policy in specs.values():
         if cfg is not None:
             policy.check(cfg)
+    requests = {t: load_task(t, args.data_dir, args.limit) for t in tasks}  # files after the flags
     cli.say(f"[kvjax] loading {resolve_model(args.model)}")
     model = load_model(args.model)
     for policy in specs.values():
@@ -262,7 +204,7 @@ def _main(argv) -> int:
                   f"({results[t][p]['n']} examples, {seconds[t][p]:.0f} s)", flush=True)
         if "fp16" in policies:
             count_changed(requests[t], scores[t], results[t])
-    bits = {p: average_bits(specs[p]) for p in policies}
+    bits = {p: average_bits(specs[p], model.cfg) for p in policies}
     os.makedirs(args.out, exist_ok=True)
     report = {"command": "python -m eval " + " ".join(sys.argv[1:] if argv is None else argv),
               "device": device_name(), "date": datetime.date.today().isoformat(),
@@ -275,7 +217,7 @@ def _main(argv) -> int:
     with open(os.path.join(args.out, "results.md"), "w") as f:
         f.write(f"Model: `{os.path.basename(model.source)}`; examples per task: {example_counts(results, tasks)}"
                 f"\n\n{table}")
-    plot(results, tasks, policies, bits, os.path.join(args.out, "results.png"))
+    accuracy_plot(results, tasks, policies, bits, os.path.join(args.out, "results.png"))
     print("\n" + table + f"\nwrote {args.out}/results.json, results.md, results.png")
     return 0
 

@@ -3,9 +3,7 @@
     python -m eval.perplexity --kv fp16,kivi4,kivi2,int8-sink,streaming,mixed@3 \
         --text wikitext2 --context 4096 --segments 2
 
-Texts (from ../shared/data, see its MANIFEST.md): `wikitext2` is the WikiText-2 test split
-in its word-level *tokenized* form (wiki.test.tokens: `<unk>`, ` @-@ `), read as one stream;
-`sherlock` is Project Gutenberg #1661 between its START/END markers. Each segment of
+Texts: `wikitext2` and `sherlock` from the shared data folder (kvjax.data). Each segment of
 `context` tokens is scored on its own; perplexity is exp(mean next-token NLL) over all of them.
 Each result also records the widths the policy gave the tokens that had left the 16-bit window
 by the last query of their segment (the tokens a budget counts): their average bits and shares.
@@ -16,38 +14,20 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import sys
 import time
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from eval.tasks import DATA_DIR
 from kvjax import teacher_forced
+from kvjax.data import DATA_DIR, TEXTS, read_text
 from kvjax.errors import KvjaxError
 from kvjax import cli
+from kvjax.flags import add_policy_flags, policies_from_flags
 from kvjax.loading import load_model, read_config, resolve_model
-from kvjax.policies import Policy, add_policy_flags, family_of, policies_from_flags
-
-TEXTS = {"wikitext2": "wikitext-2/test.txt", "sherlock": "gutenberg/sherlock.txt"}
-
-
-def read_text(name: str, data_dir: str = DATA_DIR) -> str:
-    if name not in TEXTS:
-        raise KvjaxError(f"unknown text {name!r}; known: {', '.join(TEXTS)}")
-    path = os.path.join(data_dir, TEXTS[name])
-    if not os.path.exists(path):
-        raise KvjaxError(f"{path} not found: pass --data-dir (the shared data folder)")
-    with open(path, encoding="utf-8-sig") as f:  # sherlock.txt starts with a BOM
-        text = f.read().replace("\r\n", "\n")
-    if name == "sherlock":
-        start = text.index("\n", text.index("*** START OF")) + 1
-        text = text[start:text.index("*** END OF")]
-    return text
-
+from kvjax.policies import Policy, cache_bytes, family_of
 
 @dataclasses.dataclass
 class PerplexityResult:
@@ -71,14 +51,14 @@ def segment_nll(params, cfg, tokens: np.ndarray, policy: Policy, dtype=jnp.float
     which its left tokens were stored at the last query [L] (0 = evicted; fp16: none left)."""
     ids = jnp.asarray(tokens, jnp.int32)[None]
     positions = jnp.arange(ids.shape[1], dtype=jnp.int32)[None]
-    logits, cache = teacher_forced.score(params, cfg, ids, positions, policy, ids.shape[1], dtype)
+    targets = jnp.pad(ids[:, 1:], ((0, 0), (0, 1)))  # the last token predicts nothing scored
+    logp, cache = teacher_forced.score_targets(params, cfg, ids, positions, targets, policy, ids.shape[1], dtype)
     left = np.zeros((0,), np.float32)
     if policy.layout(cfg, ids.shape[1]) is not None:  # tokens leave a window
         last = ids.shape[1] - 1
         bits = np.asarray(cache.bits_at(last)[0])
         left = bits[cache.layout.has_left(np.arange(len(bits)), last)]
-    logp = jax.nn.log_softmax(logits[0, :-1], axis=-1)
-    return -np.asarray(jnp.take_along_axis(logp, ids[0, 1:, None], axis=-1)[:, 0]), left
+    return -np.asarray(logp[0, :-1]), left
 
 
 PAIRED_BLOCK = 128  # tokens per block of the paired standard error (neighbouring tokens' differences correlate)
@@ -100,9 +80,8 @@ def width_summary(left: np.ndarray) -> tuple[float, dict[str, float]]:
 
 
 def kv_bytes_per_token(policy: Policy, cfg, context: int) -> float:
-    """Allocated bytes per token of a batch-1 cache for `context` tokens, 16-bit storage."""
-    cache = jax.eval_shape(lambda: policy.make_cache(cfg, 1, context, jnp.float16))
-    return sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(cache)) / context
+    """Allocated bytes per token of a batch-1 cache for `context` tokens, 16-bit storage (nothing compiled)."""
+    return cache_bytes(policy, cfg, 1, context, jnp.float16) / context
 
 
 def _parser() -> cli.ArgumentParser:
@@ -125,13 +104,13 @@ def _main(argv) -> int:
     args = _parser().parse_args(argv)
     specs = {policy.name: policy for policy in policies_from_flags(args)}
     policies = list(specs)
-    text = read_text(args.text, args.data_dir)
     cfg = read_config(args.model)
-    if cfg is not None:
+    if cfg is not None:  # numbers before files: a bad --context is refused with or without the data folder
         if args.context > cfg.max_position_embeddings:
             raise KvjaxError(f"--context {args.context} exceeds the model's {cfg.max_position_embeddings} tokens")
         for policy in specs.values():
             policy.check(cfg)
+    text = read_text(args.text, args.data_dir)
     cli.say(f"[kvjax] loading {resolve_model(args.model)}")
     model = load_model(args.model)
     ids = np.asarray(model.tokenizer.encode(text), np.int32)

@@ -22,6 +22,7 @@ import sys
 
 import numpy as np
 
+from eval.accuracy_report import accuracy_plot, example_counts, markdown_table
 from kvjax import cli
 from kvjax.allocation import Allocation, default_allocation
 from kvjax.errors import KvjaxError
@@ -55,11 +56,9 @@ def read_accuracy(path: str) -> dict:
 
 
 def accuracy_section(report: dict, plot_path: str) -> str:
-    from eval.__main__ import example_counts, markdown_table, plot
-
     tasks, policies, results = report["tasks"], report["policies"], report["results"]
     bits = report.get("average_bits", {p: None for p in policies})
-    plot(results, tasks, policies, bits, plot_path)
+    accuracy_plot(results, tasks, policies, bits, plot_path)
     sizes = example_counts(results, tasks)
     lines = ["## Zero-shot accuracy", "", f"Model `{os.path.basename(report.get('model', '?'))}`; examples per "
              f"task: {sizes}; device {report.get('device', '?')}; date {report.get('date', '?')}.", ""]

@@ -14,7 +14,6 @@ import functools
 from typing import Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from kvjax import teacher_forced
@@ -40,9 +39,7 @@ def encode_pair(tokenizer, context: str, continuation: str, prefix_id: int) -> t
 def target_logprobs(params, inputs, targets, positions, *, cfg, policy):
     """log p(targets[b, t] | inputs[b, :t+1]) -> [b, T] float32."""
     # capacity = the padded length: every row fits its tiers, as in a cache sized for it
-    logits, _ = teacher_forced.score(params, cfg, inputs, positions, policy, inputs.shape[1])
-    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]  # [b, T]
-    return picked - jax.nn.logsumexp(logits, axis=-1)
+    return teacher_forced.score_targets(params, cfg, inputs, positions, targets, policy, inputs.shape[1])[0]
 
 
 def _rows(model, requests: list[Request]):
@@ -57,7 +54,8 @@ def _rows(model, requests: list[Request]):
             yield r, c, ids[:-1], ids[1:], min(len(cont), len(ids) - 1)
 
 
-def _bucket(n: int, max_len: int) -> int:
+def bucket_length(n: int, max_len: int) -> int:
+    """The padded length of a row of n input tokens: n rounded up to a multiple of BUCKET, at most max_len."""
     return min(-(-n // BUCKET) * BUCKET, max_len)
 
 
@@ -77,7 +75,7 @@ def score_requests(model, requests: list[Request], policy: str | Policy = "fp16"
     waiting = [len(req.continuations) for req in requests]
     by_bucket: dict[int, list] = {}
     for row in rows:
-        by_bucket.setdefault(_bucket(len(row[2]), model.cfg.max_position_embeddings), []).append(row)
+        by_bucket.setdefault(bucket_length(len(row[2]), model.cfg.max_position_embeddings), []).append(row)
     for length, bucket_rows in by_bucket.items():
         for start in range(0, len(bucket_rows), batch_size):
             batch = bucket_rows[start:start + batch_size]

@@ -17,9 +17,9 @@ import os
 import re
 from typing import Callable
 
+from kvjax.data import DATA_DIR
 from kvjax.errors import KvjaxError
 
-DATA_DIR = os.environ.get("KVJAX_DATA", os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data"))
 TARGET_DELIMITER = " "  # the harness's separator between context and choice
 
 

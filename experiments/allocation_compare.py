@@ -27,11 +27,13 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from eval.perplexity import kv_bytes_per_token, paired_difference, read_text, segment_nll, width_summary  # noqa: E402
-from kvjax import load_model  # noqa: E402
-from eval.report import allocation_plot  # noqa: E402
-from kvjax.allocation import default_allocation, load_allocation  # noqa: E402
-from kvjax.policies import DEFAULT_SINKS, Bands, get_policy  # noqa: E402
+from eval.perplexity import kv_bytes_per_token, paired_difference, segment_nll, width_summary
+from kvjax.data import read_text
+from kvjax import load_model
+from eval.report import allocation_plot
+from kvjax.allocation import default_allocation, load_allocation
+from kvjax.layout import DEFAULT_SINKS
+from kvjax.policies import Bands, get_policy
 
 
 def kv_split(budget: float) -> Bands:

@@ -12,8 +12,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from eval.perplexity import read_text
 from kvjax.controller import default_controller
+from kvjax.data import read_text
 from kvjax.features import token_features
 from kvjax.loading import load_model
 from kvjax.model import forward_with_stats

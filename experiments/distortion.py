@@ -26,10 +26,11 @@ from flax import struct
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from kvjax import load_model  # noqa: E402
-from kvjax.model import forward  # noqa: E402
-from train_controller.allocate import WIDTHS, RelaxedCache, teacher_logprobs  # noqa: E402
-from train_controller.data import training_ids  # noqa: E402
+from kvjax import load_model
+from kvjax.model import forward
+from kvjax.layout import WIDTHS
+from train_controller.allocate import RelaxedCache, teacher_logprobs
+from train_controller.data import training_ids
 
 
 @struct.dataclass

@@ -9,7 +9,8 @@ import argparse
 
 import numpy as np
 
-from eval.perplexity import PAIRED_BLOCK, paired_difference, read_text, segment_nll
+from eval.perplexity import PAIRED_BLOCK, paired_difference, segment_nll
+from kvjax.data import read_text
 from kvjax.loading import load_model
 from kvjax.policies import get_policy
 

@@ -8,8 +8,9 @@ prompt of `context` token ids (seed 0), greedy decoding, 2 threads, prefill excl
             backend quanto, nbits 4 / 2, the default residual length, printed). A streamer records
             when each new token comes out; decode = (t[N] - t[1]) / (N - 1), the N - 1 steps after
             the first token (which ends prefill).
-  llamacpp  llama_cpp.Llama (flash attention; K and V cache types f16 / q8_0 / q4_0): the prompt is
-            evaluated once, then N single-token `eval`s of the argmax token are timed.
+  llamacpp  llama_cpp.Llama (flash attention; K and V cache types f16 / q8_0 / q4_0): the prompt's
+            evaluation is timed (prompt processing, batches of 512: its tokens/s is the prefill
+            column), then N single-token `eval`s of the argmax token are timed.
 
 Each measurement runs `--repeats` + 1 times, drops the first (warm-up) and reports the median.
 Run it on a quiet machine: with 2 threads on 2 cores, another busy process makes both libraries'
@@ -103,7 +104,7 @@ def hf_runs(path, kv, context, steps, repeats, threads):
             t = clock.times[1:]  # t[0]: first new token (end of prefill)
             assert len(t) == steps, len(t)
             runs.append((t[-1] - t[0]) / (steps - 1))
-    return runs[1:]
+    return runs[1:], None
 
 
 def quanto_residual_length(path):
@@ -121,11 +122,16 @@ def llamacpp_runs(path, kv, context, steps, repeats, threads):
                           flash_attn=True, type_k=kv_type, type_v=kv_type, verbose=False)
     vocab = llm.n_vocab()
 
-    def argmax():  # of the last token's logits (llm.scores is not filled unless logits_all=True)
-        return int(np.argmax(np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(vocab,))))
+    def argmax(model):  # of the last token's logits (model.scores is not filled unless logits_all=True)
+        return int(np.argmax(np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(model.ctx, -1), shape=(vocab,))))
 
-    llm.eval(prompt(context, vocab).tolist())
-    first = argmax()
+    prefill = []
+    for _ in range(repeats + 1):
+        llm.reset()  # an empty cache: the whole prompt is processed again
+        t0 = time.perf_counter()
+        llm.eval(prompt(context, vocab).tolist())
+        prefill.append(context / (time.perf_counter() - t0))
+    first = argmax(llm)
     runs = []
     for _ in range(repeats + 1):
         llm.n_tokens = context  # eval() drops the cache entries past n_tokens: decode again from the prompt
@@ -133,10 +139,10 @@ def llamacpp_runs(path, kv, context, steps, repeats, threads):
         t0 = time.perf_counter()
         for _ in range(steps):
             llm.eval([token])
-            token = argmax()
+            token = argmax(llm)
         runs.append((time.perf_counter() - t0) / steps)
     del llm
-    return runs[1:]
+    return runs[1:], prefill[1:]
 
 
 def versions():
@@ -184,18 +190,22 @@ def main():
     for peer in peers:
         for kv in [k for k in KV[peer] if wanted is None or k in wanted]:
             for context in contexts:
-                runs = runner[peer](path, kv, context, args.decode_steps, args.repeats, args.threads)
+                runs, prefill = runner[peer](path, kv, context, args.decode_steps, args.repeats, args.threads)
                 ms = 1e3 * statistics.median(runs)
-                rows.append((peer, kv, context, ms))
-                print(f"{peer:9} {kv:8} {context:7d} {ms:8.2f} ms/token", flush=True)
+                tps = None if prefill is None else statistics.median(prefill)
+                rows.append((peer, kv, context, ms, tps))
+                print(f"{peer:9} {kv:8} {context:7d} {ms:8.2f} ms/token"
+                      + ("" if tps is None else f" {tps:8.1f} prompt tokens/s"), flush=True)
                 if args.json:
                     with open(args.json, "a") as f:
                         extra = dict(quanto_residual_length=residual) if kv.startswith("quanto") else {}
+                        if prefill is not None:
+                            extra.update(prefill_tokens_per_s=tps, prefill_runs=prefill)
                         f.write(json.dumps(dict(meta, peer=peer, kv=kv, context=context, ms_per_token=ms,
                                                 runs_ms=[1e3 * r for r in runs], **extra)) + "\n")
-    print(f"\n| peer | kv | context | decode ms/token |\n|---|---|---:|---:|")
-    for peer, kv, context, ms in rows:
-        print(f"| {peer} | {kv} | {context} | {ms:.2f} |")
+    print("\n| peer | kv | context | decode ms/token | prefill tokens/s |\n|---|---|---:|---:|---:|")
+    for peer, kv, context, ms, tps in rows:
+        print(f"| {peer} | {kv} | {context} | {ms:.2f} | {'-' if tps is None else f'{tps:.1f}'} |")
 
 
 if __name__ == "__main__":

@@ -25,10 +25,10 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from eval.perplexity import segment_nll  # noqa: E402
-from kvjax import load_model  # noqa: E402
-from kvjax.policies import Bands, get_policy  # noqa: E402
-from train_controller.data import training_ids  # noqa: E402
+from eval.perplexity import segment_nll
+from kvjax import load_model
+from kvjax.policies import Bands, get_policy
+from train_controller.data import training_ids
 
 
 def one_layer_policy(num_layers: int, layer: int, side: str, bits: int, window: int, group_size: int) -> Bands:

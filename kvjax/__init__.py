@@ -2,7 +2,7 @@
 
 from kvjax.config import PRESETS, ModelConfig, get_preset
 from kvjax.errors import KvjaxError
-from kvjax.generation import GenerationResult, generate
+from kvjax.generation import GenerationResult, estimate_memory, generate, prefill
 from kvjax.kernels import Kernels
 from kvjax.loading import LoadedModel, load_model
 from kvjax.model import forward, init_params
@@ -10,6 +10,7 @@ from kvjax.policies import REGISTRY, Policy, get_policy, make_cache, policy_name
 from kvjax.sampling import SamplingConfig
 from kvjax.teacher_forced import score
 
-__all__ = ["PRESETS", "ModelConfig", "get_preset", "KvjaxError", "GenerationResult", "generate", "Kernels",
+__all__ = ["PRESETS", "ModelConfig", "get_preset", "KvjaxError", "GenerationResult", "generate", "prefill",
+           "estimate_memory", "Kernels",
            "LoadedModel", "load_model", "forward", "init_params", "REGISTRY", "Policy", "get_policy", "make_cache",
            "policy_names", "SamplingConfig", "score"]

@@ -1,4 +1,5 @@
-"""Bit allocations: a width for keys and for values, per layer and per age band (a `Bands` policy).
+"""Bit allocations: a width for keys and for values, per layer and per age band (the `Bands` policy
+that stores one is made by kvjax.policies: `learned-alloc@B`).
 
 An allocation is a small JSON file:
 
@@ -19,7 +20,7 @@ import json
 import os
 
 from kvjax.errors import KvjaxError
-from kvjax.layout import WIDTHS
+from kvjax.layout import DEFAULT_GROUP, DEFAULT_SINKS, DEFAULT_WINDOW, WIDTHS
 from kvjax.shipped import shipped_file
 
 DEFAULT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "allocations")
@@ -30,9 +31,9 @@ class Allocation:
     keys: tuple[tuple[int, ...], ...]  # [band][layer], newest band first
     values: tuple[tuple[int, ...], ...]
     shares: tuple[float, ...]  # per band but the last
-    sinks: int = 4
-    window: int = 128
-    group_size: int = 32
+    sinks: int = DEFAULT_SINKS
+    window: int = DEFAULT_WINDOW
+    group_size: int = DEFAULT_GROUP
     trained: dict | None = dataclasses.field(default=None, compare=False, hash=False)
 
     def __post_init__(self):
@@ -58,12 +59,6 @@ class Allocation:
         return sum(s * (sum(k) + sum(v)) / (2 * self.num_layers)
                    for s, k, v in zip(self.band_shares, self.keys, self.values))
 
-    def policy(self, name: str, **overrides):
-        """The `Bands` policy that stores this allocation."""
-        from kvjax.policies import Bands
-        o = {"sinks": self.sinks, "window": self.window, "group_size": self.group_size, **overrides}
-        return Bands(name, bands=tuple(zip(self.keys, self.values)), shares=tuple(self.shares), **o)
-
     def to_json(self) -> dict:
         d = dataclasses.asdict(self)
         return {k: (v if k == "trained" else _lists(v)) for k, v in d.items()}
@@ -81,7 +76,8 @@ def load_allocation(path: str) -> Allocation:
         raise KvjaxError(f"cannot read allocation {path}: {e}") from None
     try:
         return Allocation(tuple(map(tuple, d["keys"])), tuple(map(tuple, d["values"])), tuple(d["shares"]),
-                          d.get("sinks", 4), d.get("window", 128), d.get("group_size", 32), d.get("trained"))
+                          d.get("sinks", DEFAULT_SINKS), d.get("window", DEFAULT_WINDOW),
+                          d.get("group_size", DEFAULT_GROUP), d.get("trained"))
     except (KeyError, TypeError) as e:
         raise KvjaxError(f"allocation {path}: missing or malformed field ({e})") from None
 

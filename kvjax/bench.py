@@ -13,6 +13,15 @@ teacher-forced prefill would not fit in memory): only decode is timed.
 
 `--kv-budget-gib` gives each policy the largest batch whose KV cache (sized for the largest
 context plus the decode steps; weights not counted) fits the budget: KIVI's "larger batches".
+
+`--memory` runs each policy and context in a process of its own, prefilled for real (random
+weights too with --preset), and reports the process's peak memory split into what it held before
+(the model and the runtime), its KV cache and the working memory above both, beside
+kvjax.generation.estimate_memory; `--memory-budget-gib B` gives each policy the largest batch whose
+whole process is estimated to fit B GiB and measures it (whole processes, not caches alone):
+
+    python -m kvjax.bench --memory --kv fp16,kivi2 --contexts 7900 --batch 8
+    python -m kvjax.bench --memory --memory-budget-gib 4 --kv fp16,kivi2,learned-alloc@2.5 --contexts 4096
 At each context the policies run in turn, one run each per round (`--repeats` rounds, after a
 warm-up), and the median is reported: on a machine whose speed drifts, ratios within one command
 stay fair.
@@ -24,6 +33,7 @@ import dataclasses
 import datetime
 import functools
 import json
+import multiprocessing
 import platform
 import sys
 import time
@@ -32,13 +42,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kvjax import cli
+from kvjax import cli, memory
 from kvjax.config import PRESETS, get_preset
 from kvjax.errors import KvjaxError
-from kvjax.generation import decode_chunk, default_dtype, prefill, start_state
+from kvjax.flags import add_kernels_flag, add_policy_flags, kernels_from_flags, policies_from_flags
+from kvjax.generation import decode_chunk, default_dtype, estimate_memory, prefill, start_state
 from kvjax.loading import LoadedModel, load_model, read_config, resolve_model
 from kvjax.model import DTYPES, init_params
-from kvjax.policies import add_policy_flags, policies_from_flags
+from kvjax.policies import cache_bytes
 from kvjax.sampling import SamplingConfig
 
 GREEDY = SamplingConfig()
@@ -142,12 +153,6 @@ def cpu_model() -> str:
         return platform.processor() or platform.machine()
 
 
-def cache_bytes(policy, cfg, batch: int, capacity: int, dtype, kv_dtype=None) -> int:
-    """Bytes of an empty cache of `policy` (shapes only, nothing allocated)."""
-    shapes = jax.eval_shape(lambda: policy.make_cache(cfg, batch, capacity, dtype, kv_dtype=kv_dtype))
-    return sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(shapes))
-
-
 def largest_batch(policy, cfg, capacity: int, dtype, budget_bytes: int, kv_dtype=None) -> int:
     """The most sequences of `capacity` tokens whose cache fits `budget_bytes` (cache bytes are affine in batch)."""
     one, two = (cache_bytes(policy, cfg, n, capacity, dtype, kv_dtype) for n in (1, 2))
@@ -180,9 +185,15 @@ def _parser() -> cli.ArgumentParser:
     batch.add_argument("--batch", type=cli.at_least(1), default=1, help="sequences decoded together")
     batch.add_argument("--kv-budget-gib", type=cli.above(0.0), default=None,
                        help="per policy, the largest batch whose KV cache at the largest context fits this many GiB")
+    batch.add_argument("--memory-budget-gib", type=cli.above(0.0), default=None,
+                       help="with --memory: per policy, the largest batch whose whole process (weights, cache, "
+                            "working memory) is estimated to fit this many GiB at the largest context")
+    p.add_argument("--memory", action="store_true",
+                   help="each policy and context in a process of its own, prefilled for real: its peak memory")
     p.add_argument("--repeats", type=cli.at_least(1), default=3,
                    help="rounds of timed runs, every policy once a round (median)")
     add_policy_flags(p)
+    add_kernels_flag(p)
     p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="compute dtype (default: float32 on CPU)")
     p.add_argument("--kv-dtype", default=None, choices=sorted(DTYPES),
                    help="what 16-bit K/V (fp16's whole cache, every window and sink) are stored in (default: the "
@@ -212,7 +223,17 @@ def _main(argv) -> int:
                              f"{cfg.max_position_embeddings} tokens")
         for kv in policies:
             kv.check(cfg)
+    if args.memory_budget_gib and not args.memory:
+        raise KvjaxError("--memory-budget-gib measures whole processes: add --memory")
+    if args.memory and args.kv_budget_gib:
+        raise KvjaxError("--memory sizes batches by the whole process: use --memory-budget-gib, not --kv-budget-gib")
     batches = fitting_batches(args, policies, cfg, last, DTYPES[dtype_name]) if cfg is not None else None
+    kernels = kernels_from_flags(args)  # after the numbers: on a CPU, auto may build the C++ kernel
+    if args.memory:
+        if cfg is None:
+            raise KvjaxError("--memory needs a model whose config is known before it loads (a .gguf file, a folder "
+                             "or --preset)")
+        return memory_table(args, policies, cfg, dtype_name, argv)
     if args.preset:
         cli.say(f"[kvjax] random weights of {args.preset}")
         model = LoadedModel(cfg, init_params(cfg, jax.random.PRNGKey(0), DTYPES[dtype_name]), None,
@@ -235,7 +256,7 @@ def _main(argv) -> int:
           f"{'KV MiB':>8}")
     for context in contexts:
         runners = [context_runner(model, context, args.decode_steps, batch, kv, DTYPES[dtype_name],
-                                  synthetic=bool(args.preset), kernels=args.kernels, kv_dtype=DTYPES.get(args.kv_dtype))
+                                  synthetic=bool(args.preset), kernels=kernels, kv_dtype=DTYPES.get(args.kv_dtype))
                    for kv, batch in zip(policies, batches)]
         for name, batch, runs in zip(names, batches, interleaved(runners, args.repeats)):
             tps, ms, kv_bytes = summary(runs, batch, context, args.decode_steps)
@@ -248,6 +269,82 @@ def _main(argv) -> int:
                 with cli.open_for_append(args.json) as f:
                     f.write(json.dumps(row) + "\n")
     return 0
+
+
+def memory_table(args, policies, cfg, dtype: str, argv) -> int:
+    """--memory: each (policy, context) measured in a fresh process (`measure_memory`)."""
+    print(f"model {args.preset or cfg.name} | {cpu_model()} | jax {jax.__version__} | dtype {dtype} | "
+          + (f"process budget {args.memory_budget_gib} GiB" if args.memory_budget_gib else f"batch {args.batch}"))
+    print(f"{'kv':<20} {'batch':>5} {'context':>7} {'KV GiB':>7} {'before':>7} {'peak':>7} {'above':>7} "
+          f"{'work':>7} {'estimate':>8} {'prefill tok/s':>13} {'decode tok/s':>12}")
+    ctx = multiprocessing.get_context("spawn")  # a fresh process: its peak is this run's alone
+    for context in args.contexts:
+        for policy in policies:
+            batch = args.batch
+            need = lambda n: estimate_memory(cfg, policy, n, context, args.decode_steps + 1, dtype)
+            if args.memory_budget_gib:
+                batch = 0
+                while need(batch + 1).total <= args.memory_budget_gib * memory.GIB:
+                    batch += 1
+                if batch == 0:
+                    print(f"{policy.name:<20} one sequence of {context} tokens is estimated to need "
+                          f"{need(1).describe()}", flush=True)
+                    continue
+            with ctx.Pool(1) as pool:
+                run = pool.apply(measure_memory, (args.model, args.preset, policy, batch, context, args.decode_steps,
+                                                  dtype, args.kernels))
+            gib = lambda x: x / memory.GIB
+            above = run["peak"] - run["before"]
+            print(f"{policy.name:<20} {batch:>5} {context:>7} {gib(run['kv_bytes']):>7.3f} {gib(run['before']):>7.2f} "
+                  f"{gib(run['peak']):>7.2f} {gib(above):>7.2f} {gib(above - run['kv_bytes']):>7.2f} "
+                  f"{gib(need(batch).total):>8.2f} {batch * context / run['prefill_s']:>13.1f} "
+                  f"{batch * args.decode_steps / run['decode_s']:>12.1f}", flush=True)
+            if args.json:
+                row = {"model": args.preset or cfg.name, "cpu": cpu_model(), "jax": jax.__version__, "dtype": dtype,
+                       "date": datetime.date.today().isoformat(), "kv": policy.name, "batch": batch,
+                       "context": context, "decode_steps": args.decode_steps, "estimate": need(batch).total,
+                       "memory_budget_gib": args.memory_budget_gib, **run,
+                       "command": "python -m kvjax.bench " + " ".join(sys.argv[1:] if argv is None else argv)}
+                with cli.open_for_append(args.json) as f:
+                    f.write(json.dumps(row) + "\n")
+    return 0
+
+
+def measure_memory(model, preset, policy, batch: int, context: int, decode_steps: int, dtype: str, kernels) -> dict:
+    """In the process it runs in: loads the model (or random weights of a preset), prefills `batch`
+    random prompts of `context` tokens through `policy`, decodes `decode_steps` steps -> bytes held
+    before (the loaded model and runtime) and at peak, the cache's bytes, and the seconds of each."""
+    jdtype = DTYPES[dtype]
+    if preset:
+        cfg = get_preset(preset)
+        cfg = dataclasses.replace(cfg, max_position_embeddings=max(cfg.max_position_embeddings,
+                                                                   context + decode_steps + 1))
+        params = jax.block_until_ready(init_params(cfg, jax.random.PRNGKey(0), jdtype))
+        jax.clear_caches()  # the initializers' compiled programs are not part of what is measured
+    else:
+        loaded = load_model(model, jdtype)
+        cfg, params = loaded.cfg, loaded.params
+    memory.release_freed()
+    before = memory.current()
+    memory.reset_peak()
+    tokens = jnp.asarray(np.random.default_rng(context).integers(0, cfg.vocab_size, (batch, context)), jnp.int32)
+    positions = jnp.broadcast_to(jnp.arange(context, dtype=jnp.int32), (batch, context))
+    cache = policy.make_cache(cfg, batch, context + decode_steps + 1, jdtype, kernels)
+    run_prefill = prefill.lower(params, tokens, positions, cache, cfg=cfg, dtype=jdtype).compile()  # not timed
+    t0 = time.perf_counter()
+    logits, cache = run_prefill(params, tokens, positions, cache)
+    logits.block_until_ready()
+    prefill_s = time.perf_counter() - t0
+    state = start_state(logits, cache, jax.random.PRNGKey(0), decode_steps + 1, GREEDY, -1)
+    kv_bytes = state.cache.nbytes
+    run_decode = decode_chunk.lower(params, state, -1, cfg=cfg, dtype=jdtype, sampling=GREEDY,
+                                    chunk=decode_steps).compile()
+    t0 = time.perf_counter()
+    state = run_decode(params, state, -1)
+    state.step.block_until_ready()
+    decode_s = time.perf_counter() - t0
+    return {"before": before, "peak": max(memory.peak(), before), "kv_bytes": kv_bytes,
+            "weights": memory.parameter_bytes(cfg, jdtype), "prefill_s": prefill_s, "decode_s": decode_s}
 
 
 if __name__ == "__main__":

@@ -5,15 +5,17 @@ A cache is an explicit pytree that the model takes and returns, never mutates. E
 subclasses `KVCache` and provides what the model calls:
 
   begin(positions)                    -> cache          routing of this step's tokens, before the layers
-  attend(layer, q, k, v, positions)   -> (out, cache)   one layer: store its new k, v and attend q
-                                                        over every token it holds
+  attend(layer, q, k, v, positions)   -> (out, cache)   one layer: attend q over every token it holds
+                                                        and the new k, v (causally), and store them
   advance(positions)                  -> cache          bookkeeping once all layers are done
   record_features(positions, f)       -> cache          token features, for policies that read them
 
-and what its users need: `prefill` (a whole prompt), `filled` (given K/V), `lengths`, `nbytes`, `tokens_per_tier` and
-`stored_bits` (the stats line), `segments` (runs of layers stored alike; the model scans each).
-`layer` is a `kvjax.model.Layer`: its segment (static) and its index in the model (traced).
-Positions are int32 [b, t]; -1 marks padding, which is neither stored nor attended.
+A step brings t tokens per sequence: t = 1 when decoding, a chunk of a prompt when prefilling
+(kvjax.generation.prefill; at most `max_chunk`). Users also read `filled` (the state after given
+K/V), `lengths`, `nbytes`, `tokens_per_tier` and `stored_bits` (the stats line), and `segments`
+(runs of layers stored alike; the model scans each). `layer` is a `kvjax.model.Layer`: its segment
+(static) and its index in the model (traced). Positions are int32 [b, t], consecutive from each
+row's length; -1 marks padding, which is neither stored nor attended.
 """
 
 from __future__ import annotations
@@ -22,15 +24,18 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from kvjax.attention import causal_mask, masked_attention
+from kvjax.attention import causal_mask
 from kvjax.config import ModelConfig
-from kvjax.model import forward
+from kvjax.kernels import Backend, Kernels, resolve
+from kvjax.stores import after_reading
+from pallas_kernels.xla_attention import Part, chunk_partials, merge_partials, slices
 
 
 class KVCache:
     """The protocol every cache implements (see the module docstring)."""
 
     uses_features = False  # whether a precision policy reads token features
+    max_chunk = None  # most tokens per sequence one step may bring (None: any)
 
     @property
     def segments(self) -> tuple[tuple[int, int], ...]:
@@ -48,10 +53,6 @@ class KVCache:
 
     def record_features(self, positions, features):
         return self
-
-    def prefill(self, params, cfg: ModelConfig, tokens, positions, dtype):
-        """Runs right-padded prompts tokens/positions [b, T] -> (logits [b, T, v], the filled cache)."""
-        raise NotImplementedError
 
     def filled(self, k_all, v_all, positions, features=None):
         """The state decoding would leave after a sequence with these K/V [l, b, k, T, h] (benchmarks)."""
@@ -93,17 +94,24 @@ def write_by_position(keys, values, layer, k, v, positions):
 
 @struct.dataclass
 class DenseCache(KVCache):
-    """Policy `fp16`: keys (after RoPE) and values in 16 bits, one slot per position, [l, b, k, s, h]."""
+    """Policy `fp16`: keys (after RoPE) and values in 16 bits, one slot per position, [l, b, k, s, h].
+
+    A decode step attends through the backend (on a CPU the C++ kernel reads the layer in place,
+    as it reads the quantized caches' windows); a chunk of prompt tokens through XLA's matmuls, a
+    block of slots at a time, skipping the blocks no query of the chunk sees yet (causal)."""
 
     k: jax.Array  # [l, b, k, s, h]
     v: jax.Array  # [l, b, k, s, h]
     lengths: jax.Array  # int32 [b]: tokens stored per sequence (= next position)
+    backend: Backend = struct.field(pytree_node=False, default=Backend())
 
     @classmethod
-    def init(cls, cfg: ModelConfig, batch: int, capacity: int, dtype=jnp.float16) -> "DenseCache":
-        """`dtype`: what K/V are stored in (see `storage_dtype`)."""
+    def init(cls, cfg: ModelConfig, batch: int, capacity: int, dtype=jnp.float16,
+             kernels: Kernels | str | Backend = Kernels.REFERENCE) -> "DenseCache":
+        """`dtype`: what K/V are stored in (see `storage_dtype`); `kernels`: how decode steps attend."""
         shape = (cfg.num_layers, batch, cfg.num_kv_heads, capacity, cfg.head_dim)
-        return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), lengths=jnp.zeros((batch,), jnp.int32))
+        return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), lengths=jnp.zeros((batch,), jnp.int32),
+                   backend=resolve(kernels))
 
     @property
     def capacity(self) -> int:
@@ -120,16 +128,29 @@ class DenseCache(KVCache):
         return jnp.full(self.lengths.shape, jnp.nan)  # no token leaves a window here
 
     def attend(self, layer, q, k, v, positions):
-        """Writes k, v [b, t, k, h] of `layer` into slot = position (padding is dropped), then attends q
-        [b, t, n, h] over the stored tokens."""
+        """Attends q [b, t, n, h] over the stored tokens and k, v [b, t, k, h] (causally), and stores
+        k, v at slot = position (padding is dropped)."""
+        if q.shape[1] == 1:
+            return self._decode_step(layer, q, k, v, positions)
         keys, values = write_by_position(self.k, self.v, layer.index, k, v, positions)
         b = q.shape[0]
         slot_positions = jnp.broadcast_to(jnp.arange(self.capacity), (b, self.capacity))
-        out = masked_attention(q, keys[layer.index], values[layer.index], causal_mask(positions, slot_positions))
-        return out, self.replace(k=keys, v=values)
+        parts = chunk_partials(q, slices(keys[layer.index], values[layer.index]),
+                               causal_mask(positions, slot_positions), kv_heads=k.shape[2])
+        return merge_partials([parts]).astype(q.dtype), self.replace(k=keys, v=values)
 
-    def prefill(self, params, cfg, tokens, positions, dtype):
-        return forward(params, cfg, tokens, positions, self, dtype)
+    def _decode_step(self, layer, q, k, v, positions):
+        """One token per sequence: the stored tokens (read in place) and this one, through the backend;
+        the token is written after the attention read the layer (so XLA writes in place)."""
+        p = positions[:, 0]  # [b]
+        stored = Part.floats(self.k, self.v, jnp.arange(self.capacity)[None, :] < p[:, None], layer.index)
+        token = Part.floats(k.astype(self.k.dtype).transpose(0, 2, 1, 3)[None], v.astype(self.v.dtype)
+                            .transpose(0, 2, 1, 3)[None], positions >= 0, 0)  # [1, b, k, 1, h]
+        out = self.backend.attend(q[:, 0], [stored, token], group_size=1)
+        read = out.reshape(-1)[0]
+        keys, values = write_by_position(self.k, self.v, layer.index, after_reading(read, k),
+                                         after_reading(read, v), positions)
+        return out[:, None].astype(q.dtype), self.replace(k=keys, v=values)
 
     def filled(self, k_all, v_all, positions, features=None):
         """The state after a sequence whose K/V [l, b, k, T, h] are given (positions [b, T], 0.. per row)."""

@@ -18,7 +18,7 @@ from typing import Callable
 import jax
 
 from kvjax.errors import KvjaxError
-from pallas_kernels import cpu_attention
+from pallas_kernels.cache_folder import cache_dir
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -92,6 +92,15 @@ def output_dir(text: str) -> str:
     return text
 
 
+def readable_file(text: str) -> str:
+    """An argparse `type` for a file to read: it exists and is a file this process may read."""
+    if not os.path.isfile(text):
+        raise argparse.ArgumentTypeError(f"no file {text!r}")
+    if not os.access(text, os.R_OK):
+        raise argparse.ArgumentTypeError(f"{text!r} is not readable")
+    return text
+
+
 def open_for_append(path: str):
     """Opens an output file for appending, making its folder first."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -109,7 +118,7 @@ def use_compilation_cache():
     cache the user named (JAX_COMPILATION_CACHE_DIR) is left as it is."""
     if jax.config.jax_compilation_cache_dir is not None:
         return
-    folder = cpu_attention.cache_dir() / "xla"
+    folder = cache_dir() / "xla"
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:

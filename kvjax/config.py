@@ -1,9 +1,7 @@
 """Model configurations: frozen dataclasses and named presets (Llama family).
 
-Shape letters used across kvjax:
-    b batch, t new tokens, s cache slots, n query heads, k kv heads,
-    g query heads per kv head (n = k * g), h head dim, d model dim,
-    f MLP hidden dim, v vocabulary, l layers.
+The shape letters kvjax's docstrings use (b batch, n query heads, k kv heads, h head dim, ...) are
+listed once, in docs/DESIGN.md.
 """
 
 from __future__ import annotations

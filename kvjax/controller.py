@@ -33,8 +33,8 @@ import numpy as np
 from kvjax.errors import KvjaxError
 from kvjax.shipped import shipped_file
 from kvjax.features import FEATURE_NAMES
+from kvjax.layout import WIDTHS
 
-WIDTHS = (2, 4, 8, 16)
 FORMAT_VERSION = 1
 # What the MLP reads, in order (kvjax.features names; `corpus_rarity` comes from `token`).
 # Not `position`: traces are 1024-token chunks, and a controller that read it extrapolated to

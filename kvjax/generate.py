@@ -8,19 +8,21 @@ from __future__ import annotations
 
 import sys
 
-from kvjax import cli
+from kvjax import cli, memory
 from kvjax.errors import KvjaxError
-from kvjax.generation import default_dtype, generate
-from kvjax.loading import load_model, read_config, resolve_model
+from kvjax.flags import SUGGESTED, add_kernels_flag, add_policy_flags, kernels_from_flags, policy_from_flags
+from kvjax.generation import default_dtype, estimate_memory, generate
+from kvjax.loading import load_model, read_config, read_tokenizer, resolve_model
 from kvjax.model import DTYPES
-from kvjax.policies import add_policy_flags, policy_from_flags
 from kvjax.sampling import SamplingConfig
 
 
 def _parser() -> cli.ArgumentParser:
     p = cli.ArgumentParser(prog="python -m kvjax.generate", description="Generate text with a quantized KV cache.")
-    p.add_argument("--prompt", action="append", required=True,
+    p.add_argument("--prompt", action="append", default=[],
                    help="prompt text; repeat for a batch of prompts (answers are numbered)")
+    p.add_argument("--prompt-file", action="append", default=[], type=cli.readable_file,
+                   help="a UTF-8 file whose whole text is a prompt (a long document); repeatable, after the --prompts")
     p.add_argument("--model", default=None,
                    help="a .gguf file, a HF checkpoint folder or a hub id (default: $KVJAX_MODEL, "
                         "else the embedded SmolLM2-135M-Instruct)")
@@ -33,12 +35,19 @@ def _parser() -> cli.ArgumentParser:
     p.add_argument("--dtype", default=None, choices=sorted(DTYPES),
                    help="compute dtype (default: float32 on CPU, bfloat16 on GPU/TPU)")
     add_policy_flags(p)
+    add_kernels_flag(p)
     p.add_argument("--chunk", type=cli.at_least(1), default=8, help="decode steps per device dispatch while streaming")
+    p.add_argument("--max-memory", type=cli.above(0.0), default=None, metavar="GIB",
+                   help="refuse a request whose estimated peak memory (weights, KV cache and working memory) "
+                        "passes this many GiB (default: what the machine has available)")
     return p
 
 
 def _main(argv) -> int:
     args = _parser().parse_args(argv)
+    args.prompt = args.prompt + [_read_prompt(path) for path in args.prompt_file]
+    if not args.prompt:
+        raise KvjaxError("give at least one --prompt or --prompt-file")
     sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     dtype = args.dtype or default_dtype()
     kv = policy_from_flags(args)
@@ -49,10 +58,16 @@ def _main(argv) -> int:
         if args.max_new_tokens >= cfg.max_position_embeddings:
             raise KvjaxError(f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt in the model's "
                              f"context of {cfg.max_position_embeddings} tokens")
+    tokenizer = read_tokenizer(source)
+    prompts = args.prompt
+    if args.chat and tokenizer is not None:
+        prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p}]) for p in prompts]
+    if cfg is not None and tokenizer is not None:
+        _check_request(cfg, kv, [len(tokenizer.encode(p)) for p in prompts], args, dtype)
+    kernels = kernels_from_flags(args)  # after the numbers: on a CPU, auto may build the C++ kernel
     cli.say(f"[kvjax] loading {source}")
     model = load_model(source, DTYPES[dtype])
-    prompts = args.prompt
-    if args.chat:
+    if args.chat and tokenizer is None:
         prompts = [model.tokenizer.apply_chat_template([{"role": "user", "content": p}]) for p in prompts]
     stream = len(prompts) == 1
     shown = []  # the prompt is echoed once the first text arrives (after prefill)
@@ -63,7 +78,7 @@ def _main(argv) -> int:
         print(text, end="", flush=True)
 
     result = generate(model, prompts, args.max_new_tokens, sampling, args.seed, kv, dtype, chunk=args.chunk,
-                      on_text=show if stream else None, kernels=args.kernels, log=cli.say)
+                      on_text=show if stream else None, kernels=kernels, log=cli.say)
     if stream:
         print()
     else:
@@ -73,8 +88,40 @@ def _main(argv) -> int:
     return 0
 
 
+def _check_request(cfg, kv, lengths: list[int], args, dtype: str):
+    """Refuses, before the model loads, prompts that do not fit the model's context or whose peak
+    memory (kvjax.generation.estimate_memory) would pass --max-memory."""
+    if min(lengths) == 0:
+        raise KvjaxError("empty prompt")
+    longest = max(lengths)
+    if longest + args.max_new_tokens > cfg.max_position_embeddings:
+        raise KvjaxError(f"a prompt of {longest} tokens + {args.max_new_tokens} new tokens exceeds the model's "
+                         f"context of {cfg.max_position_embeddings} tokens")
+    need = estimate_memory(cfg, kv, len(lengths), longest, args.max_new_tokens, dtype)
+    limit = int(args.max_memory * memory.GIB) if args.max_memory else memory.available() + memory.current()
+    if need.total > limit:
+        raise KvjaxError(f"{len(lengths)} x {longest + args.max_new_tokens} tokens under {kv.name} need about "
+                         f"{need.describe()}, more than the {limit / memory.GIB:.2f} GiB this process may use "
+                         f"({'--max-memory' if args.max_memory else 'available memory; set --max-memory'}): "
+                         f"use fewer or shorter prompts, or a smaller cache (--kv {SUGGESTED})")
+
+
+def _read_prompt(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except UnicodeDecodeError as e:
+        raise KvjaxError(f"--prompt-file {path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
+HEADING_CHARS = 400  # a longer prompt (a document) is echoed by its end only
+
+
 def _heading(prompt: str, chat: bool) -> str:
-    """What is printed before the answer: the prompt it continues, or the user's turn in a chat."""
+    """What is printed before the answer: the prompt it continues (a long one by its last
+    HEADING_CHARS characters), or the user's turn in a chat."""
+    if len(prompt) > HEADING_CHARS:
+        prompt = f"[... {len(prompt) - HEADING_CHARS:,} characters]" + prompt[-HEADING_CHARS:]
     return f"user: {prompt}\nassistant: " if chat else prompt
 
 

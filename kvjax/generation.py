@@ -19,13 +19,15 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from kvjax import memory
 from kvjax.errors import KvjaxError
-from kvjax.features import forward_recording_features
+from kvjax.features import forward_recording_features, token_features
 from kvjax.kernels import Kernels
 from kvjax.loading import LoadedModel
-from kvjax.model import DTYPES
-from kvjax.policies import Policy, get_policy
+from kvjax.model import DTYPES, head, hidden_states
+from kvjax.policies import Policy, cache_bytes, get_policy
 from kvjax.sampling import SamplingConfig, sample
+from pallas_kernels.xla_attention import CHUNK_SLOTS
 
 
 @struct.dataclass
@@ -38,16 +40,72 @@ class DecodeState:
     step: jax.Array  # int32 []: tokens generated so far (per sequence, the same for all)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "dtype"), donate_argnames=("cache",))
-def prefill(params, tokens, positions, cache, *, cfg, dtype):
-    """Runs the prompts (right-padded, positions -1 on padding) -> (last logits [b, v], cache).
+PREFILL_CHUNK = 256  # prompt tokens per prefill step (at most a quantized cache's window W)
 
-    A quantized cache is filled through the exact teacher-forced path, so it ends in the
-    state that step-by-step decoding of the prompt would have left.
+
+def chunk_size(cache, length: int, chunk: int | None = None) -> int:
+    """Prompt tokens per prefill step for prompts of up to `length` tokens: `chunk` (default
+    PREFILL_CHUNK), at most the cache's `max_chunk` and the prompt."""
+    limit = cache.max_chunk or length
+    return max(1, min(chunk or PREFILL_CHUNK, limit, length))
+
+
+# What a generate request holds at its peak besides its weights and cache (kvjax.memory.Estimate),
+# from the compiled prefill's own memory analysis and measured peaks (BENCHMARKS.md, "peak memory"):
+RUNTIME_BYTES = int(0.45 * memory.GIB)  # Python, jax, XLA's client and compiled programs, the tokenizer
+SCORE_COPIES = 4  # float32 [b, n, t, block] arrays of one attention block that XLA holds at once
+
+
+def estimate_memory(cfg, policy: Policy, batch: int, prompt_length: int, max_new_tokens: int,
+                    dtype="float32") -> memory.Estimate:
+    """What generating `max_new_tokens` after `batch` prompts of up to `prompt_length` tokens needs at
+    its peak, from shapes alone (nothing is loaded or compiled): the weights, the cache, and the
+    working memory of one prefill chunk (attention scores of a block of slots, activations, logits
+    where a policy reads features) beside the runtime's own."""
+    jdtype = DTYPES[dtype]
+    capacity = prompt_length + max_new_tokens
+    layout = policy.layout(cfg, capacity)
+    chunk = min(PREFILL_CHUNK, layout.window if layout else prompt_length, prompt_length)
+    item = jnp.dtype(jdtype).itemsize
+    scores = batch * cfg.num_heads * chunk * min(CHUNK_SLOTS, capacity) * 4 * SCORE_COPIES
+    activations = batch * chunk * (6 * cfg.hidden_size + 3 * cfg.intermediate_size) * max(item, 4)
+    logits = batch * (chunk if policy.uses_features else 1) * cfg.vocab_size * 4 * 3
+    return memory.Estimate(weights=memory.parameter_bytes(cfg, jdtype),
+                           cache=cache_bytes(policy, cfg, batch, capacity, jdtype),
+                           transient=RUNTIME_BYTES + scores + activations + logits)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "dtype", "chunk"), donate_argnames=("cache",))
+def prefill(params, tokens, positions, cache, *, cfg, dtype, chunk: int | None = None):
+    """Runs right-padded prompts tokens/positions [b, T] (-1 on padding) into the cache, `chunk`
+    tokens at a time (`chunk_size`) -> (logits [b, v] of each prompt's last token, cache).
+
+    Each chunk goes through the model and the cache as decoding's steps do (kvjax.chunk): the
+    cache ends in the state step-by-step decoding of the prompt would have left, while only one
+    chunk's activations, scores and full-precision K/V exist at a time, and the output head runs
+    on the last token only (on every token of a chunk for a policy that reads token features).
     """
-    logits, cache = cache.prefill(params, cfg, tokens, positions, dtype)
-    last = jnp.argmax(positions, axis=1)  # index of each row's last real token
-    return logits[jnp.arange(tokens.shape[0]), last], cache
+    b, T = tokens.shape
+    C = chunk_size(cache, T, chunk)
+    steps = -(-T // C)
+    tokens = jnp.pad(tokens, ((0, 0), (0, steps * C - T)))
+    positions = jnp.pad(positions, ((0, 0), (0, steps * C - T)), constant_values=-1)
+    last = jnp.max(positions, axis=1)  # each row's last position
+
+    def step(carry, m):
+        cache, x_last = carry
+        tok, pos = (jax.lax.dynamic_slice_in_dim(a, m * C, C, axis=1) for a in (tokens, positions))
+        x, cache, stats = hidden_states(params, cfg, tok, pos, cache, dtype, token_stats=cache.uses_features)
+        if cache.uses_features:
+            logits = head(params, cfg, x, dtype)
+            cache = cache.record_features(pos, token_features(logits, tok, pos, stats))
+        here = (pos == last[:, None]) & (pos >= 0)  # [b, C]: the row's last token, if in this chunk
+        x_here = jnp.take_along_axis(x, jnp.argmax(here, axis=1)[:, None, None], axis=1)[:, 0]  # [b, d]
+        return (cache, jnp.where(jnp.any(here, axis=1)[:, None], x_here, x_last)), None
+
+    x_last = jnp.zeros((b, cfg.hidden_size), dtype)
+    (cache, x_last), _ = jax.lax.scan(step, (cache, x_last), jnp.arange(steps))
+    return head(params, cfg, x_last, dtype), cache
 
 
 def start_state(last_logits, cache, key, max_new: int, sampling: SamplingConfig, eos_id: int):
@@ -96,6 +154,8 @@ class GenerationResult:
     kv_tiers: dict[str, int]  # tokens per tier of the first sequence at the end
     kv_capacity: int = 0  # tokens per sequence the cache was sized for
     kv_bits: float = float("nan")  # average bits of the first sequence's left tokens (nan: none left)
+    memory_before: int = 0  # bytes held when the call began (the loaded model; kvjax.memory.current)
+    memory_peak: int = 0  # the most bytes held during the call (kvjax.memory.peak)
 
     @property
     def decode_ms_per_token(self) -> float:
@@ -110,11 +170,13 @@ class GenerationResult:
         return (f"[kvjax] prefill {1e3 * self.prefill_s:.1f} ms ({sum(self.prompt_lengths)} tokens) | "
                 f"decode {self.decode_ms_per_token:.2f} ms/token | {tok_s:.1f} tokens/s | "
                 f"KV cache {self.kv_policy}: {self.kv_bytes / 2**20:.2f} MiB for {batch} x {self.kv_capacity} tokens "
-                f"({per_token:,.0f} B/token{bits}; {tiers}) | compile {self.compile_s:.1f} s")
+                f"({per_token:,.0f} B/token{bits}; {tiers}) | memory {self.memory_peak / 2**30:.2f} GiB at peak, "
+                f"{self.memory_before / 2**30:.2f} before | compile {self.compile_s:.1f} s")
 
 
-def _pad_prompts(prompts: list[list[int]]):
-    """Right-pads token lists -> tokens [b, t], positions [b, t] (-1 on padding)."""
+def pad_prompts(prompts: list[list[int]]):
+    """Right-pads token lists -> tokens [b, t], positions [b, t] (-1 on padding): a batch of prompts as
+    the model and every cache take it."""
     longest = max(len(p) for p in prompts)
     tokens = np.zeros((len(prompts), longest), np.int32)
     positions = np.full((len(prompts), longest), -1, np.int32)
@@ -157,9 +219,12 @@ def generate(model: LoadedModel, prompts: list[str] | list[list[int]], max_new_t
     jdtype = DTYPES[dtype]
     eos_id = cfg.eos_token_id if cfg.eos_token_id is not None else -1
     chunk = chunk or max_new_tokens
-    tokens, positions = _pad_prompts(ids)
+    tokens, positions = pad_prompts(ids)
     policy.check(cfg)
     capacity = longest + max_new_tokens
+    memory.release_freed()
+    memory_before = memory.current()
+    memory.reset_peak()
     cache = policy.make_cache(cfg, len(ids), capacity, jdtype, kernels)
 
     log(f"[kvjax] compiling prefill and decode for {len(ids)} x {capacity} tokens ({policy.name}, {dtype})")
@@ -201,7 +266,8 @@ def generate(model: LoadedModel, prompts: list[str] | list[list[int]], max_new_t
                             decode_s=decode_s, decode_steps=int(state.step) - 1, compile_s=compile_s,
                             kv_bytes=kv_bytes, kv_policy=policy.name,
                             kv_tiers={k: int(v[0]) for k, v in state.cache.tokens_per_tier().items()},
-                            kv_capacity=capacity, kv_bits=float(state.cache.stored_bits()[0]))
+                            kv_capacity=capacity, kv_bits=float(state.cache.stored_bits()[0]),
+                            memory_before=memory_before, memory_peak=max(memory.peak(), memory_before))
 
 
 def _until_eos(row: np.ndarray, eos_id: int) -> list[int]:

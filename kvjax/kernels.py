@@ -1,26 +1,28 @@
-"""Kernels or references: the one place that decides, and the operations it decides between.
+"""Which kernels a cache runs: the choice, resolved once, as an object every cache holds.
 
-A quantized cache writes codes (grouped quantize + bit pack) and attends over them. Each operation
-exists twice in `pallas_kernels`: a Pallas kernel and its pure-jnp reference, which is also the path
-of every backend without the kernel. `Kernels` names the choice; AUTO is resolved by platform when
-a cache is made (`resolve`) and the cache carries the result as a static field, so no layer asks
-again (the RecurrentGemma `ScanType` pattern).
+A cache writes codes (grouped quantize + bit pack) and, in a decode step, attends one query per
+sequence over the parts of a layer (pallas_kernels.xla_attention.Part: a sink, a window, the step's
+token, packed tiers, a KIVI stage). `Kernels` names the choice (`--kernels`); `resolve` turns it
+into a `Backend` when a cache is made, and the cache carries it as a static field, so no layer asks
+again (the RecurrentGemma `ScanType` pattern). Every backend encodes bit-identically and attends to
+float32 rounding of the others (tests/test_policies.py, tests/test_cpu_attention.py).
 
-    REFERENCE  pure jnp / XLA (every backend)
-    PALLAS     the compiled kernels: Triton on GPU (the GPU default), Mosaic on TPU (compiled TPU
-               kernels are untested, so AUTO does not pick them there)
-    INTERPRET  the kernels run by the Pallas interpreter (tests on a CPU)
-    NATIVE     on a CPU, packed tiers attended by a C++ kernel through XLA's FFI
-               (pallas_kernels.cpu_attention, compiled on first use; the CPU default where a
-               C++ compiler is found); everything else as REFERENCE
+    REFERENCE  `Backend`: pure jnp / XLA for everything (every platform)
+    PALLAS     `Pallas`: the Pallas encoders, and the fused Pallas kernel for packed tiers filled in
+               order (Triton on GPU, the GPU default; Mosaic on TPU, untested there, so AUTO does
+               not pick it); the other parts through XLA
+    INTERPRET  `Pallas(interpret=True)`: the same kernels run by the Pallas interpreter (tests on a CPU)
+    NATIVE     `Native`: on a CPU, every part of a layer in one call of the C++ kernel
+               (pallas_kernels.cpu_attention, compiled on first use; the CPU default where a C++
+               compiler is found); the encoders through XLA
 
-`encoder(kernels, kind)` gives the row encoder, `fused_attention(kernels)` whether a packed tier
-is attended by the fused Pallas kernel and `native_attention(kernels)` whether by the CPU kernel;
-all read only the resolved value.
+Prompts are not attended here: a chunk of many queries goes through XLA's matmuls in every backend
+(kvjax.chunk, kvjax.cache), where it is compute-bound and a decode kernel has nothing to add.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import functools
 
@@ -28,6 +30,8 @@ import jax
 
 from kvjax.errors import KvjaxError
 from pallas_kernels import cpu_attention, quantize_pack
+from pallas_kernels import decode_attention as pallas_attention
+from pallas_kernels import xla_attention as xla
 
 
 class Kernels(enum.Enum):
@@ -38,9 +42,91 @@ class Kernels(enum.Enum):
     NATIVE = "native"
 
 
-def resolve(kernels: Kernels | str = Kernels.AUTO, platform: str | None = None) -> Kernels:
-    """AUTO -> PALLAS on GPU, NATIVE on a CPU where its kernel builds, else REFERENCE; PALLAS on a CPU
-    and NATIVE elsewhere are errors."""
+_ENCODERS = {
+    "values": (quantize_pack.encode_values, quantize_pack.encode_values_reference),
+    "key_groups": (quantize_pack.encode_key_groups, quantize_pack.encode_key_groups_reference),
+    "sym": (quantize_pack.encode_sym, quantize_pack.encode_sym_reference),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Backend:
+    """The XLA backend (REFERENCE); the others override what they run faster. Hashable: a static field."""
+
+    kernels = Kernels.REFERENCE
+
+    def encoder(self, kind: str):
+        """The row encoder `kind` ("values", "key_groups" or "sym"); same signature and bit-identical
+        outputs in every backend: f(x, bits, [group_size,] dtype)."""
+        return _ENCODERS[kind][1]
+
+    def partials(self, q, parts, *, group_size: int) -> xla.Partials:
+        """Flash-decoding partials of q [b, n, h] over the union of the parts' valid slots."""
+        return xla.attention_partials(q, parts, group_size=group_size)
+
+    def attend(self, q, parts, *, group_size: int):
+        """Softmax attention of q [b, n, h] over the union of the parts -> float32 [b, n, h]."""
+        return xla.merge_partials([self.partials(q, parts, group_size=group_size)])
+
+
+@dataclasses.dataclass(frozen=True)
+class Pallas(Backend):
+    """The Pallas encoders and fused tier kernel; `interpret` runs them in the Pallas interpreter."""
+
+    interpret: bool = False
+
+    @property
+    def kernels(self):
+        return Kernels.INTERPRET if self.interpret else Kernels.PALLAS
+
+    def encoder(self, kind):
+        return functools.partial(_ENCODERS[kind][0], interpret=self.interpret)
+
+    def partials(self, q, parts, *, group_size):
+        fused = [p for p in parts if _fused_kernel_reads(p)]
+        rest = [p for p in parts if not _fused_kernel_reads(p)]
+        out = [_fused_partials(q, p, group_size, self.interpret) for p in fused]
+        if rest:
+            out.append(xla.attention_partials(q, rest, group_size=group_size))
+        return xla.combine_partials(out)
+
+
+def _fused_kernel_reads(p: xla.Part) -> bool:
+    """The fused kernel reads packed tiers filled in order, keys and values at one width."""
+    return p.packed and p.key_bits == p.value_bits and p.count is not None and p.value_offset is None
+
+
+def _fused_partials(q, p: xla.Part, group_size: int, interpret: bool) -> xla.Partials:
+    at = lambda x: None if x is None else x[p.layer]  # the kernel takes one layer's [b, k, c, ...]
+    keys = at(p.keys)
+    blocks = pallas_attention.auto_blocks(q.shape[0], keys.shape[1], keys.shape[2])
+    return pallas_attention.tier_attention_partials(
+        q, keys, at(p.key_scale), at(p.key_zero), at(p.values), at(p.value_scale), at(p.value_zero), p.count,
+        bits=p.key_bits, group_size=group_size, blocks=blocks, interpret=interpret)
+
+
+@dataclasses.dataclass(frozen=True)
+class Native(Backend):
+    """The C++ CPU kernel: every part it takes in one call per layer, the others through XLA."""
+
+    kernels = Kernels.NATIVE
+
+    def partials(self, q, parts, *, group_size):
+        h = q.shape[-1]
+        takes = lambda p: cpu_attention.supported(h, group_size, p.symmetric or not p.packed)
+        parts = [p for p in parts if p.keys.shape[3]]  # a part of no slots adds nothing
+        native, rest = [p for p in parts if takes(p)], [p for p in parts if not takes(p)]
+        out = [cpu_attention.attention_partials(q, native, group_size=group_size)] if native else []
+        if rest:
+            out.append(xla.attention_partials(q, rest, group_size=group_size))
+        return xla.combine_partials(out) if out else xla.empty_partials(*q.shape)
+
+
+def resolve(kernels: Kernels | str | Backend = Kernels.AUTO, platform: str | None = None) -> Backend:
+    """The backend of a choice: AUTO -> PALLAS on GPU, NATIVE on a CPU where its kernel builds, else
+    REFERENCE; PALLAS on a CPU and NATIVE elsewhere are errors (a KvjaxError saying what to use)."""
+    if isinstance(kernels, Backend):
+        return kernels
     try:
         kernels = Kernels(kernels)
     except ValueError:
@@ -48,8 +134,9 @@ def resolve(kernels: Kernels | str = Kernels.AUTO, platform: str | None = None) 
     platform = platform or jax.default_backend()
     if kernels is Kernels.AUTO:
         if platform == "gpu":
-            return Kernels.PALLAS
-        return Kernels.NATIVE if platform == "cpu" and cpu_attention.available() else Kernels.REFERENCE
+            kernels = Kernels.PALLAS
+        else:
+            kernels = Kernels.NATIVE if platform == "cpu" and cpu_attention.available() else Kernels.REFERENCE
     if kernels is Kernels.PALLAS and platform == "cpu":
         raise KvjaxError("the Pallas kernels compile for GPU and TPU only; on a CPU use --kernels native, "
                          "interpret (the Pallas interpreter) or reference")
@@ -58,38 +145,5 @@ def resolve(kernels: Kernels | str = Kernels.AUTO, platform: str | None = None) 
             raise KvjaxError(f"the native kernel runs on a CPU only, not on {platform}")
         if not cpu_attention.available():
             raise KvjaxError(f"the native CPU kernel is unavailable: {cpu_attention.unavailable_reason()}")
-    return kernels
-
-
-_ENCODERS = {
-    "values": (quantize_pack.encode_values, quantize_pack.encode_values_reference),
-    "key_groups": (quantize_pack.encode_key_groups, quantize_pack.encode_key_groups_reference),
-    "sym": (quantize_pack.encode_sym, quantize_pack.encode_sym_reference),
-}
-
-
-def encoder(kernels: Kernels, kind: str):
-    """The row encoder `kind` ("values", "key_groups" or "sym") for a resolved choice; same signature and
-    bit-identical outputs either way: f(x, bits, [group_size,] dtype)."""
-    kernel, reference = _ENCODERS[kind]
-    if kernels in (Kernels.REFERENCE, Kernels.NATIVE):
-        return reference
-    if kernels is Kernels.AUTO:
-        raise ValueError("resolve Kernels.AUTO first (kvjax.kernels.resolve)")
-    return functools.partial(kernel, interpret=kernels is Kernels.INTERPRET)
-
-
-def fused_attention(kernels: Kernels) -> bool | None:
-    """None: not the fused Pallas kernel; else its `interpret` flag."""
-    if kernels in (Kernels.REFERENCE, Kernels.NATIVE):
-        return None
-    if kernels is Kernels.AUTO:
-        raise ValueError("resolve Kernels.AUTO first (kvjax.kernels.resolve)")
-    return kernels is Kernels.INTERPRET
-
-
-def native_attention(kernels: Kernels) -> bool:
-    """Whether packed tiers are attended by the C++ CPU kernel."""
-    if kernels is Kernels.AUTO:
-        raise ValueError("resolve Kernels.AUTO first (kvjax.kernels.resolve)")
-    return kernels is Kernels.NATIVE
+    return {Kernels.REFERENCE: Backend(), Kernels.PALLAS: Pallas(), Kernels.INTERPRET: Pallas(interpret=True),
+            Kernels.NATIVE: Native()}[kernels]

@@ -28,10 +28,16 @@ import functools
 import jax.numpy as jnp
 
 from kvjax.errors import KvjaxError
+from pallas_kernels.quant import VALID_BITS
 
+DEFAULT_SINKS = 4  # S, for the policies that keep sinks
+DEFAULT_WINDOW = 128  # W (KIVI's residual R)
+DEFAULT_GROUP = 32  # G
 EVICTED = -1  # entry of a token that was dropped
 NO_ENTRY = -2  # not left (yet), a sink, or padding
-WIDTHS = (2, 4, 8, 16)  # 16: stored as is, in the cache's 16-bit dtype
+CODE_WIDTHS = VALID_BITS  # the widths stored as packed codes: what the codecs pack (pallas_kernels.quant)
+WIDTHS = CODE_WIDTHS + (16,)  # every width a tier stores at (16: as is, in the cache's 16-bit dtype), in this
+# order: the controller's logits, the mixed policies' tiers and the allocation trainer's choices follow it
 
 
 def has_left(positions, query_positions, sinks: int, window: int):
@@ -118,6 +124,18 @@ class Layout:
     def caps(self) -> tuple[int, ...]:
         return tuple(t.slots for t in self.tiers)
 
+    @property
+    def average_bits(self) -> float:
+        """Mean width of the left tokens when every slot of every tier holds one, as in a full cache whose
+        tokens all pass through one chain of tiers: the tiers' `mean_bits` weighted by their slots (0
+        without tiers: every left token is evicted; 16 while no slot can be reached)."""
+        slots = sum(self.caps)
+        if not self.tiers:
+            return 0.0
+        if not slots:
+            return 16.0
+        return sum(t.slots * t.mean_bits() for t in self.tiers) / slots
+
     @functools.cached_property  # asked for every layer and tier while tracing
     def segments(self) -> tuple[tuple[int, int], ...]:
         """(start, stop) of the runs of layers whose widths are the same in every tier."""
@@ -130,6 +148,26 @@ class Layout:
 
     def has_left(self, positions, query_positions):
         return has_left(positions, query_positions, self.sinks, self.window)
+
+    def leaving(self, positions):
+        """The position of the token that leaves the window when the one at `positions` arrives (jnp;
+        -1: none, or padding)."""
+        return jnp.where(self.has_left(positions - self.window, positions), positions - self.window, -1)
+
+    def sink_slot(self, positions):
+        """The sink slot of tokens at `positions` (jnp): the position, or sink_slots (none) past S or for padding."""
+        return jnp.where((positions >= 0) & (positions < self.sinks), positions, self.sink_slots)
+
+    def window_slot(self, positions):
+        """The window slot of tokens at `positions` (jnp): (p - S) % W, or window_slots (none) for a
+        sink or padding."""
+        return jnp.where(positions >= self.sinks, (positions - self.sinks) % self.window, self.window_slots)
+
+    def keeps_key_stage(self, tier: int, key_bits: int) -> bool:
+        """Whether a tier's keys wait in a 16-bit stage until their group of G is complete: KIVI keys
+        (codes, not symmetric) of a tier that leaving tokens enter; a tier reached only by demotion
+        receives whole groups."""
+        return key_bits < 16 and not self.tiers[tier].symmetric and tier in self.heads
 
     def held(self, tier: int, entered):
         """Tokens a tier holds, given how many entered it (jnp [...]): a ring has moved its oldest on."""
@@ -145,15 +183,20 @@ class Layout:
             return jnp.zeros_like(entered)
         return jnp.maximum(-(-entered // g) * g - t.slots, 0)
 
-    def valid_slots(self, tier: int, entered):
-        """bool [b, c]: slots holding a token, given entered [b] (no positions are stored)."""
+    def rank_at(self, tier: int, entered):
+        """int32 [b, c]: the rank of the token in each slot (in a ring, the latest rank that used the slot),
+        given entered [b]; `valid_slots` says which slots hold one."""
         t = self.tiers[tier]
         slot = jnp.arange(t.slots)[None, :]
         e = entered[:, None]
-        if not t.ring:
-            return slot < e
-        newest = e - 1 - (e - 1 - slot) % t.slots  # the latest rank that used this slot
-        return (e > 0) & (newest >= self.evicted_below(tier, e))
+        return e - 1 - (e - 1 - slot) % t.slots if t.ring else jnp.broadcast_to(slot, (e.shape[0], t.slots))
+
+    def valid_slots(self, tier: int, entered):
+        """bool [b, c]: slots holding a token, given entered [b] (no positions are stored)."""
+        rank, e = self.rank_at(tier, entered), entered[:, None]
+        if not self.tiers[tier].ring:
+            return rank < e
+        return (e > 0) & (rank >= self.evicted_below(tier, e))
 
     def stage_start(self, tier: int, entered):
         """[b]: slot of the first rank of the group being filled (KIVI keys wait in the stage)."""

@@ -10,6 +10,7 @@ equals its HF original.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import glob
 import importlib.util
 import json
@@ -66,23 +67,30 @@ def permute_rotary(w: np.ndarray, heads: int) -> np.ndarray:
 
 
 def assemble_params(cfg: ModelConfig, get: Callable[[str], np.ndarray], dtype) -> dict:
-    """Builds the Llama params pytree from `get(hf_name) -> float32 array [out, in]`."""
+    """Builds the Llama params pytree from `get(hf_name) -> float32 array [out, in]`.
+
+    Each leaf becomes a jax array as soon as it is read, its layers stacked in place: loading holds
+    the params and one leaf's float32 copy at most, not the whole model twice."""
     layers = {}
     for leaf, hf_name, kind in _LAYER_LEAVES:
-        per_layer = []
+        stacked = None
         for i in range(cfg.num_layers):
             w = get(f"model.layers.{i}.{hf_name}.weight")
-            per_layer.append(w.T if kind == "linear" else w)
-        layers[leaf] = {"kernel" if kind == "linear" else "scale": np.stack(per_layer)}
+            w = w.T if kind == "linear" else w
+            if stacked is None:
+                stacked = np.empty((cfg.num_layers,) + w.shape, np.float32)
+            stacked[i] = w
+        layers[leaf] = {"kernel" if kind == "linear" else "scale": jnp.asarray(stacked, dtype)}
+        del stacked
     params = {
-        "embed": {"embedding": get("model.embed_tokens.weight")},
+        "embed": {"embedding": jnp.asarray(get("model.embed_tokens.weight"), dtype)},
         "layers": layers,
-        "final_norm": {"scale": get("model.norm.weight")},
+        "final_norm": {"scale": jnp.asarray(get("model.norm.weight"), dtype)},
     }
     if not cfg.tie_word_embeddings:
-        params["lm_head"] = {"kernel": get("lm_head.weight").T}
+        params["lm_head"] = {"kernel": jnp.asarray(get("lm_head.weight").T, dtype)}
     _check_shapes(cfg, params)
-    return _to_jax(params, dtype)
+    return params
 
 
 def _check_shapes(cfg: ModelConfig, params: dict):
@@ -100,12 +108,6 @@ def _check_shapes(cfg: ModelConfig, params: dict):
             x = x[key]
         if tuple(x.shape) != shape:
             raise KvjaxError(f"tensor {'.'.join(path)} has shape {tuple(x.shape)}, the config says {shape}")
-
-
-def _to_jax(tree, dtype):
-    if isinstance(tree, dict):
-        return {k: _to_jax(v, dtype) for k, v in tree.items()}
-    return jnp.asarray(tree, dtype)
 
 
 # ----------------------------------------------------------------------------- GGUF
@@ -137,7 +139,15 @@ def _gguf_reader(path: str):
 
 
 def _open_gguf(path: str):
-    """(reader, metadata dict, tensors by name) of a GGUF file; only the header is read here."""
+    """(reader, metadata dict, tensors by name) of a GGUF file; only the header is read here (about
+    2 s for the default model's vocabulary, so a command that reads the config, then the tokenizer,
+    then the weights parses it once)."""
+    stat = os.stat(path)
+    return _parse_gguf(os.path.abspath(path), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=2)
+def _parse_gguf(path: str, size: int, mtime_ns: int):
     try:
         reader = _gguf_reader(path)
         meta = {name: _gguf_field(field) for name, field in reader.fields.items()}
@@ -196,7 +206,9 @@ def read_gguf(path: str, dtype=jnp.float32) -> LoadedModel:
             w = unpermute_rotary(w, cfg.num_kv_heads)
         return w
 
-    return LoadedModel(cfg=cfg, params=assemble_params(cfg, get, dtype), tokenizer=tok, source=path)
+    params = assemble_params(cfg, get, dtype)
+    _parse_gguf.cache_clear()  # the file's memory map is no longer needed
+    return LoadedModel(cfg=cfg, params=params, tokenizer=tok, source=path)
 
 
 def dequantize_gguf_tensor(tensor, path: str) -> np.ndarray:
@@ -304,6 +316,19 @@ def load_model(spec: str | None = None, dtype=jnp.float32) -> LoadedModel:
     if kind == "gguf":
         return read_gguf(spec, dtype)
     return read_hf_folder(spec if kind == "folder" else download_hub(spec), dtype)
+
+
+def read_tokenizer(spec: str | None = None) -> tokenizer_lib.Tokenizer | None:
+    """The model's tokenizer without loading its weights, to count prompt tokens before anything slow;
+    None for a hub id (it comes with the download)."""
+    spec = resolve_model(spec)
+    kind = _kind(spec)
+    if kind == "gguf":
+        return tokenizer_lib.from_gguf_metadata(_open_gguf(spec)[1])
+    if kind == "folder":
+        cfg = read_config(spec)
+        return tokenizer_lib.from_hf_folder(spec, cfg.bos_token_id, cfg.eos_token_id)
+    return None
 
 
 def read_config(spec: str | None = None) -> ModelConfig | None:

@@ -107,7 +107,7 @@ def _embed(cfg: ModelConfig, dtype):
 
 
 def _apply(params, cfg: ModelConfig, tokens, positions, cache, dtype, token_stats: bool, queries: bool):
-    """embed -> the layers, one scan per cache segment -> RMSNorm -> logits float32 [b, t, v]."""
+    """embed -> the layers, one scan per cache segment -> RMSNorm: hidden states [b, t, d] (and cache, stats)."""
     embed = _embed(cfg, dtype)
     x = embed.apply({"params": params["embed"]}, tokens)
     if cache is not None:
@@ -128,15 +128,38 @@ def _apply(params, cfg: ModelConfig, tokens, positions, cache, dtype, token_stat
         (x, cache), out = jax.lax.scan(body, (x, cache), layers)
         outs.append(out)
     x = RMSNorm(cfg.rms_norm_eps, dtype).apply({"params": params["final_norm"]}, x)
-    if cfg.tie_word_embeddings:  # x . embedding rows, without transposing the [v, d] table (XLA copied it each step)
-        table = params["embed"]["embedding"].astype(dtype)
-        logits = jnp.einsum("btd,vd->btv", x, table)
-    else:
-        logits = nn.Dense(cfg.vocab_size, use_bias=False, dtype=dtype).apply({"params": params["lm_head"]}, x)
     if cache is not None:
         cache = cache.advance(positions)
     stats = jax.tree_util.tree_map(lambda *a: jnp.concatenate(a), *outs) if token_stats else None
-    return logits.astype(jnp.float32), cache, stats
+    return x, cache, stats
+
+
+def head(params, cfg: ModelConfig, x, dtype=jnp.float32):
+    """The output head: hidden states x [..., d] (after the final norm) -> logits float32 [..., v]."""
+    if cfg.tie_word_embeddings:  # x . embedding rows, without transposing the [v, d] table (XLA copied it each step)
+        logits = jnp.einsum("...d,vd->...v", x.astype(dtype), params["embed"]["embedding"].astype(dtype))
+    else:
+        logits = nn.Dense(cfg.vocab_size, use_bias=False, dtype=dtype).apply({"params": params["lm_head"]}, x)
+    return logits.astype(jnp.float32)
+
+
+LOGIT_BLOCK = 256  # positions per block of `target_logprobs`
+
+
+def target_logprobs(params, cfg: ModelConfig, x, targets, dtype=jnp.float32):
+    """log p(targets [b, T]) from hidden states x [b, T, d] -> float32 [b, T]; the head runs LOGIT_BLOCK
+    positions at a time, so a long text never holds its [b, T, v] logits."""
+    b, T, _ = x.shape
+    blocks = -(-T // LOGIT_BLOCK)
+    pad = lambda a: jnp.pad(a, ((0, 0), (0, blocks * LOGIT_BLOCK - T)) + ((0, 0),) * (a.ndim - 2))
+    by_block = lambda a: pad(a).reshape(b, blocks, LOGIT_BLOCK, *a.shape[2:]).swapaxes(0, 1)
+
+    def one(args):
+        xb, yb = args  # [b, B, d], [b, B]
+        logits = head(params, cfg, xb, dtype)
+        return jnp.take_along_axis(logits, yb[..., None], axis=-1)[..., 0] - jax.nn.logsumexp(logits, axis=-1)
+
+    return jax.lax.map(one, (by_block(x), by_block(targets))).swapaxes(0, 1).reshape(b, -1)[:, :T]
 
 
 def init_params(cfg: ModelConfig, rng: jax.Array, dtype=jnp.float32):
@@ -159,12 +182,20 @@ def init_params(cfg: ModelConfig, rng: jax.Array, dtype=jnp.float32):
 
 def forward(params, cfg: ModelConfig, tokens, positions, cache=None, dtype=jnp.float32):
     """Functional entry point: (logits float32 [b, t, v], new cache)."""
-    logits, cache, _ = _apply(params, cfg, tokens, positions, cache, dtype, False, False)
-    return logits, cache
+    x, cache, _ = _apply(params, cfg, tokens, positions, cache, dtype, False, False)
+    return head(params, cfg, x, dtype), cache
+
+
+def hidden_states(params, cfg: ModelConfig, tokens, positions, cache=None, dtype=jnp.float32, token_stats=False):
+    """`forward` without the output head: (hidden states [b, t, d] after the final norm, new cache,
+    each layer's token statistics [l, b, t, 3] if `token_stats`, else None). `head` turns the rows
+    that need them into logits (a prompt needs its last)."""
+    return _apply(params, cfg, tokens, positions, cache, dtype, token_stats, False)
 
 
 def forward_with_stats(params, cfg: ModelConfig, tokens, positions, cache=None, dtype=jnp.float32,
                        queries: bool = False):
     """`forward` that also returns each layer's token statistics float32 [l, b, t, 3] (for features);
     with `queries`, (stats, queries [l, b, t, n, h]) (for controller training traces)."""
-    return _apply(params, cfg, tokens, positions, cache, dtype, True, queries)
+    x, cache, stats = _apply(params, cfg, tokens, positions, cache, dtype, True, queries)
+    return head(params, cfg, x, dtype), cache, stats

@@ -31,6 +31,7 @@ import dataclasses
 import math
 from typing import Callable
 
+import jax
 import jax.numpy as jnp
 
 from kvjax import kernels as kernel_choice
@@ -39,12 +40,8 @@ from kvjax.cache import DenseCache, storage_dtype
 from kvjax.config import ModelConfig
 from kvjax.controller import Controller, default_controller, load_controller
 from kvjax.errors import KvjaxError
-from kvjax.layout import EVICTED, Layout, Tier
+from kvjax.layout import CODE_WIDTHS, DEFAULT_GROUP, DEFAULT_SINKS, DEFAULT_WINDOW, EVICTED, WIDTHS, Layout, Tier
 from kvjax.tiered import TieredCache
-
-DEFAULT_WINDOW = 128  # W (KIVI's residual R)
-DEFAULT_GROUP = 32  # G
-DEFAULT_SINKS = 4  # S, for the policies that keep sinks
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +50,7 @@ class Policy:
 
     name: str
     uses_features = False  # whether token widths depend on model outputs (then scoring runs block by block)
+    evicts = False  # whether tokens that leave the window may be dropped (`entry` returns EVICTED)
 
     def layout(self, cfg: ModelConfig, capacity: int) -> Layout | None:
         """The static shape of a cache for sequences of up to `capacity` tokens; None: plain 16-bit."""
@@ -67,10 +65,10 @@ class Policy:
     def check(self, cfg: ModelConfig):
         """Raises a KvjaxError if the policy cannot run on this model."""
 
-    @property
-    def average_bits(self) -> float:
-        """Bits per K/V element of the tokens that left the window, in a full cache (16 for fp16)."""
-        return 16.0
+    def average_bits(self, cfg: ModelConfig) -> float:
+        """Bits per K/V element of the tokens that left the window, in a cache full at the model's
+        context (evicted tokens count 0)."""
+        raise NotImplementedError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,8 +78,11 @@ class FP16(Policy):
     def layout(self, cfg, capacity):
         return None
 
+    def average_bits(self, cfg):
+        return 16.0
+
     def make_cache(self, cfg, batch, capacity, dtype=jnp.float32, kernels=kernel_choice.Kernels.AUTO, kv_dtype=None):
-        return DenseCache.init(cfg, batch, capacity, storage_dtype(dtype, kv_dtype))
+        return DenseCache.init(cfg, batch, capacity, storage_dtype(dtype, kv_dtype), kernels)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,6 +117,16 @@ class Quantized(Policy):
         self.check(cfg)
         return TieredCache.init(self, cfg, batch, capacity, storage_dtype(dtype, kv_dtype), kernels)
 
+    def average_bits(self, cfg):
+        """Read from the layout of a cache for the model's context (`Layout.average_bits`), so that a
+        subclass says it only through its tiers. Tokens that enter several tiers fill them by the
+        policy's choice, not slot by slot: such a policy (Mixed) states its own."""
+        layout = self.layout(cfg, cfg.max_position_embeddings)
+        if len(layout.heads) > 1:
+            raise NotImplementedError(f"{self.name}: tokens enter {len(layout.heads)} tiers, whose slots are "
+                                      "capacities, not shares: the policy states its average bits")
+        return layout.average_bits
+
     def check(self, cfg):
         h = cfg.head_dim
         for t in self.tiers(cfg, self.group_size):
@@ -136,6 +147,8 @@ def _round_up(n: int, g: int) -> int:
 def _per_layer(bits, num_layers: int, name: str) -> tuple[int, ...]:
     if isinstance(bits, int):
         return (bits,) * num_layers
+    if callable(bits):  # a rule of the layer's depth
+        return tuple(int(bits(layer / num_layers)) for layer in range(num_layers))
     if len(bits) != num_layers:
         raise KvjaxError(f"{name}: widths for {len(bits)} layers, the model has {num_layers}")
     return tuple(bits)
@@ -145,8 +158,12 @@ def _per_layer(bits, num_layers: int, name: str) -> tuple[int, ...]:
 class Bands(Quantized):
     """Widths by age. Every left token enters the first band; each band but the last is a ring of
     whole groups holding its share of a full cache's left tokens, whose oldest group moves on to the
-    next band when a new one starts. Widths per band: (keys, values), each an int or one per layer.
-    One band is KIVI (or int8-sink, symmetric)."""
+    next band when a new one starts. One band is KIVI (or int8-sink, symmetric).
+
+    Widths per band: (keys, values), each an int (every layer), a tuple (one per layer of the model)
+    or a rule: a function of the layer's depth, layer / layers in [0, 1), to a width, which fits
+    every model (`lambda depth: 4 if depth < 0.5 else 2`: 4 bits in the first half of the layers).
+    A rule is compared by identity, as a static argument of jit: define it once, not per call."""
 
     bands: tuple = ((2, 2),)
     shares: tuple[float, ...] = ()  # per band but the last: its share of the left tokens
@@ -170,12 +187,6 @@ class Bands(Quantized):
             used += slots
         return tuple(out)
 
-    @property
-    def average_bits(self) -> float:
-        shares = list(self.shares) + [1.0 - sum(self.shares)]
-        mean = lambda b: sum(b) / len(b) if isinstance(b, tuple) else float(b)
-        return sum(s * (mean(kb) + mean(vb)) / 2 for s, (kb, vb) in zip(shares, self.bands))
-
 
 def _label(keys, values, index: int) -> str:
     if len(set(keys)) == 1 and len(set(values)) == 1:
@@ -187,20 +198,17 @@ def _label(keys, values, index: int) -> str:
 class Streaming(Quantized):
     """StreamingLLM: tokens that leave the window are evicted."""
 
+    evicts = True
+
     def tiers(self, cfg, left):
         return ()
 
     def entry(self, positions, features, entered, layout):
         return jnp.full(positions.shape, EVICTED, jnp.int32)
 
-    @property
-    def average_bits(self) -> float:
-        return 0.0
-
 
 PRECISIONS = ("static", "rule", "learned", "random")
 CONTROLLED = ("learned", "random")  # precisions that need a controller
-MIXED_WIDTHS = (2, 4, 8, 16)  # the tiers of a mixed policy, in this order
 _UPGRADE_SHARES = {16: 0.2, 8: 0.3, 4: 0.5}  # share of the bits above 2 spent on 16-, 8- and 4-bit tokens
 
 
@@ -237,8 +245,8 @@ class Mixed(Quantized):
     def uses_features(self) -> bool:
         return self.precision in ("rule", "learned")
 
-    @property
-    def average_bits(self) -> float:
+    def average_bits(self, cfg):
+        """The budget: every token enters the tier of its own width (as far as there is room)."""
         return self.budget_bits
 
     def histogram(self) -> dict[int, float]:
@@ -253,7 +261,7 @@ class Mixed(Quantized):
         g, hist = self.group_size, self.histogram()
         caps = {w: _round_up(math.floor(hist[w] * left), g) for w in (4, 8, 16)}
         caps[2] = _round_up(max(left - sum(caps.values()), 0), g)
-        return tuple(Tier(f"{w}-bit", caps[w], (w,) * cfg.num_layers, (w,) * cfg.num_layers) for w in MIXED_WIDTHS)
+        return tuple(Tier(f"{w}-bit", caps[w], (w,) * cfg.num_layers, (w,) * cfg.num_layers) for w in WIDTHS)
 
     def check(self, cfg):
         super().check(cfg)
@@ -276,11 +284,11 @@ class Mixed(Quantized):
         ties to the wider."""
         preferred, caps = self.preferred(positions, features), layout.caps
         tier = jnp.zeros_like(preferred)
-        for pref in MIXED_WIDTHS:
-            order = sorted(MIXED_WIDTHS, key=lambda w: (abs(math.log2(w) - math.log2(pref)), -w))
+        for pref in WIDTHS:
+            order = sorted(WIDTHS, key=lambda w: (abs(math.log2(w) - math.log2(pref)), -w))
             chosen = jnp.full_like(preferred, EVICTED)  # every tier full (cannot happen within the capacity)
             for w in reversed(order):  # the first in `order` with room wins
-                i = MIXED_WIDTHS.index(w)
+                i = WIDTHS.index(w)
                 chosen = jnp.where(entered[:, i] < caps[i], i, chosen)
             tier = jnp.where(preferred == pref, chosen, tier)
         return tier
@@ -348,14 +356,14 @@ def _controlled(precision):
 
 def _register_builtins():
     register(Family("fp16", lambda name, budget, o: FP16(), "every token in 16 bits"))
-    for bits in (2, 4, 8):
+    for bits in CODE_WIDTHS:
         register(Family(f"kivi{bits}", lambda name, budget, o, b=bits: Bands(name, bands=((b, b),), **o),
                         f"KIVI at {bits} bits: 16-bit residual of R tokens, keys per channel, values per token"))
         register(Family(f"int{bits}-sink", lambda name, budget, o, b=bits: Bands(
             name, bands=((b, b),), symmetric=True, **{"sinks": DEFAULT_SINKS, **o}),
             f"S sinks + W newest in 16 bits, the rest {bits}-bit symmetric per token"))
-    for kb in (2, 4, 8):
-        for vb in (2, 4, 8):
+    for kb in CODE_WIDTHS:
+        for vb in CODE_WIDTHS:
             if kb != vb:
                 register(Family(f"kivi-k{kb}v{vb}", lambda name, budget, o, k=kb, v=vb: Bands(
                     name, bands=((k, v),), **o), f"KIVI with keys at {kb} bits and values at {vb}"))
@@ -383,7 +391,8 @@ def _allocated(name, budget, o):
     allocation = _given_or_shipped(o, "allocation", Allocation, load_allocation, default_allocation, budget)
     if abs(allocation.average_bits - budget) > 0.05:
         raise KvjaxError(f"{name}: the allocation averages {allocation.average_bits:.3f} bits, not {budget:g}")
-    return allocation.policy(name, **o)
+    stored = {"sinks": allocation.sinks, "window": allocation.window, "group_size": allocation.group_size, **o}
+    return Bands(name, bands=tuple(zip(allocation.keys, allocation.values)), shares=tuple(allocation.shares), **stored)
 
 
 def _band(name, budget, o):
@@ -413,7 +422,8 @@ def family_of(name: str) -> Family:
 
 def get_policy(name: str, *, window: int | None = None, sinks: int | None = None, group_size: int | None = None,
                controller=None, allocation=None) -> Policy:
-    """The policy called `name` (`kivi2`, `band@3`, `mixed-rule@2.5`, an alias), with optional overrides of
+    """The policy called `name` (`kivi2`, `band@3`, `mixed-rule@2.5`, an alias; @BITS for the families
+    registered with a budget: band, learned-alloc and the mixed ones), with optional overrides of
     W, S, G, for learned and random policies the controller (a path or a Controller) and for
     learned-alloc the allocation (a path or a kvjax.allocation.Allocation)."""
     full = canonical_name(name)
@@ -422,7 +432,8 @@ def get_policy(name: str, *, window: int | None = None, sinks: int | None = None
     budget = None
     if text:
         if family.budget == "none":
-            raise KvjaxError(f"{name!r}: only mixed and band policies take a bit budget")
+            takers = ", ".join(f"{f.name}@BITS" for f in REGISTRY.values() if f.budget != "none")
+            raise KvjaxError(f"{name!r}: {base} takes no bit budget; the policies that do: {takers}")
         try:
             budget = float(text)
         except ValueError:
@@ -456,63 +467,12 @@ def make_cache(policy: str | Policy, cfg: ModelConfig, batch: int, capacity: int
     return policy.make_cache(cfg, batch, capacity, dtype, kernels, kv_dtype)
 
 
-# ----------------------------------------------------------------------------- command lines
-
-
-SUGGESTED = "learned-alloc@2.5"  # the policy to try for memory: near-FP16 perplexity (README's results table)
-
-
-def policy_help() -> str:
-    lines = [f"{f.name}{'@BITS' if f.budget == 'required' else ''}: {f.help}" for f in REGISTRY.values()]
-    aliases = ", ".join(f"{a} = {t}" for a, t in ALIASES.items()) + ", mixed@BITS = mixed-static@BITS"
-    return (f"KV-cache policy (comma-separated where several are run); to save memory, try {SUGGESTED}. "
-            + "; ".join(lines) + f". Aliases: {aliases}")
-
-
-def add_policy_flags(parser, default: str = "fp16"):
-    """The flags that pick and tune KV-cache policies, the same in every command (see `policies_from_flags`)."""
-    parser.add_argument("--kv", default=default, help=policy_help())
-    parser.add_argument("--window", "--residual", dest="window", type=int, default=None,
-                        help=f"16-bit window W (KIVI's residual R) of the quantized policies (default {DEFAULT_WINDOW})")
-    parser.add_argument("--group-size", type=int, default=None,
-                        help=f"quantization group size G of the quantized policies (default {DEFAULT_GROUP})")
-    parser.add_argument("--sinks", type=int, default=None,
-                        help=f"attention-sink tokens kept in 16 bits (default {DEFAULT_SINKS}; 0 for kivi)")
-    parser.add_argument("--controller", default=None,
-                        help="mixed-learned/-random: a controller file (default: the one shipped for the budget)")
-    parser.add_argument("--allocation", default=None,
-                        help="learned-alloc: an allocation file (default: the one shipped for the budget)")
-    parser.add_argument("--kernels", default="auto", choices=[k.value for k in kernel_choice.Kernels],
-                        help="how packed tiers are attended: Pallas kernels, the C++ CPU kernel (native) or "
-                             "the jnp/XLA reference (auto: Pallas on GPU, native on a CPU)")
-
-
-def policies_from_flags(args) -> list[Policy]:
-    """The policies of --kv (comma-separated); the tuning flags apply to the quantized ones."""
-    names = [n.strip() for n in args.kv.split(",") if n.strip()]
-    if not names:
-        raise KvjaxError("--kv needs at least one policy")
-    tuned = {"window": args.window, "sinks": args.sinks, "group_size": args.group_size}
-    if names == ["fp16"] and (any(v is not None for v in tuned.values()) or args.controller or args.allocation):
-        raise KvjaxError("--window/--group-size/--sinks/--controller/--allocation need a quantized --kv")
-    out = []
-    for name in names:
-        family = family_of(name)
-        if family.name == "fp16":
-            out.append(get_policy(name))
-        else:
-            out.append(get_policy(name, **tuned, controller=args.controller if family.takes_controller else None,
-                                  allocation=args.allocation if family.takes_allocation else None))
-    if args.controller and not any(family_of(n).takes_controller for n in names):
-        raise KvjaxError("--controller applies to mixed-learned and mixed-random policies")
-    if args.allocation and not any(family_of(n).takes_allocation for n in names):
-        raise KvjaxError("--allocation applies to learned-alloc policies")
-    return out
-
-
-def policy_from_flags(args) -> Policy:
-    """The one policy of --kv."""
-    policies = policies_from_flags(args)
-    if len(policies) > 1:
-        raise KvjaxError(f"--kv takes one policy here, got {args.kv!r}")
-    return policies[0]
+def cache_bytes(policy: str | Policy, cfg: ModelConfig, batch: int, capacity: int, dtype=jnp.float32,
+                kv_dtype=None) -> int:
+    """Bytes an empty cache of `policy` holds (`make_cache`'s arguments), from its shapes alone: nothing is
+    allocated or compiled (it is sized with the reference kernels; no size depends on the kernels, and
+    `auto` would build the CPU kernel)."""
+    policy = get_policy(policy) if isinstance(policy, str) else policy
+    shapes = jax.eval_shape(lambda: policy.make_cache(cfg, batch, capacity, dtype, kernel_choice.Kernels.REFERENCE,
+                                                      kv_dtype))
+    return sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(shapes))

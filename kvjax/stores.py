@@ -24,7 +24,7 @@ values), both straight from the packed codes (pallas_kernels.decode_attention), 
 a sequence's tokens placed at their slots (prompts). `roundtrip(x, bits, G, dtype)` is what
 reading stored tokens back gives, in float32, with scales stored in `dtype` (KIVI keys: given in
 slot order, whole groups), which the teacher-forced path (kvjax.teacher_forced) uses to score
-exactly. Codes come from the encoders that kvjax.kernels
+exactly. Codes come from the encoders that kvjax.backend
 picks (Pallas kernel or reference, bit-identical); slots out of range are not written.
 """
 
@@ -34,21 +34,23 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from kvjax import kernels as kernel_choice
-from pallas_kernels import decode_attention as da
 from pallas_kernels import quantize_pack as qp
-
-
-def _group_slots(rows, start, g):
-    return rows[:, None], slice(None), start[:, None] + jnp.arange(g)  # [b, G] slots from start [b]
 
 
 def _by_slot(x):
     return x.swapaxes(1, 2)  # [b, k, G, ...] -> [b, G, k, ...]: the layout of a scatter at [rows, :, slots]
 
 
-def _set(array, index, values):
+def write_at(array, index, values):
+    """`array` with `values` (cast to its dtype) written at `index`; indices out of range are dropped."""
     return array.at[index].set(values.astype(array.dtype), mode="drop")
+
+
+def after_reading(read, x):
+    """x, made to depend on the scalar `read` (taken from something just read), so that XLA schedules
+    the write of x after that read and updates the array in place, instead of copying the whole
+    array to keep what was read (its value is x: it would differ only if `read` were NaN)."""
+    return jnp.where(jnp.isnan(read), jnp.zeros_like(x), x)
 
 
 class _Store:
@@ -59,6 +61,7 @@ class _Store:
 
     SLOTS: tuple[str, ...] = ()
     GROUPS: tuple[str, ...] = ()
+    staged = False  # whether keys wait in a 16-bit stage until their group is complete (KiviKeys of a head tier)
 
     @property
     def slots(self) -> int:
@@ -82,30 +85,75 @@ class _Store:
 
     def _put(self, name: str, index: tuple, values):
         """The field `name` with `values` written at `index` of this view's layer."""
-        return _set(getattr(self, name), self._index(index), values)
+        return write_at(getattr(self, name), self._index(index), values)
 
-    def _take_group(self, name: str, start, g):
-        """A field at the G slots from start [b] -> [b, k, G, ...] (start clamped inside)."""
-        rows = jnp.arange(start.shape[0])[:, None]
-        slots = jnp.minimum(start[:, None] + jnp.arange(g), self.slots - 1)
-        return getattr(self, name)[self._index((rows, slice(None), slots))].swapaxes(1, 2)
-
-    def _take_group_entry(self, name: str, start, g):
-        """A per-group field at the group of slot start [b] -> [b, k, ...]."""
-        group = jnp.minimum(start // g, self.slots // g - 1)
-        return getattr(self, name)[self._index((jnp.arange(start.shape[0]), slice(None), group))]
-
-    def take_raw(self, start, g):
-        raw = {f: self._take_group(f, start, g) for f in self.SLOTS}
-        raw.update({f: self._take_group_entry(f, start, g) for f in self.GROUPS})
+    def take(self, slots, fields=None):
+        """The fields of this view's layer at slots [b, N] (clamped inside; whole groups of G slots,
+        each group's slots in order) -> {field: [b, k, N, ...] per slot, or [b, k, N / G, ...] per
+        group}."""
+        rows = jnp.arange(slots.shape[0])[:, None]
+        slots = jnp.clip(slots, 0, self.slots - 1)
+        raw = {}
+        for f in fields or self.SLOTS + self.GROUPS:
+            at = slots if f in self.SLOTS else slots[:, ::self.group_size] // self.group_size
+            raw[f] = getattr(self, f)[self._index((rows, slice(None), at))].swapaxes(1, 2)
         return raw
 
-    def put_raw(self, rows, start, raw):
-        g = raw[self.SLOTS[0]].shape[2]
-        out = {f: self._put(f, _group_slots(rows, start, g), _by_slot(raw[f])) for f in self.SLOTS}
-        group = (rows, slice(None), jnp.where(start < self.slots, start // g, self.slots // g))
-        out.update({f: self._put(f, group, raw[f]) for f in self.GROUPS})
+    def put(self, slots, raw, keep=None):
+        """This store with raw fields (as `take` gives them) written at slots [b, N] where keep [b, N]
+        (default: everywhere; a group's fields where its first slot is kept)."""
+        rows = jnp.arange(slots.shape[0])[:, None]
+        slots = slots if keep is None else jnp.where(keep, slots, self.slots)  # out of range: dropped
+        out = {}
+        for f in self.SLOTS + self.GROUPS:
+            g = 1 if f in self.SLOTS else self.group_size
+            at = jnp.where(slots[:, ::g] < self.slots, slots[:, ::g] // g, self.slots // g)
+            out[f] = self._put(f, (rows, slice(None), at), _by_slot(raw[f]))
         return self.replace(**out)
+
+    def take_raw(self, start, g):
+        """The whole group of G slots from start [b], as it is stored."""
+        return self.take(start[:, None] + jnp.arange(g))
+
+    def put_raw(self, start, raw):
+        """A group as `take_raw` gives it, written at the G slots from start [b] (none if out of range)."""
+        return self.put(start[:, None] + jnp.arange(raw[self.SLOTS[0]].shape[2]), raw)
+
+    def write(self, slot, x, backend):
+        """x [b, k, h] (one token per row) encoded at slot [b]."""
+        return self.put(slot[:, None], self.encode(x[:, :, None], backend))
+
+    def write_group(self, start, x, backend):
+        """x [b, k, G, h] encoded at the G slots from start [b]."""
+        return self.put(start[:, None] + jnp.arange(x.shape[2]), self.encode(x, backend))
+
+    def read_group(self, start, g, dtype):
+        """The G slots from start [b] as read back, [b, k, G, h] in `dtype`."""
+        return self.decode(self.take_raw(start, g), dtype)
+
+    def decoded(self):
+        """Every slot of this view's layer as it is read back, float32 [b, k, c, h] (empty slots: anything)."""
+        return self.decode({f: self.get(f) for f in self.SLOTS + self.GROUPS})
+
+    def select(self, pick, a: dict, b: dict) -> dict:
+        """Raw fields ([b, k, N, ...], as `take` gives them) of `a` where pick [b, N], else of `b` (a
+        group's fields by its first slot)."""
+        return {f: jnp.where(_per_field(self, f, pick), a[f], b[f]) for f in self.SLOTS + self.GROUPS}
+
+    def gather(self, raw: dict, at) -> dict:
+        """Raw fields of the slots at indices at [b, N] (whole groups, in order) of raw fields."""
+        out = {}
+        for f in self.SLOTS + self.GROUPS:
+            i = at if f in self.SLOTS else at[:, ::self.group_size] // self.group_size
+            out[f] = jnp.take_along_axis(raw[f], i.reshape(i.shape[:1] + (1,) + i.shape[1:] + (1,) * (raw[f].ndim - 3)),
+                                         axis=2)
+        return out
+
+
+def _per_field(store, field: str, x):
+    """x [b, N] (per slot) as it broadcasts against the raw field `field` [b, k, N or N / G, ...]."""
+    x = x if field in store.SLOTS else x[:, ::store.group_size]
+    return x.reshape(x.shape[:1] + (1,) + x.shape[1:] + (1,) * (getattr(store, field).ndim - 4))
 
 
 @struct.dataclass
@@ -118,23 +166,14 @@ class Dense(_Store):
     def init(cls, shape, bits, group_size, dtype):
         return cls(jnp.zeros(shape, dtype))
 
-    def write(self, rows, slot, x, kernels):
-        return self.replace(x=self._put("x", (rows, slice(None), slot), x))
+    def encode(self, x, backend):
+        return {"x": x.astype(self.x.dtype)}
 
-    def write_group(self, rows, start, x, kernels):
-        return self.replace(x=self._put("x", _group_slots(rows, start, x.shape[2]), _by_slot(x)))
-
-    def read_group(self, start, g, dtype):
-        return self._take_group("x", start, g).astype(dtype)
-
-    def scores(self, q, stage_start=None, staged=None):
-        return da.dense_scores(q, self.get("x"))
-
-    def mix(self, p):
-        return da.dense_mix(p, self.get("x"))
+    def decode(self, raw, dtype=jnp.float32):
+        return raw["x"].astype(dtype)
 
     @classmethod
-    def fill(cls, placed, bits, group_size, kernels, dtype, stage_start=None):
+    def fill(cls, placed, bits, group_size, backend, dtype, stage_start=None):
         return cls(placed.astype(dtype))
 
     @staticmethod
@@ -155,37 +194,19 @@ class KiviValues(_Store):
     @classmethod
     def init(cls, shape, bits, group_size, dtype):
         l, b, k, c, h = shape
-        side = jnp.zeros((l, b, k, c, h // group_size), dtype)
-        return cls(jnp.zeros((l, b, k, c, h * bits // 32), jnp.uint32), side, side, bits, group_size)
+        side = lambda: jnp.zeros((l, b, k, c, h // group_size), dtype)  # one array each: a cache may be donated
+        return cls(jnp.zeros((l, b, k, c, h * bits // 32), jnp.uint32), side(), side(), bits, group_size)
 
-    def _encode(self, x, kernels):
-        return kernel_choice.encoder(kernels, "values")(x, self.bits, self.group_size, self.scale.dtype)
+    def encode(self, x, backend):
+        codes, scale, zero = backend.encoder("values")(x, self.bits, self.group_size, self.scale.dtype)
+        return {"codes": codes, "scale": scale, "zero": zero}
 
-    def write(self, rows, slot, x, kernels):
-        """x [b, k, h] at slot [b]."""
-        codes, scale, zero = (a[:, :, 0] for a in self._encode(x[:, :, None], kernels))
-        where = (rows, slice(None), slot)
-        return self.replace(codes=self._put("codes", where, codes), scale=self._put("scale", where, scale),
-                            zero=self._put("zero", where, zero))
-
-    def write_group(self, rows, start, x, kernels):
-        """x [b, k, G, h] at the G slots from start [b]."""
-        codes, scale, zero = self._encode(x, kernels)
-        where = _group_slots(rows, start, x.shape[2])
-        return self.replace(codes=self._put("codes", where, _by_slot(codes)),
-                            scale=self._put("scale", where, _by_slot(scale)), zero=self._put("zero", where, _by_slot(zero)))
-
-    def read_group(self, start, g, dtype):
-        take = lambda f: self._take_group(f, start, g)
-        return qp.decode_values(take("codes"), take("scale"), take("zero"), self.bits, self.group_size, dtype)
-
-    def mix(self, p):
-        return da.kivi_value_mix(p, self.get("codes"), self.get("scale"), self.get("zero"), bits=self.bits,
-                                 group_size=self.group_size)
+    def decode(self, raw, dtype=jnp.float32):
+        return qp.decode_values(raw["codes"], raw["scale"], raw["zero"], self.bits, self.group_size, dtype)
 
     @classmethod
-    def fill(cls, placed, bits, group_size, kernels, dtype, stage_start=None):
-        codes, scale, zero = kernel_choice.encoder(kernels, "values")(placed, bits, group_size, dtype)
+    def fill(cls, placed, bits, group_size, backend, dtype, stage_start=None):
+        codes, scale, zero = backend.encoder("values")(placed, bits, group_size, dtype)
         return cls(codes, scale, zero, bits, group_size)
 
     @staticmethod
@@ -214,60 +235,47 @@ class KiviKeys(_Store):
     @classmethod
     def init(cls, shape, bits, group_size, dtype):
         l, b, k, c, h = shape
-        side = jnp.zeros((l, b, k, c // group_size, h), dtype)
-        return cls(jnp.zeros((l, b, k, c, h * bits // 32), jnp.uint32), side, side,
+        side = lambda: jnp.zeros((l, b, k, c // group_size, h), dtype)  # one array each: a cache may be donated
+        return cls(jnp.zeros((l, b, k, c, h * bits // 32), jnp.uint32), side(), side(),
                    jnp.zeros((l, b, k, group_size if c else 0, h), dtype), bits, group_size)
 
-    def _encode(self, x, kernels):
-        return kernel_choice.encoder(kernels, "key_groups")(x, self.bits, self.group_size, self.scale.dtype)
+    def encode(self, x, backend):
+        """Keys x [..., N, h] of whole groups, each group's G keys in slot order."""
+        codes, scale, zero = backend.encoder("key_groups")(x, self.bits, self.group_size, self.scale.dtype)
+        return {"codes": codes, "scale": scale, "zero": zero}
 
-    def _store_group(self, rows, start, codes, scale, zero, inside):
-        """Codes [b, k, G, w] and scale/zero [b, k, 1, h] of whole groups starting at start [b] where inside [b]."""
-        g = self.group_size
-        slots = _group_slots(rows, jnp.where(inside, start, self.slots), g)
-        group = (rows, slice(None), jnp.where(inside, start // g, self.slots // g))
-        return self.replace(codes=self._put("codes", slots, _by_slot(codes)),
-                            scale=self._put("scale", group, scale[:, :, 0]), zero=self._put("zero", group, zero[:, :, 0]))
+    def decode(self, raw, dtype=jnp.float32):
+        return qp.decode_key_groups(raw["codes"], raw["scale"], raw["zero"], self.bits, self.group_size, dtype)
 
-    def write(self, rows, slot, x, kernels):
+    def put_stage(self, slots, x, keep):
+        """Keys x [b, k, N, h] of the group being filled into the stage (at slot % G) for slots [b, N]
+        where keep [b, N]."""
+        rows = jnp.arange(slots.shape[0])[:, None]
+        at = jnp.where(keep & (slots < self.slots), slots % self.group_size, self.group_size)  # else dropped
+        return self.replace(stage=self._put("stage", (rows, slice(None), at), _by_slot(x)))
+
+    def write(self, slot, x, backend):
         """x [b, k, h] at slot [b]: into the stage; the group's last slot encodes the whole group."""
         g = self.group_size
         inside = slot < self.slots
-        written = self.replace(stage=self._put("stage", (rows, slice(None), jnp.where(inside, slot % g, g)), x))
-        codes, scale, zero = self._encode(written.get("stage"), kernels)  # [b, k, G, w], [b, k, 1, h]
+        written = self.put_stage(slot[:, None], x[:, :, None], inside[:, None])
         complete = inside & (slot % g == g - 1)
-        return written._store_group(rows, slot - g + 1, codes, scale, zero, complete)
-
-    def write_group(self, rows, start, x, kernels):
-        codes, scale, zero = self._encode(x, kernels)
-        return self._store_group(rows, start, codes, scale, zero, start < self.slots)
-
-    def read_group(self, start, g, dtype):
-        """Keys [b, k, G, h] of the complete group at slots start.. (start [b])."""
-        side = lambda f: self._take_group_entry(f, start, g)[:, :, None]  # [b, k, 1, h]
-        return qp.decode_key_groups(self._take_group("codes", start, g), side("scale"), side("zero"), self.bits, g,
-                                    dtype)
+        start = jnp.where(complete, slot - g + 1, self.slots)  # out of range: nothing stored
+        return written.put(start[:, None] + jnp.arange(g), self.encode(written.get("stage"), backend))
 
     def without_stage(self):
         """This store with no 16-bit stage: for a tier only reached by demotion (whole groups)."""
         return self.replace(stage=self.stage[..., :0, :])
 
-    def scores(self, q, stage_start, staged):
-        """q [b, k, g, h] . every slot's key [b, k, g, c]; the `staged` [b] slots from stage_start [b] are
-        read from the 16-bit stage (their group is not complete)."""
-        g = self.group_size
-        packed = da.kivi_key_scores(q, self.get("codes"), self.get("scale"), self.get("zero"), bits=self.bits,
-                                    group_size=g)
-        if not self.stage.shape[-2]:  # no stage: every group is whole
-            return packed
-        stage = jnp.tile(da.dense_scores(q, self.get("stage")), (1, 1, 1, self.slots // g))  # slot s -> stage s % G
-        return jnp.where(staged_slots(self.slots, stage_start, staged)[:, None, None, :], stage, packed)
+    @property
+    def staged(self) -> bool:
+        return self.stage.shape[-2] > 0
 
     @classmethod
-    def fill(cls, placed, bits, group_size, kernels, dtype, stage_start=None):
+    def fill(cls, placed, bits, group_size, backend, dtype, stage_start=None):
         """placed [l, b, k, c, h]: every slot's key (zeros where empty); stage_start [b]: the group being
         filled; `dtype`: what scales, zeros and the stage are stored in."""
-        codes, scale, zero = kernel_choice.encoder(kernels, "key_groups")(placed, bits, group_size, dtype)
+        codes, scale, zero = backend.encoder("key_groups")(placed, bits, group_size, dtype)
         if placed.shape[3] == 0:
             stage = jnp.zeros(placed.shape[:3] + (0,) + placed.shape[4:], dtype)
         else:
@@ -295,38 +303,34 @@ class Symmetric(_Store):
         l, b, k, c, h = shape
         return cls(jnp.zeros((l, b, k, c, h * bits // 32), jnp.uint32), jnp.zeros((l, b, k, c, 1), dtype), bits)
 
-    def _encode(self, x, kernels):
-        return kernel_choice.encoder(kernels, "sym")(x, self.bits, self.scale.dtype)
+    def encode(self, x, backend):
+        codes, scale = backend.encoder("sym")(x, self.bits, self.scale.dtype)
+        return {"codes": codes, "scale": scale}
 
-    def write(self, rows, slot, x, kernels):
-        codes, scale = (a[:, :, 0] for a in self._encode(x[:, :, None], kernels))
-        where = (rows, slice(None), slot)
-        return self.replace(codes=self._put("codes", where, codes), scale=self._put("scale", where, scale))
-
-    def write_group(self, rows, start, x, kernels):
-        codes, scale = self._encode(x, kernels)
-        where = _group_slots(rows, start, x.shape[2])
-        return self.replace(codes=self._put("codes", where, _by_slot(codes)),
-                            scale=self._put("scale", where, _by_slot(scale)))
-
-    def read_group(self, start, g, dtype):
-        take = lambda f: self._take_group(f, start, g)
-        return qp.decode_sym(take("codes"), take("scale"), self.bits, dtype)
-
-    def scores(self, q, stage_start=None, staged=None):
-        return da.sym_scores(q, self.get("codes"), self.get("scale"), bits=self.bits)
-
-    def mix(self, p):
-        return da.sym_mix(p, self.get("codes"), self.get("scale"), bits=self.bits)
+    def decode(self, raw, dtype=jnp.float32):
+        return qp.decode_sym(raw["codes"], raw["scale"], self.bits, dtype)
 
     @classmethod
-    def fill(cls, placed, bits, group_size, kernels, dtype, stage_start=None):
-        codes, scale = kernel_choice.encoder(kernels, "sym")(placed, bits, dtype)
+    def fill(cls, placed, bits, group_size, backend, dtype, stage_start=None):
+        codes, scale = backend.encoder("sym")(placed, bits, dtype)
         return cls(codes, scale, bits)
 
     @staticmethod
     def roundtrip(x, bits, group_size, dtype):
         return qp.decode_sym(*qp.encode_sym_reference(x, bits, dtype), bits, jnp.float32)
+
+
+@struct.dataclass
+class TierStores:
+    """Both sides of one tier: per segment of layers, a store of its keys and one of its values."""
+
+    keys: tuple  # per segment: a store [l_seg, b, k, c, ...]
+    values: tuple
+
+    def with_segment(self, segment: int, keys, values) -> "TierStores":
+        """These stores with segment `segment`'s replaced by the whole stores of the views keys, values."""
+        put = lambda items, item: items[:segment] + (item.whole(),) + items[segment + 1:]
+        return TierStores(put(self.keys, keys), put(self.values, values))
 
 
 def store_class(bits: int, symmetric: bool, keys: bool):

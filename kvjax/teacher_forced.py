@@ -32,7 +32,7 @@ from kvjax.config import ModelConfig
 from kvjax.features import NUM_FEATURES, token_features
 from kvjax.history import History, entries
 from kvjax.layout import NO_ENTRY, Layout
-from kvjax.model import forward, forward_with_stats
+from kvjax.model import head, hidden_states, target_logprobs
 from kvjax.stores import KiviKeys, same_codes, store_class
 
 
@@ -103,10 +103,10 @@ class TeacherForcedCache(KVCache):
             here = hist.at_depth(d, qp)  # [b, t, T]
             key_read, key_waits, value_read = (jnp.zeros(hist.tier.shape, bool) for _ in range(3))
             for _, t, member in hist.members(d):
-                tier, (kbits, vbits) = self.layout.tiers[t], self.layout.segment_bits(segment, t)
+                kbits, vbits = self.layout.segment_bits(segment, t)
                 key_read |= member & (kbits < 16)
                 value_read |= member & (vbits < 16)
-                if d == 0 and store_class(kbits, tier.symmetric, keys=True) is KiviKeys:
+                if self.layout.keeps_key_stage(t, kbits):
                     key_waits |= member
             ready = ~key_waits[:, None, :] | (hist.key_ready[:, None, :] <= qp)
             parts.append((here & key_read[:, None, :] & ready, kq, here & value_read[:, None, :], vq))
@@ -178,28 +178,44 @@ def score(params, cfg: ModelConfig, tokens, positions, policy, capacity: int, dt
 
     positions [b, T] run 0.. per row, -1 on right padding; `capacity` sizes the tiers as in
     `make_cache` (the same value gives the same overflow behaviour as decoding); K/V are stored as
-    the cache stores them (`kv_dtype`, default kvjax.cache.storage_dtype of `dtype`).
+    the cache stores them (`kv_dtype`, default kvjax.cache.storage_dtype of `dtype`). Scoring a long
+    text: `score_targets`, which never holds the [b, T, v] logits.
     """
     logits, cache, _ = score_with_features(params, cfg, tokens, positions, policy, capacity, dtype, kv_dtype)
     return logits, cache
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "policy", "capacity", "dtype", "kv_dtype"))
+def score_targets(params, cfg: ModelConfig, tokens, positions, targets, policy, capacity: int, dtype=jnp.float32,
+                  kv_dtype=None):
+    """`score` as log p(targets [b, T] | tokens up to each) -> (float32 [b, T], cache): the output head
+    runs a block of positions at a time (kvjax.model.target_logprobs)."""
+    hidden, cache, _ = score_hidden(params, cfg, tokens, positions, policy, capacity, dtype, kv_dtype)
+    return target_logprobs(params, cfg, hidden, targets, dtype), cache
+
+
 def score_with_features(params, cfg, tokens, positions, policy, capacity, dtype=jnp.float32, kv_dtype=None):
     """`score`, and the token features [b, T, F] the policy read (zeros for a policy that reads none)."""
+    hidden, cache, features = score_hidden(params, cfg, tokens, positions, policy, capacity, dtype, kv_dtype)
+    return head(params, cfg, hidden, dtype), cache, features
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "policy", "capacity", "dtype", "kv_dtype"))
+def score_hidden(params, cfg, tokens, positions, policy, capacity, dtype=jnp.float32, kv_dtype=None):
+    """The final hidden states [b, T, d] of teacher-forced scoring, the scoring cache, and the token
+    features [b, T, F] the policy read (zeros for a policy that reads none)."""
     b, T = tokens.shape
     no_features = jnp.zeros((b, T, NUM_FEATURES), jnp.float32)
     layout = policy.layout(cfg, capacity)
     store = storage_dtype(dtype, kv_dtype)
     if layout is None:  # fp16: every token in 16 bits, in its own cache
-        logits, cache = forward(params, cfg, tokens, positions, DenseCache.init(cfg, b, T, store), dtype)
-        return logits, cache, no_features
+        hidden, cache, _ = hidden_states(params, cfg, tokens, positions, DenseCache.init(cfg, b, T, store), dtype)
+        return hidden, cache, no_features
     cache = TeacherForcedCache.init(layout, cfg, b, T, store)
     entered = jnp.zeros((b, len(layout.tiers)), jnp.int32)
     if not policy.uses_features:  # tiers known from positions alone: one parallel pass
         tier, rank, _ = entries(policy, layout, positions, no_features, entered)
-        logits, cache = forward(params, cfg, tokens, positions, cache.replace(tier=tier, rank=rank), dtype)
-        return logits, cache, no_features
+        hidden, cache, _ = hidden_states(params, cfg, tokens, positions, cache.replace(tier=tier, rank=rank), dtype)
+        return hidden, cache, no_features
 
     W = layout.window
     blocks = -(-T // W)
@@ -209,19 +225,19 @@ def score_with_features(params, cfg, tokens, positions, policy, capacity, dtype=
     cache = TeacherForcedCache.init(layout, cfg, b, blocks * W, store)
 
     def block(m, carry):
-        cache, entered, logits, feats = carry
+        cache, entered, hidden, feats = carry
         tok = jax.lax.dynamic_slice_in_dim(tokens_p, m * W, W, axis=1)
         pos = jax.lax.dynamic_slice_in_dim(positions_p, m * W, W, axis=1)
-        block_logits, cache, stats = forward_with_stats(params, cfg, tok, pos, cache, dtype)
-        block_feats = token_features(block_logits, tok, pos, stats)
+        block_hidden, cache, stats = hidden_states(params, cfg, tok, pos, cache, dtype, token_stats=True)
+        block_feats = token_features(head(params, cfg, block_hidden, dtype), tok, pos, stats)
         tier, rank, entered = entries(policy, layout, pos, block_feats, entered)
         put = lambda full, part: jax.lax.dynamic_update_slice_in_dim(full, part, m * W, axis=1)
         cache = cache.replace(tier=put(cache.tier, tier), rank=put(cache.rank, rank))
-        return cache, entered, put(logits, block_logits), put(feats, block_feats)
+        return cache, entered, put(hidden, block_hidden), put(feats, block_feats)
 
-    init = (cache, entered, jnp.zeros((b, blocks * W, cfg.vocab_size), jnp.float32),
+    init = (cache, entered, jnp.zeros((b, blocks * W, cfg.hidden_size), dtype),
             jnp.zeros((b, blocks * W, NUM_FEATURES), jnp.float32))
-    cache, _, logits, feats = jax.lax.fori_loop(0, blocks, block, init)
+    cache, _, hidden, feats = jax.lax.fori_loop(0, blocks, block, init)
     cache = cache.replace(k=cache.k[:, :, :, :T], v=cache.v[:, :, :, :T], tier=cache.tier[:, :T],
                           rank=cache.rank[:, :T])
-    return logits[:, :T], cache, feats[:, :T]
+    return hidden[:, :T], cache, feats[:, :T]

@@ -1,29 +1,29 @@
 """Decode attention over one layer of a KV cache on a CPU: a C++ kernel called through XLA's FFI.
 
-XLA:CPU has no Pallas backend, its fusions of the jnp reference (decode_attention's
+XLA:CPU has no Pallas backend, its fusions of the jnp reference (xla_attention's
 `kivi_key_scores` and `kivi_value_mix`) unpack each code twice and run far below memory speed, and
 each of the small XLA ops that attending over a sink, a window, a stage and a tier takes costs a
 microsecond or more, 30 layers a step. cpu_attention.cc attends over every part of a layer in one
 call: per packed slot it unpacks the codes (a shift and a table lookup per vector) and multiplies
 them by q with the key scale folded in, and by the probabilities with the value scale folded in;
-float parts (a sink, a window, a KIVI stage's keys, a whole fp16 cache) are read as they are.
-`python -m pallas_kernels.cpu_bench` measures it against the machine's limits. It returns the flash-decoding partials of the
-union of the parts over the slots where each part's `valid` is set (any pattern, so rings too), for
-KIVI and symmetric codes, keys and values at their own widths in {2, 4, 8}.
+float parts (a sink, a window, a KIVI stage's keys, a whole fp16 cache) are read as they are. It
+returns the flash-decoding partials of the union of the parts over the slots where each part's
+`valid` is set (any pattern, so rings too), for KIVI and symmetric codes, keys and values at their
+own widths in {2, 4, 8}. `python -m pallas_kernels.cpu_bench` measures it against the machine's
+limits.
 
 The library is compiled on first use with the machine's C++ compiler (g++ or $CXX) against the
 FFI headers jaxlib ships, for the vector instructions /proc/cpuinfo lists, and cached under
 $KVJAX_CACHE (default ~/.cache/kvjax) by a digest of the source, flags and jaxlib version.
 `available()` says whether that worked; kvjax.kernels decides from it, once.
 
-    attention_partials(q, parts, *, group_size) -> Partials       (parts: a sequence of `Part`)
-    reference: attention_partials_reference (decode_attention's jnp functions), same signature.
+    attention_partials(q, parts, *, group_size) -> Partials   (parts: xla_attention.Part, as every backend)
+    reference: attention_partials_reference = xla_attention.attention_partials, same signature.
 """
 
 from __future__ import annotations
 
 import ctypes
-import dataclasses
 import functools
 import hashlib
 import os
@@ -39,11 +39,12 @@ import jax.numpy as jnp
 import jaxlib
 import numpy as np
 
-from pallas_kernels import decode_attention as da
+from pallas_kernels import xla_attention as xla
+from pallas_kernels.cache_folder import cache_dir
+from pallas_kernels.xla_attention import FLOATS, Part, packed_part  # noqa: F401  (the parts this kernel reads)
 
 SOURCE = Path(__file__).with_name("cpu_attention.cc")
 TARGET = "kvjax_layer_attention"
-FLOATS = 16  # a side's bits when it is stored as floats (float16, bfloat16 or float32), not codes
 
 
 def _vector_flags(vector: bool = True) -> list[str]:
@@ -69,11 +70,6 @@ def _compile_command(out: Path, vector: bool = True, source: Path = SOURCE) -> l
     return [cxx, "-std=c++17", "-O3", "-shared", "-fPIC", "-fno-math-errno", "-fassociative-math",
             "-fno-signed-zeros", "-fno-trapping-math", *_vector_flags(vector), f"-I{jax.ffi.include_dir()}",
             str(source), "-o", str(out)]
-
-
-def cache_dir() -> Path:
-    """Where kvjax keeps what it builds: $KVJAX_CACHE, default ~/.cache/kvjax (safe to delete)."""
-    return Path(os.environ.get("KVJAX_CACHE") or Path.home() / ".cache" / "kvjax")
 
 
 def _library(vector: bool = True, source: Path = SOURCE) -> Path:
@@ -117,8 +113,10 @@ def available() -> bool:
     return _registered() is None
 
 
-def unavailable_reason() -> str | None:
-    return _registered()
+def unavailable_reason(target: str = TARGET, vector: bool = True) -> str | None:
+    """Why the kernel cannot run (one line), None when it can: it is built (`vector`: for this CPU's
+    vector instructions, else the portable build) and registered under `target` on the first call."""
+    return _registered(target, vector)
 
 
 def supported(head_dim: int, group_size: int, symmetric: bool) -> bool:
@@ -127,71 +125,17 @@ def supported(head_dim: int, group_size: int, symmetric: bool) -> bool:
                                                                      head_dim // group_size <= 8))
 
 
-@dataclasses.dataclass(frozen=True)
-class Part:
-    """One part of a layer's cache, as the kernel reads it: every array but `valid` and
-    `value_offset` has a leading [L] axis, and entry `layer` of it is read where it lies (a decode
-    step's layer scan passes a cache's whole arrays: slicing them would copy the layer out).
-
-      keys    uint32 codes [L, b, k, c, h * key_bits / 32] with key_scale, key_zero
-              (KIVI: [L, b, k, c / G, h]; symmetric: key_scale [L, b, k, c, 1], key_zero None),
-              or float keys [L, b, k, c, h] with key_bits = FLOATS and no scale or zero
-      values  likewise with c' slots (KIVI scales and zeros [L, b, k, c', h / G]); float values
-              only beside float keys
-      valid   bool [b, c]: the key slots that take part
-      value_offset  int32 [b] or None (0): key slot j's value is value slot value_offset + j (a KIVI
-              stage: keys in a float buffer, values already in their tier)
-    """
-
-    keys: jax.Array
-    key_scale: jax.Array | None
-    key_zero: jax.Array | None
-    values: jax.Array
-    value_scale: jax.Array | None
-    value_zero: jax.Array | None
-    valid: jax.Array
-    layer: jax.Array  # int32 []
-    value_offset: jax.Array | None = None
-    key_bits: int = FLOATS
-    value_bits: int = FLOATS
-    symmetric: bool = False
-
-    @staticmethod
-    def floats(keys, values, valid, layer):
-        """A part stored as float keys and values [L, b, k, c, h] (a sink, a window)."""
-        return Part(keys, None, None, values, None, None, valid, layer)
-
-
-jax.tree_util.register_dataclass(
-    Part, data_fields=["keys", "key_scale", "key_zero", "values", "value_scale", "value_zero", "valid", "layer",
-                       "value_offset"], meta_fields=["key_bits", "value_bits", "symmetric"])
-
-
 def _check(q, parts, group_size):
-    b, n, h = q.shape
-    if not parts:
-        raise ValueError("no parts to attend over")
-    k = parts[0].keys.shape[2]
-    if n % k:
-        raise ValueError(f"{n} query heads over {k} kv heads")
+    b, k, g, h = xla.check_parts(q, parts, group_size)
     for part in parts:
-        for name, x, bits in (("keys", part.keys, part.key_bits), ("values", part.values, part.value_bits)):
-            width = h if bits == FLOATS else h * bits // 32
-            if x.ndim != 5 or x.shape[1:3] != (b, k) or x.shape[-1] != width:
-                raise ValueError(f"{name} {x.shape} do not hold [L, {b}, {k}, slots, {h}] at {bits} bits")
-        if part.key_bits != FLOATS and part.value_bits == FLOATS:
-            raise ValueError("packed keys with float values are not supported")
-        if part.valid.shape != (b, part.keys.shape[3]):
-            raise ValueError(f"valid {part.valid.shape} for {b} rows x {part.keys.shape[3]} slots")
-        packed = part.key_bits != FLOATS or part.value_bits != FLOATS
-        if not supported(h, group_size, part.symmetric or not packed):
+        if not supported(h, group_size, part.symmetric or not part.packed):
             raise ValueError(f"the CPU kernel takes head dims that are multiples of 16 up to 256, and at least "
                              f"{h // 8} channels per value group; not {h} and {group_size}")
-    return b, k, n // k, h
+    return b, k, g, h
 
 
 @functools.partial(jax.jit, static_argnames=("group_size", "portable"))
-def attention_partials(q, parts, *, group_size: int, portable: bool = False) -> da.Partials:
+def attention_partials(q, parts, *, group_size: int, portable: bool = False) -> xla.Partials:
     """Partials of q [b, n, h] over the union of the parts' valid slots (the C++ kernel): one call.
     `portable`: the build without vector extensions (for tests)."""
     parts = tuple(parts)
@@ -215,45 +159,8 @@ def attention_partials(q, parts, *, group_size: int, portable: bool = False) -> 
         value_bits=np.array([p.value_bits for p in parts], np.int32),
         symmetric=np.array([p.symmetric for p in parts], np.int32), group_size=np.int32(group_size),
         sm_scale=np.float32(h ** -0.5))
-    return da.Partials(o.reshape(b, k * g, h), m.reshape(b, k * g), l.reshape(b, k * g))
+    return xla.Partials(o.reshape(b, k * g, h), m.reshape(b, k * g), l.reshape(b, k * g))
 
 
-@functools.partial(jax.jit, static_argnames=("group_size",))
-def attention_partials_reference(q, parts, *, group_size: int) -> da.Partials:
-    """The kernel's jnp reference (decode_attention's functions over each part, merged), same signature."""
-    parts = tuple(parts)
-    b, k, g, h = _check(q, parts, group_size)
-    qg = q.reshape(b, k, g, h).astype(jnp.float32)
-    out = []
-    for p in parts:
-        at = lambda x: None if x is None else x[p.layer]
-        keys, values = at(p.keys), at(p.values)
-        v_scale, v_zero = at(p.value_scale), at(p.value_zero)
-        if p.value_offset is not None:  # the values of key slots 0..c-1
-            slots = p.value_offset[:, None] + jnp.arange(keys.shape[2])[None, :]  # [b, c]
-            take = lambda x: None if x is None else jnp.take_along_axis(x, slots[:, None, :, None], axis=2)
-            values, v_scale, v_zero = take(values), take(v_scale), take(v_zero)
-        if p.key_bits == FLOATS:
-            scores = da.dense_scores(qg, keys)
-        elif p.symmetric:
-            scores = da.sym_scores(qg, keys, at(p.key_scale), bits=p.key_bits)
-        else:
-            scores = da.kivi_key_scores(qg, keys, at(p.key_scale), at(p.key_zero), bits=p.key_bits,
-                                        group_size=group_size)
-        if p.value_bits == FLOATS:
-            values = jnp.where(p.valid[:, None, :, None], values.astype(jnp.float32), 0.0)
-            mix = lambda w, values=values: da.dense_mix(w, values)
-        elif p.symmetric:
-            mix = lambda w, values=values, s=v_scale, bits=p.value_bits: da.sym_mix(w, values, s, bits=bits)
-        else:
-            mix = lambda w, values=values, s=v_scale, z=v_zero, bits=p.value_bits: da.kivi_value_mix(
-                w, values, s, z, bits=bits, group_size=group_size)
-        out.append(da.partials_of(scores * h ** -0.5, p.valid, mix))
-    return da.combine_partials(out)
-
-
-def packed_part(k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, valid, layer, *, key_bits: int,
-                value_bits: int, symmetric: bool = False) -> Part:
-    """A part of packed keys and values (a tier's slots); symmetric tiers have no zeros."""
-    return Part(k_codes, k_scale, None if symmetric else k_zero, v_codes, v_scale, None if symmetric else v_zero,
-                valid, layer, key_bits=key_bits, value_bits=value_bits, symmetric=symmetric)
+# The kernel's reference: the same partials in XLA (every part's arrays read at its layer).
+attention_partials_reference = xla.attention_partials

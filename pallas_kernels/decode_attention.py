@@ -5,8 +5,10 @@ jitted public function -> pure-jnp reference). One decode step's queries attend 
 slots of a packed tier without materializing its 16-bit keys/values in memory: each program
 reads bit-packed code words, unpacks them with shifts and masks, dequantizes in registers and
 runs an online (flash) softmax over blocks of slots. The result is the flash-decoding partials
-(o, m, l), which `merge_partials` combines with those of other tiers (and of 16-bit parts, from
-`dense_partials`) into the softmax over their union.
+(o, m, l) of pallas_kernels.xla_attention, whose `merge_partials` combines them with those of the
+other parts of a layer's cache into the softmax over their union. The references are XLA:
+`tier_attention_partials_reference` (the same partials from the packed codes, xla_attention's path)
+and `tier_attention_partials_dequantized` (the whole tier decoded, then attended).
 
 Notation (kvjax/docs/DESIGN.md letters):
     b batch, k kv heads, n = k * g query heads, g query heads per kv head (GQA),
@@ -42,7 +44,7 @@ Backends: `tier_attention_partials` compiles for GPU (Pallas Triton; jax >= 0.10
 Mosaic GPU, so Triton compiler params are passed) and TPU (Mosaic); `interpret=True` runs the GPU
 kernel in the Pallas interpreter and `interpret=pltpu.InterpretParams()` the TPU one in the TPU
 interpreter; `backend="gpu"` / `"tpu"` picks the compiled path for another platform than
-jax.default_backend() (quantize_pack.kernel_target, the one place that decides). Mosaic TPU takes
+jax.default_backend() (quantize_pack.kernel_target says which). Mosaic TPU takes
 a block's two minor dims only as full array dims or multiples of (8, 128), so every block here
 spans its array's two minor dims; the TPU interpreter does not check this, lowering for TPU does
 (tests/test_tpu_lowering.py, from a CPU host). Which of kernel and reference runs is decided by
@@ -56,7 +58,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -65,18 +66,10 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels import quant
 from pallas_kernels.quantize_pack import decode_key_groups, decode_sym, decode_values, kernel_target
+from pallas_kernels import xla_attention as xla
+from pallas_kernels.xla_attention import EMPTY_MAX, Partials, combine, empty_partials, packed_partials
 
-# Running max of a query with no valid slot (finite: merging it never makes inf - inf).
-EMPTY_MAX = float(jnp.finfo(jnp.float32).min)
 _HIGHEST = lax.Precision.HIGHEST
-
-
-class Partials(NamedTuple):
-    """Flash-decoding partials of one part of the keys (all float32)."""
-
-    o: jax.Array  # [b, n, h]: sum_j exp(s_j - m) * value_j (unnormalized)
-    m: jax.Array  # [b, n]: max_j s_j (EMPTY_MAX if no valid slot)
-    l: jax.Array  # [b, n]: sum_j exp(s_j - m) (0 if no valid slot)
 
 
 def _is_pow2(x: int) -> bool:
@@ -171,21 +164,6 @@ def _check_tier(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, count, bi
     return b, k, n // k, h, c
 
 
-def _empty(b, n, h) -> Partials:
-    return Partials(jnp.zeros((b, n, h), jnp.float32), jnp.full((b, n), EMPTY_MAX, jnp.float32),
-                    jnp.zeros((b, n), jnp.float32))
-
-
-def _combine(o, m, l, axis: int):
-    """Log-sum-exp merge of stacked partials along `axis` (of m, l; o has a trailing h)."""
-    m_all = jnp.max(m, axis=axis)
-    # As in jax's decode_attention: keeps XLA from fusing the max into the exp (NaNs, b/389925439).
-    m_all = lax.optimization_barrier(m_all)
-    corr = jnp.exp(m - jnp.expand_dims(m_all, axis))  # empty parts: exp(EMPTY_MAX - m_all) = 0
-    return (jnp.sum(o * corr[..., None], axis=axis), m_all, jnp.sum(l * corr, axis=axis))
-
-
-# --------------------------------------------------------------------------- kernel
 
 
 def _unpack(words, bits: int):
@@ -311,7 +289,6 @@ def _tier_pallas_call(q4, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, co
     array dims or multiples of (8, 128); a [b, k, S, r] array with [r] blocks fails for S > 1).
     """
     b, k, r, h = q4.shape
-    c = k_codes.shape[2]
     S, G = plan.splits, group_size
     symmetric = k_zero is None
     gather = target != "tpu"
@@ -368,7 +345,7 @@ def tier_attention_partials(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zer
     """
     b, k, g, h, c = _check_tier(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, count, bits, group_size)
     if c == 0:
-        return _empty(b, k * g, h)
+        return empty_partials(b, k * g, h)
     target = kernel_target(interpret, backend)
     if target == "triton" and not _is_pow2(h):
         raise ValueError(f"the Triton kernel needs a power-of-two head_dim, got {h}")
@@ -382,126 +359,12 @@ def tier_attention_partials(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zer
     if plan.splits == 1:
         o, m, l = o[:, :, 0], m[:, :, 0], l[:, :, 0]
     else:
-        o, m, l = _combine(o, m, l, axis=2)
+        o, m, l = combine(o, m, l, axis=2)
     n = k * g
     return Partials(o[:, :, :g].reshape(b, n, h), m[:, :, :g].reshape(b, n), l[:, :, :g].reshape(b, n))
 
 
 # --------------------------------------------------------------------------- references
-#
-# The XLA reference (and the path of every backend without the kernel) reads packed codes without
-# dequantizing a tier: scales and zeros are folded into the query and into the probabilities,
-#   keys, per channel:  q . (s * code + z) = (q * s) . code + q . z      (s, z per group of G slots)
-#   values, per token:  sum_j p_j (s_j code_j + z_j) = sum_j (p_j s_j) code_j + sum_j p_j z_j
-# Each side is its own function, so a tier may store its keys and values in different ways. q is
-# [b, k, g, h] (the g query heads of each kv head). How each is written was chosen by timing
-# XLA's CPU code (2-core Intel Xeon, SmolLM2-135M shapes, 8k slots): a score is an explicit sum
-# over the h channels, each term one unpacked code per slot, vectorized along the slots and summed
-# as a tree (a reduction over the packed words ran 4-8x slower, a dense 16-bit dot 3x slower);
-# the value mix unpacks the codes and lets XLA's dot do the sum (faster than any fused reduction).
-
-
-def unpack_codes(words, bits: int):
-    """uint32 [..., w] -> float32 codes [..., w * 32 / bits] (first code in the lowest bits)."""
-    per = 32 // bits
-    shifts = jnp.arange(per, dtype=jnp.uint32) * jnp.uint32(bits)
-    codes = (words[..., None] >> shifts) & jnp.uint32(2**bits - 1)  # [..., w, per]
-    return codes.reshape(*words.shape[:-1], words.shape[-1] * per).astype(jnp.float32)
-
-
-def _tree_sum(terms):
-    while len(terms) > 1:  # pairwise: short dependency chains
-        terms = [terms[i] + terms[i + 1] if i + 1 < len(terms) else terms[i] for i in range(0, len(terms), 2)]
-    return terms[0]
-
-
-def _channel_sum(weights, codes, bits: int):
-    """sum_d weights[..., d] * code_d over the h channels: weights [b, k, g, n, h], codes uint32
-    [b, k, c, w] with c = n * r -> float32 [b, k, g, n, r]: one term per channel, each an unpacked
-    code of every slot (the word's lane d % per), vectorized along the slots."""
-    b, k, c, w = codes.shape
-    n = weights.shape[3]
-    if c == 0:
-        return jnp.zeros(weights.shape[:4] + (0,), jnp.float32)
-    per, mask = 32 // bits, jnp.uint32(2**bits - 1)
-    words = jnp.swapaxes(codes, -1, -2).reshape(b, k, 1, w, n, c // n)  # [b, k, 1, w, n, r]
-    terms = [weights[..., d, None] * ((words[:, :, :, d // per] >> jnp.uint32(bits * (d % per))) & mask)
-             .astype(jnp.float32) for d in range(w * per)]
-    return _tree_sum(terms)
-
-
-def kivi_key_scores(q, codes, scale, zero, *, bits: int, group_size: int):
-    """q . key of every slot of a KIVI key tier: q [b, k, g, h], codes [b, k, c, w], scale/zero
-    [b, k, c/G, h] -> float32 [b, k, g, c] (not scaled by 1/sqrt(h))."""
-    b, k, c, _ = codes.shape
-    scale, zero = scale.astype(jnp.float32), zero.astype(jnp.float32)
-    q_scaled = q[:, :, :, None, :] * scale[:, :, None]  # [b, k, g, n, h]
-    q_zero = jnp.einsum("bkgh,bknh->bkgn", q, zero, precision=_HIGHEST)  # [b, k, g, n]
-    main = _channel_sum(q_scaled, codes, bits)  # [b, k, g, n, G]
-    return (main + q_zero[..., None]).reshape(b, k, q.shape[2], c)
-
-
-def kivi_value_mix(p, codes, scale, zero, *, bits: int, group_size: int):
-    """sum_j p_j value_j over a KIVI value tier: p [b, k, g, c], codes [b, k, c, w], scale/zero
-    [b, k, c, h/G] -> float32 [b, k, g, h]."""
-    b, k, c, w = codes.shape
-    g, h = p.shape[2], w * 32 // bits
-    m = h // group_size
-    p_scaled = p[..., None] * scale.astype(jnp.float32)[:, :, None]  # [b, k, g, c, m]
-    p_zero = jnp.einsum("bkgc,bkcm->bkgm", p, zero.astype(jnp.float32), precision=_HIGHEST)  # [b, k, g, m]
-    by_group = unpack_codes(codes, bits).reshape(b, k, c, m, group_size)
-    main = jnp.einsum("bkgcm,bkcmr->bkgmr", p_scaled, by_group, precision=_HIGHEST)  # [b, k, g, m, G]
-    return (main + p_zero[..., None]).reshape(b, k, g, h)
-
-
-def sym_scores(q, codes, scale, *, bits: int):
-    """q . key over a symmetric tier: codes [b, k, c, w] (offset by 2**(bits-1)), scale [b, k, c, 1]."""
-    b, k, c, _ = codes.shape
-    q_sum = jnp.sum(q, axis=-1)[..., None]  # [b, k, g, 1]: q . offset / offset
-    main = _channel_sum(q[:, :, :, None, :], codes, bits)[:, :, :, 0]  # [b, k, g, c]
-    return (main - 2.0 ** (bits - 1) * q_sum) * scale[..., 0].astype(jnp.float32)[:, :, None]
-
-
-def sym_mix(p, codes, scale, *, bits: int):
-    """sum_j p_j value_j over a symmetric tier."""
-    signed = unpack_codes(codes, bits) - 2.0 ** (bits - 1)  # [b, k, c, h]
-    weights = p * scale[..., 0].astype(jnp.float32)[:, :, None]  # [b, k, g, c]
-    return jnp.einsum("bkgc,bkch->bkgh", weights, signed, precision=_HIGHEST)
-
-
-def dense_scores(q, x):
-    """q . key over 16-bit (or float32) keys x [b, k, c, h]."""
-    return jnp.einsum("bkgh,bkch->bkgc", q, x.astype(jnp.float32), precision=_HIGHEST,
-                      preferred_element_type=jnp.float32)
-
-
-def dense_mix(p, x):
-    return jnp.einsum("bkgc,bkch->bkgh", p, x.astype(jnp.float32), precision=_HIGHEST,
-                      preferred_element_type=jnp.float32)
-
-
-def partials_of(scores, valid, mix) -> Partials:
-    """Flash-decoding partials from scores float32 [b, k, g, c] (scaled) over the valid [b, c] slots, with
-    mix(p [b, k, g, c]) -> [b, k, g, h] the weighted sum of the values (p is 0 on invalid slots)."""
-    b, k, g, c = scores.shape
-    mask = valid[:, None, None, :]
-    scores = jnp.where(mask, scores, EMPTY_MAX)
-    m = jnp.max(scores, axis=-1) if c else jnp.full((b, k, g), EMPTY_MAX, jnp.float32)  # [b, k, g]
-    p = jnp.where(mask, jnp.exp(scores - m[..., None]), 0.0)
-    o = mix(p)
-    return Partials(o.reshape(b, k * g, o.shape[-1]), m.reshape(b, k * g), jnp.sum(p, axis=-1).reshape(b, k * g))
-
-
-def _grouped(q, k: int):
-    b, n, h = q.shape
-    return q.reshape(b, k, n // k, h).astype(jnp.float32)
-
-
-def _grouped_partials(q, keys, values, valid) -> Partials:
-    """q [b, n, h], keys/values [b, k, s, h], valid bool [b, s] -> float32 partials (pure jnp)."""
-    qg = _grouped(q, keys.shape[1])
-    values = jnp.where(valid[:, None, :, None], values.astype(jnp.float32), 0.0)  # empty slots may hold anything
-    return partials_of(dense_scores(qg, keys) * (q.shape[-1] ** -0.5), valid, lambda p: dense_mix(p, values))
 
 
 @functools.partial(jax.jit, static_argnames=("bits", "group_size", "blocks", "interpret", "backend"))
@@ -519,20 +382,6 @@ def tier_attention_partials_reference(q, k_codes, k_scale, k_zero, v_codes, v_sc
                            group_size=group_size)
 
 
-def packed_partials(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, valid, *, key_bits: int,
-                    value_bits: int, group_size: int) -> Partials:
-    """Partials of q [b, n, h] over the valid [b, c] slots of a packed tier, straight from its codes
-    (jnp; keys and values at their own widths; k_zero None: a symmetric tier)."""
-    qg = _grouped(q, k_codes.shape[1])
-    if k_zero is None:  # symmetric
-        scores = sym_scores(qg, k_codes, k_scale, bits=key_bits)
-        mix = lambda p: sym_mix(p, v_codes, v_scale, bits=value_bits)
-    else:
-        scores = kivi_key_scores(qg, k_codes, k_scale, k_zero, bits=key_bits, group_size=group_size)
-        mix = lambda p: kivi_value_mix(p, v_codes, v_scale, v_zero, bits=value_bits, group_size=group_size)
-    return partials_of(scores * q.shape[-1] ** -0.5, valid, mix)
-
-
 @functools.partial(jax.jit, static_argnames=("bits", "group_size"))
 def tier_attention_partials_dequantized(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, count, *,
                                         bits: int, group_size: int) -> Partials:
@@ -544,26 +393,4 @@ def tier_attention_partials_dequantized(q, k_codes, k_scale, k_zero, v_codes, v_
     else:
         keys = decode_key_groups(k_codes, k_scale, k_zero, bits, group_size, jnp.float32)
         values = decode_values(v_codes, v_scale, v_zero, bits, group_size, jnp.float32)
-    return _grouped_partials(q, keys, values, jnp.arange(c)[None, :] < count[:, None])
-
-
-@jax.jit
-def dense_partials(q, k, v, valid) -> Partials:
-    """Partials of q [b, n, h] over a 16-bit part: k, v [b, k, s, h] where valid [b, s] (pure jnp)."""
-    return _grouped_partials(q, k, v, valid)
-
-
-def combine_partials(parts: Sequence[Partials]) -> Partials:
-    """The partials of the union of the parts (log-sum-exp merge)."""
-    if len(parts) == 1:
-        return parts[0]
-    o, m, l = (jnp.stack([p[i] for p in parts]) for i in range(3))  # [P, b, n, (h)]
-    return Partials(*_combine(o, m, l, axis=0))
-
-
-@jax.jit
-def merge_partials(parts: Sequence[Partials]):
-    """Softmax attention over the union of the parts: float32 [b, n, h] (a query with no valid key
-    anywhere gets 0)."""
-    o, _, l = combine_partials(parts)
-    return jnp.where(l[..., None] > 0, o / jnp.where(l > 0, l, 1.0)[..., None], 0.0)
+    return xla.dense_partials(q, keys, values, jnp.arange(c)[None, :] < count[:, None])

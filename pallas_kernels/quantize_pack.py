@@ -28,7 +28,7 @@ codes = clip(round((x - zero) / safe(scale)), 0, 2**bits - 1) with safe(0) = 1; 
 scale = max|x| / (2**(bits-1) - 1), codes = clip(round(x / safe(scale)), -q, q) + 2**(bits-1).
 Code d of a row goes to word d // per, bits (d % per) * bits (first code in the lowest bits).
 
-Kernel: grid (R_pad / BR,); program i reads x rows [i*BR, (i+1)*BR) as a [BR, h] block and
+Kernel: grid (R_pad / BR,), BR from `plan_block_rows`; program i reads x rows [i*BR, (i+1)*BR) as a [BR, h] block and
 writes codes [BR, w] and its block of scales/zeros ([BR, h/G] values, [BR/G, h] keys, [BR, 1]
 sym). Groups are formed by reshapes ([BR, h/G, G] or [BR/G, G, h]) and reduced with min/max.
 Packing reshapes the int32 codes to [BR, w, per], shifts lane j left by j * bits and sums over
@@ -164,8 +164,9 @@ def _check_triton(h: int, group_size: int | None):
         raise ValueError(f"the Triton quantize-pack kernel needs a power-of-two group_size, got {group_size}")
 
 
-def _block_rows(rows: int, unit: int, blocks: PackBlocks, target: str) -> int:
-    """BR: a multiple of `unit` (G for keys, else 1); see PackBlocks."""
+def plan_block_rows(rows: int, unit: int, blocks: PackBlocks, target: str) -> int:
+    """BR, the rows per program the kernels tile `rows` rows into on `target` (kernel_target's 'triton',
+    'tpu' or 'interpret'): a multiple of `unit` (G for keys, else 1); see PackBlocks."""
     br = max(unit, blocks.block_rows // unit * unit)
     if rows <= br:  # one block: full array dims (Triton: a power of two, rows are padded)
         return _next_pow2(rows) if target == "triton" else rows
@@ -270,7 +271,7 @@ def _encode_pallas_call(x2, *, kind: str, bits: int, group_size: int | None, dty
     if target == "triton":
         _check_triton(h, group_size)
     unit = group_size if kind == "keys" else 1
-    br = _block_rows(rows, unit, blocks, target)
+    br = plan_block_rows(rows, unit, blocks, target)
     padded = pl.cdiv(rows, br) * br
     if padded != rows:
         x2 = jnp.pad(x2, ((0, padded - rows), (0, 0)))  # zero rows: scale 0, no NaN; sliced off below

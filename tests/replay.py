@@ -33,8 +33,10 @@ class Replay:
 
     @classmethod
     def around(cls, inner, tf_cache, features):
-        """Replays the K/V of a TeacherForcedCache (and its features [b, T, F]) into `inner`."""
-        return cls(inner, tf_cache.k, tf_cache.v, features, jnp.zeros((2,), jnp.float32))
+        """Replays the K/V of a TeacherForcedCache (and its features [b, T, F]) into `inner` (copies of
+        them: a step that donates its cache, as prefill does, must not delete the caller's arrays)."""
+        copy = lambda x: jnp.array(x, copy=True)
+        return cls(inner, copy(tf_cache.k), copy(tf_cache.v), copy(features), jnp.zeros((2,), jnp.float32))
 
     @property
     def uses_features(self):

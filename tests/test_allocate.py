@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 
 from kvjax import teacher_forced
-from kvjax.allocation import Allocation, load_allocation, save_allocation
+from kvjax.allocation import Allocation, default_allocation, load_allocation, save_allocation
 from kvjax.config import get_preset
 from kvjax.errors import KvjaxError
+from kvjax.layout import WIDTHS
 from kvjax.model import forward, init_params
 from kvjax.policies import Bands, get_policy
 from train_controller import allocate
@@ -33,8 +34,8 @@ def relaxed_logits(weights, ids, sinks, ends=(1 << 30,)):
 
 def one_hot(key_bits, value_bits, bands=1):
     w = np.zeros((CFG.num_layers, 2, bands, 4), np.float32)
-    w[:, 0, :, allocate.WIDTHS.index(key_bits)] = 1
-    w[:, 1, :, allocate.WIDTHS.index(value_bits)] = 1
+    w[:, 0, :, WIDTHS.index(key_bits)] = 1
+    w[:, 1, :, WIDTHS.index(value_bits)] = 1
     return w
 
 
@@ -43,9 +44,11 @@ def exact_logits(policy, ids):
 
 
 def test_relaxed_cache_at_16_bits_is_the_fp16_cache():
+    """Equal up to summation order: the two attend in different blocks, and a K/V that differs in its
+    last float32 bit may round to a neighbouring float16 when stored (about 1e-4 in these logits)."""
     ids = tokens()
     np.testing.assert_allclose(relaxed_logits(one_hot(16, 16), ids, sinks=2), exact_logits(get_policy("fp16"), ids),
-                               atol=1e-5, rtol=1e-5)
+                               atol=2e-4, rtol=2e-4)
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
@@ -76,7 +79,7 @@ def test_discrete_allocation_fits_the_budget_and_narrows_with_age(budget):
     shares = (0.125, 0.375, 0.5)
     theta = np.random.default_rng(3).normal(size=(30, 2, 3, 4)).astype(np.float32) * 3
     idx = allocate.discrete_allocation(theta, shares, budget)
-    bits = (np.asarray(allocate.WIDTHS)[idx] * np.asarray(shares)).sum(-1).mean()
+    bits = (np.asarray(WIDTHS)[idx] * np.asarray(shares)).sum(-1).mean()
     assert budget - 2 * 0.125 / 60 - 1e-9 <= bits <= budget + 1e-9  # the smallest step: 2 -> 4 bits in the newest band
     assert (np.diff(idx, axis=-1) <= 0).all()
 
@@ -94,7 +97,8 @@ def test_training_moves_the_logits_and_gives_a_policy(tmp_path):
     save_allocation(alloc, path)
     assert load_allocation(path) == alloc
     policy = get_policy("learned-alloc@3", allocation=path)
-    assert policy.average_bits == pytest.approx(alloc.average_bits)
+    # the bands rounded to whole groups of the tiny model's context shift its average a little
+    assert policy.average_bits(CFG) == pytest.approx(alloc.average_bits, abs=0.1)
     assert policy.make_cache(CFG, 1, 64) is not None
 
 
@@ -111,7 +115,8 @@ def test_allocation_files_are_checked():
 def test_the_shipped_allocations_meet_their_budgets():
     for budget in (2.25, 2.5, 3.0):
         policy = get_policy(f"learned-alloc@{budget:g}")
-        assert budget - 0.01 <= policy.average_bits <= budget + 1e-9
+        assert budget - 0.01 <= default_allocation(budget).average_bits <= budget + 1e-9
+        assert budget - 0.01 <= policy.average_bits(get_preset("SmolLM2-135M")) <= budget + 1e-9
 
 
 def test_eval_keeps_the_scores_of_two_allocations_apart():

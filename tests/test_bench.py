@@ -9,7 +9,7 @@ import pytest
 
 from kvjax import bench
 from kvjax.config import get_preset
-from kvjax.policies import get_policy
+from kvjax.policies import cache_bytes, get_policy
 from pallas_kernels import bench as kernel_bench
 
 
@@ -81,17 +81,17 @@ def test_largest_batch_fits_the_kv_budget(policy):
     spec = get_policy(policy) if policy == "fp16" else get_policy(policy, group_size=16)
     batch = bench.largest_batch(spec, cfg, capacity, jnp.float32, budget)
     assert batch >= 1
-    assert bench.cache_bytes(spec, cfg, batch, capacity, jnp.float32) <= budget
-    assert bench.cache_bytes(spec, cfg, batch + 1, capacity, jnp.float32) > budget
+    assert cache_bytes(spec, cfg, batch, capacity, jnp.float32) <= budget
+    assert cache_bytes(spec, cfg, batch + 1, capacity, jnp.float32) > budget
     real = spec.make_cache(cfg, batch, capacity, jnp.float32)
-    assert real.nbytes == bench.cache_bytes(spec, cfg, batch, capacity, jnp.float32)
+    assert real.nbytes == cache_bytes(spec, cfg, batch, capacity, jnp.float32)
 
 
 def test_kv_dtype_sets_the_16_bit_storage():
     """fp16 stores K/V in float16 under a float32 model unless --kv-dtype says otherwise."""
     cfg = get_preset("tiny")
     fp16 = get_policy("fp16")
-    half = bench.cache_bytes(fp16, cfg, 1, 64, jnp.float32)
-    assert bench.cache_bytes(fp16, cfg, 1, 64, jnp.float32, jnp.float32) == 2 * half - 4  # lengths: one int32
+    half = cache_bytes(fp16, cfg, 1, 64, jnp.float32)
+    assert cache_bytes(fp16, cfg, 1, 64, jnp.float32, jnp.float32) == 2 * half - 4  # lengths: one int32
     assert bench.largest_batch(fp16, cfg, 64, jnp.float32, 2**20, jnp.float32) < bench.largest_batch(
         fp16, cfg, 64, jnp.float32, 2**20)

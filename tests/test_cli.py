@@ -45,16 +45,21 @@ CASES = [
     ("generate", ["--prompt", "hi", "--kernels", "triton"], "argument --kernels: invalid choice"),
     ("generate", ["--prompt", "hi", "--model", "/nonexistent.gguf"], "not found"),
     ("generate", ["--max-new-tokens", "3"], "--prompt"),
+    ("generate", ["--prompt-file", "/nonexistent.txt"], "argument --prompt-file: no file '/nonexistent.txt'"),
+    ("generate", ["--prompt", "hi", "--max-memory", "0"], "argument --max-memory: must be > 0"),
+    ("generate", ["--prompt", "hi", "--max-memory", "0.1"], "more than the 0.10 GiB this process may use"),
     ("perplexity", ["--context", "0"], "argument --context: must be >= 2, got 0"),
     ("perplexity", ["--context", "1"], "argument --context: must be >= 2, got 1"),
     ("perplexity", ["--context", "-5"], "argument --context: must be >= 2, got -5"),
     ("perplexity", ["--context", "16384"], "--context 16384 exceeds the model's 8192 tokens"),
+    ("perplexity", ["--context", "16384", "--data-dir", "/nonexistent"], "--context 16384 exceeds"),  # numbers first
     ("perplexity", ["--segments", "0"], "argument --segments: must be >= 1, got 0"),
     ("perplexity", ["--text", "novel"], "argument --text: invalid choice"),
     ("perplexity", ["--kv", "band@5"], "2 < B <= 4"),
     ("perplexity", ["--json", "/etc/hostname/x.jsonl"], "argument --json: '/etc/hostname' is a file, not a folder"),
     ("perplexity", ["--json", "/tmp"], "argument --json: '/tmp' is a folder"),
     ("perplexity", ["--data-dir", "/nonexistent"], "not found: pass --data-dir"),
+    ("perplexity", ["--kernels", "native"], "unrecognized arguments: --kernels native"),  # scoring runs no kernel
     ("bench", ["--contexts", "0"], "argument --contexts: must be >= 1, got 0"),
     ("bench", ["--contexts", "abc"], "argument --contexts: must be an integer, got 'abc'"),
     ("bench", ["--contexts", ""], "argument --contexts: needs at least one value"),
@@ -62,6 +67,8 @@ CASES = [
     ("bench", ["--decode-steps", "0"], "argument --decode-steps: must be >= 1, got 0"),
     ("bench", ["--repeats", "0"], "argument --repeats"),
     ("bench", ["--kv-budget-gib", "0"], "argument --kv-budget-gib: must be > 0"),
+    ("bench", ["--memory-budget-gib", "1"], "add --memory"),
+    ("bench", ["--memory-budget-gib", "0"], "argument --memory-budget-gib: must be > 0"),
     ("bench", ["--contexts", "9000"], "exceeds the model's 8192 tokens"),
     ("bench", ["--preset", "SmolLM2-135M", "--kv", "kivi2", "--kv-budget-gib", "0.0001", "--contexts", "4096"],
      "does not fit 0.0001 GiB"),
@@ -69,6 +76,8 @@ CASES = [
     ("eval", ["--batch-size", "0"], "argument --batch-size"),
     ("eval", ["--tasks", "mmlu"], "unknown task 'mmlu'"),
     ("eval", ["--kv", "fp16,kivi3"], "unknown KV-cache policy 'kivi3'"),
+    ("eval", ["--kernels", "reference"], "unrecognized arguments: --kernels reference"),
+    ("eval", ["--kv", "kivi2", "--group-size", "48", "--data-dir", "/nonexistent"], "G=48 does not divide"),
     ("train", ["--budget-bits", "1.5"], "argument --budget-bits: must be >= 2.0"),
     ("train", ["--budget-bits", "17"], "argument --budget-bits: must be <= 16"),
     ("train", ["--steps", "0"], "argument --steps"),
@@ -76,6 +85,7 @@ CASES = [
     ("train", ["--hidden", "128,x"], "argument --hidden: must be an integer"),
     ("train", ["--chunk", "100"], "--chunk 100 must be a multiple of --group-size 32"),
     ("train", ["--text", "/nonexistent.txt"], "--text /nonexistent.txt: no such file"),
+    ("train", ["--data-dir", "/nonexistent"], "not found: pass --data-dir"),
     ("generate", ["--prompt", "hi", "--kv", "kivi2", "--allocation", "x.json"], "--allocation applies to learned-alloc"),
     ("generate", ["--prompt", "hi", "--kv", "learned-alloc@2.7"], "no shipped allocation for 2.7 bits"),
     ("generate", ["--prompt", "hi", "--kv", "learned-alloc@2.5", "--allocation", "/nonexistent.json"],
@@ -85,6 +95,7 @@ CASES = [
     ("allocate", ["--budget", "2.5", "--out", "/tmp/a.json", "--steps", "0"], "argument --steps"),
     ("allocate", ["--budget", "2.5", "--out", "/tmp/a.json", "--context", "100"], "argument --context: must be >= 165"),
     ("allocate", ["--budget", "2.5", "--out", "/tmp"], "argument --out: '/tmp' is a folder"),
+    ("allocate", ["--budget", "2.5", "--out", "/tmp/a.json", "--text", "/nonexistent.txt"], "no such file"),
     ("report", ["--accuracy", "/nonexistent.json"], "nonexistent.json"),
     ("kernel-bench", ["--contexts", "abc"], "argument --contexts"),
     ("kernel-bench", ["--models", "GPT-5"], "unknown model 'GPT-5'"),
@@ -97,6 +108,15 @@ def test_bad_input_is_one_line_before_the_model_loads(command, argv, message, ca
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2, err
     assert len(err) == 1 and err[0].startswith("error:") and message in err[0], err
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the Pallas kernels run on GPU and TPU")
+@pytest.mark.parametrize("command, argv", [("generate", ["--prompt", "hi"]), ("bench", ["--contexts", "64"])])
+@pytest.mark.parametrize("kv", ["fp16", "kivi2"])
+def test_kernels_a_cpu_cannot_run_are_refused_for_every_policy(command, argv, kv, capsys):
+    assert COMMANDS[command].main(argv + ["--kv", kv, "--kernels", "pallas"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "the Pallas kernels compile for GPU and TPU only" in err[0], err
 
 
 def test_train_controller_refuses_a_file_for_a_folder(tmp_path, capsys):

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from kvjax import teacher_forced
-from kvjax.controller import INPUTS, Controller, load_controller, save_controller
+from kvjax.controller import INPUTS, load_controller, save_controller
 from kvjax.errors import KvjaxError
 from kvjax.loading import load_model
 from kvjax.policies import get_policy
@@ -171,7 +171,7 @@ def test_eval_commands_tell_controllers_apart(tmp_path):
     import argparse
 
     from eval.__main__ import cache_suffix
-    from kvjax.policies import add_policy_flags, policies_from_flags
+    from kvjax.flags import add_policy_flags, policies_from_flags
     from test_policies import tiny_controller
 
     path = _tiny_controller_file(tmp_path)

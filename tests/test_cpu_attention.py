@@ -16,7 +16,8 @@ import pytest
 
 from pallas_kernels import cpu_attention
 from pallas_kernels import quantize_pack as codecs
-from pallas_kernels.decode_attention import EMPTY_MAX, tier_attention_partials_dequantized
+from pallas_kernels.decode_attention import tier_attention_partials_dequantized
+from pallas_kernels.xla_attention import EMPTY_MAX
 
 pytestmark = pytest.mark.skipif(jax.default_backend() != "cpu" or not cpu_attention.available(),
                                 reason=f"no CPU kernel here: {cpu_attention.unavailable_reason()}")
@@ -187,7 +188,7 @@ def test_an_unusable_cache_folder_is_named_as_the_reason(tmp_path, monkeypatch):
     regular = tmp_path / "file"
     regular.write_text("x")
     monkeypatch.setenv("KVJAX_CACHE", str(regular / "sub"))  # under a file: no folder can be made
-    reason = cpu_attention._registered("kvjax_test_unusable_cache")  # a new target: not cached yet
+    reason = cpu_attention.unavailable_reason("kvjax_test_unusable_cache")  # a new target: not cached yet
     assert reason.startswith(f"cannot make the kernel's folder {regular / 'sub'}"), reason
 
 

@@ -12,7 +12,7 @@ import pytest
 from eval import scoring, tasks
 from eval.__main__ import count_changed, main, read_cache
 from eval.tasks import Request, load_task
-from kvjax import teacher_forced
+from kvjax.data import DATA_DIR
 from kvjax.errors import KvjaxError
 from kvjax.loading import load_model
 from kvjax.model import forward
@@ -57,7 +57,7 @@ def reference_logprob(model, context, continuation, spec=None):
         logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
         return sum(logp[t - 1, ids[t]] for t in range(len(ctx), len(ids)))
     n = len(ids) - 1
-    length = scoring._bucket(n, model.cfg.max_position_embeddings)
+    length = scoring.bucket_length(n, model.cfg.max_position_embeddings)
     pad = lambda x, fill: np.asarray([x + [fill] * (length - len(x))], np.int32)
     logp = scoring.target_logprobs(model.params, pad(ids[:-1], 0), pad(ids[1:], 0), pad(list(range(n)), -1),
                                    cfg=model.cfg, policy=spec)
@@ -111,15 +111,15 @@ def test_hellaswag_preprocess():
         == "How to cook. Boil water. Add salt."
 
 
-needs_data = pytest.mark.skipif(not os.path.isdir(os.path.join(tasks.DATA_DIR, "hf_datasets")),
-                                reason=f"no evaluation data at {tasks.DATA_DIR} (set KVJAX_DATA to the folder "
+needs_data = pytest.mark.skipif(not os.path.isdir(os.path.join(DATA_DIR, "hf_datasets")),
+                                reason=f"no evaluation data at {DATA_DIR} (set KVJAX_DATA to the folder "
                                        "holding hf_datasets/, see README 'Evaluation data')")
 
 
 @needs_data
 @pytest.mark.parametrize("name", list(tasks.TASKS))
 def test_task_loaders_on_shared_data(name):
-    reqs = load_task(name, tasks.DATA_DIR, limit=2)
+    reqs = load_task(name, DATA_DIR, limit=2)
     assert len(reqs) == 2
     for r in reqs:
         assert all(c.strip() for c in r.contexts) and all(x.startswith(" ") for x in r.continuations)

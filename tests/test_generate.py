@@ -55,7 +55,7 @@ def _run(capsys, *argv):
     (["--prompt", "hi", "--max-new-tokens", "0"], "max-new-tokens"),
     (["--prompt", "hi", "--kv", "int3"], "unknown KV-cache policy"),
     (["--prompt", "hi", "--kv", "mixed@1"], "below 2 bits"),
-    (["--prompt", "hi", "--kv", "kivi2@3"], "only mixed and band"),
+    (["--prompt", "hi", "--kv", "kivi2@3"], "kivi2 takes no bit budget"),
     (["--prompt", "hi", "--dtype", "float8"], "--dtype"),
     (["--prompt", "hi", "--max-new-tokens", "ten"], "--max-new-tokens"),
     (["--max-new-tokens", "3"], "--prompt"),

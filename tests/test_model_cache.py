@@ -6,7 +6,7 @@ import numpy as np
 
 from kvjax.cache import DenseCache
 from kvjax.config import get_preset
-from kvjax.generation import _pad_prompts
+from kvjax.generation import pad_prompts
 from kvjax.model import forward, init_params
 
 CFG = get_preset("tiny")
@@ -21,7 +21,7 @@ def test_prefill_then_decode_equals_full_forward_ragged_batch():
 
     full_logits = [jit_forward(params, CFG, jnp.asarray(s)[None], jnp.arange(total)[None])[0][0] for s in seqs]
 
-    tokens, positions = _pad_prompts([list(s[:n]) for s, n in zip(seqs, prompt_lengths)])
+    tokens, positions = pad_prompts([list(s[:n]) for s, n in zip(seqs, prompt_lengths)])
     cache = DenseCache.init(CFG, len(seqs), capacity=total + 2, dtype=jnp.float32)  # the plain forward keeps float32
     logits, cache = jit_forward(params, CFG, tokens, positions, cache)
     for row, n in enumerate(prompt_lengths):

@@ -16,9 +16,9 @@ import pytest
 
 from kvjax.attention import masked_attention
 from pallas_kernels import quantize_pack as codecs
-from pallas_kernels.decode_attention import (EMPTY_MAX, DecodeBlocks, dense_partials, merge_partials,
-                                             tier_attention_partials, tier_attention_partials_dequantized,
-                                             tier_attention_partials_reference)
+from pallas_kernels.decode_attention import (DecodeBlocks, tier_attention_partials,
+                                             tier_attention_partials_dequantized, tier_attention_partials_reference)
+from pallas_kernels.xla_attention import EMPTY_MAX, dense_partials, merge_partials
 
 INTERPRET = jax.default_backend() == "cpu"
 RTOL = 1e-5

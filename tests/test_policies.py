@@ -2,7 +2,9 @@
 
 The proofs run over `kvjax.policies.REGISTRY` (each family's examples) and over TEST_POLICIES,
 which exercise what no registered policy uses yet: widths that differ by layer and between keys
-and values, 16-bit keys inside a tier, a chain of three bands.
+and values, 16-bit keys inside a tier, a chain of three bands. One more is registered below the
+way a user adds a policy (a `Bands` with a rule and a `register` call, public names only), so the
+proofs cover it because it is in the registry.
 
 They decode through `replay.Replay`, which stores the teacher-forced path's K/V and features in
 the step-by-step cache, so that both paths quantize bit-identical inputs whatever the CPU's
@@ -24,11 +26,13 @@ from kvjax.config import get_preset
 from kvjax.controller import INPUTS, Controller, ControllerMLP, model_signature
 from kvjax.errors import KvjaxError
 from kvjax.features import forward_recording_features
+from kvjax.generation import prefill
+from kvjax.history import History
 from kvjax.kernels import Kernels, resolve
 from kvjax.model import forward, init_params
-from kvjax.layout import EVICTED, Layout, Tier
+from kvjax.layout import EVICTED, NO_ENTRY, WIDTHS, Layout, Tier
 from kvjax.allocation import Allocation
-from kvjax.policies import MIXED_WIDTHS, REGISTRY, Bands, Mixed, get_policy, make_cache
+from kvjax.policies import REGISTRY, Bands, Family, Mixed, get_policy, make_cache, register
 from kvjax.tiered import TieredCache
 from replay import Replay
 
@@ -47,11 +51,27 @@ TEST_POLICIES = {
     # a chain of three tiers: two rings, then the rest
     "test-three-bands": Bands("test-three-bands", bands=((8, 8), (4, 4), (2, 2)), shares=(0.25, 0.25), sinks=4,
                               window=WINDOW, group_size=GROUP),
+    # two rings of one group each: a token enters, is quantized and moves on twice within a prompt chunk
+    "test-one-group-rings": Bands("test-one-group-rings", bands=((8, 8), (4, 4), (2, 2)), shares=(0.01, 0.01),
+                                  sinks=3, window=WINDOW, group_size=GROUP),
 }
 # An allocation for the tiny model at 2.5 bits: three age bands, 16-bit keys demoted to 2, keys and
 # values apart, per layer.
 TINY_ALLOCATION = Allocation(keys=((16, 2), (2, 2), (2, 2)), values=((4, 2), (2, 2), (2, 2)), shares=(0.125, 0.375),
                              sinks=2, window=WINDOW, group_size=GROUP)
+
+
+def keys_4_bit_in_the_first_half(depth):
+    """A width rule of the layer's depth in [0, 1): 4 bits in the first half of the layers, 2 after."""
+    return 4 if depth < 0.5 else 2
+
+
+# A policy added as a user adds one: a Bands with a rule and one register call. Being in the
+# registry is all it takes for every proof below to run it.
+register(Family("test-k4-first-half",
+                lambda name, budget, o: Bands(name, bands=((keys_4_bit_in_the_first_half, 2),), **o),
+                "KIVI with keys at 4 bits in the first half of the layers, 2 bits after, and values at 2 bits"))
+
 NAMES = [name for family in REGISTRY.values() for name in (family.examples or (family.name,))] + list(TEST_POLICIES)
 # Largest difference between the model's own K/V (and features) and the reference ones that the proofs
 # accept: one ulp of the 16-bit storage (2^-10 relative) plus float32 rounding, far below a quantization step.
@@ -125,39 +145,87 @@ def test_teacher_forced_equals_step_by_step_decode(name):
     got, cache, want = decode_all(policy, tokens, positions, capacity)
     valid = np.asarray(positions) >= 0
     np.testing.assert_allclose(np.asarray(got)[valid], np.asarray(want)[valid], atol=2e-5, rtol=1e-5)
-    if name != "fp16":  # the policy really changed something: not equal to the full-precision forward
+    if policy.layout(CFG, capacity) is not None:  # quantized: not equal to the full-precision forward
         full, _ = forward(PARAMS, CFG, tokens, positions)
         assert float(jnp.abs(full - got)[valid].max()) > 1e-3
-    # nothing dropped unless evicting; every stored token is in exactly one tier
+    # every stored token is in exactly one tier, and nothing is dropped unless the policy says it
+    # evicts; then the sinks and the window still are not
     stored = sum(np.asarray(v) for v in cache.tokens_per_tier().values())
     lengths = valid.sum(1)
-    if name == "streaming":
-        np.testing.assert_array_equal(stored, np.minimum(lengths, policy.sinks + policy.window))
+    if policy.evicts:
+        assert (stored <= lengths).all() and (stored >= np.minimum(lengths, policy.sinks + policy.window)).all()
     else:
         np.testing.assert_array_equal(stored, lengths)
 
 
+@pytest.mark.parametrize("chunk", [3, 7])
 @pytest.mark.parametrize("name", NAMES)
-def test_prefill_then_decode_equals_teacher_forced(name):
-    """A prompt of P tokens prefilled, then decoded step by step, equals teacher forcing of the whole.
-
-    The prompt is given at the full length with its tail as padding (position -1): the prefill then
-    runs the same program on the same shapes as the reference, and padding is masked before any
-    reduction, so the prompt's logits, K/V and tiers are bit-identical to the reference's (not
-    only close: a different matmul shape could flip a code, see tests/replay.py). The decode steps
-    replay the reference K/V.
-    """
+def test_chunked_prefill_then_decode_equals_teacher_forced(name, chunk):
+    """Prompts of P tokens (and a shorter one, right-padded) prefilled `chunk` tokens at a time, then
+    decoded step by step, equal teacher forcing of the whole: chunks of 3 and 7 split the window
+    (W = 8), the key groups (G = 4) and the sinks. The prefill is kvjax.generation.prefill itself; every
+    step replays the reference K/V (tests/replay.py), so both paths quantize identical floats."""
     policy = policy_of(name)
-    tokens, positions = ragged_batch(T=37, short=37, seed=1)
-    capacity, P = 40, 23
+    tokens, positions = ragged_batch(T=62, short=41, seed=1)
+    capacity, P = 64, 49
     want, tf, features = reference(policy, tokens, positions, capacity)
-    prompt_positions = positions.at[:, P:].set(-1)
-    cache = make_cache(policy, CFG, 2, capacity)
-    logits, cache = cache.prefill(PARAMS, CFG, tokens, prompt_positions, jnp.float32)
-    np.testing.assert_array_equal(logits[:, :P], want[:, :P])
-    got, cache = decode_steps(Replay.around(cache, tf, features), tokens, positions, start=P)
+    cache = Replay.around(make_cache(policy, CFG, 2, capacity), tf, features)
+    last, cache = prefill(PARAMS, tokens[:, :P], positions[:, :P], cache, cfg=CFG, dtype=jnp.float32, chunk=chunk)
+    ends = jnp.asarray([P, 41]) - 1
+    np.testing.assert_allclose(last, want[jnp.arange(2), ends], atol=2e-5, rtol=1e-5)
+    got, cache = decode_steps(cache, tokens, positions, start=P)
     assert float(cache.drift.max()) < DRIFT, cache.drift
-    np.testing.assert_allclose(got, want[:, P:], atol=2e-5, rtol=1e-5)
+    valid = np.asarray(positions[:, P:]) >= 0
+    np.testing.assert_allclose(np.asarray(got)[valid], np.asarray(want[:, P:])[valid], atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["kivi2", "band@3", "mixed-rule@3", "test-one-group-rings", "fp16"])
+def test_chunked_prefill_leaves_the_state_decoding_leaves(name):
+    """After a prompt, the chunked prefill's cache holds every array as step-by-step decoding of the
+    prompt leaves it: the same codes, scales, zeros, stages and counters, bit for bit (both store the
+    same replayed K/V), and so does `filled` (the benchmarks' state after given K/V); what no step
+    reads may differ (`_unread_zeroed`)."""
+    policy = policy_of(name)
+    tokens, positions = ragged_batch(T=51, short=37, seed=5)
+    _, tf, features = reference(policy, tokens, positions, 52)
+    empty = lambda: Replay.around(make_cache(policy, CFG, 2, 52), tf, features)
+    _, stepped = decode_steps(empty(), tokens, positions)
+    _, chunked = prefill(PARAMS, tokens, positions, empty(), cfg=CFG, dtype=jnp.float32, chunk=7)
+    filled = make_cache(policy, CFG, 2, 52).filled(tf.k, tf.v, positions, features)
+    stepped, chunked, filled = (_unread_zeroed(c) for c in (stepped.inner, chunked.inner, filled))
+    for a, b, c in zip(*(jax.tree_util.tree_leaves(x) for x in (stepped, chunked, filled))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(c))
+
+
+def _unread_zeroed(cache):
+    """The cache with what no step reads zeroed: every tier's slots that hold no token (a ring's
+    slots whose group moved on), and in a tier leaving tokens enter, the KIVI key codes, scales and
+    zeros of the group being filled (its keys are read from the stage until it is complete) and
+    the stage past its keys."""
+    if not isinstance(cache, TieredCache):
+        return cache
+    tiers, lay = list(cache.tiers), cache.layout
+    for i, t in enumerate(lay.tiers):
+        entered = cache.entered[:, i]
+        held = lay.valid_slots(i, entered)  # [b, c]
+        start = lay.stage_start(i, entered)[:, None]
+        slot = jnp.arange(t.slots)[None, :]
+        filling = (slot >= start) & (slot < start + GROUP) & (i in lay.heads)
+        staged = jnp.arange(GROUP)[None, :] < (entered % GROUP)[:, None]
+        per_slot = lambda keep, x: jnp.where(keep[None, :, None, :, None], x, 0)
+        per_group = lambda keep, x: per_slot(keep.reshape(keep.shape[0], -1, GROUP).any(-1), x)
+
+        def zeroed(store, keys):
+            out = {f: per_slot(held & ~(filling & keys), getattr(store, f)) for f in store.SLOTS}
+            out.update({f: per_group(held & ~filling, getattr(store, f)) for f in store.GROUPS})
+            if keys and store.staged:
+                out["stage"] = per_slot(staged, store.stage)
+            return store.replace(**out)
+
+        tiers[i] = tiers[i].replace(keys=tuple(zeroed(k, True) for k in tiers[i].keys),
+                                    values=tuple(zeroed(v, False) for v in tiers[i].values))
+    return cache.replace(tiers=tuple(tiers), route=None)
 
 
 @struct.dataclass
@@ -194,12 +262,12 @@ def test_pallas_kernels_decode_equals_reference(name):
     np.testing.assert_allclose(np.asarray(got)[valid], np.asarray(want)[valid], atol=2e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["kivi2", "int8-sink", "band@3", "test-per-layer", "test-three-bands",
-                                  "learned-alloc@2.5"])
+@pytest.mark.parametrize("name", ["fp16", "kivi2", "int8-sink", "band@3", "test-per-layer", "test-three-bands",
+                                  "test-dense-keys", "learned-alloc@2.5"])
 def test_native_cpu_kernel_decode_equals_reference(name):
     """Decoding with packed tiers attended by the C++ CPU kernel (the CPU default) equals the jnp/XLA
     reference path; with the proofs above, which run the default, both equal teacher forcing."""
-    if jax.default_backend() != "cpu" or resolve(Kernels.AUTO) is not Kernels.NATIVE:
+    if jax.default_backend() != "cpu" or resolve(Kernels.AUTO).kernels is not Kernels.NATIVE:
         pytest.skip("the native kernel is the default only on a CPU where it compiles")
     policy = policy_of(name)
     tokens, positions = ragged_batch(T=27, short=22, seed=3)
@@ -214,8 +282,8 @@ def test_prefill_with_pallas_kernels_is_bit_identical(name):
     """Prompt prefill writes the same codes, scales and zeros through the quantize + pack kernels."""
     policy = policy_of(name)
     tokens, positions = ragged_batch(T=29, short=25, seed=4)
-    caches = [make_cache(policy, CFG, 2, 32, kernels=k).prefill(PARAMS, CFG, tokens, positions, jnp.float32)[1]
-              for k in (Kernels.REFERENCE, Kernels.INTERPRET)]
+    caches = [prefill(PARAMS, tokens, positions, make_cache(policy, CFG, 2, 32, kernels=k), cfg=CFG,
+                      dtype=jnp.float32)[1] for k in (Kernels.REFERENCE, Kernels.INTERPRET)]
     assert int(jnp.sum(caches[0].entered)) > 0  # tokens did reach the quantized tiers
     for a, b in zip(*(jax.tree_util.tree_leaves(c) for c in caches)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -242,6 +310,33 @@ def test_perplexity_summarizes_the_widths_of_left_tokens(name):
         assert shares == expected[name]
     else:
         assert len(shares) > 1
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if n != "fp16"])
+def test_average_bits_are_what_a_full_cache_stores(name):
+    """`average_bits` (what `python -m eval` reports) is read from the layout: for a policy whose left
+    tokens pass through one chain of tiers it is the mean width of the left tokens of a full cache,
+    as the exact scorer stores them at the last query (evicted: 0 bits)."""
+    from eval.perplexity import segment_nll
+
+    policy = policy_of(name)
+    capacity = policy.sinks + policy.window + 8 * policy.group_size  # 8 whole groups leave the window
+    full = CFG.replace(max_position_embeddings=capacity)  # average_bits: of a cache full at the model's context
+    if len(policy.layout(full, capacity).heads) > 1:
+        assert policy.average_bits(full) == policy.budget_bits  # mixed: tiers sized from the budget's histogram
+        return
+    tokens = np.random.default_rng(0).integers(0, CFG.vocab_size, capacity)
+    _, left = segment_nll(PARAMS, CFG, tokens, policy)
+    assert len(left) == 8 * policy.group_size
+    assert policy.average_bits(full) == pytest.approx(float(left.mean()), abs=1e-6)
+
+
+def test_a_width_rule_fits_every_model():
+    policy = policy_of("test-k4-first-half")
+    assert policy.layout(CFG, 64).tiers[0].key_bits == (4, 2)
+    smol = get_preset("SmolLM2-135M")
+    assert get_policy("test-k4-first-half").layout(smol, 4096).tiers[0].key_bits == (4,) * 15 + (2,) * 15
+    assert get_policy("test-k4-first-half").average_bits(smol) == 2.5
 
 
 def test_fp16_policy_is_the_plain_cache_bit_for_bit():
@@ -289,6 +384,30 @@ def test_a_short_run_allocates_no_more_than_fp16():
         assert cache.nbytes <= fp16 + 64, name  # + the per-tier counters
 
 
+@pytest.mark.parametrize("name", ["band@3", "test-three-bands", "test-one-group-rings", "learned-alloc@2.5",
+                                  "mixed-static@3", "streaming"])
+def test_demotion_schedule_online_equals_closed_form(name):
+    """Decoding moves each group down its chain online (TieredCache.route_step, one step at a time);
+    kvjax.history.History says in closed form at which step each token reaches each depth. At every
+    step the tokens each tier has received are the same count both ways."""
+    policy, T = policy_of(name), 90
+    cache = make_cache(policy, CFG, 1, T)
+    lay, entered = cache.layout, cache.entered
+    online, tier, rank = [], np.full((1, T), NO_ENTRY), np.zeros((1, T), np.int32)
+    for p in range(T):
+        route, entered = cache.route_step(jnp.asarray([p]), entered)
+        online.append(np.asarray(entered[0]))
+        if route.leaving[0]:  # the token p - W left the window at this step
+            tier[0, p - lay.window], rank[0, p - lay.window] = int(route.tier[0]), int(route.rank[0])
+    hist = History.of(lay, jnp.asarray(tier), jnp.asarray(rank))
+    depth_of = {i: (h, d) for h in lay.heads for d, i in enumerate(lay.chain(h))}
+    for step in range(T):
+        closed = [int(jnp.sum((hist.tier == depth_of[i][0]) & (hist.reach[:, depth_of[i][1]] <= step)))
+                  for i in range(len(lay.tiers))]
+        assert closed == online[step].tolist(), step
+    assert any(n > 0 for n in online[-1][1:]) or len(lay.tiers) < 2 or name.startswith("mixed")  # groups did move
+
+
 @pytest.mark.parametrize("name", ["band@3", "test-three-bands", "mixed-static@3"])
 def test_a_run_too_short_to_fill_a_tier_decodes(name):
     """Tiers sized to what can reach them may hold no slot (here the demoted-to tiers): decoding
@@ -314,13 +433,13 @@ class _Prefers(Mixed):
 
 def test_full_tier_sends_token_to_nearest_tier_with_room():
     caps = (8, 4, 4, 4)  # tiers 2, 4, 8, 16 bits
-    layout = Layout(4, 8, 4, tuple(Tier(f"{w}-bit", c, (w, w), (w, w)) for w, c in zip(MIXED_WIDTHS, caps)), 2, 4, 8)
+    layout = Layout(4, 8, 4, tuple(Tier(f"{w}-bit", c, (w, w), (w, w)) for w, c in zip(WIDTHS, caps)), 2, 4, 8)
     entered = jnp.asarray([[0, 4, 0, 0], [0, 4, 4, 0], [8, 4, 4, 4], [0, 0, 4, 0]])
     got = [int(_Prefers("m", width=w).entry(jnp.zeros((1,), jnp.int32), None, row[None], layout)[0])
            for w, row in zip((4, 4, 16, 8), entered)]
     # 4 full -> 8 (as near as 2, ties to the wider); 4 and 8 full -> 2; everything full -> evicted;
     # 8 full -> 16 (ties between 4 and 16 go to the wider)
-    assert got == [MIXED_WIDTHS.index(8), MIXED_WIDTHS.index(2), EVICTED, MIXED_WIDTHS.index(16)]
+    assert got == [WIDTHS.index(8), WIDTHS.index(2), EVICTED, WIDTHS.index(16)]
 
 
 def test_mixed_budget_histogram_and_capacities():
@@ -353,15 +472,15 @@ def test_band_demotes_whole_groups_and_fills_its_budget():
     (lambda: Bands("x", bands=((3, 3),)).layout(CFG, 200), "width 3"),
     (lambda: get_policy("mixed@1.5"), "below 2 bits"),
     (lambda: get_policy("mixed@abc"), "not a number"),
-    (lambda: get_policy("kivi2@3"), "only mixed and band"),
+    (lambda: get_policy("kivi2@3"), "kivi2 takes no bit budget; the policies that do: band@BITS, learned-alloc@BITS"),
     (lambda: get_policy("band@4.5"), "2 < B <= 4"),
     (lambda: get_policy("band"), "needs a bit budget"),
     (lambda: get_policy("kivi3"), "unknown KV-cache policy"),
     (lambda: get_policy("kivi2", controller="x.npz"), "a controller applies"),
     (lambda: make_cache(get_policy("kivi2", group_size=12, window=120), CFG, 1, 64), "does not divide head_dim"),
     (lambda: make_cache(get_policy("streaming", window=600), CFG, 1, 64), "exceeds the model's context"),
-    (lambda: forward(PARAMS, CFG, jnp.zeros((1, 2), jnp.int32), jnp.arange(2)[None],
-                     make_cache(policy_of("kivi2"), CFG, 1, 64)), "one token per sequence"),
+    (lambda: forward(PARAMS, CFG, jnp.zeros((1, WINDOW + 1), jnp.int32), jnp.arange(WINDOW + 1)[None],
+                     make_cache(policy_of("kivi2"), CFG, 1, 64)), "at most W = 8 tokens"),
 ])
 def test_invalid_configurations_raise_clear_errors(make, message):
     with pytest.raises(KvjaxError, match=message):

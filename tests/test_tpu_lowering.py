@@ -98,8 +98,8 @@ def test_a_rejected_block_shape_fails_to_lower(monkeypatch):
     of a [R / G, h] array: 2 is neither R / G nor a multiple of 8), which Mosaic TPU rejects."""
     x = S((1, 3, 2048, 64), BF16)  # shapes no other test lowers: jit caches traces by shape
     lower_for_tpu(lambda x: ENCODERS["keys"](x, 4), x)  # the TPU plan: BR = 8 * G
-    plan = qp._block_rows
-    monkeypatch.setattr(qp, "_block_rows", lambda rows, unit, blocks, target: plan(rows, unit, blocks, "interpret"))
+    plan = qp.plan_block_rows
+    monkeypatch.setattr(qp, "plan_block_rows", lambda rows, unit, blocks, target: plan(rows, unit, blocks, "interpret"))
     x = S((1, 3, 2080, 64), BF16)
     with pytest.raises(ValueError, match="last two dimensions of your block shape are divisible by 8 and 128"):
         lower_for_tpu(lambda x: ENCODERS["keys"](x, 2), x)

@@ -13,7 +13,6 @@ budget on the held-out split, and write OUT/controller.npz and OUT/loss.png. The
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import shutil
 import sys
@@ -22,8 +21,10 @@ import time
 import numpy as np
 
 from kvjax import cli
+from kvjax.data import DATA_DIR
 from kvjax.errors import KvjaxError
-from kvjax.policies import DEFAULT_GROUP, DEFAULT_SINKS, DEFAULT_WINDOW
+from kvjax.layout import DEFAULT_GROUP, DEFAULT_SINKS, DEFAULT_WINDOW
+from train_controller import data
 
 
 def _parser():
@@ -74,17 +75,15 @@ def _check(args):
                          f"than --window {args.window}")
     if args.trace_tokens < args.chunk:
         raise KvjaxError(f"--trace-tokens {args.trace_tokens} is less than one --chunk of {args.chunk}")
-    if args.text is not None and not os.path.isfile(args.text):
-        raise KvjaxError(f"--text {args.text}: no such file")
+    data.check_training_text(args.text, args.data_dir or DATA_DIR)
     return args
 
 
 def run(args) -> int:
-    from eval.tasks import DATA_DIR
     from kvjax.controller import Controller, model_signature, save_controller
     from kvjax.loading import load_model, resolve_model
     from kvjax.policies import max_budget
-    from train_controller import data, traces, train
+    from train_controller import traces, train
 
     hidden = tuple(args.hidden)
     t0 = time.perf_counter()

@@ -40,15 +40,16 @@ from kvjax.allocation import Allocation, save_allocation
 from kvjax.attention import MASK_VALUE, causal_mask, grouped_output, grouped_scores
 from kvjax.cache import KVCache
 from kvjax.errors import KvjaxError
-from kvjax.layout import WIDTHS  # 2, 4, 8, 16: the order of the last axis of weights and logits
+from kvjax.layout import CODE_WIDTHS, DEFAULT_GROUP, DEFAULT_SINKS, DEFAULT_WINDOW, WIDTHS  # WIDTHS: last axis order
 from kvjax.loading import load_model
 from kvjax.model import forward
 from kvjax.policies import Bands, get_policy
 from kvjax.stores import KiviKeys, KiviValues
-from train_controller.data import training_ids
+from train_controller.data import check_training_text, training_ids
 
 DEFAULT_SHARES = (0.125, 0.375)  # newest 1/8 of the left tokens, the next 3/8, the oldest half
-MIN_CONTEXT = 4 + 128 + 32 + 1  # sinks + window + a group of left tokens, and one more to predict
+# sinks + window + a group of left tokens, and one more to predict, at the defaults the command trains with
+MIN_CONTEXT = DEFAULT_SINKS + DEFAULT_WINDOW + DEFAULT_GROUP + 1
 
 
 @struct.dataclass
@@ -88,7 +89,7 @@ def quantized_forms(keys, values, sinks: int, group_size: int, dtype=jnp.float16
     tail = jnp.pad(keys[:, :, sinks:], ((0, 0), (0, 0), (0, pad), (0, 0)))
     head = keys[:, :, :sinks].astype(jnp.float32)
     forms = {16: (keys.astype(jnp.float32), values.astype(jnp.float32))}
-    for w in WIDTHS[:-1]:
+    for w in CODE_WIDTHS:
         kq = KiviKeys.roundtrip(tail, w, group_size, dtype)[:, :, :n]
         forms[w] = (jnp.concatenate([head, kq], axis=2), KiviValues.roundtrip(values, w, group_size, dtype))
     return forms
@@ -197,7 +198,7 @@ def teacher_logprobs(params, cfg, segments):
 
 def train(model, segments, budget: float, shares=DEFAULT_SHARES, steps: int = 30, lr: float = 0.1,
           lambda_init: float = 0.02, lambda_lr: float = 0.01, tau=(1.0, 0.2), seed: int = 0,
-          sinks: int = 4, window: int = 128, group_size: int = 32, log=print):
+          sinks: int = DEFAULT_SINKS, window: int = DEFAULT_WINDOW, group_size: int = DEFAULT_GROUP, log=print):
     """Trains theta [l, 2, B, 4] on the segments (int32 arrays of one length); returns (theta, history)."""
     cfg, params = model.cfg, model.params
     context = len(segments[0])
@@ -250,7 +251,8 @@ def train(model, segments, budget: float, shares=DEFAULT_SHARES, steps: int = 30
     return np.asarray(theta), history
 
 
-def to_allocation(theta, shares, budget, sinks=4, window=128, group_size=32, trained=None) -> Allocation:
+def to_allocation(theta, shares, budget, sinks=DEFAULT_SINKS, window=DEFAULT_WINDOW, group_size=DEFAULT_GROUP,
+                  trained=None) -> Allocation:
     idx = discrete_allocation(theta, tuple(shares) + (1.0 - sum(shares),), budget)
     widths = np.asarray(WIDTHS)[idx]  # [l, 2, B]
     keys = tuple(tuple(int(w) for w in widths[:, 0, b]) for b in range(widths.shape[2]))
@@ -290,6 +292,7 @@ def _main(argv) -> int:
         raise KvjaxError(f"--budget must be in (2, 16), got {args.budget:g}")
     if any(s <= 0 for s in shares) or sum(shares) >= 1:
         raise KvjaxError(f"--shares must be positive and sum to less than 1, got {args.shares}")
+    check_training_text(args.text)
     model = load_model(args.model)
     ids = training_ids(model.tokenizer, args.text, max_tokens=args.context * args.segments)
     if len(ids) < args.context * args.segments:

@@ -1,7 +1,7 @@
 """Training text for the controller, kept apart from every evaluation text.
 
-Default: Project Gutenberg #1661 (../shared/data/gutenberg/sherlock.txt, between its
-START/END markers) *after its first SKIP_TOKENS tokens*. `python -m eval.perplexity --text
+Default: Project Gutenberg #1661 (kvjax.data's `sherlock`, from the shared data folder) *after
+its first SKIP_TOKENS tokens*. `python -m eval.perplexity --text
 sherlock` scores segments from the start of the same token stream (the README's table: 2 x
 4096 tokens; anything up to 8 x 4096 stays clear of this range). WikiText-2 test and the
 multiple-choice validation sets are never read here. `--text FILE` trains on a file instead.
@@ -9,13 +9,23 @@ multiple-choice validation sets are never read here. `--text FILE` trains on a f
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
-from eval.perplexity import read_text
-from eval.tasks import DATA_DIR
+from kvjax.data import DATA_DIR, read_text, text_path
 from kvjax.errors import KvjaxError
 
 SKIP_TOKENS = 32768
+
+
+def check_training_text(text_file: str | None = None, data_dir: str = DATA_DIR):
+    """A KvjaxError unless the training text is there: `--text FILE`, else the data folder's Sherlock
+    (the commands call this before they load the model)."""
+    if text_file is None:
+        text_path("sherlock", data_dir)
+    elif not os.path.isfile(text_file):
+        raise KvjaxError(f"--text {text_file}: no such file")
 
 
 def training_ids(tokenizer, text_file: str | None = None, data_dir: str = DATA_DIR,

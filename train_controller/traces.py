@@ -38,12 +38,9 @@ from kvjax.attention import MASK_VALUE, grouped_scores
 from kvjax.cache import DenseCache
 from kvjax.errors import KvjaxError
 from kvjax.features import FEATURE_NAMES, token_features
-from kvjax.layout import has_left
+from kvjax.layout import CODE_WIDTHS, has_left
 from kvjax.model import forward_with_stats
 from kvjax.stores import KiviKeys, KiviValues
-
-QUANT_WIDTHS = (2, 4, 8)
-
 
 def layer_distortion(q, keys, values, window: int, sinks: int, group_size: int):
     """One layer: q [b, T, n, h], keys/values [b, k, T, h] (positions 0..T-1) -> D [b, T, 3]."""
@@ -59,7 +56,7 @@ def layer_distortion(q, keys, values, window: int, sinks: int, group_size: int):
     v_dev = jnp.sum((values - values.mean(2, keepdims=True)) ** 2, -1)  # [b, k, T]
     g, f32 = group_size, jnp.float32
     dist = []
-    for bits in QUANT_WIDTHS:
+    for bits in CODE_WIDTHS:
         vq = KiviValues.roundtrip(values, bits, g, f32)
         kq = KiviKeys.roundtrip(keys, bits, g, f32)  # groups of G consecutive tokens
         dv = jnp.sum((vq - values) ** 2, -1)

@@ -30,7 +30,8 @@ import orbax.checkpoint as ocp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
-from kvjax.controller import INPUTS, WIDTHS, ControllerMLP, choose_widths, controller_inputs, corpus_rarity
+from kvjax.controller import INPUTS, ControllerMLP, choose_widths, controller_inputs, corpus_rarity
+from kvjax.layout import WIDTHS
 from kvjax.errors import KvjaxError
 
 BITS = np.asarray(WIDTHS, np.float32)
