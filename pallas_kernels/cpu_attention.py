@@ -47,7 +47,7 @@ SOURCE = Path(__file__).with_name("cpu_attention.cc")
 TARGET = "kvjax_layer_attention"
 
 
-def _vector_flags(vector: bool = True) -> list[str]:
+def vector_flags(vector: bool = True) -> list[str]:
     """Compiler flags for the vector extensions this CPU reports (none on other architectures, or
     without `vector`: the portable build the tests also check)."""
     if not vector or platform.machine() not in ("x86_64", "AMD64"):
@@ -68,13 +68,14 @@ def _compile_command(out: Path, vector: bool = True, source: Path = SOURCE) -> l
     cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or "c++"
     # Reassociation lets the dot products and sums vectorize; no finite-math assumptions (masks use EMPTY_MAX).
     return [cxx, "-std=c++17", "-O3", "-shared", "-fPIC", "-fno-math-errno", "-fassociative-math",
-            "-fno-signed-zeros", "-fno-trapping-math", *_vector_flags(vector), f"-I{jax.ffi.include_dir()}",
+            "-fno-signed-zeros", "-fno-trapping-math", *vector_flags(vector), f"-I{jax.ffi.include_dir()}",
             str(source), "-o", str(out)]
 
 
-def _library(vector: bool = True, source: Path = SOURCE) -> Path:
-    """The compiled library of `source` (the kernel, or cpu_bench's cpu_limits.cc), built if this
-    source, these flags and this jaxlib have none yet (in cache_dir(), which the caller makes)."""
+def build_library(source: Path = SOURCE, vector: bool = True) -> Path:
+    """The shared library of a C++ source (the kernel, or cpu_bench's cpu_limits.cc) compiled with the
+    kernel's command, built if this source, these flags and this jaxlib have none yet (in
+    cache_dir(), which the caller makes)."""
     command = _compile_command(Path("OUT"), vector, source)
     key = hashlib.sha256(source.read_bytes() + " ".join(command).encode() + jaxlib.__version__.encode()).hexdigest()
     cache = cache_dir()
@@ -97,7 +98,7 @@ def _registered(target: str = TARGET, vector: bool = True) -> str | None:
     except OSError as e:
         return f"cannot make the kernel's folder {cache_dir()} ({e.strerror})"
     try:
-        library = ctypes.CDLL(str(_library(vector)))
+        library = ctypes.CDLL(str(build_library(SOURCE, vector)))
     except FileNotFoundError as e:
         return f"no C++ compiler ({e.filename})"
     except subprocess.CalledProcessError as e:

@@ -93,7 +93,7 @@ class Limits:
 
     def __init__(self, threads: int, vector: bool = True, copy_mib: int = COPY_MIB):
         cpu_attention.cache_dir().mkdir(parents=True, exist_ok=True)
-        lib = ctypes.CDLL(str(cpu_attention._library(vector, LIMITS_SOURCE)))
+        lib = ctypes.CDLL(str(cpu_attention.build_library(LIMITS_SOURCE, vector)))
         for name, args in (("kvjax_copy_seconds", [ctypes.c_int64, ctypes.c_int, ctypes.c_int]),
                            ("kvjax_read_seconds", [ctypes.c_int64, ctypes.c_int, ctypes.c_int]),
                            ("kvjax_fma_seconds", [ctypes.c_int64, ctypes.c_int])):
@@ -304,7 +304,7 @@ def main(argv=None) -> int:
         return 2
     s = Shapes()
     limits = Limits(args.threads, vector=not args.portable, copy_mib=args.copy_mib)
-    flags = " ".join(f for f in cpu_attention._vector_flags(not args.portable) if "prefer" not in f) or "portable"
+    flags = " ".join(f for f in cpu_attention.vector_flags(not args.portable) if "prefer" not in f) or "portable"
     print(f"{cpu_model()} | {os.cpu_count()} CPUs | jax {jax.__version__} | kernel flags: {flags} | "
           f"limits on {args.threads} threads", flush=True)
     head = (f"{'policy':<10} {'ctx':>6} {'b':>2} {'ms':>8} {'MB read':>8} {'GB/s':>6} {'GMAC':>6} {'GFLOP/s':>8} "
