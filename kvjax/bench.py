@@ -34,6 +34,7 @@ import datetime
 import functools
 import json
 import multiprocessing
+import os
 import platform
 import sys
 import time
@@ -42,7 +43,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flax import struct
+
 from kvjax import cli, memory
+from kvjax.cache import KVCache
 from kvjax.config import PRESETS, get_preset
 from kvjax.errors import KvjaxError
 from kvjax.flags import add_kernels_flag, add_policy_flags, kernels_from_flags, policies_from_flags
@@ -124,6 +128,47 @@ def context_runner(model, context: int, decode_steps: int, batch: int, kv, dtype
     return run
 
 
+@struct.dataclass
+class NoAttention(KVCache):
+    """A cache that stores nothing and attends to nothing (a layer's output is its q): a decode step
+    through it costs the weights and everything else but attention (`--split`)."""
+
+    lengths: jax.Array  # int32 [b]
+    layers: int = struct.field(pytree_node=False)
+
+    @property
+    def segments(self):
+        return ((0, self.layers),)
+
+    def attend(self, layer, q, k, v, positions):
+        return q, self
+
+
+def no_attention_runner(model, context: int, decode_steps: int, batch: int, dtype):
+    """-> run(): (None, seconds of `decode_steps` decode steps through NoAttention, 0)."""
+    cfg = model.cfg
+
+    def run():
+        cache = NoAttention(jnp.full((batch,), context, jnp.int32), cfg.num_layers)
+        state = start_state(jnp.zeros((batch, cfg.vocab_size), jnp.float32), cache, jax.random.PRNGKey(0),
+                            decode_steps + 1, GREEDY, -1)
+        jax.block_until_ready(state)
+        t0 = time.perf_counter()
+        state = decode_chunk(model.params, state, -1, cfg=cfg, dtype=dtype, sampling=GREEDY, chunk=decode_steps)
+        state.step.block_until_ready()
+        return None, time.perf_counter() - t0, 0
+
+    return run
+
+
+def overhead_model(cfg):
+    """The model's program at tiny shapes (the same layers, heads and ops; dims of 16 to 64, 256 tokens):
+    a decode step through it costs what does not grow with the weights, the per-op overhead."""
+    small = cfg.replace(hidden_size=64, intermediate_size=64, vocab_size=256, head_dim=16,
+                        num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads)
+    return LoadedModel(small, init_params(small, jax.random.PRNGKey(0)), None, "overhead")
+
+
 def interleaved(runners, repeats: int) -> list[list[tuple]]:
     """Warms up (compiles) every runner, then runs each once per round for `repeats` rounds, so that
     a machine whose speed drifts (a shared VM) slows every policy alike. -> the runs of each runner."""
@@ -190,6 +235,10 @@ def _parser() -> cli.ArgumentParser:
                             "working memory) is estimated to fit this many GiB at the largest context")
     p.add_argument("--memory", action="store_true",
                    help="each policy and context in a process of its own, prefilled for real: its peak memory")
+    p.add_argument("--split", action="store_true",
+                   help="also time a decode step without attention and the weights' products alone, and print "
+                        "each policy's step split into weights, attention and the rest, each against this "
+                        "machine's limits (CPU: copy bandwidth and multiply-add rate measured in the same run)")
     p.add_argument("--repeats", type=cli.at_least(1), default=3,
                    help="rounds of timed runs, every policy once a round (median)")
     add_policy_flags(p)
@@ -225,6 +274,8 @@ def _main(argv) -> int:
             kv.check(cfg)
     if args.memory_budget_gib and not args.memory:
         raise KvjaxError("--memory-budget-gib measures whole processes: add --memory")
+    if args.split and (args.kv_budget_gib or args.memory):
+        raise KvjaxError("--split compares policies at one --batch: not with --kv-budget-gib or --memory")
     if args.memory and args.kv_budget_gib:
         raise KvjaxError("--memory sizes batches by the whole process: use --memory-budget-gib, not --kv-budget-gib")
     batches = fitting_batches(args, policies, cfg, last, DTYPES[dtype_name]) if cfg is not None else None
@@ -254,12 +305,23 @@ def _main(argv) -> int:
           + (f"KV budget {args.kv_budget_gib} GiB" if args.kv_budget_gib else f"batch {args.batch}"))
     print(f"{'kv':<16} {'batch':>6} {'context':>8} {'prefill tok/s':>14} {'decode ms/tok':>14} {'decode tok/s':>13} "
           f"{'KV MiB':>8}")
+    limits = machine_limits() if args.split else None
     for context in contexts:
         runners = [context_runner(model, context, args.decode_steps, batch, kv, DTYPES[dtype_name],
                                   synthetic=bool(args.preset), kernels=kernels, kv_dtype=DTYPES.get(args.kv_dtype))
                    for kv, batch in zip(policies, batches)]
-        for name, batch, runs in zip(names, batches, interleaved(runners, args.repeats)):
+        if args.split:
+            runners += [no_attention_runner(m, context, args.decode_steps, args.batch, DTYPES[dtype_name])
+                        for m in (model, overhead_model(model.cfg))]
+        runs_all = interleaved(runners, args.repeats)
+        if args.split:
+            step_ms = lambda runs: 1e3 * float(np.median([r[1] for r in runs])) / args.decode_steps
+            split = (step_ms(runs_all[-2]), step_ms(runs_all[-1]))
+            runs_all = runs_all[:-2]
+        rows = []
+        for name, batch, runs in zip(names, batches, runs_all):
             tps, ms, kv_bytes = summary(runs, batch, context, args.decode_steps)
+            rows.append((name, batch, ms, kv_bytes))
             prefill_col = "-" if tps is None else f"{tps:.1f}"
             print(f"{name:<16} {batch:>6} {context:>8} {prefill_col:>14} {ms:>14.2f} {batch * 1e3 / ms:>13.1f} "
                   f"{kv_bytes / 2**20:>8.1f}", flush=True)
@@ -268,7 +330,45 @@ def _main(argv) -> int:
                        "decode_ms_per_token": ms, "decode_tokens_per_s": batch * 1e3 / ms, "kv_bytes": kv_bytes}
                 with cli.open_for_append(args.json) as f:
                     f.write(json.dumps(row) + "\n")
+        if args.split:
+            print_split(model.cfg, policies, rows, context, split, limits, DTYPES[dtype_name])
     return 0
+
+
+def machine_limits():
+    """(read GB/s, copy GB/s, multiply-adds/s) of this CPU (pallas_kernels.cpu_bench), or None elsewhere."""
+    if jax.default_backend() != "cpu":
+        return None
+    from pallas_kernels.cpu_bench import Limits  # builds the C++ loops on first use
+
+    limits = Limits(threads=os.cpu_count() or 1)
+    return limits.read_gbs(), limits.copy_gbs(), limits.fma_rate()
+
+
+def print_split(cfg, policies, rows, context: int, split, limits, dtype):
+    """Each policy's decode step split into attention (the step less the same step without attention),
+    the rest (the step without attention at tiny shapes: norms, rotations, sampling, per-op overhead)
+    and the weights (what is left), against the machine's limits: a part's limit is the larger of its
+    bytes over the read bandwidth and its multiply-adds over the FMA rate (weights: the float matrices
+    once a step; attention: the K/V held, 2 h multiply-adds per slot and query head)."""
+    no_attention_ms, rest_ms = split
+    weights_ms = no_attention_ms - rest_ms
+    item = jnp.dtype(dtype).itemsize
+    weight_params = memory.parameter_bytes(cfg, dtype) // item
+    print(f"\nstep split at {context} tokens" + (" (limits: read %.1f GB/s, copy %.1f GB/s, %.1f G multiply-adds/s)"
+                                                % (limits[0], limits[1], limits[2] / 1e9) if limits else ""))
+    print(f"{'kv':<16} {'batch':>5} {'step ms':>8} {'weights':>8} {'limit':>6} {'':>4} {'attention':>9} {'limit':>6} "
+          f"{'':>4} {'rest':>6}")
+    for (name, batch, ms, kv_bytes), policy in zip(rows, policies):
+        attention_ms = ms - no_attention_ms
+        held = kv_bytes * context / (context + 1)  # the cache's bytes, as good as all of it read each step
+        limit = lambda nbytes, macs: 1e3 * max(nbytes / (limits[0] * 1e9), macs / limits[2]) if limits else float("nan")
+        w_limit = limit(weight_params * item, batch * weight_params)
+        a_limit = limit(held, batch * context * cfg.num_heads * cfg.head_dim * 2 * cfg.num_layers)
+        pct = lambda t, lim: f"{100 * lim / t:3.0f}%" if t > 0 else "   -"
+        print(f"{name:<16} {batch:>5} {ms:>8.2f} {weights_ms:>8.2f} {w_limit:>6.2f} {pct(weights_ms, w_limit)} "
+              f"{attention_ms:>9.2f} {a_limit:>6.2f} {pct(attention_ms, a_limit)} {rest_ms:>6.2f}",
+              flush=True)
 
 
 def memory_table(args, policies, cfg, dtype: str, argv) -> int:
