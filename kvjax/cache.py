@@ -27,7 +27,7 @@ from flax import struct
 from kvjax.attention import causal_mask
 from kvjax.config import ModelConfig
 from kvjax.kernels import Backend, Kernels, resolve
-from kvjax.stores import after_reading
+from kvjax.stores import after_reading, write_slots
 from pallas_kernels.xla_attention import Part, chunk_partials, merge_partials, slices
 
 
@@ -86,10 +86,8 @@ def write_by_position(keys, values, layer, k, v, positions):
 
     Padding (position -1) is dropped.
     """
-    slots = jnp.where(positions >= 0, positions, keys.shape[3])  # out of range -> dropped
-    rows = jnp.arange(k.shape[0])[:, None]
-    return (keys.at[layer, rows, :, slots].set(k.astype(keys.dtype), mode="drop"),
-            values.at[layer, rows, :, slots].set(v.astype(values.dtype), mode="drop"))
+    slots = jnp.where(positions >= 0, positions, keys.shape[3])  # out of range: not written
+    return write_slots(keys, slots, k, layer), write_slots(values, slots, v, layer)
 
 
 @struct.dataclass
@@ -154,8 +152,6 @@ class DenseCache(KVCache):
 
     def filled(self, k_all, v_all, positions, features=None):
         """The state after a sequence whose K/V [l, b, k, T, h] are given (positions [b, T], 0.. per row)."""
-        rows, slots = jnp.arange(positions.shape[0])[:, None], jnp.where(positions >= 0, positions, self.capacity)
-        place = lambda cache, x: cache.at[:, rows, :, slots].set(x.transpose(1, 3, 0, 2, 4).astype(cache.dtype),
-                                                                 mode="drop")
-        return self.replace(k=place(self.k, k_all), v=place(self.v, v_all),
+        slots = jnp.where(positions >= 0, positions, self.capacity)
+        return self.replace(k=write_slots(self.k, slots, k_all), v=write_slots(self.v, slots, v_all),
                             lengths=jnp.sum(positions >= 0, axis=1).astype(jnp.int32))

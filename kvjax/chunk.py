@@ -38,7 +38,7 @@ from flax import struct
 
 from kvjax.errors import KvjaxError
 from kvjax.history import NEVER
-from kvjax.stores import after_reading, same_codes, write_at
+from kvjax.stores import after_reading, same_codes, write_slots
 from pallas_kernels.xla_attention import CHUNK_SLOTS, chunk_partials, combine_partials, merge_partials, slices
 
 BEFORE = -1  # the step of an event that happened before the chunk
@@ -107,9 +107,8 @@ def attend(cache, layer, q, k, v, positions):
     stores = [list(pair) for pair in stores]
     for arriving in arrivals:
         stores[arriving.tier] = arriving.store(*stores[arriving.tier], read)
-    rows = jnp.arange(b)[:, None]
     sink_slot, window_slot = lay.sink_slot(positions), lay.window_slot(positions)
-    put = lambda full, slot, x: write_at(full, (li, rows, slice(None), slot), after_reading(read, x.swapaxes(1, 2)))
+    put = lambda full, slot, x: write_slots(full, slot, after_reading(read, x.swapaxes(1, 2)), li)
     return out.astype(q.dtype), cache.replace(
         sink_k=put(cache.sink_k, sink_slot, k16), sink_v=put(cache.sink_v, sink_slot, v16),
         window_k=put(cache.window_k, window_slot, k16), window_v=put(cache.window_v, window_slot, v16),

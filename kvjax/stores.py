@@ -46,6 +46,15 @@ def write_at(array, index, values):
     return array.at[index].set(values.astype(array.dtype), mode="drop")
 
 
+def write_slots(array, slots, x, layer=None):
+    """array [l, b, k, s, h] with x [b, t, k, h] written at slots [b, t] of `layer`, or, with no layer,
+    x [l, b, k, t, h] at those slots of every layer; slots out of range (s or more) are not written."""
+    rows = jnp.arange(slots.shape[0])[:, None]
+    if layer is None:
+        return write_at(array, (slice(None), rows, slice(None), slots), x.transpose(1, 3, 0, 2, 4))
+    return write_at(array, (layer, rows, slice(None), slots), x)
+
+
 def after_reading(read, x):
     """x, made to depend on the scalar `read` (taken from something just read), so that XLA schedules
     the write of x after that read and updates the array in place, instead of copying the whole

@@ -33,7 +33,7 @@ from kvjax.history import History, enter, entries
 from kvjax.layout import Layout
 from kvjax.kernels import Backend, Kernels, resolve
 from kvjax.stores import (Dense, Symmetric, TierStores, after_reading, same_codes, staged_slots, store_class,
-                          write_at)
+                          write_slots)
 from pallas_kernels.xla_attention import FLOATS, Part
 
 
@@ -193,7 +193,7 @@ class TieredCache(KVCache):
         # The sink and window are written after the attention has read them: without this data
         # dependency XLA copies each whole [l, ...] array whose slice is read (measured in the HLO).
         read = out.reshape(-1)[0]
-        put = lambda full, slot, x: write_at(full, (li, rows, slice(None), slot), after_reading(read, x))
+        put = lambda full, slot, x: write_slots(full, slot[:, None], after_reading(read, x)[:, None], li)
         return out[:, None].astype(q.dtype), self.replace(
             sink_k=put(self.sink_k, r.sink_slot, new_k), sink_v=put(self.sink_v, r.sink_slot, new_v),
             window_k=put(self.window_k, r.window_slot, new_k), window_v=put(self.window_v, r.window_slot, new_v),
@@ -285,8 +285,7 @@ class TieredCache(KVCache):
         k_all, v_all = tf.k, tf.v
 
         def place(x, slot, slots):  # x [l, b, k, T, h] -> [l, b, k, slots, h] with token j at slot[b, j]
-            empty = jnp.zeros(x.shape[:3] + (slots,) + x.shape[4:], x.dtype)
-            return empty.at[:, rows, :, slot].set(x.transpose(1, 3, 0, 2, 4), mode="drop")
+            return write_slots(jnp.zeros(x.shape[:3] + (slots,) + x.shape[4:], x.dtype), slot, x)
 
         valid = j < n[:, None]
         sink_slot = lay.sink_slot(jnp.where(valid, j, -1))
