@@ -44,9 +44,11 @@ from pallas_kernels.cache_folder import cache_dir
 from pallas_kernels.xla_attention import FLOATS, Part, packed_part  # noqa: F401  (the parts this kernel reads)
 
 SOURCE = Path(__file__).with_name("cpu_attention.cc")
-SOURCES = (SOURCE,)  # one library (it includes cpu_kernels.h)
+CHUNK_SOURCE = Path(__file__).with_name("cpu_chunk_attention.cc")  # a prompt chunk's queries (cpu_chunk_attention.py)
+SOURCES = (SOURCE, CHUNK_SOURCE)  # one library; both include cpu_kernels.h
 TARGET = "kvjax_layer_attention"
-_HANDLERS = {TARGET: "KvjaxLayerAttention"}  # target -> exported symbol
+CHUNK_TARGET = "kvjax_chunk_attention"
+_HANDLERS = {TARGET: "KvjaxLayerAttention", CHUNK_TARGET: "KvjaxChunkAttention"}  # target -> exported symbol
 
 
 def vector_flags(vector: bool = True) -> list[str]:
@@ -100,7 +102,7 @@ def build_library(source=SOURCES, vector: bool = True) -> Path:
 
 
 def target(name: str = TARGET, portable: bool = False) -> str:
-    """The FFI target of a kernel (TARGET) in the vector or the portable build."""
+    """The FFI target of a kernel (TARGET, CHUNK_TARGET) in the vector or the portable build."""
     return name + "_portable" if portable else name
 
 
