@@ -37,7 +37,8 @@ namespace {
 
 constexpr int kSlots = 64;      // slots per block
 constexpr int kLanes = 16;      // tokens per query vector (bits of a mask word)
-constexpr int kMaxVectors = 4;  // query vectors per item
+constexpr int kMaxHeads = 4;    // query heads per item
+constexpr int kMaxVectors = 6;  // query vectors per item (heads x vectors of tokens)
 constexpr int kMaxHead = 256;
 constexpr int64_t kParallelPairs = 1 << 16;  // query x slot pairs from which the pool's threads help
 
@@ -114,41 +115,37 @@ struct Chunk {
   const uint16_t* BitsOf(int row, int vector) const { return bits.data() + (size_t(row) * vectors + vector) * padded; }
 };
 
-// bits[row, v, j] = sum_i mask[row, 16 v + i, j] << i, for the slots of every row and vector.
-void PackMask(const bool* mask, Chunk& C) {
-  C.bits.assign(size_t(C.b) * C.vectors * C.padded, 0);
-  for (int row = 0; row < C.b; ++row)
-    for (int v = 0; v < C.vectors; ++v) {
-      uint16_t* out = C.bits.data() + (size_t(row) * C.vectors + v) * C.padded;
-      const int tokens = std::min(kLanes, C.t - kLanes * v);
-      const bool* first = mask + (size_t(row) * C.t + kLanes * v) * C.c;
-      int j = 0;
+// bits[row, v, j] = sum_i mask[row, 16 v + i, j] << i: the slots tokens 16 v .. 16 v + 15 of `row` see.
+void PackMask(const bool* mask, Chunk& C, int row, int v) {
+  uint16_t* out = C.bits.data() + (size_t(row) * C.vectors + v) * C.padded;
+  const int tokens = std::min(kLanes, C.t - kLanes * v);
+  const bool* first = mask + (size_t(row) * C.t + kLanes * v) * C.c;
+  int j = 0;
 #if defined(__AVX512F__)
-      // 64 slots at a time: each token's 64 bytes -> a byte of value 1 << (i % 8) where seen, ORed
-      // into the low (tokens 0-7) or high (8-15) bytes, widened to 16-bit words
-      for (; j < C.c; j += 64) {
-        const __mmask64 in = C.c - j >= 64 ? ~__mmask64(0) : (__mmask64(1) << (C.c - j)) - 1;
-        __m512i lo = _mm512_setzero_si512(), hi = _mm512_setzero_si512();
-        for (int i = 0; i < tokens; ++i) {
-          const __mmask64 seen = _mm512_test_epi8_mask(_mm512_maskz_loadu_epi8(in, first + size_t(i) * C.c + j),
-                                                       _mm512_set1_epi8(1));
-          __m512i& half = i < 8 ? lo : hi;
-          half = _mm512_or_si512(half, _mm512_maskz_set1_epi8(seen, char(1 << (i % 8))));
-        }
-        const __m512i w0 = _mm512_or_si512(_mm512_cvtepu8_epi16(_mm512_castsi512_si256(lo)),
-                                           _mm512_slli_epi16(_mm512_cvtepu8_epi16(_mm512_castsi512_si256(hi)), 8));
-        const __m512i w1 = _mm512_or_si512(_mm512_cvtepu8_epi16(_mm512_extracti64x4_epi64(lo, 1)),
-                                           _mm512_slli_epi16(_mm512_cvtepu8_epi16(_mm512_extracti64x4_epi64(hi, 1)), 8));
-        _mm512_storeu_si512(out + j, w0);  // (bits has padded >= c rounded up to 64 slots)
-        _mm512_storeu_si512(out + j + 32, w1);
-      }
-#endif
-      for (; j < C.c; ++j) {
-        uint16_t w = 0;
-        for (int i = 0; i < tokens; ++i) w |= uint16_t(first[size_t(i) * C.c + j] ? 1u << i : 0u);
-        out[j] = w;
-      }
+  // 64 slots at a time: each token's 64 bytes -> a byte of value 1 << (i % 8) where seen, ORed into
+  // the low (tokens 0-7) or high (8-15) bytes, widened to 16-bit words
+  for (; j < C.c; j += 64) {
+    const __mmask64 in = C.c - j >= 64 ? ~__mmask64(0) : (__mmask64(1) << (C.c - j)) - 1;
+    __m512i lo = _mm512_setzero_si512(), hi = _mm512_setzero_si512();
+    for (int i = 0; i < tokens; ++i) {
+      const __mmask64 seen = _mm512_test_epi8_mask(_mm512_maskz_loadu_epi8(in, first + size_t(i) * C.c + j),
+                                                   _mm512_set1_epi8(1));
+      __m512i& half = i < 8 ? lo : hi;
+      half = _mm512_or_si512(half, _mm512_maskz_set1_epi8(seen, char(1 << (i % 8))));
     }
+    const __m512i w0 = _mm512_or_si512(_mm512_cvtepu8_epi16(_mm512_castsi512_si256(lo)),
+                                       _mm512_slli_epi16(_mm512_cvtepu8_epi16(_mm512_castsi512_si256(hi)), 8));
+    const __m512i w1 = _mm512_or_si512(_mm512_cvtepu8_epi16(_mm512_extracti64x4_epi64(lo, 1)),
+                                       _mm512_slli_epi16(_mm512_cvtepu8_epi16(_mm512_extracti64x4_epi64(hi, 1)), 8));
+    _mm512_storeu_si512(out + j, w0);  // (padded: c rounded up to a multiple of 64 slots)
+    _mm512_storeu_si512(out + j + 32, w1);
+  }
+#endif
+  for (; j < C.c; ++j) {
+    uint16_t w = 0;
+    for (int i = 0; i < tokens; ++i) w |= uint16_t(first[size_t(i) * C.c + j] ? 1u << i : 0u);
+    out[j] = w;
+  }
 }
 
 // Float32 scratch of one item, 64-byte aligned, one per thread (grown as needed).
@@ -305,15 +302,22 @@ void Item(const Chunk& C, int row, int kv_head, int r0, int tile) {
 using ItemFn = void (*)(const Chunk&, int row, int kv_head, int r0, int tile);
 
 // The item for R query heads and TV vectors of tokens (R * TV <= kMaxVectors).
+template <int R, int TV>
+ItemFn PickFit() {
+  if constexpr (R * TV <= kMaxVectors) return Item<R, TV>;
+  return nullptr;
+}
+
 ItemFn Pick(int R, int TV) {
-  switch (R * 4 + TV) {
-    case 1 * 4 + 1: return Item<1, 1>;
-    case 1 * 4 + 2: return Item<1, 2>;
-    case 1 * 4 + 4: return Item<1, 4>;
-    case 2 * 4 + 1: return Item<2, 1>;
-    case 2 * 4 + 2: return Item<2, 2>;
-    case 3 * 4 + 1: return Item<3, 1>;
-    default: return Item<4, 1>;
+  switch (R * 8 + TV) {
+    case 1 * 8 + 1: return PickFit<1, 1>();
+    case 1 * 8 + 2: return PickFit<1, 2>();
+    case 1 * 8 + 4: return PickFit<1, 4>();
+    case 2 * 8 + 1: return PickFit<2, 1>();
+    case 2 * 8 + 2: return PickFit<2, 2>();
+    case 3 * 8 + 1: return PickFit<3, 1>();
+    case 3 * 8 + 2: return PickFit<3, 2>();
+    default: return PickFit<4, 1>();
   }
 }
 
@@ -356,12 +360,15 @@ ffi::Error Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::S32> layers, ffi::Buffer<
 
   C.vectors = (C.t + kLanes - 1) / kLanes;
   C.blocks = (C.c + kSlots - 1) / kSlots, C.padded = C.blocks * kSlots;
-  C.groups = (C.g + kMaxVectors - 1) / kMaxVectors;  // items of at most 4 query heads, as even as can be
+  C.groups = (C.g + kMaxHeads - 1) / kMaxHeads;  // items of at most 4 query heads, as even as can be
   const int most = (C.g + C.groups - 1) / C.groups;  // query heads in the largest
   C.tv = 1;  // tokens: as many vectors per item as the heads leave room for, and the chunk fills
   while (most * C.tv * 2 <= kMaxVectors && C.tv < C.vectors) C.tv *= 2;
   C.tiles = (C.vectors + C.tv - 1) / C.tv;
-  PackMask(mask.typed_data(), C);
+  const int64_t pairs = int64_t(C.b) * C.t * C.n * C.c;
+  const int helpers = pairs < kParallelPairs ? 0 : int(pool.num_threads()) - 1;
+  C.bits.resize(size_t(C.b) * C.vectors * C.padded);
+  RunItems(pool, C.b * C.vectors, helpers, [&](int i) { PackMask(mask.typed_data(), C, i / C.vectors, i % C.vectors); });
 
   const int per_row = C.k * C.groups * C.tiles, total = C.b * per_row;
   auto run = [&C](int i) {
@@ -372,8 +379,7 @@ ffi::Error Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::S32> layers, ffi::Buffer<
     const int r0 = group * base + std::min(group, extra), heads = base + (group < extra);
     Pick(heads, C.tv)(C, row, kv_head, r0, tile);
   };
-  const int64_t pairs = int64_t(C.b) * C.t * C.n * C.c;
-  RunItems(pool, total, pairs < kParallelPairs ? 0 : int(pool.num_threads()) - 1, run);
+  RunItems(pool, total, helpers, run);
   return ffi::Error::Success();
 }
 
