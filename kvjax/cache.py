@@ -28,7 +28,7 @@ from kvjax.attention import causal_mask
 from kvjax.config import ModelConfig
 from kvjax.kernels import Backend, Kernels, resolve
 from kvjax.stores import after_reading, write_slots
-from pallas_kernels.xla_attention import Part, chunk_partials, merge_partials, slices
+from pallas_kernels.xla_attention import CHUNK_SLOTS, Part, merge_partials, slices
 
 
 class KVCache:
@@ -133,8 +133,9 @@ class DenseCache(KVCache):
         keys, values = write_by_position(self.k, self.v, layer.index, k, v, positions)
         b = q.shape[0]
         slot_positions = jnp.broadcast_to(jnp.arange(self.capacity), (b, self.capacity))
-        parts = chunk_partials(q, slices(keys[layer.index], values[layer.index]),
-                               causal_mask(positions, slot_positions), kv_heads=k.shape[2])
+        parts = self.backend.chunk_partials(q, [(slices(keys, values, layer.index),
+                                                 causal_mask(positions, slot_positions), CHUNK_SLOTS)],
+                                            kv_heads=k.shape[2])
         return merge_partials([parts]).astype(q.dtype), self.replace(k=keys, v=values)
 
     def _decode_step(self, layer, q, k, v, positions):

@@ -39,7 +39,7 @@ from flax import struct
 from kvjax.errors import KvjaxError
 from kvjax.history import NEVER
 from kvjax.stores import after_reading, same_codes, write_slots
-from pallas_kernels.xla_attention import CHUNK_SLOTS, chunk_partials, combine_partials, merge_partials, slices
+from pallas_kernels.xla_attention import CHUNK_SLOTS, merge_partials, slices
 
 BEFORE = -1  # the step of an event that happened before the chunk
 
@@ -99,9 +99,8 @@ def attend(cache, layer, q, k, v, positions):
             banks.append(_as_stored(cache, stores[i], i, chain, d, step))
             arrivals.append(Arrivals.of(cache, li, stores, chain, d, arrivals[-1] if d else None, t))
             banks += arrivals[-1].banks(step)
-    parts = [chunk_partials(q, read, mask & (step >= 0), kv_heads=k.shape[2], block=block)
-             for read, mask, block in banks]
-    out = merge_partials([combine_partials(parts)])  # [b, t, n, h]
+    banks = [(read, mask & (step >= 0), block) for read, mask, block in banks]
+    out = merge_partials([cache.backend.chunk_partials(q, banks, kv_heads=k.shape[2])])  # [b, t, n, h]
 
     read = out.reshape(-1)[0]  # every write below comes after the reads the attention made
     stores = [list(pair) for pair in stores]

@@ -14,10 +14,12 @@ float32 rounding of the others (tests/test_policies.py, tests/test_cpu_attention
     INTERPRET  `Pallas(interpret=True)`: the same kernels run by the Pallas interpreter (tests on a CPU)
     NATIVE     `Native`: on a CPU, every part of a layer in one call of the C++ kernel
                (pallas_kernels.cpu_attention, compiled on first use; the CPU default where a C++
-               compiler is found); the encoders through XLA
+               compiler is found), and a prompt chunk's queries through the C++ chunk kernel
+               (pallas_kernels.cpu_chunk_attention); the encoders through XLA
 
-Prompts are not attended here: a chunk of many queries goes through XLA's matmuls in every backend
-(kvjax.chunk, kvjax.cache), where it is compute-bound and a decode kernel has nothing to add.
+A prompt chunk's many queries (kvjax.chunk, kvjax.cache) are attended by `chunk_partials` over
+float banks with masks: XLA's blocked matmuls (`xla_attention.chunk_partials`) in every backend but
+Native.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import functools
 import jax
 
 from kvjax.errors import KvjaxError
-from pallas_kernels import cpu_attention, quantize_pack
+from pallas_kernels import cpu_attention, cpu_chunk_attention, quantize_pack
 from pallas_kernels import decode_attention as pallas_attention
 from pallas_kernels import xla_attention as xla
 
@@ -67,6 +69,11 @@ class Backend:
     def attend(self, q, parts, *, group_size: int):
         """Softmax attention of q [b, n, h] over the union of the parts -> float32 [b, n, h]."""
         return xla.merge_partials([self.partials(q, parts, group_size=group_size)])
+
+    def chunk_partials(self, q, banks, *, kv_heads: int) -> xla.Partials:
+        """Flash-decoding partials of a prompt chunk's queries q [b, t, n, h] over the union of `banks`,
+        each (read, mask [b, t, c], block) as `xla_attention.chunk_partials` takes them."""
+        return xla.banks_partials(q, banks, kv_heads=kv_heads)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,6 +127,11 @@ class Native(Backend):
         if rest:
             out.append(xla.attention_partials(q, rest, group_size=group_size))
         return xla.combine_partials(out) if out else xla.empty_partials(*q.shape)
+
+    def chunk_partials(self, q, banks, *, kv_heads):
+        if not cpu_chunk_attention.supported(q.shape[-1]):
+            return super().chunk_partials(q, banks, kv_heads=kv_heads)
+        return cpu_chunk_attention.banks_partials(q, banks, kv_heads=kv_heads)
 
 
 def resolve(kernels: Kernels | str | Backend = Kernels.AUTO, platform: str | None = None) -> Backend:

@@ -44,7 +44,11 @@ from pallas_kernels.cache_folder import cache_dir
 from pallas_kernels.xla_attention import FLOATS, Part, packed_part  # noqa: F401  (the parts this kernel reads)
 
 SOURCE = Path(__file__).with_name("cpu_attention.cc")
+CHUNK_SOURCE = Path(__file__).with_name("cpu_chunk_attention.cc")  # a prompt chunk's queries (cpu_chunk_attention.py)
+SOURCES = (SOURCE, CHUNK_SOURCE)  # one library; both include cpu_kernels.h
 TARGET = "kvjax_layer_attention"
+CHUNK_TARGET = "kvjax_chunk_attention"
+_HANDLERS = {TARGET: "KvjaxLayerAttention", CHUNK_TARGET: "KvjaxChunkAttention"}  # target -> exported symbol
 
 
 def vector_flags(vector: bool = True) -> list[str]:
@@ -64,60 +68,82 @@ def vector_flags(vector: bool = True) -> list[str]:
     return out
 
 
-def _compile_command(out: Path, vector: bool = True, source: Path = SOURCE) -> list[str]:
+def _sources(source) -> list[Path]:
+    return [source] if isinstance(source, Path) else list(source)
+
+
+def _compile_command(out: Path, vector: bool = True, source=SOURCES) -> list[str]:
     cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or "c++"
     # Reassociation lets the dot products and sums vectorize; no finite-math assumptions (masks use EMPTY_MAX).
     return [cxx, "-std=c++17", "-O3", "-shared", "-fPIC", "-fno-math-errno", "-fassociative-math",
             "-fno-signed-zeros", "-fno-trapping-math", *vector_flags(vector), f"-I{jax.ffi.include_dir()}",
-            str(source), "-o", str(out)]
+            *map(str, _sources(source)), "-o", str(out)]
 
 
-def build_library(source: Path = SOURCE, vector: bool = True) -> Path:
-    """The shared library of a C++ source (the kernel, or cpu_bench's cpu_limits.cc) compiled with the
-    kernel's command, built if this source, these flags and this jaxlib have none yet (in
-    cache_dir(), which the caller makes)."""
-    command = _compile_command(Path("OUT"), vector, source)
-    key = hashlib.sha256(source.read_bytes() + " ".join(command).encode() + jaxlib.__version__.encode()).hexdigest()
+def build_library(source=SOURCES, vector: bool = True) -> Path:
+    """The shared library of C++ sources (a Path or several: the kernels, or cpu_bench's
+    cpu_limits.cc) compiled with the kernel's command, built if these sources, the headers beside
+    them, these flags and this jaxlib have none yet (in cache_dir(), which the caller makes)."""
+    sources = _sources(source)
+    command = _compile_command(Path("OUT"), vector, sources)
+    headers = sorted(sources[0].parent.glob("*.h"))
+    key = hashlib.sha256(b"".join(p.read_bytes() for p in sources + headers) + " ".join(command).encode()
+                         + jaxlib.__version__.encode()).hexdigest()
     cache = cache_dir()
-    path = cache / f"{source.stem}-{key[:16]}.so"
+    path = cache / f"{sources[0].stem}-{key[:16]}.so"
     if not path.exists():
-        what = "the CPU attention kernel" if source == SOURCE else source.name
+        what = "the CPU attention kernels" if sources == list(SOURCES) else ", ".join(p.name for p in sources)
         print(f"[kvjax] compiling {what} (once, about 30 s)", file=sys.stderr, flush=True)
         with tempfile.TemporaryDirectory(dir=cache) as tmp:  # built aside, then renamed: no half-written library
             built = Path(tmp) / path.name
-            subprocess.run(_compile_command(built, vector, source), check=True, capture_output=True, text=True)
+            subprocess.run(_compile_command(built, vector, sources), check=True, capture_output=True, text=True)
             os.replace(built, path)
     return path
 
 
+def target(name: str = TARGET, portable: bool = False) -> str:
+    """The FFI target of a kernel (TARGET, CHUNK_TARGET) in the vector or the portable build."""
+    return name + "_portable" if portable else name
+
+
 @functools.cache
-def _registered(target: str = TARGET, vector: bool = True) -> str | None:
-    """Builds and registers the kernel once under `target`: None when ready, else why not (one line)."""
+def _registered(suffix: str = "", vector: bool = True) -> str | None:
+    """Builds the kernels once and registers each under its target + `suffix`: None when ready, else
+    why not (one line)."""
     try:
         cache_dir().mkdir(parents=True, exist_ok=True)
     except OSError as e:
         return f"cannot make the kernel's folder {cache_dir()} ({e.strerror})"
     try:
-        library = ctypes.CDLL(str(build_library(SOURCE, vector)))
+        library = ctypes.CDLL(str(build_library(SOURCES, vector)))
     except FileNotFoundError as e:
         return f"no C++ compiler ({e.filename})"
     except subprocess.CalledProcessError as e:
-        return "compiling cpu_attention.cc failed: " + (e.stderr.strip().splitlines() or ["?"])[-1]
+        return "compiling the CPU kernels failed: " + (e.stderr.strip().splitlines() or ["?"])[-1]
     except OSError as e:
         return f"loading the compiled kernel failed: {e}"
-    jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(library.KvjaxLayerAttention), platform="cpu")
+    for name, symbol in _HANDLERS.items():
+        jax.ffi.register_ffi_target(name + suffix, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
     return None
 
 
 def available() -> bool:
-    """Whether the CPU kernel is built and registered (builds it on first call)."""
+    """Whether the CPU kernels are built and registered (builds them on first call)."""
     return _registered() is None
 
 
-def unavailable_reason(target: str = TARGET, vector: bool = True) -> str | None:
-    """Why the kernel cannot run (one line), None when it can: it is built (`vector`: for this CPU's
-    vector instructions, else the portable build) and registered under `target` on the first call."""
-    return _registered(target, vector)
+def unavailable_reason(suffix: str = "", vector: bool = True) -> str | None:
+    """Why the kernels cannot run (one line), None when they can: they are built (`vector`: for this
+    CPU's vector instructions, else the portable build) and registered under their targets +
+    `suffix` on the first call."""
+    return _registered(suffix, vector)
+
+
+def require(portable: bool = False):
+    """Builds and registers the kernels of one build, or raises a RuntimeError saying why not."""
+    reason = _registered(target("", portable), not portable)
+    if reason is not None:
+        raise RuntimeError(f"the CPU attention kernel is unavailable: {reason}")
 
 
 def supported(head_dim: int, group_size: int, symmetric: bool) -> bool:
@@ -141,10 +167,7 @@ def attention_partials(q, parts, *, group_size: int, portable: bool = False) -> 
     `portable`: the build without vector extensions (for tests)."""
     parts = tuple(parts)
     b, k, g, h = _check(q, parts, group_size)
-    target = TARGET + "_portable" if portable else TARGET
-    reason = _registered(target, not portable)
-    if reason is not None:
-        raise RuntimeError(f"the CPU attention kernel is unavailable: {reason}")
+    require(portable)
     operands = []
     for p in parts:  # 8 per part; what a part does not read is passed as its keys (never read)
         dummy = lambda x: p.keys if x is None else x
@@ -154,7 +177,7 @@ def attention_partials(q, parts, *, group_size: int, portable: bool = False) -> 
     layers = jnp.stack([jnp.asarray(p.layer, jnp.int32) for p in parts])
     shapes = [jax.ShapeDtypeStruct((b, k, g, h), jnp.float32), jax.ShapeDtypeStruct((b, k, g), jnp.float32),
               jax.ShapeDtypeStruct((b, k, g), jnp.float32)]
-    o, m, l = jax.ffi.ffi_call(target, shapes, vmap_method="sequential")(
+    o, m, l = jax.ffi.ffi_call(target(TARGET, portable), shapes, vmap_method="sequential")(
         layers, q.reshape(b, k, g, h).astype(jnp.float32), *operands,
         key_bits=np.array([p.key_bits for p in parts], np.int32),
         value_bits=np.array([p.value_bits for p in parts], np.int32),

@@ -328,9 +328,24 @@ def attention_partials(q, parts, *, group_size: int) -> Partials:
 CHUNK_SLOTS = 1024  # slots per block of `chunk_partials`: bounds the scores held at once
 
 
-def slices(keys, values):
-    """`read` for `chunk_partials` from float keys and values [b, k, c, h] in memory."""
-    return lambda start, size: (keys[:, :, start:start + size], values[:, :, start:start + size])
+@dataclasses.dataclass(frozen=True)
+class Slices:
+    """`read` for `chunk_partials` from float keys and values in memory: [b, k, c, h], or [L, b, k, c, h]
+    read at entry `layer` where they lie (a kernel takes them whole, so no layer is copied out)."""
+
+    keys: jax.Array
+    values: jax.Array
+    layer: jax.Array | None = None
+
+    def __call__(self, start: int, size: int):
+        at = (lambda x: x) if self.layer is None else (lambda x: x[self.layer])
+        return at(self.keys)[:, :, start:start + size], at(self.values)[:, :, start:start + size]
+
+
+def slices(keys, values, layer=None) -> Slices:
+    """`read` for `chunk_partials` from float keys and values [b, k, c, h] in memory (or [L, b, k, c, h]
+    and the layer to read)."""
+    return Slices(keys, values, layer)
 
 
 def chunk_partials(q, read, mask, *, kv_heads: int, block: int = CHUNK_SLOTS, live=None) -> Partials:
@@ -366,3 +381,10 @@ def chunk_partials(q, read, mask, *, kv_heads: int, block: int = CHUNK_SLOTS, li
                     lambda: empty_partials(b, t, n, h)) if skip else partials(start, min(block, c - start))
            for start in range(0, c, block)]
     return combine_partials(out) if out else empty_partials(b, t, n, h)
+
+
+def banks_partials(q, banks, *, kv_heads: int) -> Partials:
+    """Partials of a chunk's queries q [b, t, n, h] over the union of `banks`, each (read, mask [b, t, c],
+    block) as `chunk_partials` takes them (XLA; the CPU kernel's reference: cpu_chunk_attention)."""
+    out = [chunk_partials(q, read, mask, kv_heads=kv_heads, block=block) for read, mask, block in banks]
+    return combine_partials(out) if out else empty_partials(*q.shape)

@@ -1,4 +1,5 @@
-"""The C++ CPU kernel (pallas_kernels.cpu_attention) against its jnp reference.
+"""The C++ CPU kernels (pallas_kernels.cpu_attention: a decode step; cpu_chunk_attention: a prompt
+chunk's queries) against their jnp references.
 
 Random keys/values are encoded with pallas_kernels.quantize_pack; the kernel and the reference
 attend over the same codes (and float parts), so they agree to float32 rounding (the kernel sums
@@ -14,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels import cpu_attention
+from pallas_kernels import cpu_attention, cpu_chunk_attention, xla_attention
 from pallas_kernels import quantize_pack as codecs
 from pallas_kernels.decode_attention import tier_attention_partials_dequantized
 from pallas_kernels.xla_attention import EMPTY_MAX
@@ -258,3 +259,130 @@ def test_a_stage_reads_its_values_at_the_offset(portable):
             got = cpu_attention.attention_partials(q, parts, group_size=case.G, portable=portable)
             want = cpu_attention.attention_partials_reference(q, parts, group_size=case.G)
             assert_partials_close(got, want)
+
+
+# --------------------------------------------------------------------------- a prompt chunk's queries
+
+@dataclasses.dataclass(frozen=True)
+class ChunkCase:
+    b: int
+    t: int
+    n: int
+    k: int
+    h: int
+    c: int
+    mask: str = "causal"  # causal | random | window | intervals
+    keys: str = "float16"
+    values: str = "float16"
+
+
+CHUNK_CASES = [
+    ChunkCase(1, 40, 9, 3, 64, 1100),  # SmolLM2-135M's heads; a chunk at the end of 1100 slots
+    ChunkCase(2, 33, 9, 3, 64, 300, "random"),  # holes anywhere; t, c no multiples of 16 or 64
+    ChunkCase(1, 7, 2, 2, 16, 50, "window", "float32", "float32"),  # g = 1: 4 vectors of tokens per item
+    ChunkCase(2, 50, 4, 2, 32, 130, "intervals", "bfloat16", "bfloat16"),  # g = 2
+    ChunkCase(1, 20, 8, 2, 128, 65, "random", "float16", "float32"),  # g = 4; keys and values apart
+    ChunkCase(2, 17, 5, 1, 48, 64, "intervals"),  # g = 5: items of 3 + 2 query heads
+    ChunkCase(1, 3, 9, 1, 96, 200, "window", "float32", "float16"),  # g = 9: 3 items of 3
+    ChunkCase(1, 3, 4, 1, 16, 1),  # one slot, seen by one query
+]
+
+
+def chunk_mask(rng, case: ChunkCase):
+    """bool [b, t, c] of a pattern, with one query row (and, for b > 1, a whole row) that sees nothing."""
+    b, t, c = case.b, case.t, case.c
+    slot = np.arange(c)[None, None, :]
+    pos = (c - t + np.arange(t))[None, :, None]  # the chunk's tokens are the last t slots
+    lo, hi = np.sort(rng.integers(0, c + 1, (2, b, t, 1)), axis=0)
+    mask = {"causal": slot <= pos,
+            "random": rng.random((b, t, c)) < 0.6,
+            "window": (slot <= pos) & (slot > pos - max(1, c // 3)),  # a token seen until it leaves
+            "intervals": (slot >= lo) & (slot < hi)}[case.mask]
+    mask = np.broadcast_to(mask, (b, t, c)).copy()
+    mask[0, t // 2] = False
+    if b > 1:
+        mask[-1] = False
+    return mask
+
+
+def chunk_inputs(case: ChunkCase, seed=0, layers=2):
+    """q [b, t, n, h], keys and values [layers, b, k, c, h] whose slots no query sees hold NaN or inf, the
+    mask, and the same keys and values with those slots zeroed (for the reference)."""
+    rng = np.random.default_rng(seed)
+    b, k, c, h = case.b, case.k, case.c, case.h
+    mask = chunk_mask(rng, case)
+    unseen = ~mask.any(axis=1)[None, :, None, :, None]  # [1, b, 1, c, 1]
+    filler = np.where(rng.random((layers, b, k, c, 1)) < 0.5, np.nan, np.inf)
+    kv = [np.where(unseen, filler, rng.normal(size=(layers, b, k, c, h)) * 2) for _ in range(2)]
+    keys, values = (jnp.asarray(x, jnp.dtype(d)) for x, d in zip(kv, (case.keys, case.values)))
+    clean = [jnp.where(jnp.asarray(unseen), 0, x) for x in (keys, values)]
+    q = jnp.asarray(rng.normal(size=(b, case.t, case.n, h)), jnp.float32)
+    return q, keys, values, jnp.asarray(mask), clean
+
+
+@pytest.mark.parametrize("portable", [False, True], ids=["vector", "portable"])
+@pytest.mark.parametrize("case", CHUNK_CASES, ids=str)
+def test_chunk_kernel_equals_reference(case, portable):
+    """The chunk kernel's partials equal xla_attention.chunk_partials' (reading layer 1 of [2, ...]
+    arrays in place); a query that sees nothing gets m = EMPTY_MAX, l = 0, o = 0, and the NaN and inf
+    of the slots no query sees never reach the output."""
+    q, keys, values, mask, (clean_k, clean_v) = chunk_inputs(case)
+    got = cpu_chunk_attention.chunk_partials(q, keys, values, mask, layer=1, portable=portable)
+    want = xla_attention.chunk_partials(q, xla_attention.slices(clean_k, clean_v, 1), mask, kv_heads=case.k)
+    for x in got:
+        assert np.all(np.isfinite(np.asarray(x)))
+    assert_partials_close(got, want)
+    blind = ~np.asarray(mask).any(axis=2)  # [b, t]: queries that see nothing
+    assert blind.any()
+    assert np.all(np.asarray(got.m)[blind] == EMPTY_MAX) and np.all(np.asarray(got.l)[blind] == 0)
+    assert np.all(np.asarray(got.o)[blind] == 0)
+
+
+@pytest.mark.parametrize("portable", [False, True], ids=["vector", "portable"])
+def test_chunk_kernel_continues_the_partials_it_is_given(portable):
+    """Two calls over two halves of the slots, the second continuing the first's partials, equal one
+    call over all; arrays without a layer axis are read as they are."""
+    case = ChunkCase(2, 21, 6, 2, 64, 260, "random")
+    q, _, _, mask, (keys, values) = chunk_inputs(case, seed=1, layers=1)
+    keys, values = keys[0], values[0]
+    half = 100
+    first = cpu_chunk_attention.chunk_partials(q, keys[:, :, :half], values[:, :, :half], mask[:, :, :half],
+                                               portable=portable)
+    both = cpu_chunk_attention.chunk_partials(q, keys[:, :, half:], values[:, :, half:], mask[:, :, half:],
+                                              carry=first, portable=portable)
+    assert_partials_close(both, cpu_chunk_attention.chunk_partials(q, keys, values, mask, portable=portable))
+
+
+def test_chunk_banks_equal_reference():
+    """A chunk's banks as kvjax.chunk passes them: arrays in memory (one call each) and a bank read a
+    block at a time (a decoded tier: a call per block some query sees, here the middle one of three
+    is seen by none and holds NaN), against xla_attention.banks_partials."""
+    case = ChunkCase(1, 24, 9, 3, 64, 300)
+    q, keys, values, mask, (clean_k, clean_v) = chunk_inputs(case, seed=2)
+    rng = np.random.default_rng(3)
+    tier_k, tier_v = (jnp.asarray(rng.normal(size=(1, 3, 96, 64)), jnp.float32) for _ in range(2))
+    tier_mask = np.asarray(rng.random((1, 24, 96)) < 0.5)
+    tier_mask[:, :, 32:64] = False
+    nan = lambda x: x.at[:, :, 32:64].set(jnp.nan)
+    decoded = lambda x: lambda start, size: tuple(y[:, :, start:start + size] for y in x)
+    banks = [(xla_attention.slices(keys, values, 1), mask, 1024),
+             (decoded((nan(tier_k), nan(tier_v))), jnp.asarray(tier_mask), 32)]
+    clean = [(xla_attention.slices(clean_k, clean_v, 1), mask, 1024),
+             (decoded((tier_k, tier_v)), jnp.asarray(tier_mask), 32)]
+    got = jax.jit(lambda q: cpu_chunk_attention.banks_partials(q, banks, kv_heads=3))(q)
+    assert np.all(np.isfinite(np.asarray(got.o)))
+    assert_partials_close(got, xla_attention.banks_partials(q, clean, kv_heads=3))
+
+
+def test_chunk_kernel_runs_under_vmap_and_refuses_what_it_cannot_take():
+    case = ChunkCase(2, 9, 4, 2, 32, 70, "random")
+    q, _, _, mask, (keys, values) = chunk_inputs(case, seed=4, layers=1)
+    want = cpu_chunk_attention.chunk_partials(q, keys[0], values[0], mask)
+    stacked = jax.tree_util.tree_map(lambda a: jnp.stack([a, a]), (q, keys[0], values[0], mask))
+    mapped = jax.vmap(lambda q, k, v, m: cpu_chunk_attention.chunk_partials(q, k, v, m))(*stacked)
+    assert_partials_close(jax.tree_util.tree_map(lambda a: a[1], mapped), want)
+    assert not cpu_chunk_attention.supported(24) and not cpu_chunk_attention.supported(512)
+    with pytest.raises(ValueError, match="multiples of 16"):
+        cpu_chunk_attention.chunk_partials(q[..., :24], keys[0, ..., :24], values[0, ..., :24], mask)
+    with pytest.raises(ValueError, match="do not fit"):
+        cpu_chunk_attention.chunk_partials(q, keys[0], values[0], mask[:, :, :64])

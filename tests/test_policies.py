@@ -277,6 +277,25 @@ def test_native_cpu_kernel_decode_equals_reference(name):
     np.testing.assert_allclose(np.asarray(got)[valid], np.asarray(want)[valid], atol=2e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("name", ["fp16", "kivi2", "int8-sink", "band@3", "test-three-bands", "test-one-group-rings",
+                                  "learned-alloc@2.5"])
+def test_native_chunk_kernel_prefill_equals_reference(name):
+    """Chunked prefill whose chunks attend through the C++ chunk kernel (NATIVE) equals the one through
+    XLA (REFERENCE): the last tokens' logits to float32 rounding, and the cache bit for bit (both store
+    the replayed K/V; a chunk's attention decides nothing that is stored)."""
+    if jax.default_backend() != "cpu" or resolve(Kernels.AUTO).kernels is not Kernels.NATIVE:
+        pytest.skip("the native kernel is the default only on a CPU where it compiles")
+    policy = policy_of(name)
+    tokens, positions = ragged_batch(T=51, short=37, seed=5)
+    _, tf, features = reference(policy, tokens, positions, 52)
+    (want, cache_want), (got, cache_got) = (
+        prefill(PARAMS, tokens, positions, Replay.around(make_cache(policy, CFG, 2, 52, kernels=k), tf, features),
+                cfg=CFG, dtype=jnp.float32, chunk=7) for k in (Kernels.REFERENCE, Kernels.NATIVE))
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5, rtol=1e-5)
+    for a, b in zip(*(jax.tree_util.tree_leaves(c.inner) for c in (cache_want, cache_got))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 @pytest.mark.parametrize("name", ["kivi2", "int4-sink", "mixed-static@3", "test-per-layer"])
 def test_prefill_with_pallas_kernels_is_bit_identical(name):
     """Prompt prefill writes the same codes, scales and zeros through the quantize + pack kernels."""
