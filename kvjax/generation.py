@@ -54,6 +54,10 @@ def chunk_size(cache, length: int, chunk: int | None = None) -> int:
 # from the compiled prefill's own memory analysis and measured peaks (BENCHMARKS.md, "peak memory"):
 RUNTIME_BYTES = int(0.45 * memory.GIB)  # Python, jax, XLA's client and compiled programs, the tokenizer
 SCORE_COPIES = 4  # float32 [b, n, t, block] arrays of one attention block that XLA holds at once
+# A program with a layer scan per segment of layers that share a layout (learned-alloc@B has 20-26):
+# each scan past the first added ~59 MiB to the peak of compiling and running its prefill (one run,
+# learned-alloc@2.5 against kivi2 at 8 x 7900 tokens: BENCHMARKS.md, peak memory).
+COMPILE_BYTES_PER_SEGMENT = 60 * 2**20
 
 
 def estimate_memory(cfg, policy: Policy, batch: int, prompt_length: int, max_new_tokens: int,
@@ -61,7 +65,7 @@ def estimate_memory(cfg, policy: Policy, batch: int, prompt_length: int, max_new
     """What generating `max_new_tokens` after `batch` prompts of up to `prompt_length` tokens needs at
     its peak, from shapes alone (nothing is loaded or compiled): the weights, the cache, and the
     working memory of one prefill chunk (attention scores of a block of slots, activations, logits
-    where a policy reads features) beside the runtime's own."""
+    where a policy reads features) beside the runtime's own and the compiler's."""
     jdtype = DTYPES[dtype]
     capacity = prompt_length + max_new_tokens
     layout = policy.layout(cfg, capacity)
@@ -70,9 +74,10 @@ def estimate_memory(cfg, policy: Policy, batch: int, prompt_length: int, max_new
     scores = batch * cfg.num_heads * chunk * min(CHUNK_SLOTS, capacity) * 4 * SCORE_COPIES
     activations = batch * chunk * (6 * cfg.hidden_size + 3 * cfg.intermediate_size) * max(item, 4)
     logits = batch * (chunk if policy.uses_features else 1) * cfg.vocab_size * 4 * 3
+    compiling = COMPILE_BYTES_PER_SEGMENT * (len(layout.segments) - 1 if layout else 0)
     return memory.Estimate(weights=memory.parameter_bytes(cfg, jdtype),
                            cache=cache_bytes(policy, cfg, batch, capacity, jdtype),
-                           transient=RUNTIME_BYTES + scores + activations + logits)
+                           transient=RUNTIME_BYTES + scores + activations + logits + compiling)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "dtype", "chunk"), donate_argnames=("cache",))
