@@ -39,4 +39,5 @@ def test_the_estimate_covers_what_the_compiled_prefill_holds(name, batch):
 def test_peak_is_at_least_what_is_held_now():
     memory.reset_peak()
     held = jnp.ones((1 << 24,), jnp.float32).block_until_ready()  # 64 MiB
-    assert memory.peak() >= memory.current() - 1 and memory.current() > held.nbytes
+    now = memory.current()  # read first: the peak, read after, has met it (other threads may allocate)
+    assert memory.peak() >= now > held.nbytes
