@@ -50,7 +50,7 @@ from kvjax.cache import KVCache
 from kvjax.config import PRESETS, get_preset
 from kvjax.errors import KvjaxError
 from kvjax.flags import add_kernels_flag, add_policy_flags, kernels_from_flags, policies_from_flags
-from kvjax.generation import decode_chunk, default_dtype, estimate_memory, prefill, start_state
+from kvjax.generation import compile_programs, decode_chunk, default_dtype, estimate_memory, prefill, start_state
 from kvjax.loading import LoadedModel, load_model, read_config, resolve_model
 from kvjax.model import DTYPES, init_params
 from kvjax.policies import cache_bytes
@@ -429,16 +429,16 @@ def measure_memory(model, preset, policy, batch: int, context: int, decode_steps
     memory.reset_peak()
     tokens = jnp.asarray(np.random.default_rng(context).integers(0, cfg.vocab_size, (batch, context)), jnp.int32)
     positions = jnp.broadcast_to(jnp.arange(context, dtype=jnp.int32), (batch, context))
-    cache = policy.make_cache(cfg, batch, context + decode_steps + 1, jdtype, kernels)
-    run_prefill = prefill.lower(params, tokens, positions, cache, cfg=cfg, dtype=jdtype).compile()  # not timed
+    capacity = context + decode_steps + 1
+    run_prefill, run_decode = compile_programs(params, cfg, policy, tokens, positions, capacity, decode_steps + 1,
+                                               jdtype, kernels, GREEDY, -1, decode_steps)  # as generate does
+    cache = policy.make_cache(cfg, batch, capacity, jdtype, kernels)
     t0 = time.perf_counter()
     logits, cache = run_prefill(params, tokens, positions, cache)
     logits.block_until_ready()
     prefill_s = time.perf_counter() - t0
     state = start_state(logits, cache, jax.random.PRNGKey(0), decode_steps + 1, GREEDY, -1)
     kv_bytes = state.cache.nbytes
-    run_decode = decode_chunk.lower(params, state, -1, cfg=cfg, dtype=jdtype, sampling=GREEDY,
-                                    chunk=decode_steps).compile()
     t0 = time.perf_counter()
     state = run_decode(params, state, -1)
     state.step.block_until_ready()

@@ -145,6 +145,22 @@ def decode_chunk(params, state: DecodeState, eos_id, *, cfg, dtype, sampling: Sa
     return jax.lax.while_loop(cond, body, (jnp.int32(0), state))[1]
 
 
+def compile_programs(params, cfg, policy: Policy, tokens, positions, capacity: int, max_new: int, dtype, kernels,
+                     sampling: SamplingConfig, eos_id: int, chunk: int):
+    """The compiled prefill and decode_chunk of a request, from shapes alone: compiled before the cache
+    exists, the compiler's working memory (~1.5 GiB for a policy of many layer segments) and the
+    cache are never held at once. -> (prefill_fn, decode_fn)."""
+    cache = jax.eval_shape(lambda: policy.make_cache(cfg, tokens.shape[0], capacity, dtype, kernels))
+    prefill_fn = prefill.lower(params, tokens, positions, cache, cfg=cfg, dtype=dtype).compile()
+    logits, cache = jax.eval_shape(lambda *a: prefill(*a, cfg=cfg, dtype=dtype), params, tokens, positions, cache)
+    state = jax.eval_shape(lambda l, c: start_state(l, c, jax.random.PRNGKey(0), max_new, sampling, eos_id),
+                           logits, cache)
+    decode_fn = decode_chunk.lower(params, state, eos_id, cfg=cfg, dtype=dtype, sampling=sampling,
+                                   chunk=chunk).compile()
+    memory.release_freed()  # the compiler's freed memory back to the system before the cache is made
+    return prefill_fn, decode_fn
+
+
 @dataclasses.dataclass
 class GenerationResult:
     tokens: list[list[int]]  # generated ids per prompt, without the final EOS
@@ -230,12 +246,13 @@ def generate(model: LoadedModel, prompts: list[str] | list[list[int]], max_new_t
     memory.release_freed()
     memory_before = memory.current()
     memory.reset_peak()
-    cache = policy.make_cache(cfg, len(ids), capacity, jdtype, kernels)
 
     log(f"[kvjax] compiling prefill and decode for {len(ids)} x {capacity} tokens ({policy.name}, {dtype})")
     t0 = time.perf_counter()
-    prefill_fn = prefill.lower(model.params, tokens, positions, cache, cfg=cfg, dtype=jdtype).compile()
+    prefill_fn, decode_fn = compile_programs(model.params, cfg, policy, tokens, positions, capacity, max_new_tokens,
+                                             jdtype, kernels, sampling, eos_id, chunk)
     compile_s = time.perf_counter() - t0
+    cache = policy.make_cache(cfg, len(ids), capacity, jdtype, kernels)
     t0 = time.perf_counter()
     last_logits, cache = prefill_fn(model.params, tokens, positions, cache)
     last_logits.block_until_ready()
@@ -243,10 +260,6 @@ def generate(model: LoadedModel, prompts: list[str] | list[list[int]], max_new_t
 
     state = start_state(last_logits, cache, jax.random.PRNGKey(seed), max_new_tokens, sampling, eos_id)
     kv_bytes = state.cache.nbytes
-    t0 = time.perf_counter()
-    decode_fn = decode_chunk.lower(model.params, state, eos_id, cfg=cfg, dtype=jdtype,
-                                   sampling=sampling, chunk=chunk).compile()
-    compile_s += time.perf_counter() - t0
 
     shown = ""
     decode_s = 0.0
