@@ -21,8 +21,6 @@ import jax.numpy as jnp
 import numpy as np
 
 import kvjax
-from kvjax.generation import prefill
-from kvjax.policies import get_policy
 
 KERNELS = ("reference", "native")
 
@@ -49,11 +47,11 @@ def main():
         tokens = jnp.asarray(np.random.default_rng(T).integers(0, cfg.vocab_size, (b, T)), jnp.int32)
         positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (b, T))
         for kv in args.kv.split(","):
-            policy = get_policy(kv)
+            policy = kvjax.get_policy(kv)
             for kernels in KERNELS:
                 empty = lambda policy=policy, kernels=kernels, b=b, T=T: policy.make_cache(cfg, b, T + 1, dtype, kernels)
                 t0 = time.perf_counter()
-                compiled = prefill.lower(model.params, tokens, positions, empty(), cfg=cfg, dtype=dtype).compile()
+                compiled = kvjax.prefill.lower(model.params, tokens, positions, empty(), cfg=cfg, dtype=dtype).compile()
                 runs[(kv, T, b, kernels)] = dict(fn=compiled, args=(model.params, tokens, positions), empty=empty, s=[])
                 print(f"compiled {kv} {T}x{b} {kernels} in {time.perf_counter() - t0:.1f} s", flush=True)
     for r in range(args.rounds):
