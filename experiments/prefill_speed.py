@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import time
 
 import jax
@@ -21,15 +20,9 @@ import jax.numpy as jnp
 import numpy as np
 
 import kvjax
+from pallas_kernels.cpu_bench import cpu_model
 
 KERNELS = ("reference", "native")
-
-
-def cpu_model() -> str:
-    try:
-        return next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor()
 
 
 def main():

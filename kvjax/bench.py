@@ -35,7 +35,6 @@ import functools
 import json
 import multiprocessing
 import os
-import platform
 import sys
 import time
 
@@ -54,6 +53,7 @@ from kvjax.generation import compile_programs, decode_chunk, default_dtype, esti
 from kvjax.loading import LoadedModel, load_model, read_config, resolve_model
 from kvjax.model import DTYPES, init_params
 from kvjax.policies import cache_bytes
+from pallas_kernels import cpu_bench
 from kvjax.sampling import SamplingConfig
 
 GREEDY = SamplingConfig()
@@ -189,13 +189,8 @@ def summary(runs, batch: int, context: int, decode_steps: int):
 
 
 def cpu_model() -> str:
-    """The CPU's model name (Linux), else what `platform` knows."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-        return f"{names[0]} x {len(names)}"
-    except (OSError, IndexError):
-        return platform.processor() or platform.machine()
+    """The CPU's model name (pallas_kernels.cpu_bench) and how many there are."""
+    return f"{cpu_bench.cpu_model()} x {os.cpu_count()}"
 
 
 def largest_batch(policy, cfg, capacity: int, dtype, budget_bytes: int, kv_dtype=None) -> int:
@@ -339,9 +334,7 @@ def machine_limits():
     """(read GB/s, copy GB/s, multiply-adds/s) of this CPU (pallas_kernels.cpu_bench), or None elsewhere."""
     if jax.default_backend() != "cpu":
         return None
-    from pallas_kernels.cpu_bench import Limits  # builds the C++ loops on first use
-
-    limits = Limits(threads=os.cpu_count() or 1)
+    limits = cpu_bench.Limits(threads=os.cpu_count() or 1)  # builds the C++ loops on first use
     return limits.read_gbs(), limits.copy_gbs(), limits.fma_rate()
 
 
