@@ -148,7 +148,7 @@ def decode_chunk(params, state: DecodeState, eos_id, *, cfg, dtype, sampling: Sa
 def compile_programs(params, cfg, policy: Policy, tokens, positions, capacity: int, max_new: int, dtype, kernels,
                      sampling: SamplingConfig, eos_id: int, chunk: int):
     """The compiled prefill and decode_chunk of a request, from shapes alone: compiled before the cache
-    exists, the compiler's working memory (~1.5 GiB for a policy of many layer segments) and the
+    exists, the compiler's working memory (1.3-1.5 GiB for a policy of many layer segments) and the
     cache are never held at once. -> (prefill_fn, decode_fn)."""
     cache = jax.eval_shape(lambda: policy.make_cache(cfg, tokens.shape[0], capacity, dtype, kernels))
     prefill_fn = prefill.lower(params, tokens, positions, cache, cfg=cfg, dtype=dtype).compile()
