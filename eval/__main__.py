@@ -30,7 +30,7 @@ from eval.tasks import TASKS, check_task, load_task
 from kvjax import cli
 from kvjax.data import DATA_DIR
 from kvjax.errors import KvjaxError
-from kvjax.flags import add_policy_flags, policies_from_flags
+from kvjax.flags import add_policy_flags, add_weights_flag, policies_from_flags, weights_from_flags
 from kvjax.loading import load_model, read_config, resolve_model
 from kvjax.policies import Policy, family_of
 
@@ -153,6 +153,7 @@ def _parser() -> cli.ArgumentParser:
     p.add_argument("--limit", type=cli.at_least(1), default=None, help="first N examples of each task (default: all)")
     p.add_argument("--batch-size", type=cli.at_least(1), default=8, help="sequences per forward pass")
     p.add_argument("--model", default=None, help=".gguf file, HF folder or hub id (default: embedded SmolLM2)")
+    add_weights_flag(p)
     p.add_argument("--data-dir", default=DATA_DIR,
                    help="the shared data folder, with hf_datasets/ (default: $KVJAX_DATA, else ../shared/data)")
     p.add_argument("--out", type=cli.output_dir, default="results", help="folder for results.json, results.md, results.png")
@@ -176,7 +177,7 @@ def setup(args):
             policy.check(cfg)
     requests = {t: load_task(t, args.data_dir, args.limit) for t in tasks}  # files after the flags
     cli.say(f"[kvjax] loading {resolve_model(args.model)}")
-    model = load_model(args.model)
+    model = load_model(args.model, weights=weights_from_flags(args))
     for policy in specs.values():
         policy.check(model.cfg)
     return tasks, policies, specs, model, requests

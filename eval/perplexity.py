@@ -25,7 +25,7 @@ from kvjax import teacher_forced
 from kvjax.data import DATA_DIR, TEXTS, read_text
 from kvjax.errors import KvjaxError
 from kvjax import cli
-from kvjax.flags import add_policy_flags, policies_from_flags
+from kvjax.flags import add_policy_flags, add_weights_flag, policies_from_flags, weights_from_flags
 from kvjax.loading import load_model, read_config, resolve_model
 from kvjax.policies import Policy, cache_bytes, family_of
 
@@ -87,6 +87,7 @@ def kv_bytes_per_token(policy: Policy, cfg, context: int) -> float:
 def _parser() -> cli.ArgumentParser:
     p = cli.ArgumentParser(prog="python -m eval.perplexity", description=__doc__.splitlines()[0])
     p.add_argument("--model", default=None, help=".gguf file, HF folder or hub id (default: embedded SmolLM2)")
+    add_weights_flag(p)
     add_policy_flags(p, default="fp16,kivi4,kivi2")
     p.add_argument("--text", default="wikitext2", choices=sorted(TEXTS), help="the text to score")
     p.add_argument("--context", type=cli.at_least(2), default=4096, help="tokens per segment, each scored on its own")
@@ -112,7 +113,7 @@ def _main(argv) -> int:
             policy.check(cfg)
     text = read_text(args.text, args.data_dir)
     cli.say(f"[kvjax] loading {resolve_model(args.model)}")
-    model = load_model(args.model)
+    model = load_model(args.model, weights=weights_from_flags(args))
     ids = np.asarray(model.tokenizer.encode(text), np.int32)
     if len(ids) < args.context * args.segments:
         raise KvjaxError(f"{args.text} has {len(ids)} tokens, fewer than --segments {args.segments} x "

@@ -48,7 +48,8 @@ from kvjax import cli, memory
 from kvjax.cache import KVCache
 from kvjax.config import PRESETS, get_preset
 from kvjax.errors import KvjaxError
-from kvjax.flags import add_kernels_flag, add_policy_flags, kernels_from_flags, policies_from_flags
+from kvjax.flags import (add_kernels_flag, add_policy_flags, add_weights_flag, kernels_from_flags,
+                         policies_from_flags, weights_from_flags)
 from kvjax.generation import compile_programs, decode_chunk, default_dtype, estimate_memory, prefill, start_state
 from kvjax.loading import LoadedModel, load_model, read_config, resolve_model
 from kvjax.model import DTYPES, init_params
@@ -238,6 +239,7 @@ def _parser() -> cli.ArgumentParser:
                    help="rounds of timed runs, every policy once a round (median)")
     add_policy_flags(p)
     add_kernels_flag(p)
+    add_weights_flag(p)
     p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="compute dtype (default: float32 on CPU)")
     p.add_argument("--kv-dtype", default=None, choices=sorted(DTYPES),
                    help="what 16-bit K/V (fp16's whole cache, every window and sink) are stored in (default: the "
@@ -286,7 +288,7 @@ def _main(argv) -> int:
                             f"random {args.preset}")
     else:
         cli.say(f"[kvjax] loading {resolve_model(args.model)}")
-        model = load_model(args.model, DTYPES[dtype_name])
+        model = load_model(args.model, DTYPES[dtype_name], weights_from_flags(args))
     batches = batches or fitting_batches(args, policies, model.cfg, last, DTYPES[dtype_name])
     device = jax.devices()[0]
     model_name = model.source if args.preset else model.cfg.name

@@ -6,15 +6,17 @@
                                        teacher-forced path, which runs no kernel
     policies_from_flags(args), policy_from_flags(args)   the policies of --kv (nothing compiled)
     kernels_from_flags(args)           --kernels resolved for this machine (kvjax.kernels.resolve)
+    add_weights_flag(parser), weights_from_flags(args)   --weights: every command that loads a model
+                                       (kvjax.weights.resolve: how its matrices are held and multiplied)
 
 A command checks its flags in this order, so that bad input is refused before anything slow
-happens: the policies, its own numbers and files, then `kernels_from_flags` (on a CPU, `auto`
-builds the C++ kernel the first time, about 30 s), then it loads the model.
+happens: the policies, its own numbers and files, then `kernels_from_flags` and `weights_from_flags`
+(on a CPU, `auto` builds the C++ kernels the first time, about 30 s), then it loads the model.
 """
 
 from __future__ import annotations
 
-from kvjax import kernels
+from kvjax import kernels, weights
 from kvjax.errors import KvjaxError
 from kvjax.layout import DEFAULT_GROUP, DEFAULT_SINKS, DEFAULT_WINDOW
 from kvjax.policies import ALIASES, REGISTRY, Policy, family_of, get_policy
@@ -50,6 +52,14 @@ def add_kernels_flag(parser):
     parser.add_argument("--kernels", default="auto", choices=[k.value for k in kernels.Kernels],
                         help="how packed tiers are attended: Pallas kernels, the C++ CPU kernel (native) or "
                              "the jnp/XLA reference (auto: Pallas on GPU, native on a CPU)")
+
+
+def add_weights_flag(parser):
+    """--weights, for every command that loads a model (see `weights_from_flags`)."""
+    parser.add_argument("--weights", default="auto", choices=[w.value for w in weights.Weights],
+                        help="how the model's matrices are held: float32 (dequantized at load), native (a GGUF's "
+                             "Q4_0/Q4_1/Q8_0 blocks kept and multiplied in place: the same values), q8_0 (native, "
+                             "the other matrices quantized to Q8_0) (auto: native on a CPU, float32 elsewhere)")
 
 
 def policies_from_flags(args) -> list[Policy]:
@@ -88,3 +98,8 @@ def kernels_from_flags(args) -> kernels.Backend:
     (pallas on a CPU, native elsewhere or without a C++ compiler) is one KvjaxError here. Pass the
     result to `make_cache` / `generate`. On a CPU, `auto` builds the C++ kernel on its first use."""
     return kernels.resolve(args.kernels)
+
+
+def weights_from_flags(args) -> weights.Weights:
+    """--weights resolved for this machine (auto decided); pass it to `load_model`."""
+    return weights.resolve(args.weights)

@@ -10,7 +10,8 @@ import sys
 
 from kvjax import cli, memory
 from kvjax.errors import KvjaxError
-from kvjax.flags import SUGGESTED, add_kernels_flag, add_policy_flags, kernels_from_flags, policy_from_flags
+from kvjax.flags import (SUGGESTED, add_kernels_flag, add_policy_flags, add_weights_flag, kernels_from_flags,
+                         policy_from_flags, weights_from_flags)
 from kvjax.generation import default_dtype, estimate_memory, generate
 from kvjax.loading import load_model, read_config, read_tokenizer, resolve_model
 from kvjax.model import DTYPES
@@ -36,6 +37,7 @@ def _parser() -> cli.ArgumentParser:
                    help="compute dtype (default: float32 on CPU, bfloat16 on GPU/TPU)")
     add_policy_flags(p)
     add_kernels_flag(p)
+    add_weights_flag(p)
     p.add_argument("--chunk", type=cli.at_least(1), default=8, help="decode steps per device dispatch while streaming")
     p.add_argument("--max-memory", type=cli.above(0.0), default=None, metavar="GIB",
                    help="refuse a request whose estimated peak memory (weights, KV cache and working memory) "
@@ -65,8 +67,9 @@ def _main(argv) -> int:
     if cfg is not None and tokenizer is not None:
         _check_request(cfg, kv, [len(tokenizer.encode(p)) for p in prompts], args, dtype)
     kernels = kernels_from_flags(args)  # after the numbers: on a CPU, auto may build the C++ kernel
+    weights = weights_from_flags(args)
     cli.say(f"[kvjax] loading {source}")
-    model = load_model(source, DTYPES[dtype])
+    model = load_model(source, DTYPES[dtype], weights)
     if args.chat and tokenizer is None:
         prompts = [model.tokenizer.apply_chat_template([{"role": "user", "content": p}]) for p in prompts]
     stream = len(prompts) == 1

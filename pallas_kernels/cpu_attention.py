@@ -45,10 +45,13 @@ from pallas_kernels.xla_attention import FLOATS, Part, packed_part  # noqa: F401
 
 SOURCE = Path(__file__).with_name("cpu_attention.cc")
 CHUNK_SOURCE = Path(__file__).with_name("cpu_chunk_attention.cc")  # a prompt chunk's queries (cpu_chunk_attention.py)
-SOURCES = (SOURCE, CHUNK_SOURCE)  # one library; both include cpu_kernels.h
+MATMUL_SOURCE = Path(__file__).with_name("cpu_matmul.cc")  # block-quantized weights (block_matmul.py)
+SOURCES = (SOURCE, CHUNK_SOURCE, MATMUL_SOURCE)  # one library; all include cpu_kernels.h
 TARGET = "kvjax_layer_attention"
 CHUNK_TARGET = "kvjax_chunk_attention"
-_HANDLERS = {TARGET: "KvjaxLayerAttention", CHUNK_TARGET: "KvjaxChunkAttention"}  # target -> exported symbol
+MATMUL_TARGET = "kvjax_block_matmul"
+_HANDLERS = {TARGET: "KvjaxLayerAttention", CHUNK_TARGET: "KvjaxChunkAttention",
+             MATMUL_TARGET: "KvjaxBlockMatmul"}  # target -> exported symbol
 
 
 def vector_flags(vector: bool = True) -> list[str]:
@@ -92,7 +95,7 @@ def build_library(source=SOURCES, vector: bool = True) -> Path:
     cache = cache_dir()
     path = cache / f"{sources[0].stem}-{key[:16]}.so"
     if not path.exists():
-        what = "the CPU attention kernels" if sources == list(SOURCES) else ", ".join(p.name for p in sources)
+        what = "the CPU kernels" if sources == list(SOURCES) else ", ".join(p.name for p in sources)
         print(f"[kvjax] compiling {what} (once, about 30 s)", file=sys.stderr, flush=True)
         with tempfile.TemporaryDirectory(dir=cache) as tmp:  # built aside, then renamed: no half-written library
             built = Path(tmp) / path.name
@@ -143,7 +146,7 @@ def require(portable: bool = False):
     """Builds and registers the kernels of one build, or raises a RuntimeError saying why not."""
     reason = _registered(target("", portable), not portable)
     if reason is not None:
-        raise RuntimeError(f"the CPU attention kernel is unavailable: {reason}")
+        raise RuntimeError(f"the CPU kernels are unavailable: {reason}")
 
 
 def supported(head_dim: int, group_size: int, symmetric: bool) -> bool:

@@ -23,6 +23,7 @@ import numpy as np
 from kvjax import cli
 from kvjax.data import DATA_DIR
 from kvjax.errors import KvjaxError
+from kvjax.flags import add_weights_flag, weights_from_flags
 from kvjax.layout import DEFAULT_GROUP, DEFAULT_SINKS, DEFAULT_WINDOW
 from train_controller import data
 
@@ -30,6 +31,7 @@ from train_controller import data
 def _parser():
     p = cli.ArgumentParser(prog="python -m train_controller", description="Train the learned KV precision controller.")
     p.add_argument("--model", default=None, help="a .gguf file, HF folder or hub id (default: the embedded model)")
+    add_weights_flag(p)
     p.add_argument("--budget-bits", type=cli.at_least(2.0, float), default=3.0,
                    help="target average bits of left tokens (2 to 16)")
     p.add_argument("--steps", type=cli.at_least(1), default=2000, help="training steps")
@@ -88,7 +90,7 @@ def run(args) -> int:
     hidden = tuple(args.hidden)
     t0 = time.perf_counter()
     cli.say(f"[kvjax] loading {resolve_model(args.model)}")
-    model = load_model(args.model)
+    model = load_model(args.model, weights=weights_from_flags(args))
     ids = data.training_ids(model.tokenizer, args.text, args.data_dir or DATA_DIR, args.trace_tokens)
     ids = ids[:len(ids) // args.chunk * args.chunk]
     files = traces.write_traces(model, ids, args.traces or os.path.join(args.out, "traces"), args.chunk,

@@ -40,6 +40,7 @@ from kvjax.allocation import Allocation, save_allocation
 from kvjax.attention import MASK_VALUE, causal_mask, grouped_output, grouped_scores
 from kvjax.cache import KVCache
 from kvjax.errors import KvjaxError
+from kvjax.flags import add_weights_flag, weights_from_flags
 from kvjax.layout import CODE_WIDTHS, DEFAULT_GROUP, DEFAULT_SINKS, DEFAULT_WINDOW, WIDTHS  # WIDTHS: last axis order
 from kvjax.loading import load_model
 from kvjax.model import forward
@@ -274,6 +275,7 @@ def _parser():
                    help="age bands but the oldest: their shares of the left tokens, newest first")
     p.add_argument("--seed", type=int, default=0, help="segment order and Gumbel noise")
     p.add_argument("--model", default=None, help="GGUF / HF folder (default: the embedded SmolLM2-135M-Instruct)")
+    add_weights_flag(p)
     p.add_argument("--text", default=None, help="calibration text file (default: the Sherlock training part)")
     return p
 
@@ -293,7 +295,7 @@ def _main(argv) -> int:
     if any(s <= 0 for s in shares) or sum(shares) >= 1:
         raise KvjaxError(f"--shares must be positive and sum to less than 1, got {args.shares}")
     check_training_text(args.text)
-    model = load_model(args.model)
+    model = load_model(args.model, weights=weights_from_flags(args))
     ids = training_ids(model.tokenizer, args.text, max_tokens=args.context * args.segments)
     if len(ids) < args.context * args.segments:
         raise KvjaxError(f"the calibration text has {len(ids)} tokens, fewer than {args.context} x {args.segments}")

@@ -1,0 +1,112 @@
+"""How a model's weight matrices are held and multiplied: the choice (`--weights`), resolved once.
+
+A GGUF file stores the default model's matrices in llama.cpp's 4- and 8-bit block forms (~0.6 bytes
+a weight); float32 holds the same values in 4 bytes, and a decode step reads every matrix once, so
+at short context the step is the weights. `Weights` names the choice; `resolve` decides AUTO once
+(before loading), and the loaded params carry it: a matrix kept in blocks is a `BlockMatrix`, a
+pytree leaf of the params, that knows whether the C++ kernel multiplies it.
+
+    FLOAT32  every matrix dequantized to float32 at load (the reference; every platform)
+    NATIVE   matrices the file stores as Q4_0, Q4_1 or Q8_0 stay in those blocks, multiplied in place
+             (pallas_kernels.block_matmul): the same values as FLOAT32, summed in float32 in another
+             order; other matrices (a float checkpoint's, a GGUF's other types) as FLOAT32
+    Q8_0     NATIVE, and every other matrix quantized to Q8_0 blocks at load (gguf's quantizer, as
+             llama.cpp's): 8.5 bits a weight for a float checkpoint, values changed (measured)
+    AUTO     NATIVE on a CPU where the kernel builds, else FLOAT32 (GPU/TPU: unchanged)
+
+A decode step's few rows go through the kernel; a prompt chunk's many rows (more than KERNEL_ROWS)
+dequantize the layer's matrix and let XLA multiply, which is faster there (BENCHMARKS.md).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+
+import jax
+import jax.numpy as jnp
+
+from kvjax.errors import KvjaxError
+from pallas_kernels import block_matmul, cpu_attention
+from pallas_kernels.block_matmul import Kind
+
+KERNEL_ROWS = 32  # activation rows up to which the kernel multiplies (measured: BENCHMARKS.md)
+
+
+class Weights(enum.Enum):
+    AUTO = "auto"
+    FLOAT32 = "float32"
+    NATIVE = "native"
+    Q8_0 = "q8_0"
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class BlockMatrix:
+    """A matrix W [N, K] (or layers of them) in blocks of 32 along K: what x @ W^T multiplies.
+
+    A float params leaf is [K, N] (a Dense kernel) or [N, K] (the embedding); a BlockMatrix is always
+    rows of output features, as the file stores it."""
+
+    blocks: jax.Array  # uint8 [(L,) N, K/32 * kind.block_bytes]
+    kind: Kind = dataclasses.field(metadata=dict(static=True))
+    kernel: bool = dataclasses.field(metadata=dict(static=True))  # multiplied by the C++ kernel (few rows)
+
+    @property
+    def matrix_shape(self) -> tuple[int, ...]:
+        """(L,) N, K: the shape of the float matrix it holds."""
+        *lead, n, nbytes = self.blocks.shape
+        return (*lead, n, nbytes // self.kind.block_bytes * block_matmul.BLOCK)
+
+
+def resolve(weights: Weights | str = Weights.AUTO, platform: str | None = None) -> Weights:
+    """The choice, AUTO decided: NATIVE on a CPU where the kernel builds, else FLOAT32. NATIVE or Q8_0
+    elsewhere multiply through XLA (correct, not faster). Unknown names are a KvjaxError."""
+    try:
+        weights = Weights(weights)
+    except ValueError:
+        raise KvjaxError(f"unknown weights {weights!r}; known: {', '.join(w.value for w in Weights)}") from None
+    if weights is Weights.AUTO:
+        platform = platform or jax.default_backend()
+        return Weights.NATIVE if platform == "cpu" and cpu_attention.available() else Weights.FLOAT32
+    return weights
+
+
+def uses_kernel(platform: str | None = None) -> bool:
+    """Whether block matrices loaded now are multiplied by the C++ kernel (a CPU where it builds)."""
+    return (platform or jax.default_backend()) == "cpu" and cpu_attention.available()
+
+
+def linear(x, w, layer=None):
+    """x [..., K] times a matrix: a float kernel [K, N] (already this layer's), or a BlockMatrix
+    ([L, N, .] read at `layer`, or [N, .]) -> [..., N] in x's dtype (float32 sums)."""
+    if not isinstance(w, BlockMatrix):
+        return jnp.dot(x, w.astype(x.dtype))
+    *lead, k = x.shape
+    rows = x.reshape(-1, k).astype(jnp.float32)
+    if w.kernel and rows.shape[0] <= KERNEL_ROWS:
+        y = block_matmul.matmul(rows, w.blocks, w.kind, layer=layer)
+    else:
+        y = block_matmul.matmul_reference(rows, w.blocks, w.kind, layer=layer)
+    return y.reshape(*lead, -1).astype(x.dtype)
+
+
+def take_rows(w: BlockMatrix, ids, dtype):
+    """Rows `ids` int [...] of a [N, K] BlockMatrix (an embedding table) -> dtype [..., K]."""
+    return block_matmul.dequantize(w.blocks[ids], w.kind).astype(dtype)
+
+
+def split_layers(layers: dict):
+    """(float leaves, block matrices) of a params["layers"] tree: the model slices the float leaves
+    per layer and hands block matrices whole to the kernel, which reads the layer in place."""
+    is_block = lambda a: isinstance(a, BlockMatrix)
+    floats = {name: leaf for name, leaf in layers.items() if not is_block(leaf.get("kernel"))}
+    blocks = {name: leaf["kernel"] for name, leaf in layers.items() if is_block(leaf.get("kernel"))}
+    return floats, blocks
+
+
+def weight_bytes(params) -> int:
+    """Bytes of the params a decode step reads: all of them, but for an untied embedding table (of
+    which a step reads a row a token)."""
+    read = {name: tree for name, tree in params.items() if name != "embed" or "lm_head" not in params}
+    return sum(a.nbytes for a in jax.tree_util.tree_leaves(read))

@@ -1,0 +1,210 @@
+// x @ W^T with W in one of llama.cpp's block-quantized forms, read where it lies: an XLA FFI custom
+// call (kvjax's "native" weights), computing what pallas_kernels.block_matmul.matmul_reference does.
+//
+//   layer   int32 [1]              the entry of the weights' [L, ...] array to read
+//   x       float32 [m, K]         activations (a decode step's tokens, m = batch)
+//   w       uint8 [L, N, K/32*B]   N rows of K weights, in blocks of 32 along K of B bytes each:
+//             Q4_0 (B=18): float16 d, 16 bytes of 4-bit q   -> d * (q - 8)
+//             Q4_1 (B=20): float16 d, float16 m, 16 bytes    -> d * q + m
+//             Q8_0 (B=34): float16 d, 32 int8 q              -> d * q
+//           (byte j of a 4-bit block holds element j in its low nibble and element j + 16 in its high)
+//   attribute kind: 0 Q4_0, 1 Q4_1, 2 Q8_0 (block_matmul.Kind)
+//   -> y float32 [m, N], y[i, n] = sum_k x[i, k] * W[n, k]
+//
+// Each block is converted to float32 in registers, exactly the values gguf's dequantization gives:
+// d * q is exact in float32 (an 11-bit significand times a 4- or 8-bit integer), so d * q + m rounds
+// once, fused or not. Sums are float32 (16 lanes per accumulator, reduced at the end of a row), so y
+// equals the reference up to summation order. A work item is a run of rows n; per NR rows at a time
+// and R activation rows at a time, R x NR x 2 accumulators: each block is unpacked once per R
+// activation rows and each activation vector loaded once per NR weight rows. Items run on the calling
+// thread and the other threads of XLA's intra-op pool when the product is large enough to pay for them.
+
+#include <string>
+
+#include "cpu_kernels.h"
+
+namespace {
+
+constexpr int kBlock = 32;                    // weights per block
+constexpr int64_t kParallelMacs = 1 << 17;    // multiply-adds from which the pool's threads help
+constexpr int kItemsPerThread = 8;            // work items per thread: the last ones even out
+
+enum Kind : int32_t { kQ4_0 = 0, kQ4_1 = 1, kQ8_0 = 2 };
+
+int BlockBytes(int32_t kind) { return kind == kQ4_0 ? 18 : kind == kQ4_1 ? 20 : 34; }
+
+inline float Half(const uint8_t* p) {
+  uint16_t h;
+  std::memcpy(&h, p, 2);
+#if defined(__F16C__)
+  return _cvtsh_ss(h);
+#else
+  return HalfToFloat(h);
+#endif
+}
+
+struct Product {
+  const float* x;      // [m, K]
+  const uint8_t* w;    // this layer's [N, row_bytes]
+  float* y;            // [m, N]
+  int m, K, N, row_bytes, blocks;
+  int32_t kind;
+};
+
+#if defined(__AVX512F__)
+// The 32 weights of a block as two vectors of 16 (elements 0-15, 16-31).
+template <int32_t K>
+inline void Unpack(const uint8_t* block, __m512& lo, __m512& hi) {
+  const __m512 d = _mm512_set1_ps(Half(block));
+  if constexpr (K == kQ8_0) {
+    lo = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(block + 2)))));
+    hi = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(block + 18)))));
+  } else {
+    const __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(block + (K == kQ4_1 ? 4 : 2))));
+    __m512i q_lo = _mm512_and_si512(q, _mm512_set1_epi32(15)), q_hi = _mm512_srli_epi32(q, 4);
+    if constexpr (K == kQ4_0) {
+      q_lo = _mm512_sub_epi32(q_lo, _mm512_set1_epi32(8));
+      q_hi = _mm512_sub_epi32(q_hi, _mm512_set1_epi32(8));
+      lo = _mm512_mul_ps(d, _mm512_cvtepi32_ps(q_lo));
+      hi = _mm512_mul_ps(d, _mm512_cvtepi32_ps(q_hi));
+    } else {
+      const __m512 m = _mm512_set1_ps(Half(block + 2));
+      lo = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(q_lo), m);  // d * q exact: one rounding, as gguf's
+      hi = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(q_hi), m);
+    }
+  }
+}
+
+// y[i0 .. i0+R, n0 .. n0+NR] from R activation rows and NR weight rows.
+template <int32_t K, int R, int NR>
+void Tile(const Product& P, int i0, int n0) {
+  __m512 acc[R][NR][2];
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < NR; ++j) acc[r][j][0] = acc[r][j][1] = _mm512_setzero_ps();
+  const uint8_t* rows = P.w + size_t(n0) * P.row_bytes;
+  const float* x = P.x + size_t(i0) * P.K;
+  for (int b = 0; b < P.blocks; ++b) {
+    __m512 lo[NR], hi[NR];
+    for (int j = 0; j < NR; ++j) Unpack<K>(rows + size_t(j) * P.row_bytes + size_t(b) * BlockBytes(K), lo[j], hi[j]);
+    for (int r = 0; r < R; ++r) {
+      const __m512 x_lo = _mm512_loadu_ps(x + size_t(r) * P.K + b * kBlock);
+      const __m512 x_hi = _mm512_loadu_ps(x + size_t(r) * P.K + b * kBlock + 16);
+      for (int j = 0; j < NR; ++j) {
+        acc[r][j][0] = _mm512_fmadd_ps(x_lo, lo[j], acc[r][j][0]);
+        acc[r][j][1] = _mm512_fmadd_ps(x_hi, hi[j], acc[r][j][1]);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < NR; ++j)
+      P.y[size_t(i0 + r) * P.N + n0 + j] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][j][0], acc[r][j][1]));
+}
+#else
+// The portable build: a block dequantized to 32 floats, then plain loops.
+template <int32_t K>
+inline void Dequantize(const uint8_t* block, float* out) {
+  const float d = Half(block);
+  if constexpr (K == kQ8_0) {
+    for (int i = 0; i < kBlock; ++i) out[i] = d * float(int8_t(block[2 + i]));
+  } else {
+    const float m = K == kQ4_1 ? Half(block + 2) : 0.0f;
+    const uint8_t* q = block + (K == kQ4_1 ? 4 : 2);
+    const int offset = K == kQ4_0 ? 8 : 0;
+    for (int i = 0; i < 16; ++i) {
+      out[i] = d * float(int(q[i] & 15) - offset) + m;
+      out[i + 16] = d * float(int(q[i] >> 4) - offset) + m;
+    }
+  }
+}
+
+template <int32_t K, int R, int NR>
+void Tile(const Product& P, int i0, int n0) {
+  float acc[R][NR][kBlock] = {};
+  float w[NR][kBlock];
+  for (int b = 0; b < P.blocks; ++b) {
+    for (int j = 0; j < NR; ++j)
+      Dequantize<K>(P.w + size_t(n0 + j) * P.row_bytes + size_t(b) * BlockBytes(K), w[j]);
+    for (int r = 0; r < R; ++r) {
+      const float* x = P.x + size_t(i0 + r) * P.K + b * kBlock;
+      for (int j = 0; j < NR; ++j)
+        for (int i = 0; i < kBlock; ++i) acc[r][j][i] += x[i] * w[j][i];
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < NR; ++j) {
+      float s = 0.0f;
+      for (int i = 0; i < kBlock; ++i) s += acc[r][j][i];
+      P.y[size_t(i0 + r) * P.N + n0 + j] = s;
+    }
+}
+#endif
+
+// Rows [n0, n1) of y for every activation row: NR weight rows and up to 4 activation rows a tile
+// (NR = 4 for one or two activation rows, 2 for more: at most 16 accumulators).
+template <int32_t K>
+void Rows(const Product& P, int n0, int n1) {
+  for (int i0 = 0; i0 < P.m; i0 += 4) {
+    const int R = std::min(4, P.m - i0);
+    int n = n0;
+    if (R <= 2) {
+      for (; n + 4 <= n1; n += 4) R == 1 ? Tile<K, 1, 4>(P, i0, n) : Tile<K, 2, 4>(P, i0, n);
+    } else {
+      for (; n + 2 <= n1; n += 2) R == 3 ? Tile<K, 3, 2>(P, i0, n) : Tile<K, 4, 2>(P, i0, n);
+    }
+    for (; n < n1; ++n) {
+      switch (R) {
+        case 1: Tile<K, 1, 1>(P, i0, n); break;
+        case 2: Tile<K, 2, 1>(P, i0, n); break;
+        case 3: Tile<K, 3, 1>(P, i0, n); break;
+        default: Tile<K, 4, 1>(P, i0, n);
+      }
+    }
+  }
+}
+
+ffi::Error Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::S32> layer, ffi::Buffer<ffi::F32> x,
+                ffi::Buffer<ffi::U8> w, int32_t kind, ffi::ResultBuffer<ffi::F32> y) {
+  auto bad = [](const std::string& what) { return ffi::Error::InvalidArgument("block matmul: " + what); };
+  if (kind < kQ4_0 || kind > kQ8_0) return bad("unknown block kind");
+  auto xd = x.dimensions(), wd = w.dimensions();
+  if (xd.size() != 2) return bad("x must be [m, K]");
+  if (wd.size() != 3) return bad("w must be [L, N, row bytes]");
+  Product P;
+  P.m = int(xd[0]), P.K = int(xd[1]), P.N = int(wd[1]), P.row_bytes = int(wd[2]), P.kind = kind;
+  if (P.K % kBlock) return bad("K must be a multiple of 32");
+  P.blocks = P.K / kBlock;
+  if (int64_t(P.blocks) * BlockBytes(kind) != P.row_bytes) return bad("a row of w must hold K/32 blocks of its kind");
+  if (!HasDims(*y, {P.m, P.N})) return bad("y must be [m, N]");
+  if (layer.element_count() != 1) return bad("layer must be one int32");
+  const int32_t at = layer.typed_data()[0];
+  if (at < 0 || at >= wd[0]) return bad("layer index out of range");
+  P.x = x.typed_data();
+  P.w = w.typed_data() + LayerOffset(wd, at);
+  P.y = y->typed_data();
+  if (P.m == 0 || P.N == 0) return ffi::Error::Success();
+
+  const int threads = int64_t(P.m) * P.N * P.K < kParallelMacs ? 1 : int(pool.num_threads());
+  const int per_item = std::max(4, (P.N / (threads * kItemsPerThread) + 3) / 4 * 4);  // rows, a multiple of 4
+  const int items = (P.N + per_item - 1) / per_item;
+  auto run = [&P, per_item](int i) {
+    const int n0 = i * per_item, n1 = std::min(P.N, n0 + per_item);
+    switch (P.kind) {
+      case kQ4_0: return Rows<kQ4_0>(P, n0, n1);
+      case kQ4_1: return Rows<kQ4_1>(P, n0, n1);
+      default: return Rows<kQ8_0>(P, n0, n1);
+    }
+  };
+  RunItems(pool, items, threads - 1, run);
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(KvjaxBlockMatmul, Impl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // layer
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // x
+                                  .Arg<ffi::Buffer<ffi::U8>>()   // w
+                                  .Attr<int32_t>("kind")
+                                  .Ret<ffi::Buffer<ffi::F32>>()); // y
