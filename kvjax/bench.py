@@ -56,6 +56,8 @@ from kvjax.model import DTYPES, init_params
 from kvjax.policies import cache_bytes
 from pallas_kernels import cpu_bench
 from kvjax.sampling import SamplingConfig
+from kvjax.weights import Weights, as_blocks, weight_bytes
+from kvjax.weights import resolve as resolve_weights
 
 GREEDY = SamplingConfig()
 
@@ -277,6 +279,7 @@ def _main(argv) -> int:
         raise KvjaxError("--memory sizes batches by the whole process: use --memory-budget-gib, not --kv-budget-gib")
     batches = fitting_batches(args, policies, cfg, last, DTYPES[dtype_name]) if cfg is not None else None
     kernels = kernels_from_flags(args)  # after the numbers: on a CPU, auto may build the C++ kernel
+    held = weights_from_flags(args)
     if args.memory:
         if cfg is None:
             raise KvjaxError("--memory needs a model whose config is known before it loads (a .gguf file, a folder "
@@ -284,20 +287,25 @@ def _main(argv) -> int:
         return memory_table(args, policies, cfg, dtype_name, argv)
     if args.preset:
         cli.say(f"[kvjax] random weights of {args.preset}")
-        model = LoadedModel(cfg, init_params(cfg, jax.random.PRNGKey(0), DTYPES[dtype_name]), None,
-                            f"random {args.preset}")
+        params = init_params(cfg, jax.random.PRNGKey(0), DTYPES[dtype_name])
+        if held is not Weights.FLOAT32:  # held as the default model's file holds its matrices
+            params = as_blocks(params)
+        model = LoadedModel(cfg, params, None, f"random {args.preset}")
     else:
         cli.say(f"[kvjax] loading {resolve_model(args.model)}")
-        model = load_model(args.model, DTYPES[dtype_name], weights_from_flags(args))
+        model = load_model(args.model, DTYPES[dtype_name], held)
     batches = batches or fitting_batches(args, policies, model.cfg, last, DTYPES[dtype_name])
     device = jax.devices()[0]
     model_name = model.source if args.preset else model.cfg.name
-    common = {"model": model_name, "device": device.device_kind, "cpu": cpu_model(),
+    read = weight_bytes(model.params)
+    common = {"model": model_name, "weights": held.value, "weight_bytes": read, "device": device.device_kind,
+              "cpu": cpu_model(),
               "platform": device.platform, "jax": jax.__version__, "dtype": dtype_name,
               "kv_dtype": args.kv_dtype, "kv_budget_gib": args.kv_budget_gib, "decode_steps": args.decode_steps, "date": datetime.date.today().isoformat(),
               "command": "python -m kvjax.bench " + " ".join(sys.argv[1:] if argv is None else argv)}
     print(f"model {model_name} | {device.platform} {device.device_kind} | "
-          f"{cpu_model()} | jax {jax.__version__} | dtype {dtype_name} | "
+          f"{cpu_model()} | jax {jax.__version__} | dtype {dtype_name} | weights {held.value} "
+          f"({read / 1e6:.0f} MB read a step) | "
           + (f"KV stored in {args.kv_dtype} | " if args.kv_dtype else "")
           + (f"KV budget {args.kv_budget_gib} GiB" if args.kv_budget_gib else f"batch {args.batch}"))
     print(f"{'kv':<16} {'batch':>6} {'context':>8} {'prefill tok/s':>14} {'decode ms/tok':>14} {'decode tok/s':>13} "
@@ -328,7 +336,7 @@ def _main(argv) -> int:
                 with cli.open_for_append(args.json) as f:
                     f.write(json.dumps(row) + "\n")
         if args.split:
-            print_split(model.cfg, policies, rows, context, split, limits, DTYPES[dtype_name])
+            print_split(model.cfg, policies, rows, context, split, limits, read)
     return 0
 
 
@@ -340,16 +348,15 @@ def machine_limits():
     return limits.read_gbs(), limits.copy_gbs(), limits.fma_rate()
 
 
-def print_split(cfg, policies, rows, context: int, split, limits, dtype):
+def print_split(cfg, policies, rows, context: int, split, limits, weights_read: int):
     """Each policy's decode step split into attention (the step less the same step without attention),
     the rest (the step without attention at tiny shapes: norms, rotations, sampling, per-op overhead)
     and the weights (what is left), against the machine's limits: a part's limit is the larger of its
     bytes over the read bandwidth and its multiply-adds over the FMA rate (weights: the float matrices
-    once a step; attention: the K/V held, 2 h multiply-adds per slot and query head)."""
+    once a step, `weights_read` bytes; attention: the K/V held, 2 h multiply-adds per slot and query head)."""
     no_attention_ms, rest_ms = split
     weights_ms = no_attention_ms - rest_ms
-    item = jnp.dtype(dtype).itemsize
-    weight_params = memory.parameter_bytes(cfg, dtype) // item
+    weight_params = memory.parameter_bytes(cfg, jnp.float32) // 4
     print(f"\nstep split at {context} tokens" + (" (limits: read %.1f GB/s, copy %.1f GB/s, %.1f G multiply-adds/s)"
                                                 % (limits[0], limits[1], limits[2] / 1e9) if limits else ""))
     print(f"{'kv':<16} {'batch':>5} {'step ms':>8} {'weights':>8} {'limit':>6} {'':>4} {'attention':>9} {'limit':>6} "
@@ -358,7 +365,7 @@ def print_split(cfg, policies, rows, context: int, split, limits, dtype):
         attention_ms = ms - no_attention_ms
         held = kv_bytes * context / (context + 1)  # the cache's bytes, as good as all of it read each step
         limit = lambda nbytes, macs: 1e3 * max(nbytes / (limits[0] * 1e9), macs / limits[2]) if limits else float("nan")
-        w_limit = limit(weight_params * item, batch * weight_params)
+        w_limit = limit(weights_read, batch * weight_params)
         a_limit = limit(held, batch * context * cfg.num_heads * cfg.head_dim * 2 * cfg.num_layers)
         pct = lambda t, lim: f"{100 * lim / t:3.0f}%" if t > 0 else "   -"
         print(f"{name:<16} {batch:>5} {ms:>8.2f} {weights_ms:>8.2f} {w_limit:>6.2f} {pct(weights_ms, w_limit)} "
@@ -387,7 +394,7 @@ def memory_table(args, policies, cfg, dtype: str, argv) -> int:
                     continue
             with ctx.Pool(1) as pool:
                 run = pool.apply(measure_memory, (args.model, args.preset, policy, batch, context, args.decode_steps,
-                                                  dtype, args.kernels))
+                                                  dtype, args.kernels, args.weights))
             gib = lambda x: x / memory.GIB
             above = run["peak"] - run["before"]
             print(f"{policy.name:<20} {batch:>5} {context:>7} {gib(run['kv_bytes']):>7.3f} {gib(run['before']):>7.2f} "
@@ -405,7 +412,8 @@ def memory_table(args, policies, cfg, dtype: str, argv) -> int:
     return 0
 
 
-def measure_memory(model, preset, policy, batch: int, context: int, decode_steps: int, dtype: str, kernels) -> dict:
+def measure_memory(model, preset, policy, batch: int, context: int, decode_steps: int, dtype: str, kernels,
+                   weights: str = "auto") -> dict:
     """In the process it runs in: loads the model (or random weights of a preset), prefills `batch`
     random prompts of `context` tokens through `policy`, decodes `decode_steps` steps -> bytes held
     before (the loaded model and runtime) and at peak, the cache's bytes, and the seconds of each."""
@@ -414,10 +422,11 @@ def measure_memory(model, preset, policy, batch: int, context: int, decode_steps
         cfg = get_preset(preset)
         cfg = dataclasses.replace(cfg, max_position_embeddings=max(cfg.max_position_embeddings,
                                                                    context + decode_steps + 1))
-        params = jax.block_until_ready(init_params(cfg, jax.random.PRNGKey(0), jdtype))
+        params = init_params(cfg, jax.random.PRNGKey(0), jdtype)
+        params = jax.block_until_ready(params if resolve_weights(weights) is Weights.FLOAT32 else as_blocks(params))
         jax.clear_caches()  # the initializers' compiled programs are not part of what is measured
     else:
-        loaded = load_model(model, jdtype)
+        loaded = load_model(model, jdtype, weights)
         cfg, params = loaded.cfg, loaded.params
     memory.release_freed()
     before = memory.current()

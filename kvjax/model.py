@@ -6,7 +6,9 @@ tokens int32 [b, t]; positions int32 [b, t] (-1 marks right padding); cache is a
 explicit pytree (kvjax.cache.KVCache) or None for a plain causal forward over the t tokens.
 Layers are stacked ([l, ...] params) and run with a scan, so the step compiles once
 whatever the depth; a cache whose widths differ by layer splits the layers into segments
-(kvjax.layout), one scan each. Shape letters: see kvjax.config.
+(kvjax.layout), one scan each. A matrix is a float array or a kvjax.weights.BlockMatrix (a GGUF's
+blocks, kept: `--weights`), which the layers hand whole to `weights.linear` with their index.
+Shape letters: see kvjax.config.
 """
 
 from __future__ import annotations

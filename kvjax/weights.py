@@ -14,8 +14,8 @@ pytree leaf of the params, that knows whether the C++ kernel multiplies it.
              llama.cpp's): 8.5 bits a weight for a float checkpoint, values changed (measured)
     AUTO     NATIVE on a CPU where the kernel builds, else FLOAT32 (GPU/TPU: unchanged)
 
-A decode step's few rows go through the kernel; a prompt chunk's many rows (more than KERNEL_ROWS)
-dequantize the layer's matrix and let XLA multiply, which is faster there (BENCHMARKS.md).
+Where the kernel does not run (GPU/TPU, no C++ compiler) a block matrix is dequantized with jnp
+and multiplied by XLA, correct but no faster.
 """
 
 from __future__ import annotations
@@ -29,9 +29,6 @@ import jax.numpy as jnp
 from kvjax.errors import KvjaxError
 from pallas_kernels import block_matmul, cpu_attention
 from pallas_kernels.block_matmul import Kind
-
-KERNEL_ROWS = 32  # activation rows up to which the kernel multiplies (measured: BENCHMARKS.md)
-
 
 class Weights(enum.Enum):
     AUTO = "auto"
@@ -50,7 +47,7 @@ class BlockMatrix:
 
     blocks: jax.Array  # uint8 [(L,) N, K/32 * kind.block_bytes]
     kind: Kind = dataclasses.field(metadata=dict(static=True))
-    kernel: bool = dataclasses.field(metadata=dict(static=True))  # multiplied by the C++ kernel (few rows)
+    kernel: bool = dataclasses.field(metadata=dict(static=True))  # multiplied by the C++ kernel
 
     @property
     def matrix_shape(self) -> tuple[int, ...]:
@@ -84,7 +81,7 @@ def linear(x, w, layer=None):
         return jnp.dot(x, w.astype(x.dtype))
     *lead, k = x.shape
     rows = x.reshape(-1, k).astype(jnp.float32)
-    if w.kernel and rows.shape[0] <= KERNEL_ROWS:
+    if w.kernel:
         y = block_matmul.matmul(rows, w.blocks, w.kind, layer=layer)
     else:
         y = block_matmul.matmul_reference(rows, w.blocks, w.kind, layer=layer)
@@ -103,6 +100,36 @@ def split_layers(layers: dict):
     floats = {name: leaf for name, leaf in layers.items() if not is_block(leaf.get("kernel"))}
     blocks = {name: leaf["kernel"] for name, leaf in layers.items() if is_block(leaf.get("kernel"))}
     return floats, blocks
+
+
+def quantize(w, kind: Kind):
+    """float32 [N, K] -> uint8 blocks [N, K/32 * kind.block_bytes] (gguf's quantizer: llama.cpp's rounding)."""
+    import gguf
+    import numpy as np
+
+    if w.shape[-1] % block_matmul.BLOCK:
+        raise KvjaxError(f"{kind.name} weights need rows of a multiple of 32 values, not {w.shape[-1]}")
+    return gguf.quants.quantize(np.ascontiguousarray(w, np.float32), gguf.GGMLQuantizationType[kind.name])
+
+
+def as_blocks(params, matrices: Kind = Kind.Q4_1, table: Kind = Kind.Q8_0):
+    """Float params (kvjax.model's tree) with every matrix quantized as the default model's file
+    stores it (layers' matrices Q4_1, the embedding table and head Q8_0): random weights of a preset
+    benchmarked as a GGUF would run."""
+    import numpy as np
+
+    kernel = uses_kernel()
+    rows = lambda w: np.asarray(w, np.float32).swapaxes(-1, -2)  # a Dense kernel [.., K, N] -> rows [.., N, K]
+    stack = lambda w, kind: np.stack([quantize(x, kind) for x in w]) if w.ndim == 3 else quantize(w, kind)
+    out = dict(params)
+    out["layers"] = {name: {"kernel": BlockMatrix(jnp.asarray(stack(rows(leaf["kernel"]), matrices)), matrices, kernel)}
+                     if "kernel" in leaf else leaf for name, leaf in params["layers"].items()}
+    out["embed"] = {"embedding": BlockMatrix(jnp.asarray(quantize(np.asarray(params["embed"]["embedding"]), table)),
+                                             table, kernel)}
+    if "lm_head" in params:
+        out["lm_head"] = {"kernel": BlockMatrix(jnp.asarray(quantize(rows(params["lm_head"]["kernel"]), table)),
+                                                table, kernel)}
+    return out
 
 
 def weight_bytes(params) -> int:

@@ -7,6 +7,8 @@ C++ kernel (cpu_matmul.cc, built and registered with the attention kernels: one 
 converts each block in registers and multiplies it with float32 accumulation, so a decode step
 reads the file's ~0.6 bytes per weight instead of float32's 4; its reference dequantizes with jnp
 and lets XLA multiply. Stacked layers are read at `layer` in place, as the attention kernels do.
+A decode step's few rows are multiplied block by block; a prompt chunk's many rows as a float GEMM
+over panels of 32 weight rows converted once (as fast as XLA's float32 dot: BENCHMARKS.md).
 
     matmul(x, blocks, kind, *, layer=None) -> y         x float32 [m, K], blocks uint8 [(L,) N, K/32*B]
     matmul_reference(x, blocks, kind, *, layer=None)    the same through `dequantize` and XLA's dot
@@ -83,6 +85,11 @@ def matmul_reference(x, blocks, kind: Kind, *, layer=None):
     return jnp.einsum("mk,nk->mn", x.astype(jnp.float32), w)
 
 
+def _check(blocks, kind: Kind, k: int):
+    if k % BLOCK or blocks.shape[-1] != row_bytes(kind, k) or blocks.dtype != jnp.uint8:
+        raise ValueError(f"{kind.name} blocks {blocks.shape} {blocks.dtype} do not hold rows of {k} values")
+
+
 @functools.partial(jax.jit, static_argnames=("kind", "portable"))
 def matmul(x, blocks, kind: Kind, *, layer=None, portable: bool = False):
     """x float32 [m, K] @ W^T -> float32 [m, N] through the C++ kernel, the blocks read in place at
@@ -90,8 +97,7 @@ def matmul(x, blocks, kind: Kind, *, layer=None, portable: bool = False):
     kind = Kind(kind)
     stacked, at = _layer_of(blocks, layer)
     m, k = x.shape
-    if k % BLOCK or stacked.shape[2] != row_bytes(kind, k) or stacked.dtype != jnp.uint8:
-        raise ValueError(f"{kind.name} blocks {blocks.shape} {blocks.dtype} do not hold rows of x's {k} values")
+    _check(stacked, kind, k)
     require(portable)
     out = jax.ShapeDtypeStruct((m, stacked.shape[1]), jnp.float32)
     return jax.ffi.ffi_call(target(MATMUL_TARGET, portable), out, vmap_method="sequential")(

@@ -2,7 +2,7 @@
 // call (kvjax's "native" weights), computing what pallas_kernels.block_matmul.matmul_reference does.
 //
 //   layer   int32 [1]              the entry of the weights' [L, ...] array to read
-//   x       float32 [m, K]         activations (a decode step's tokens, m = batch)
+//   x       float32 [m, K]         activations (a decode step's tokens, m = batch; or a prompt chunk's)
 //   w       uint8 [L, N, K/32*B]   N rows of K weights, in blocks of 32 along K of B bytes each:
 //             Q4_0 (B=18): float16 d, 16 bytes of 4-bit q   -> d * (q - 8)
 //             Q4_1 (B=20): float16 d, float16 m, 16 bytes    -> d * q + m
@@ -13,11 +13,15 @@
 //
 // Each block is converted to float32 in registers, exactly the values gguf's dequantization gives:
 // d * q is exact in float32 (an 11-bit significand times a 4- or 8-bit integer), so d * q + m rounds
-// once, fused or not. Sums are float32 (16 lanes per accumulator, reduced at the end of a row), so y
-// equals the reference up to summation order. A work item is a run of rows n; per NR rows at a time
-// and R activation rows at a time, R x NR x 2 accumulators: each block is unpacked once per R
-// activation rows and each activation vector loaded once per NR weight rows. Items run on the calling
-// thread and the other threads of XLA's intra-op pool when the product is large enough to pay for them.
+// once, fused or not. Sums are float32, so y equals the reference up to summation order. Two ways:
+//   few rows (m < kPanelFrom: decode)  a work item is a run of weight rows; per NR weight rows and R
+//       activation rows, R x NR x 2 accumulators of 16 lanes (reduced at the end of a row): each
+//       block is unpacked once per R activation rows, each x vector loaded once per NR weight rows
+//   many rows (a prompt chunk)  a work item is a panel of kPanel weight rows, converted once into
+//       float32 W^T [K, kPanel]; then a float GEMM's inner loop: per k, x[r, k] broadcast times
+//       the panel's two vectors, for kPanelR rows r at a time (as fast as XLA's float32 dot)
+// Items run on the calling thread and the other threads of XLA's intra-op pool when the product is
+// large enough to pay for them.
 
 #include <string>
 
@@ -28,6 +32,8 @@ namespace {
 constexpr int kBlock = 32;                    // weights per block
 constexpr int64_t kParallelMacs = 1 << 17;    // multiply-adds from which the pool's threads help
 constexpr int kItemsPerThread = 8;            // work items per thread: the last ones even out
+constexpr int kRowBlock = 64;                 // activation rows whose x a weight row is multiplied with at once
+constexpr int kPanelFrom = 48;                // activation rows from which panels pay (measured: BENCHMARKS.md)
 
 enum Kind : int32_t { kQ4_0 = 0, kQ4_1 = 1, kQ8_0 = 2 };
 
@@ -75,6 +81,14 @@ inline void Unpack(const uint8_t* block, __m512& lo, __m512& hi) {
   }
 }
 
+template <int32_t K>
+inline void DequantizeBlock(const uint8_t* block, float* out) {
+  __m512 lo, hi;
+  Unpack<K>(block, lo, hi);
+  _mm512_storeu_ps(out, lo);
+  _mm512_storeu_ps(out + 16, hi);
+}
+
 // y[i0 .. i0+R, n0 .. n0+NR] from R activation rows and NR weight rows.
 template <int32_t K, int R, int NR>
 void Tile(const Product& P, int i0, int n0) {
@@ -102,7 +116,7 @@ void Tile(const Product& P, int i0, int n0) {
 #else
 // The portable build: a block dequantized to 32 floats, then plain loops.
 template <int32_t K>
-inline void Dequantize(const uint8_t* block, float* out) {
+inline void DequantizeBlock(const uint8_t* block, float* out) {
   const float d = Half(block);
   if constexpr (K == kQ8_0) {
     for (int i = 0; i < kBlock; ++i) out[i] = d * float(int8_t(block[2 + i]));
@@ -123,7 +137,7 @@ void Tile(const Product& P, int i0, int n0) {
   float w[NR][kBlock];
   for (int b = 0; b < P.blocks; ++b) {
     for (int j = 0; j < NR; ++j)
-      Dequantize<K>(P.w + size_t(n0 + j) * P.row_bytes + size_t(b) * BlockBytes(K), w[j]);
+      DequantizeBlock<K>(P.w + size_t(n0 + j) * P.row_bytes + size_t(b) * BlockBytes(K), w[j]);
     for (int r = 0; r < R; ++r) {
       const float* x = P.x + size_t(i0 + r) * P.K + b * kBlock;
       for (int j = 0; j < NR; ++j)
@@ -139,24 +153,106 @@ void Tile(const Product& P, int i0, int n0) {
 }
 #endif
 
-// Rows [n0, n1) of y for every activation row: NR weight rows and up to 4 activation rows a tile
-// (NR = 4 for one or two activation rows, 2 for more: at most 16 accumulators).
+// Many activation rows: a panel of kPanel weight rows is converted once into float32 W^T [K, kPanel]
+// (scratch in L1/L2), then every R activation rows multiply it as a float GEMM does: per k, two
+// vectors of the panel times x[r, k] broadcast, 2 R accumulators of outputs (no horizontal sums).
+constexpr int kPanel = 32;
+constexpr int kPanelR = 6;  // activation rows a panel tile (12 accumulators)
+
+template <int32_t K>
+void FillPanel(const Product& P, int n0, float* wt) {  // wt [K, kPanel]; rows past N are zeros
+  float block[kBlock];
+  for (int j = 0; j < kPanel; ++j) {
+    if (n0 + j >= P.N) {
+      for (int k = 0; k < P.K; ++k) wt[size_t(k) * kPanel + j] = 0.0f;
+      continue;
+    }
+    const uint8_t* row = P.w + size_t(n0 + j) * P.row_bytes;
+    for (int b = 0; b < P.blocks; ++b) {
+      DequantizeBlock<K>(row + size_t(b) * BlockBytes(K), block);
+      for (int i = 0; i < kBlock; ++i) wt[size_t(b * kBlock + i) * kPanel + j] = block[i];
+    }
+  }
+}
+
+template <int R>
+void PanelTile(const Product& P, const float* wt, int i0, int n0) {
+  float out[R][kPanel];
+#if defined(__AVX512F__)
+  __m512 acc[R][2];
+  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+  const float* x = P.x + size_t(i0) * P.K;
+  for (int k = 0; k < P.K; ++k) {
+    const __m512 w0 = _mm512_loadu_ps(wt + size_t(k) * kPanel), w1 = _mm512_loadu_ps(wt + size_t(k) * kPanel + 16);
+    for (int r = 0; r < R; ++r) {
+      const __m512 xr = _mm512_set1_ps(x[size_t(r) * P.K + k]);
+      acc[r][0] = _mm512_fmadd_ps(xr, w0, acc[r][0]);
+      acc[r][1] = _mm512_fmadd_ps(xr, w1, acc[r][1]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    _mm512_storeu_ps(out[r], acc[r][0]);
+    _mm512_storeu_ps(out[r] + 16, acc[r][1]);
+  }
+#else
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < kPanel; ++j) out[r][j] = 0.0f;
+  for (int k = 0; k < P.K; ++k)
+    for (int r = 0; r < R; ++r) {
+      const float xr = P.x[size_t(i0 + r) * P.K + k];
+      for (int j = 0; j < kPanel; ++j) out[r][j] += xr * wt[size_t(k) * kPanel + j];
+    }
+#endif
+  const int n = std::min(kPanel, P.N - n0);
+  for (int r = 0; r < R; ++r) std::copy(out[r], out[r] + n, P.y + size_t(i0 + r) * P.N + n0);
+}
+
+// Panels [p0, p1) of y for every activation row.
+template <int32_t K>
+void Panels(const Product& P, int p0, int p1) {
+  std::unique_ptr<float[]> wt(new float[size_t(P.K) * kPanel]);
+  for (int p = p0; p < p1; ++p) {
+    FillPanel<K>(P, p * kPanel, wt.get());
+    int i0 = 0;
+    for (; i0 + kPanelR <= P.m; i0 += kPanelR) PanelTile<kPanelR>(P, wt.get(), i0, p * kPanel);
+    switch (P.m - i0) {
+      case 1: PanelTile<1>(P, wt.get(), i0, p * kPanel); break;
+      case 2: PanelTile<2>(P, wt.get(), i0, p * kPanel); break;
+      case 3: PanelTile<3>(P, wt.get(), i0, p * kPanel); break;
+      case 4: PanelTile<4>(P, wt.get(), i0, p * kPanel); break;
+      case 5: PanelTile<5>(P, wt.get(), i0, p * kPanel); break;
+      default: break;
+    }
+  }
+}
+
+// Rows [n0, n1) of y for every activation row, kRowBlock activation rows at a time (their x stays
+// in L2 while every weight row passes): NR weight rows and up to 4 activation rows a tile (NR = 4
+// for one or two activation rows, 2 for more: at most 16 accumulators).
 template <int32_t K>
 void Rows(const Product& P, int n0, int n1) {
-  for (int i0 = 0; i0 < P.m; i0 += 4) {
-    const int R = std::min(4, P.m - i0);
+  for (int b0 = 0; b0 < P.m; b0 += kRowBlock) {
+    const int b1 = std::min(P.m, b0 + kRowBlock);
     int n = n0;
-    if (R <= 2) {
-      for (; n + 4 <= n1; n += 4) R == 1 ? Tile<K, 1, 4>(P, i0, n) : Tile<K, 2, 4>(P, i0, n);
-    } else {
-      for (; n + 2 <= n1; n += 2) R == 3 ? Tile<K, 3, 2>(P, i0, n) : Tile<K, 4, 2>(P, i0, n);
+    const int step = b1 - b0 <= 2 ? 4 : 2;
+    for (; n + step <= n1; n += step) {
+      for (int i0 = b0; i0 < b1; i0 += 4) {
+        switch (std::min(4, b1 - i0)) {
+          case 1: step == 4 ? Tile<K, 1, 4>(P, i0, n) : Tile<K, 1, 2>(P, i0, n); break;
+          case 2: step == 4 ? Tile<K, 2, 4>(P, i0, n) : Tile<K, 2, 2>(P, i0, n); break;
+          case 3: Tile<K, 3, 2>(P, i0, n); break;
+          default: Tile<K, 4, 2>(P, i0, n);
+        }
+      }
     }
     for (; n < n1; ++n) {
-      switch (R) {
-        case 1: Tile<K, 1, 1>(P, i0, n); break;
-        case 2: Tile<K, 2, 1>(P, i0, n); break;
-        case 3: Tile<K, 3, 1>(P, i0, n); break;
-        default: Tile<K, 4, 1>(P, i0, n);
+      for (int i0 = b0; i0 < b1; i0 += 4) {
+        switch (std::min(4, b1 - i0)) {
+          case 1: Tile<K, 1, 1>(P, i0, n); break;
+          case 2: Tile<K, 2, 1>(P, i0, n); break;
+          case 3: Tile<K, 3, 1>(P, i0, n); break;
+          default: Tile<K, 4, 1>(P, i0, n);
+        }
       }
     }
   }
@@ -184,6 +280,18 @@ ffi::Error Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::S32> layer, ffi::Buffer<f
   if (P.m == 0 || P.N == 0) return ffi::Error::Success();
 
   const int threads = int64_t(P.m) * P.N * P.K < kParallelMacs ? 1 : int(pool.num_threads());
+  if (P.m >= kPanelFrom) {  // a panel an item
+    const int panels = (P.N + kPanel - 1) / kPanel;
+    auto run = [&P](int i) {
+      switch (P.kind) {
+        case kQ4_0: return Panels<kQ4_0>(P, i, i + 1);
+        case kQ4_1: return Panels<kQ4_1>(P, i, i + 1);
+        default: return Panels<kQ8_0>(P, i, i + 1);
+      }
+    };
+    RunItems(pool, panels, threads - 1, run);
+    return ffi::Error::Success();
+  }
   const int per_item = std::max(4, (P.N / (threads * kItemsPerThread) + 3) / 4 * 4);  // rows, a multiple of 4
   const int items = (P.N + per_item - 1) / per_item;
   auto run = [&P, per_item](int i) {
