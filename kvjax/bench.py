@@ -52,11 +52,12 @@ from kvjax.flags import (add_kernels_flag, add_policy_flags, add_weights_flag, k
                          policies_from_flags, weights_from_flags)
 from kvjax.generation import compile_programs, decode_chunk, default_dtype, estimate_memory, prefill, start_state
 from kvjax.loading import LoadedModel, load_model, read_config, resolve_model
+from kvjax.loading import weight_bytes as weight_bytes_of
 from kvjax.model import DTYPES, init_params
 from kvjax.policies import cache_bytes
 from pallas_kernels import cpu_bench
 from kvjax.sampling import SamplingConfig
-from kvjax.weights import Weights, as_blocks, weight_bytes
+from kvjax.weights import Weights, as_blocks, as_blocks_bytes, weight_bytes
 from kvjax.weights import resolve as resolve_weights
 
 GREEDY = SamplingConfig()
@@ -380,10 +381,15 @@ def memory_table(args, policies, cfg, dtype: str, argv) -> int:
     print(f"{'kv':<20} {'batch':>5} {'context':>7} {'KV GiB':>7} {'before':>7} {'peak':>7} {'above':>7} "
           f"{'work':>7} {'estimate':>8} {'prefill tok/s':>13} {'decode tok/s':>12}")
     ctx = multiprocessing.get_context("spawn")  # a fresh process: its peak is this run's alone
+    chosen = weights_from_flags(args)
+    if args.preset:
+        held = None if chosen is Weights.FLOAT32 else as_blocks_bytes(cfg)
+    else:
+        held = weight_bytes_of(args.model, chosen)
     for context in args.contexts:
         for policy in policies:
             batch = args.batch
-            need = lambda n: estimate_memory(cfg, policy, n, context, args.decode_steps + 1, dtype)
+            need = lambda n: estimate_memory(cfg, policy, n, context, args.decode_steps + 1, dtype, held)
             if args.memory_budget_gib:
                 batch = 0
                 while need(batch + 1).total <= args.memory_budget_gib * memory.GIB:

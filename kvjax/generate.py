@@ -13,7 +13,7 @@ from kvjax.errors import KvjaxError
 from kvjax.flags import (SUGGESTED, add_kernels_flag, add_policy_flags, add_weights_flag, kernels_from_flags,
                          policy_from_flags, weights_from_flags)
 from kvjax.generation import default_dtype, estimate_memory, generate
-from kvjax.loading import load_model, read_config, read_tokenizer, resolve_model
+from kvjax.loading import load_model, read_config, read_tokenizer, resolve_model, weight_bytes
 from kvjax.model import DTYPES
 from kvjax.sampling import SamplingConfig
 
@@ -64,10 +64,11 @@ def _main(argv) -> int:
     prompts = args.prompt
     if args.chat and tokenizer is not None:
         prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p}]) for p in prompts]
-    if cfg is not None and tokenizer is not None:
-        _check_request(cfg, kv, [len(tokenizer.encode(p)) for p in prompts], args, dtype)
-    kernels = kernels_from_flags(args)  # after the numbers: on a CPU, auto may build the C++ kernel
+    kernels = kernels_from_flags(args)  # after the numbers: on a CPU, auto may build the C++ kernels (once)
     weights = weights_from_flags(args)
+    if cfg is not None and tokenizer is not None:
+        _check_request(cfg, kv, [len(tokenizer.encode(p)) for p in prompts], args, dtype,
+                       weight_bytes(source, weights))
     cli.say(f"[kvjax] loading {source}")
     model = load_model(source, DTYPES[dtype], weights)
     if args.chat and tokenizer is None:
@@ -91,16 +92,16 @@ def _main(argv) -> int:
     return 0
 
 
-def _check_request(cfg, kv, lengths: list[int], args, dtype: str):
+def _check_request(cfg, kv, lengths: list[int], args, dtype: str, held: int | None):
     """Refuses, before the model loads, prompts that do not fit the model's context or whose peak
-    memory (kvjax.generation.estimate_memory) would pass --max-memory."""
+    memory (kvjax.generation.estimate_memory, with the weights' `held` bytes) would pass --max-memory."""
     if min(lengths) == 0:
         raise KvjaxError("empty prompt")
     longest = max(lengths)
     if longest + args.max_new_tokens > cfg.max_position_embeddings:
         raise KvjaxError(f"a prompt of {longest} tokens + {args.max_new_tokens} new tokens exceeds the model's "
                          f"context of {cfg.max_position_embeddings} tokens")
-    need = estimate_memory(cfg, kv, len(lengths), longest, args.max_new_tokens, dtype)
+    need = estimate_memory(cfg, kv, len(lengths), longest, args.max_new_tokens, dtype, held)
     limit = int(args.max_memory * memory.GIB) if args.max_memory else memory.available() + memory.current()
     if need.total > limit:
         raise KvjaxError(f"{len(lengths)} x {longest + args.max_new_tokens} tokens under {kv.name} need about "

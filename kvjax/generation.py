@@ -61,9 +61,10 @@ COMPILE_BYTES_PER_SEGMENT = 60 * 2**20
 
 
 def estimate_memory(cfg, policy: Policy, batch: int, prompt_length: int, max_new_tokens: int,
-                    dtype="float32") -> memory.Estimate:
+                    dtype="float32", weight_bytes: int | None = None) -> memory.Estimate:
     """What generating `max_new_tokens` after `batch` prompts of up to `prompt_length` tokens needs at
-    its peak, from shapes alone (nothing is loaded or compiled): the weights, the cache, and the
+    its peak, from shapes alone (nothing is loaded or compiled): the weights (`weight_bytes`, as
+    kvjax.loading.weight_bytes says they will be held; None: every matrix in `dtype`), the cache, and the
     working memory of one prefill chunk (attention scores of a block of slots, activations, logits
     where a policy reads features) beside the runtime's own and the compiler's."""
     jdtype = DTYPES[dtype]
@@ -75,7 +76,8 @@ def estimate_memory(cfg, policy: Policy, batch: int, prompt_length: int, max_new
     activations = batch * chunk * (6 * cfg.hidden_size + 3 * cfg.intermediate_size) * max(item, 4)
     logits = batch * (chunk if policy.uses_features else 1) * cfg.vocab_size * 4 * 3
     compiling = COMPILE_BYTES_PER_SEGMENT * (len(layout.segments) - 1 if layout else 0)
-    return memory.Estimate(weights=memory.parameter_bytes(cfg, jdtype),
+    weights = memory.parameter_bytes(cfg, jdtype) if weight_bytes is None else weight_bytes
+    return memory.Estimate(weights=weights,
                            cache=cache_bytes(policy, cfg, batch, capacity, jdtype),
                            transient=RUNTIME_BYTES + scores + activations + logits + compiling)
 

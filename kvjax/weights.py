@@ -11,7 +11,8 @@ pytree leaf of the params, that knows whether the C++ kernel multiplies it.
              (pallas_kernels.block_matmul): the same values as FLOAT32, summed in float32 in another
              order; other matrices (a float checkpoint's, a GGUF's other types) as FLOAT32
     Q8_0     NATIVE, and every other matrix quantized to Q8_0 blocks at load (gguf's quantizer, as
-             llama.cpp's): 8.5 bits a weight for a float checkpoint, values changed (measured)
+             llama.cpp's): 8.5 bits a weight for a float checkpoint, its values rounded (perplexity
+             change not yet measured: no float checkpoint of these models on the development machine)
     AUTO     NATIVE on a CPU where the kernel builds, else FLOAT32 (GPU/TPU: unchanged)
 
 Where the kernel does not run (GPU/TPU, no C++ compiler) a block matrix is dequantized with jnp
@@ -25,10 +26,13 @@ import enum
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from kvjax import memory
 from kvjax.errors import KvjaxError
 from pallas_kernels import block_matmul, cpu_attention
 from pallas_kernels.block_matmul import Kind
+
 
 class Weights(enum.Enum):
     AUTO = "auto"
@@ -64,8 +68,7 @@ def resolve(weights: Weights | str = Weights.AUTO, platform: str | None = None) 
     except ValueError:
         raise KvjaxError(f"unknown weights {weights!r}; known: {', '.join(w.value for w in Weights)}") from None
     if weights is Weights.AUTO:
-        platform = platform or jax.default_backend()
-        return Weights.NATIVE if platform == "cpu" and cpu_attention.available() else Weights.FLOAT32
+        return Weights.NATIVE if uses_kernel(platform) else Weights.FLOAT32
     return weights
 
 
@@ -105,7 +108,6 @@ def split_layers(layers: dict):
 def quantize(w, kind: Kind):
     """float32 [N, K] -> uint8 blocks [N, K/32 * kind.block_bytes] (gguf's quantizer: llama.cpp's rounding)."""
     import gguf
-    import numpy as np
 
     if w.shape[-1] % block_matmul.BLOCK:
         raise KvjaxError(f"{kind.name} weights need rows of a multiple of 32 values, not {w.shape[-1]}")
@@ -116,8 +118,6 @@ def as_blocks(params, matrices: Kind = Kind.Q4_1, table: Kind = Kind.Q8_0):
     """Float params (kvjax.model's tree) with every matrix quantized as the default model's file
     stores it (layers' matrices Q4_1, the embedding table and head Q8_0): random weights of a preset
     benchmarked as a GGUF would run."""
-    import numpy as np
-
     kernel = uses_kernel()
     rows = lambda w: np.asarray(w, np.float32).swapaxes(-1, -2)  # a Dense kernel [.., K, N] -> rows [.., N, K]
     stack = lambda w, kind: np.stack([quantize(x, kind) for x in w]) if w.ndim == 3 else quantize(w, kind)
@@ -130,6 +130,19 @@ def as_blocks(params, matrices: Kind = Kind.Q4_1, table: Kind = Kind.Q8_0):
         out["lm_head"] = {"kernel": BlockMatrix(jnp.asarray(quantize(rows(params["lm_head"]["kernel"]), table)),
                                                 table, kernel)}
     return out
+
+
+def as_blocks_bytes(cfg) -> int:
+    """The bytes of `as_blocks`' params for `cfg`, from shapes alone."""
+    d, v, l = cfg.hidden_size, cfg.vocab_size, cfg.num_layers
+    norms, tables = (2 * l + 1) * d, (1 if cfg.tie_word_embeddings else 2) * v * d
+    matrices = memory.parameter_bytes(cfg, jnp.float32) // 4 - norms - tables
+    return held_bytes(matrices, Kind.Q4_1) + held_bytes(tables, Kind.Q8_0) + held_bytes(norms, None)
+
+
+def held_bytes(count: int, kind: Kind | None) -> int:
+    """Bytes of `count` weights held in blocks of `kind` (None: float32)."""
+    return 4 * count if kind is None else count // block_matmul.BLOCK * kind.block_bytes
 
 
 def weight_bytes(params) -> int:
