@@ -113,7 +113,8 @@ def _main(argv) -> int:
             policy.check(cfg)
     text = read_text(args.text, args.data_dir)
     cli.say(f"[kvjax] loading {resolve_model(args.model)}")
-    model = load_model(args.model, weights=weights_from_flags(args))
+    held = weights_from_flags(args)
+    model = load_model(args.model, weights=held)
     ids = np.asarray(model.tokenizer.encode(text), np.int32)
     if len(ids) < args.context * args.segments:
         raise KvjaxError(f"{args.text} has {len(ids)} tokens, fewer than --segments {args.segments} x "
@@ -138,7 +139,8 @@ def _main(argv) -> int:
                 extra = {"controller": args.controller} if args.controller and getattr(specs[policy], "controller", None) else {}
                 if args.allocation and family_of(policy).takes_allocation:
                     extra["allocation"] = args.allocation
-                f.write(json.dumps({**dataclasses.asdict(result), "perplexity": result.perplexity, **extra}) + "\n")
+                f.write(json.dumps({**dataclasses.asdict(result), "perplexity": result.perplexity,
+                                    "model": model.source, "weights": held.value, **extra}) + "\n")
     return 0
 
 

@@ -9,8 +9,9 @@ from kvjax.model import forward, init_params
 from kvjax.policies import REGISTRY, Policy, get_policy, make_cache, policy_names
 from kvjax.sampling import SamplingConfig
 from kvjax.teacher_forced import score
+from kvjax.weights import Weights
 
 __all__ = ["PRESETS", "ModelConfig", "get_preset", "KvjaxError", "GenerationResult", "generate", "prefill",
-           "estimate_memory", "Kernels",
+           "estimate_memory", "Kernels", "Weights",
            "LoadedModel", "load_model", "forward", "init_params", "REGISTRY", "Policy", "get_policy", "make_cache",
            "policy_names", "SamplingConfig", "score"]
