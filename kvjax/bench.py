@@ -57,8 +57,7 @@ from kvjax.model import DTYPES, init_params
 from kvjax.policies import cache_bytes
 from pallas_kernels import cpu_bench
 from kvjax.sampling import SamplingConfig
-from kvjax.weights import Weights, as_blocks, as_blocks_bytes, weight_bytes
-from kvjax.weights import resolve as resolve_weights
+from kvjax.weights import Kind, Weights, as_blocks, as_blocks_bytes, weight_bytes
 
 GREEDY = SamplingConfig()
 
@@ -280,17 +279,16 @@ def _main(argv) -> int:
         raise KvjaxError("--memory sizes batches by the whole process: use --memory-budget-gib, not --kv-budget-gib")
     batches = fitting_batches(args, policies, cfg, last, DTYPES[dtype_name]) if cfg is not None else None
     kernels = kernels_from_flags(args)  # after the numbers: on a CPU, auto may build the C++ kernel
-    held = weights_from_flags(args)
+    held = weights_from_flags(args)  # how the matrices are held
     if args.memory:
         if cfg is None:
             raise KvjaxError("--memory needs a model whose config is known before it loads (a .gguf file, a folder "
                              "or --preset)")
-        return memory_table(args, policies, cfg, dtype_name, argv)
+        return memory_table(args, policies, cfg, dtype_name, argv, held)
     if args.preset:
         cli.say(f"[kvjax] random weights of {args.preset}")
         params = init_params(cfg, jax.random.PRNGKey(0), DTYPES[dtype_name])
-        if held is not Weights.FLOAT32:  # held as the default model's file holds its matrices
-            params = as_blocks(params)
+        params = preset_weights(params, held)
         model = LoadedModel(cfg, params, None, f"random {args.preset}")
     else:
         cli.say(f"[kvjax] loading {resolve_model(args.model)}")
@@ -353,8 +351,8 @@ def print_split(cfg, policies, rows, context: int, split, limits, weights_read: 
     """Each policy's decode step split into attention (the step less the same step without attention),
     the rest (the step without attention at tiny shapes: norms, rotations, sampling, per-op overhead)
     and the weights (what is left), against the machine's limits: a part's limit is the larger of its
-    bytes over the read bandwidth and its multiply-adds over the FMA rate (weights: the float matrices
-    once a step, `weights_read` bytes; attention: the K/V held, 2 h multiply-adds per slot and query head)."""
+    bytes over the read bandwidth and its multiply-adds over the FMA rate (weights: every matrix once a
+    step, `weights_read` bytes; attention: the K/V held, 2 h multiply-adds per slot and query head)."""
     no_attention_ms, rest_ms = split
     weights_ms = no_attention_ms - rest_ms
     weight_params = memory.parameter_bytes(cfg, jnp.float32) // 4
@@ -374,22 +372,31 @@ def print_split(cfg, policies, rows, context: int, split, limits, weights_read: 
               flush=True)
 
 
-def memory_table(args, policies, cfg, dtype: str, argv) -> int:
+def preset_weights(params, held: Weights):
+    """A preset's random float params held as `held` says: native as the default model's GGUF holds its
+    matrices (Q4_1, the table Q8_0), q8_0 all in Q8_0 (a float checkpoint's), float32 as they are."""
+    if held is Weights.FLOAT32:
+        return params
+    return as_blocks(params, Kind.Q8_0 if held is Weights.Q8_0 else Kind.Q4_1)
+
+
+def preset_weight_bytes(cfg, held: Weights) -> int | None:
+    """`preset_weights`' bytes from shapes alone (None: float32, what estimate_memory assumes)."""
+    return None if held is Weights.FLOAT32 else as_blocks_bytes(cfg, Kind.Q8_0 if held is Weights.Q8_0 else Kind.Q4_1)
+
+
+def memory_table(args, policies, cfg, dtype: str, argv, held: Weights) -> int:
     """--memory: each (policy, context) measured in a fresh process (`measure_memory`)."""
     print(f"model {args.preset or cfg.name} | {cpu_model()} | jax {jax.__version__} | dtype {dtype} | "
           + (f"process budget {args.memory_budget_gib} GiB" if args.memory_budget_gib else f"batch {args.batch}"))
     print(f"{'kv':<20} {'batch':>5} {'context':>7} {'KV GiB':>7} {'before':>7} {'peak':>7} {'above':>7} "
           f"{'work':>7} {'estimate':>8} {'prefill tok/s':>13} {'decode tok/s':>12}")
     ctx = multiprocessing.get_context("spawn")  # a fresh process: its peak is this run's alone
-    chosen = weights_from_flags(args)
-    if args.preset:
-        held = None if chosen is Weights.FLOAT32 else as_blocks_bytes(cfg)
-    else:
-        held = weight_bytes_of(args.model, chosen)
+    held_bytes = preset_weight_bytes(cfg, held) if args.preset else weight_bytes_of(args.model, held)
     for context in args.contexts:
         for policy in policies:
             batch = args.batch
-            need = lambda n: estimate_memory(cfg, policy, n, context, args.decode_steps + 1, dtype, held)
+            need = lambda n: estimate_memory(cfg, policy, n, context, args.decode_steps + 1, dtype, held_bytes)
             if args.memory_budget_gib:
                 batch = 0
                 while need(batch + 1).total <= args.memory_budget_gib * memory.GIB:
@@ -400,7 +407,7 @@ def memory_table(args, policies, cfg, dtype: str, argv) -> int:
                     continue
             with ctx.Pool(1) as pool:
                 run = pool.apply(measure_memory, (args.model, args.preset, policy, batch, context, args.decode_steps,
-                                                  dtype, args.kernels, args.weights))
+                                                  dtype, args.kernels, held.value))
             gib = lambda x: x / memory.GIB
             above = run["peak"] - run["before"]
             print(f"{policy.name:<20} {batch:>5} {context:>7} {gib(run['kv_bytes']):>7.3f} {gib(run['before']):>7.2f} "
@@ -419,7 +426,7 @@ def memory_table(args, policies, cfg, dtype: str, argv) -> int:
 
 
 def measure_memory(model, preset, policy, batch: int, context: int, decode_steps: int, dtype: str, kernels,
-                   weights: str = "auto") -> dict:
+                   weights: str = "float32") -> dict:
     """In the process it runs in: loads the model (or random weights of a preset), prefills `batch`
     random prompts of `context` tokens through `policy`, decodes `decode_steps` steps -> bytes held
     before (the loaded model and runtime) and at peak, the cache's bytes, and the seconds of each."""
@@ -428,8 +435,7 @@ def measure_memory(model, preset, policy, batch: int, context: int, decode_steps
         cfg = get_preset(preset)
         cfg = dataclasses.replace(cfg, max_position_embeddings=max(cfg.max_position_embeddings,
                                                                    context + decode_steps + 1))
-        params = init_params(cfg, jax.random.PRNGKey(0), jdtype)
-        params = jax.block_until_ready(params if resolve_weights(weights) is Weights.FLOAT32 else as_blocks(params))
+        params = jax.block_until_ready(preset_weights(init_params(cfg, jax.random.PRNGKey(0), jdtype), Weights(weights)))
         jax.clear_caches()  # the initializers' compiled programs are not part of what is measured
     else:
         loaded = load_model(model, jdtype, weights)

@@ -379,10 +379,9 @@ def weight_bytes(spec: str | None, weights: Weights) -> int | None:
         for t in _open_gguf(spec)[2].values():
             count = int(np.prod([int(x) for x in t.shape]))
             stored = Kind.__members__.get(gguf.GGMLQuantizationType(t.tensor_type).name)
-            if weights is Weights.FLOAT32 or (stored is None and not (weights is Weights.Q8_0 and len(t.shape) == 2)):
-                total += held_bytes(count, None)
-            else:
-                total += held_bytes(count, stored or Kind.Q8_0)
+            if stored is None and weights is Weights.Q8_0 and len(t.shape) == 2:
+                stored = Kind.Q8_0  # quantized at load
+            total += held_bytes(count, None if weights is Weights.FLOAT32 else stored)
         return total
     if kind == "folder":
         cfg = read_config(spec)

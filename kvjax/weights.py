@@ -132,12 +132,12 @@ def as_blocks(params, matrices: Kind = Kind.Q4_1, table: Kind = Kind.Q8_0):
     return out
 
 
-def as_blocks_bytes(cfg) -> int:
+def as_blocks_bytes(cfg, matrices: Kind = Kind.Q4_1, table: Kind = Kind.Q8_0) -> int:
     """The bytes of `as_blocks`' params for `cfg`, from shapes alone."""
     d, v, l = cfg.hidden_size, cfg.vocab_size, cfg.num_layers
     norms, tables = (2 * l + 1) * d, (1 if cfg.tie_word_embeddings else 2) * v * d
-    matrices = memory.parameter_bytes(cfg, jnp.float32) // 4 - norms - tables
-    return held_bytes(matrices, Kind.Q4_1) + held_bytes(tables, Kind.Q8_0) + held_bytes(norms, None)
+    count = memory.parameter_bytes(cfg, jnp.float32) // 4 - norms - tables  # the layers' matrices
+    return held_bytes(count, matrices) + held_bytes(tables, table) + held_bytes(norms, None)
 
 
 def held_bytes(count: int, kind: Kind | None) -> int:

@@ -115,3 +115,23 @@ def test_q8_0_weights_quantize_a_float_checkpoint(tiny_checkpoint):
     np.testing.assert_allclose(np.asarray(logits[0]), numpy_llama.forward(sd, CFG, tokens), atol=2e-4, rtol=1e-4)
     assert not isinstance(load_model(tiny_checkpoint.hf_folder, weights="native").params["layers"]["down_proj"]
                           ["kernel"], BlockMatrix)  # native: a float checkpoint as stored
+
+
+@pytest.mark.parametrize("matrices", [Kind.Q4_1, Kind.Q8_0])
+def test_a_presets_blocks_hold_the_bytes_the_estimate_counts(matrices):
+    from kvjax.model import init_params
+    from kvjax.weights import as_blocks, as_blocks_bytes
+
+    params = as_blocks(init_params(CFG, jax.random.PRNGKey(0)), matrices)
+    assert params["layers"]["up_proj"]["kernel"].kind is matrices
+    assert params["embed"]["embedding"].kind is Kind.Q8_0
+    assert sum(a.nbytes for a in jax.tree_util.tree_leaves(params)) == as_blocks_bytes(CFG, matrices)
+
+
+def test_weight_bytes_from_the_header_are_what_loads(block_gguf):
+    from kvjax.loading import weight_bytes
+
+    path, _ = block_gguf
+    for choice in (Weights.FLOAT32, Weights.NATIVE):
+        loaded = load_model(path, weights=choice)
+        assert weight_bytes(path, choice) == sum(a.nbytes for a in jax.tree_util.tree_leaves(loaded.params))
