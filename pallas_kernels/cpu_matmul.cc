@@ -32,7 +32,6 @@ namespace {
 constexpr int kBlock = 32;                    // weights per block
 constexpr int64_t kParallelMacs = 1 << 17;    // multiply-adds from which the pool's threads help
 constexpr int kItemsPerThread = 8;            // work items per thread: the last ones even out
-constexpr int kRowBlock = 64;                 // activation rows whose x a weight row is multiplied with at once
 constexpr int kPanelFrom = 48;                // activation rows from which panels pay (measured: BENCHMARKS.md)
 
 enum Kind : int32_t { kQ4_0 = 0, kQ4_1 = 1, kQ8_0 = 2 };
@@ -226,33 +225,29 @@ void Panels(const Product& P, int p0, int p1) {
   }
 }
 
-// Rows [n0, n1) of y for every activation row, kRowBlock activation rows at a time (their x stays
-// in L2 while every weight row passes): NR weight rows and up to 4 activation rows a tile (NR = 4
-// for one or two activation rows, 2 for more: at most 16 accumulators).
+// Rows [n0, n1) of y for every activation row (fewer than kPanelFrom): NR weight rows and up to 4
+// activation rows a tile (NR = 4 for one or two activation rows, 2 for more: at most 16 accumulators).
 template <int32_t K>
 void Rows(const Product& P, int n0, int n1) {
-  for (int b0 = 0; b0 < P.m; b0 += kRowBlock) {
-    const int b1 = std::min(P.m, b0 + kRowBlock);
-    int n = n0;
-    const int step = b1 - b0 <= 2 ? 4 : 2;
-    for (; n + step <= n1; n += step) {
-      for (int i0 = b0; i0 < b1; i0 += 4) {
-        switch (std::min(4, b1 - i0)) {
-          case 1: step == 4 ? Tile<K, 1, 4>(P, i0, n) : Tile<K, 1, 2>(P, i0, n); break;
-          case 2: step == 4 ? Tile<K, 2, 4>(P, i0, n) : Tile<K, 2, 2>(P, i0, n); break;
-          case 3: Tile<K, 3, 2>(P, i0, n); break;
-          default: Tile<K, 4, 2>(P, i0, n);
-        }
+  const int step = P.m <= 2 ? 4 : 2;
+  int n = n0;
+  for (; n + step <= n1; n += step) {
+    for (int i0 = 0; i0 < P.m; i0 += 4) {
+      switch (std::min(4, P.m - i0)) {
+        case 1: step == 4 ? Tile<K, 1, 4>(P, i0, n) : Tile<K, 1, 2>(P, i0, n); break;
+        case 2: step == 4 ? Tile<K, 2, 4>(P, i0, n) : Tile<K, 2, 2>(P, i0, n); break;
+        case 3: Tile<K, 3, 2>(P, i0, n); break;
+        default: Tile<K, 4, 2>(P, i0, n);
       }
     }
-    for (; n < n1; ++n) {
-      for (int i0 = b0; i0 < b1; i0 += 4) {
-        switch (std::min(4, b1 - i0)) {
-          case 1: Tile<K, 1, 1>(P, i0, n); break;
-          case 2: Tile<K, 2, 1>(P, i0, n); break;
-          case 3: Tile<K, 3, 1>(P, i0, n); break;
-          default: Tile<K, 4, 1>(P, i0, n);
-        }
+  }
+  for (; n < n1; ++n) {
+    for (int i0 = 0; i0 < P.m; i0 += 4) {
+      switch (std::min(4, P.m - i0)) {
+        case 1: Tile<K, 1, 1>(P, i0, n); break;
+        case 2: Tile<K, 2, 1>(P, i0, n); break;
+        case 3: Tile<K, 3, 1>(P, i0, n); break;
+        default: Tile<K, 4, 1>(P, i0, n);
       }
     }
   }
