@@ -51,13 +51,12 @@ from kvjax.errors import KvjaxError
 from kvjax.flags import (add_kernels_flag, add_policy_flags, add_weights_flag, kernels_from_flags,
                          policies_from_flags, weights_from_flags)
 from kvjax.generation import compile_programs, decode_chunk, default_dtype, estimate_memory, prefill, start_state
-from kvjax.loading import LoadedModel, load_model, read_config, resolve_model
-from kvjax.loading import weight_bytes as weight_bytes_of
+from kvjax.loading import LoadedModel, load_model, read_config, resolve_model, weight_bytes
 from kvjax.model import DTYPES, init_params
 from kvjax.policies import cache_bytes
 from pallas_kernels import cpu_bench
 from kvjax.sampling import SamplingConfig
-from kvjax.weights import Kind, Weights, as_blocks, as_blocks_bytes, weight_bytes
+from kvjax.weights import Kind, Weights, as_blocks, as_blocks_bytes, step_weight_bytes
 
 GREEDY = SamplingConfig()
 
@@ -296,7 +295,7 @@ def _main(argv) -> int:
     batches = batches or fitting_batches(args, policies, model.cfg, last, DTYPES[dtype_name])
     device = jax.devices()[0]
     model_name = model.source if args.preset else model.cfg.name
-    read = weight_bytes(model.params)
+    read = step_weight_bytes(model.params)
     common = {"model": model_name, "weights": held.value, "weight_bytes": read, "device": device.device_kind,
               "cpu": cpu_model(),
               "platform": device.platform, "jax": jax.__version__, "dtype": dtype_name,
@@ -372,17 +371,16 @@ def print_split(cfg, policies, rows, context: int, split, limits, weights_read: 
               flush=True)
 
 
+def preset_matrices(held: Weights) -> Kind | None:
+    """How a preset's random layer matrices are held under `held`: native as the default model's GGUF
+    holds them (Q4_1; its table Q8_0), q8_0 in Q8_0 (a float checkpoint's), float32 as they are (None)."""
+    return None if held is Weights.FLOAT32 else Kind.Q8_0 if held is Weights.Q8_0 else Kind.Q4_1
+
+
 def preset_weights(params, held: Weights):
-    """A preset's random float params held as `held` says: native as the default model's GGUF holds its
-    matrices (Q4_1, the table Q8_0), q8_0 all in Q8_0 (a float checkpoint's), float32 as they are."""
-    if held is Weights.FLOAT32:
-        return params
-    return as_blocks(params, Kind.Q8_0 if held is Weights.Q8_0 else Kind.Q4_1)
-
-
-def preset_weight_bytes(cfg, held: Weights) -> int | None:
-    """`preset_weights`' bytes from shapes alone (None: float32, what estimate_memory assumes)."""
-    return None if held is Weights.FLOAT32 else as_blocks_bytes(cfg, Kind.Q8_0 if held is Weights.Q8_0 else Kind.Q4_1)
+    """A preset's random float params held as `held` says (`preset_matrices`)."""
+    matrices = preset_matrices(held)
+    return params if matrices is None else as_blocks(params, matrices)
 
 
 def memory_table(args, policies, cfg, dtype: str, argv, held: Weights) -> int:
@@ -392,7 +390,12 @@ def memory_table(args, policies, cfg, dtype: str, argv, held: Weights) -> int:
     print(f"{'kv':<20} {'batch':>5} {'context':>7} {'KV GiB':>7} {'before':>7} {'peak':>7} {'above':>7} "
           f"{'work':>7} {'estimate':>8} {'prefill tok/s':>13} {'decode tok/s':>12}")
     ctx = multiprocessing.get_context("spawn")  # a fresh process: its peak is this run's alone
-    held_bytes = preset_weight_bytes(cfg, held) if args.preset else weight_bytes_of(args.model, held)
+    jdtype = DTYPES[dtype]
+    if args.preset:  # None (float): what estimate_memory assumes
+        matrices = preset_matrices(held)
+        held_bytes = None if matrices is None else as_blocks_bytes(cfg, matrices, dtype=jdtype)
+    else:
+        held_bytes = weight_bytes(args.model, held, jdtype)
     for context in args.contexts:
         for policy in policies:
             batch = args.batch

@@ -68,7 +68,7 @@ def _main(argv) -> int:
     weights = weights_from_flags(args)
     if cfg is not None and tokenizer is not None:
         _check_request(cfg, kv, [len(tokenizer.encode(p)) for p in prompts], args, dtype,
-                       weight_bytes(source, weights))
+                       weight_bytes(source, weights, DTYPES[dtype]))
     cli.say(f"[kvjax] loading {source}")
     model = load_model(source, DTYPES[dtype], weights)
     if args.chat and tokenizer is None:

@@ -210,11 +210,16 @@ def _gguf_config(path: str, meta: dict, tensors: dict) -> ModelConfig:
         bos_token_id=meta.get("tokenizer.ggml.bos_token_id"), eos_token_id=meta.get("tokenizer.ggml.eos_token_id"))
 
 
+def _stored_kind(tensor) -> Kind | None:
+    """The block form a GGUF tensor is stored in, if the kernel reads it (Q4_0, Q4_1, Q8_0)."""
+    import gguf
+
+    return Kind.__members__.get(gguf.GGMLQuantizationType(tensor.tensor_type).name)
+
+
 def read_gguf(path: str, dtype=jnp.float32, weights: Weights = Weights.FLOAT32) -> LoadedModel:
     """Loads a llama-architecture GGUF file (any tensor type the `gguf` package dequantizes); with
     `weights` NATIVE or Q8_0 (resolved), Q4_0 / Q4_1 / Q8_0 matrices stay in their blocks."""
-    import gguf
-
     _, meta, tensors = _open_gguf(path)
     tok = tokenizer_lib.from_gguf_metadata(meta)
     cfg = _gguf_config(path, meta, tensors)
@@ -243,7 +248,7 @@ def read_gguf(path: str, dtype=jnp.float32, weights: Weights = Weights.FLOAT32) 
 
     def get_blocks(hf_name: str):
         t = tensor(hf_name)
-        kind = Kind.__members__.get(gguf.GGMLQuantizationType(t.tensor_type).name)
+        kind = _stored_kind(t)
         if kind is None:
             return None
         dequantize_gguf_tensor(t, path, check_only=True)  # the size check
@@ -367,25 +372,24 @@ def load_model(spec: str | None = None, dtype=jnp.float32, weights: Weights | st
     return read_hf_folder(spec if kind == "folder" else download_hub(spec), dtype, weights)
 
 
-def weight_bytes(spec: str | None, weights: Weights) -> int | None:
-    """The bytes the params of `spec` will hold under `weights` (resolved), from its header alone, to
-    estimate a request's memory before loading; None for a hub id."""
-    import gguf
-
+def weight_bytes(spec: str | None, weights: Weights, dtype=jnp.float32) -> int | None:
+    """The bytes the params of `spec` will hold under `weights` (resolved; what is not in blocks in
+    `dtype`), from its header alone, to estimate a request's memory before loading; None for a hub id."""
     spec = resolve_model(spec)
     kind = _kind(spec)
     if kind == "gguf":
         total = 0
         for t in _open_gguf(spec)[2].values():
             count = int(np.prod([int(x) for x in t.shape]))
-            stored = Kind.__members__.get(gguf.GGMLQuantizationType(t.tensor_type).name)
+            stored = _stored_kind(t)
             if stored is None and weights is Weights.Q8_0 and len(t.shape) == 2:
                 stored = Kind.Q8_0  # quantized at load
-            total += held_bytes(count, None if weights is Weights.FLOAT32 else stored)
+            total += held_bytes(count, None if weights is Weights.FLOAT32 else stored, dtype)
         return total
     if kind == "folder":
         cfg = read_config(spec)
-        return held_bytes(parameter_bytes(cfg, jnp.float32) // 4, Kind.Q8_0 if weights is Weights.Q8_0 else None)
+        count = parameter_bytes(cfg, jnp.float32) // 4
+        return held_bytes(count, Kind.Q8_0 if weights is Weights.Q8_0 else None, dtype)
     return None
 
 

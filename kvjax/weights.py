@@ -132,20 +132,20 @@ def as_blocks(params, matrices: Kind = Kind.Q4_1, table: Kind = Kind.Q8_0):
     return out
 
 
-def as_blocks_bytes(cfg, matrices: Kind = Kind.Q4_1, table: Kind = Kind.Q8_0) -> int:
-    """The bytes of `as_blocks`' params for `cfg`, from shapes alone."""
+def as_blocks_bytes(cfg, matrices: Kind = Kind.Q4_1, table: Kind = Kind.Q8_0, dtype=jnp.float32) -> int:
+    """The bytes of `as_blocks`' params for `cfg` (the norms in `dtype`), from shapes alone."""
     d, v, l = cfg.hidden_size, cfg.vocab_size, cfg.num_layers
     norms, tables = (2 * l + 1) * d, (1 if cfg.tie_word_embeddings else 2) * v * d
     count = memory.parameter_bytes(cfg, jnp.float32) // 4 - norms - tables  # the layers' matrices
-    return held_bytes(count, matrices) + held_bytes(tables, table) + held_bytes(norms, None)
+    return held_bytes(count, matrices) + held_bytes(tables, table) + held_bytes(norms, None, dtype)
 
 
-def held_bytes(count: int, kind: Kind | None) -> int:
-    """Bytes of `count` weights held in blocks of `kind` (None: float32)."""
-    return 4 * count if kind is None else count // block_matmul.BLOCK * kind.block_bytes
+def held_bytes(count: int, kind: Kind | None, dtype=jnp.float32) -> int:
+    """Bytes of `count` weights held in blocks of `kind` (None: as `dtype`)."""
+    return count * jnp.dtype(dtype).itemsize if kind is None else count // block_matmul.BLOCK * kind.block_bytes
 
 
-def weight_bytes(params) -> int:
+def step_weight_bytes(params) -> int:
     """Bytes of the params a decode step reads: all of them, but for an untied embedding table (of
     which a step reads a row a token)."""
     read = {name: tree for name, tree in params.items() if name != "embed" or "lm_head" not in params}

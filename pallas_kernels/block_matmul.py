@@ -40,10 +40,6 @@ class Kind(enum.IntEnum):
     def block_bytes(self) -> int:
         return {Kind.Q4_0: 18, Kind.Q4_1: 20, Kind.Q8_0: 34}[self]
 
-    @property
-    def bits_per_weight(self) -> float:
-        return 8 * self.block_bytes / BLOCK
-
 
 def row_bytes(kind: Kind, k: int) -> int:
     """Bytes of a row of k weights (k a multiple of 32)."""
@@ -85,11 +81,6 @@ def matmul_reference(x, blocks, kind: Kind, *, layer=None):
     return jnp.einsum("mk,nk->mn", x.astype(jnp.float32), w)
 
 
-def _check(blocks, kind: Kind, k: int):
-    if k % BLOCK or blocks.shape[-1] != row_bytes(kind, k) or blocks.dtype != jnp.uint8:
-        raise ValueError(f"{kind.name} blocks {blocks.shape} {blocks.dtype} do not hold rows of {k} values")
-
-
 @functools.partial(jax.jit, static_argnames=("kind", "portable"))
 def matmul(x, blocks, kind: Kind, *, layer=None, portable: bool = False):
     """x float32 [m, K] @ W^T -> float32 [m, N] through the C++ kernel, the blocks read in place at
@@ -97,7 +88,8 @@ def matmul(x, blocks, kind: Kind, *, layer=None, portable: bool = False):
     kind = Kind(kind)
     stacked, at = _layer_of(blocks, layer)
     m, k = x.shape
-    _check(stacked, kind, k)
+    if k % BLOCK or stacked.shape[2] != row_bytes(kind, k) or stacked.dtype != jnp.uint8:
+        raise ValueError(f"{kind.name} blocks {blocks.shape} {blocks.dtype} do not hold rows of x's {k} values")
     require(portable)
     out = jax.ShapeDtypeStruct((m, stacked.shape[1]), jnp.float32)
     return jax.ffi.ffi_call(target(MATMUL_TARGET, portable), out, vmap_method="sequential")(
