@@ -11,19 +11,15 @@ is scored: a rerun skips what is there, so an interrupted run continues where it
 from __future__ import annotations
 
 import datetime
-import gzip
-import hashlib
 import json
 import os
-import re
 import sys
 import time
-import zlib
 
-import jax
 import numpy as np
 from tqdm import tqdm
 
+from eval.archive import cache_suffix, device_name, model_tag, open_to_append, read_archive
 from eval.accuracy_report import accuracy_plot, example_counts, markdown_table
 from eval.scoring import accuracy, picks, score_requests
 from eval.tasks import TASKS, check_task, load_task
@@ -32,7 +28,7 @@ from kvjax.data import DATA_DIR
 from kvjax.errors import KvjaxError
 from kvjax.flags import add_policy_flags, add_weights_flag, policies_from_flags, weights_from_flags
 from kvjax.loading import load_model, read_config, resolve_model
-from kvjax.policies import Policy, family_of
+from kvjax.policies import Policy
 
 
 def average_bits(policy: Policy, cfg) -> float | None:
@@ -42,56 +38,10 @@ def average_bits(policy: Policy, cfg) -> float | None:
     return None if policy.evicts else policy.average_bits(cfg)
 
 
-def model_tag(source: str) -> str:
-    """A folder name for the model's cache: its file name plus a hash of the file's bytes (of the
-    full path for a folder or hub id), so a cache follows the file and never mixes two models."""
-    base = re.sub(r"[^A-Za-z0-9._-]+", "_", os.path.basename(os.path.normpath(source)))
-    digest = hashlib.sha1()
-    if os.path.isfile(source):
-        with open(source, "rb") as f:
-            while chunk := f.read(1 << 24):
-                digest.update(chunk)
-    else:
-        digest.update(os.path.abspath(source).encode())
-    return f"{base}-{digest.hexdigest()[:8]}"
-
-
-def cache_suffix(policy: Policy, overrides: str) -> str:
-    """What besides the names tells score caches apart: the R/G overrides of quantized policies, a
-    digest of the controller of learned and random ones and of the widths of learned allocations (a
-    retrained controller or allocation starts afresh)."""
-    if policy.name == "fp16":
-        return ""
-    controller = getattr(policy, "controller", None)
-    suffix = overrides + (f"-c{controller.digest[:8]}" if controller is not None else "")
-    if family_of(policy.name).takes_allocation:
-        widths = json.dumps([policy.bands, policy.shares]).encode()
-        suffix += f"-a{hashlib.sha256(widths).hexdigest()[:8]}"
-    return suffix
-
-
-def _read_archive(path: str) -> tuple[list[dict], bool]:
-    """The records of a task's score archive (gzip of JSON lines), and whether it ended cleanly (a run
-    killed mid-write leaves a cut line or a cut gzip member; what came before is kept)."""
-    records, clean = [], True
-    if not os.path.exists(path):
-        return records, clean
-    try:
-        with gzip.open(path, "rt") as f:
-            for line in f:
-                try:
-                    records.append(json.loads(line))
-                except ValueError:
-                    clean = False
-    except (EOFError, OSError, zlib.error):
-        clean = False
-    return records, clean
-
-
 def read_cache(path: str, key: str) -> dict[int, list[float]]:
     """index -> scores of policy `key` in a task's score archive."""
     cached = {}
-    for record in _read_archive(path)[0]:
+    for record in read_archive(path)[0]:
         try:
             if record["policy"] == key:
                 cached[int(record["index"])] = [float(x) for x in record["scores"]]
@@ -108,15 +58,10 @@ def evaluate(model, requests, policy, cache_path: str, key: str, batch_size: int
     scored: an interrupted run resumes where it stopped, and a row's scores do not depend on the
     rows it was batched with.
     """
-    os.makedirs(os.path.dirname(cache_path), exist_ok=True)
-    records, clean = _read_archive(cache_path)
-    if not clean:  # rewrite what survived, so that the members appended next can be read
-        with gzip.open(cache_path, "wt") as f:
-            f.writelines(json.dumps(r) + "\n" for r in records)
     cached = read_cache(cache_path, key)
     missing = [i for i in range(len(requests)) if i not in cached]
     with tqdm(total=len(requests), initial=len(requests) - len(missing), desc=desc, leave=False) as bar, \
-            gzip.open(cache_path, "at") as archive:
+            open_to_append(cache_path) as archive:
         def done(j, scores):
             cached[missing[j]] = scores
             archive.write(json.dumps({"policy": key, "index": missing[j], "scores": scores}) + "\n")
@@ -136,14 +81,6 @@ def count_changed(requests: list, scores: dict[str, list], results: dict):
     for p, s in scores.items():
         mine = picks(requests, s)
         results[p]["changed"], results[p]["changed_norm"] = (int(np.sum(m != b)) for m, b in zip(mine, base))
-
-
-def device_name() -> str:
-    """The first device in words: "cpu (2 cores)" or e.g. "gpu NVIDIA H100 80GB HBM3"."""
-    device = jax.devices()[0]
-    if device.platform == "cpu":
-        return f"cpu ({os.cpu_count()} cores)"
-    return f"{device.platform} {device.device_kind}"
 
 
 def _parser() -> cli.ArgumentParser:

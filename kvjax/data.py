@@ -6,8 +6,9 @@ MANIFEST.md lists what it holds). Texts, read whole by `read_text`:
 
   wikitext2  the WikiText-2 test split in its word-level *tokenized* form (wiki.test.tokens:
              `<unk>`, ` @-@ `), one stream
-  sherlock   Project Gutenberg #1661 between its START/END markers (eval.perplexity scores its
-             start, train_controller trains on what follows: train_controller.data)
+  sherlock   Project Gutenberg #1661 between its START/END markers: its first SHERLOCK_EVAL_TOKENS
+             tokens are for evaluation only (eval.perplexity's segments, eval.longctx's haystack),
+             train_controller trains on what follows (train_controller.data)
 
 The multiple-choice tasks are Hugging Face `datasets` folders under hf_datasets/ (eval.tasks).
 """
@@ -20,6 +21,7 @@ from kvjax.errors import KvjaxError
 
 DATA_DIR = os.environ.get("KVJAX_DATA", os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data"))
 TEXTS = {"wikitext2": "wikitext-2/test.txt", "sherlock": "gutenberg/sherlock.txt"}
+SHERLOCK_EVAL_TOKENS = 32768  # in the model's tokens: up to 8 x 4096 perplexity segments
 
 
 def text_path(name: str, data_dir: str = DATA_DIR) -> str:

@@ -120,7 +120,7 @@ def test_the_shipped_allocations_meet_their_budgets():
 
 
 def test_eval_keeps_the_scores_of_two_allocations_apart():
-    from eval.__main__ import cache_suffix
+    from eval.archive import cache_suffix
     one = get_policy("learned-alloc@2.5")
     two = get_policy("learned-alloc@3", allocation=Allocation(keys=((4,) * 30,), values=((2,) * 30,), shares=()))
     assert cache_suffix(one, "-R16").startswith("-R16-a") and cache_suffix(one, "-R16") != cache_suffix(two, "-R16")

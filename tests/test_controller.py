@@ -170,7 +170,7 @@ def test_eval_commands_tell_controllers_apart(tmp_path):
     of two controllers in separate cache files."""
     import argparse
 
-    from eval.__main__ import cache_suffix
+    from eval.archive import cache_suffix
     from kvjax.flags import add_policy_flags, policies_from_flags
     from test_policies import tiny_controller
 

@@ -1,7 +1,7 @@
 """Training text for the controller, kept apart from every evaluation text.
 
 Default: Project Gutenberg #1661 (kvjax.data's `sherlock`, from the shared data folder) *after
-its first SKIP_TOKENS tokens*. `python -m eval.perplexity --text
+its first `SHERLOCK_EVAL_TOKENS` tokens*. `python -m eval.perplexity --text
 sherlock` scores segments from the start of the same token stream (the README's table: 2 x
 4096 tokens; anything up to 8 x 4096 stays clear of this range). WikiText-2 test and the
 multiple-choice validation sets are never read here. `--text FILE` trains on a file instead.
@@ -13,10 +13,8 @@ import os
 
 import numpy as np
 
-from kvjax.data import DATA_DIR, read_text, text_path
+from kvjax.data import DATA_DIR, SHERLOCK_EVAL_TOKENS, read_text, text_path
 from kvjax.errors import KvjaxError
-
-SKIP_TOKENS = 32768
 
 
 def check_training_text(text_file: str | None = None, data_dir: str = DATA_DIR):
@@ -38,7 +36,7 @@ def training_ids(tokenizer, text_file: str | None = None, data_dir: str = DATA_D
         except OSError as e:
             raise KvjaxError(f"cannot read --text {text_file}: {e.strerror}") from None
     else:
-        ids = tokenizer.encode(read_text("sherlock", data_dir))[SKIP_TOKENS:]
+        ids = tokenizer.encode(read_text("sherlock", data_dir))[SHERLOCK_EVAL_TOKENS:]
     ids = np.asarray(ids, np.int32)
     return ids[:max_tokens] if max_tokens else ids
 
