@@ -1,0 +1,236 @@
+"""Retrieval at long context through each KV-cache policy: RULER-style needle-in-a-haystack tasks.
+
+    python -m eval.longctx --kv fp16,kivi2,streaming,learned-alloc@2.5 --lengths 1024,2048,4096,8192
+
+Each example (eval.retrieval: the tasks, haystacks and depths) is a prompt of exactly `length - its
+answer budget` tokens, answered greedily through `kvjax.generate` with the policy's cache, prefill
+and decode as a user's; its score is the fraction of the needle's values in the answer. Every
+answer is appended to an archive under --cache-dir as soon as it is made: a rerun skips what is
+there. Writes longctx.json (every cell), longctx.md (accuracy by length per task and policy, and
+by depth and length per policy) and longctx.png (depth x length heatmaps, one per policy) to --out.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import sys
+import time
+
+import numpy as np
+from tqdm import tqdm
+
+from eval.archive import cache_suffix, device_name, model_tag, open_to_append, read_archive
+from eval.retrieval import HAYSTACKS, TASKS, Builder, score
+from kvjax import cli
+from kvjax.data import DATA_DIR, SHERLOCK_EVAL_TOKENS, text_path, read_text
+from kvjax.errors import KvjaxError
+from kvjax.flags import (add_kernels_flag, add_policy_flags, add_weights_flag, kernels_from_flags, policies_from_flags,
+                         weights_from_flags)
+from kvjax.generation import generate
+from kvjax.loading import load_model, read_config, resolve_model
+from pallas_kernels.cpu_bench import cpu_model
+
+
+def _parser() -> cli.ArgumentParser:
+    p = cli.ArgumentParser(prog="python -m eval.longctx", description=__doc__.splitlines()[0])
+    add_policy_flags(p, default="fp16,kivi2")
+    p.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated: {', '.join(TASKS)}")
+    p.add_argument("--haystacks", default=",".join(HAYSTACKS),
+                   help="essay (Sherlock's evaluation part), noise (repeated sentences); vt always uses noise")
+    p.add_argument("--lengths", type=cli.int_list(512), default=[1024, 2048, 4096, 8192],
+                   help="context lengths in tokens: the prompt and the answer's budget")
+    p.add_argument("--depths", type=cli.at_least(1), default=5, help="needle depths, evenly spaced from 0 to 1")
+    p.add_argument("--samples", type=cli.at_least(1), default=4, help="examples per (task, haystack, length, depth)")
+    p.add_argument("--batch-size", type=cli.at_least(1), default=5, help="prompts generated together")
+    p.add_argument("--model", default=None, help=".gguf file, HF folder or hub id (default: embedded SmolLM2)")
+    add_weights_flag(p)
+    add_kernels_flag(p)
+    p.add_argument("--data-dir", default=DATA_DIR, help="the shared data folder (default: $KVJAX_DATA, else ../shared/data)")
+    p.add_argument("--out", type=cli.output_dir, default="results/longctx", help="folder for longctx.json, .md, .png")
+    p.add_argument("--cache-dir", type=cli.output_dir, default="eval_cache",
+                   help="where every answer is kept (an interrupted run resumes)")
+    return p
+
+
+def _names(text: str, known: tuple[str, ...], flag: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    for n in names:
+        if n not in known:
+            raise KvjaxError(f"{flag}: unknown {n!r}; known: {', '.join(known)}")
+    if not names:
+        raise KvjaxError(f"{flag} needs at least one name")
+    return names
+
+
+def cells(tasks: list[str], haystacks: list[str], lengths: list[int], depths: int, samples: int):
+    """Every example to answer: (task, haystack, length, depth, index), grouped so that a group's
+    prompts have one length (generated together)."""
+    grid = np.linspace(0.0, 1.0, depths) if depths > 1 else np.asarray([0.5])
+    groups = []
+    for length in sorted(lengths):
+        for task in tasks:
+            for hay in (["noise"] if task == "vt" else haystacks):
+                groups.append([(task, hay, length, round(float(d), 4), i) for i in range(samples) for d in grid])
+    return groups
+
+
+def record_key(task: str, hay: str, length: int, depth: float, index: int) -> tuple:
+    return task, hay, int(length), round(float(depth), 4), int(index)
+
+
+def main(argv=None) -> int:
+    return cli.run(lambda: _main(argv))
+
+
+def _main(argv) -> int:
+    args = _parser().parse_args(argv)
+    tasks = _names(args.tasks, TASKS, "--tasks")
+    haystacks = _names(args.haystacks, HAYSTACKS, "--haystacks")
+    specs = {policy.name: policy for policy in policies_from_flags(args)}
+    cfg = read_config(args.model)
+    if cfg is not None:  # numbers before files
+        if max(args.lengths) > cfg.max_position_embeddings:
+            raise KvjaxError(f"--lengths {max(args.lengths)} exceeds the model's {cfg.max_position_embeddings} tokens")
+        for policy in specs.values():
+            policy.check(cfg)
+    text_path("sherlock", args.data_dir)
+    backend = kernels_from_flags(args)
+    held = weights_from_flags(args)
+    cli.use_compilation_cache()
+    cli.say(f"[kvjax] loading {resolve_model(args.model)}")
+    model = load_model(args.model, weights=held)
+    for policy in specs.values():
+        policy.check(model.cfg)
+    if max(args.lengths) > model.cfg.max_position_embeddings:
+        raise KvjaxError(f"--lengths {max(args.lengths)} exceeds the model's {model.cfg.max_position_embeddings} tokens")
+    builder = Builder(model.tokenizer, model.tokenizer.encode(read_text("sherlock", args.data_dir))[:SHERLOCK_EVAL_TOKENS])
+    short = min(args.lengths)
+    for task in tasks:
+        if short < builder.overhead(task) + 64:
+            raise KvjaxError(f"--lengths {short} is too short for {task}: it needs at least {builder.overhead(task) + 64}")
+
+    path = os.path.join(args.cache_dir, model_tag(model.source), "longctx.jsonl.gz")
+    overrides = "".join(f"-{k}{v}" for k, v in (("R", args.window), ("G", args.group_size), ("S", args.sinks))
+                        if v is not None)
+    keys = {name: f"{name}{cache_suffix(policy, overrides)}" for name, policy in specs.items()}
+    done = {}
+    for r in read_archive(path)[0]:
+        try:
+            done[(r["policy"],) + record_key(r["task"], r["haystack"], r["length"], r["depth"], r["index"])] = r
+        except (KeyError, TypeError, ValueError):
+            continue
+    groups = cells(tasks, haystacks, args.lengths, args.depths, args.samples)
+    seconds = {}
+    with open_to_append(path) as archive:
+        for name, policy in specs.items():
+            todo = [[c for c in group if (keys[name],) + c not in done] for group in groups]
+            total = sum(map(len, groups))
+            t0 = time.perf_counter()
+            with tqdm(total=total, initial=total - sum(map(len, todo)), desc=f"longctx {name}") as bar:
+                for group in todo:
+                    for start in range(0, len(group), args.batch_size):
+                        batch = group[start:start + args.batch_size]
+                        examples = [builder.example(*c) for c in batch]
+                        result = generate(model, [e.ids for e in examples], max_new_tokens=examples[0].max_new,
+                                          kv=policy, kernels=backend)
+                        for c, e, text in zip(batch, examples, result.texts, strict=True):
+                            r = dict(zip(("task", "haystack", "length", "depth", "index"), c),
+                                     policy=keys[name], answer=text, score=score(text, e.answers))
+                            done[(keys[name],) + c] = r
+                            archive.write(json.dumps(r) + "\n")
+                        archive.flush()
+                        bar.update(len(batch))
+                        bar.set_postfix_str(f"{c[0]} {c[1]} {c[2]}")
+            seconds[name] = round(time.perf_counter() - t0, 1)
+
+    table = {name: [done[(keys[name],) + c] for group in groups for c in group] for name in specs}
+    report = {"command": "python -m eval.longctx " + " ".join(sys.argv[1:] if argv is None else argv),
+              "device": device_name(), "cpu": cpu_model(), "date": datetime.date.today().isoformat(),
+              "model": model.source, "policies": list(specs), "tasks": tasks, "haystacks": haystacks,
+              "lengths": sorted(args.lengths), "depths": args.depths, "samples": args.samples, "seconds": seconds,
+              "records": table}
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "longctx.json"), "w") as f:
+        json.dump(report, f, indent=1)
+    text = markdown(report)
+    with open(os.path.join(args.out, "longctx.md"), "w") as f:
+        f.write(text)
+    heatmaps(report, os.path.join(args.out, "longctx.png"))
+    print("\n" + text + f"\nwrote {args.out}/longctx.json, longctx.md, longctx.png")
+    return 0
+
+
+def accuracy(records: list[dict], **where) -> tuple[float, int]:
+    """(mean score in %, count) of the records matching `where` (field -> value)."""
+    chosen = [r["score"] for r in records if all(r[k] == v for k, v in where.items())]
+    return (100.0 * float(np.mean(chosen)) if chosen else float("nan")), len(chosen)
+
+
+def markdown(report: dict) -> str:
+    """Accuracy (%) by length for each task and haystack (rows: policies), then by depth and length
+    for each policy (all tasks together), and the largest drop from fp16's in any (length, depth) cell."""
+    lengths, policies, records = report["lengths"], report["policies"], report["records"]
+    combos = [(t, h) for t in report["tasks"] for h in (["noise"] if t == "vt" else report["haystacks"])]
+    out = [f"Model `{os.path.basename(report['model'])}`; {report['cpu']}; {report['date']}; "
+           f"{report['depths']} depths x {report['samples']} examples per (task, haystack, length, depth); "
+           f"greedy; score: the share of the needle's values in the answer (%).", "",
+           "| task | haystack | policy | " + " | ".join(f"{n // 1024}k" if n % 1024 == 0 else str(n) for n in lengths)
+           + " | all |", "|" + "---|" * (len(lengths) + 4)]
+    for t, h in combos:
+        for p in policies:
+            row = [accuracy(records[p], task=t, haystack=h, length=n)[0] for n in lengths]
+            out.append(f"| {t} | {h} | {p} | " + " | ".join(f"{a:.0f}" for a in row)
+                       + f" | {accuracy(records[p], task=t, haystack=h)[0]:.1f} |")
+    depths = sorted({r["depth"] for r in records[policies[0]]})
+    for p in policies:
+        out += ["", f"**{p}**, all tasks: accuracy by depth (rows) and length (columns)", "",
+                "| depth | " + " | ".join(str(n) for n in lengths) + " |", "|" + "---|" * (len(lengths) + 1)]
+        for d in depths:
+            out.append(f"| {d:g} | " + " | ".join(f"{accuracy(records[p], depth=d, length=n)[0]:.0f}"
+                                                   for n in lengths) + " |")
+    if "fp16" in policies:
+        out += ["", "Largest drop from fp16 in one (length, depth) cell, all tasks (points; n per cell "
+                f"{accuracy(records['fp16'], depth=depths[0], length=lengths[0])[1]}):", ""]
+        for p in policies:
+            if p != "fp16":
+                drops = [(accuracy(records["fp16"], depth=d, length=n)[0] - accuracy(records[p], depth=d, length=n)[0],
+                          n, d) for n in lengths for d in depths]
+                worst = max(drops)
+                out.append(f"- {p}: {worst[0]:.1f} at {worst[1]} tokens, depth {worst[2]:g}")
+    return "\n".join(out) + "\n"
+
+
+def heatmaps(report: dict, path: str):
+    """One panel per policy: accuracy (all tasks) by depth (rows) and length (columns)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lengths, policies, records = report["lengths"], report["policies"], report["records"]
+    depths = sorted({r["depth"] for r in records[policies[0]]})
+    columns = min(4, len(policies))
+    rows = -(-len(policies) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(2.9 * columns + 0.6, 2.6 * rows + 0.6), squeeze=False)
+    for ax, p in zip(axes.flat, policies):
+        grid = np.asarray([[accuracy(records[p], depth=d, length=n)[0] for n in lengths] for d in depths])
+        image = ax.imshow(grid, vmin=0, vmax=100, cmap="RdYlGn", aspect="auto")
+        for (i, j), a in np.ndenumerate(grid):
+            ax.text(j, i, f"{a:.0f}", ha="center", va="center", fontsize=7)
+        ax.set_xticks(range(len(lengths)), [f"{n // 1024}k" if n % 1024 == 0 else str(n) for n in lengths])
+        ax.set_yticks(range(len(depths)), [f"{d:g}" for d in depths])
+        ax.set_title(p, fontsize=9)
+        ax.set_xlabel("context", fontsize=8)
+        ax.set_ylabel("depth", fontsize=8)
+    for ax in list(axes.flat)[len(policies):]:
+        ax.axis("off")
+    fig.colorbar(image, ax=axes, shrink=0.8, label="accuracy (%)")
+    fig.suptitle(f"Retrieval accuracy by needle depth and context ({os.path.basename(report['model'])})", fontsize=10)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
