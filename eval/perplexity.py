@@ -52,7 +52,7 @@ def segment_nll(params, cfg, tokens: np.ndarray, policy: Policy, dtype=jnp.float
     ids = jnp.asarray(tokens, jnp.int32)[None]
     positions = jnp.arange(ids.shape[1], dtype=jnp.int32)[None]
     targets = jnp.pad(ids[:, 1:], ((0, 0), (0, 1)))  # the last token predicts nothing scored
-    logp, cache = teacher_forced.score_targets(params, cfg, ids, positions, targets, policy, ids.shape[1], dtype)
+    logp, _, cache = teacher_forced.score_targets(params, cfg, ids, positions, targets, policy, ids.shape[1], dtype)
     left = np.zeros((0,), np.float32)
     if policy.layout(cfg, ids.shape[1]) is not None:  # tokens leave a window
         last = ids.shape[1] - 1

@@ -37,21 +37,9 @@ def encode_pair(tokenizer, context: str, continuation: str, prefix_id: int) -> t
 
 @functools.partial(jax.jit, static_argnames=("cfg", "policy"))
 def target_logprobs(params, inputs, targets, positions, *, cfg, policy):
-    """log p(targets[b, t] | inputs[b, :t+1]) -> [b, T] float32."""
+    """log p(targets[b, t] | inputs[b, :t+1]) -> (float32 [b, T], bool [b, T]: each target the most likely)."""
     # capacity = the padded length: every row fits its tiers, as in a cache sized for it
-    return teacher_forced.score_targets(params, cfg, inputs, positions, targets, policy, inputs.shape[1])[0]
-
-
-def _rows(model, requests: list[Request]):
-    """One (request, choice, input ids, target ids, #continuation tokens) per pair."""
-    cfg, tok = model.cfg, model.tokenizer
-    prefix = cfg.eos_token_id if cfg.eos_token_id is not None else 0
-    max_len = cfg.max_position_embeddings
-    for r, req in enumerate(requests):
-        for c, (context, continuation) in enumerate(zip(req.contexts, req.continuations)):
-            ctx, cont = encode_pair(tok, context, continuation, prefix)
-            ids = (ctx + cont)[-(max_len + 1):]  # harness: keep the end if too long
-            yield r, c, ids[:-1], ids[1:], min(len(cont), len(ids) - 1)
+    return teacher_forced.score_targets(params, cfg, inputs, positions, targets, policy, inputs.shape[1])[:2]
 
 
 def bucket_length(n: int, max_len: int) -> int:
@@ -59,38 +47,72 @@ def bucket_length(n: int, max_len: int) -> int:
     return min(-(-n // BUCKET) * BUCKET, max_len)
 
 
-def score_requests(model, requests: list[Request], policy: str | Policy = "fp16", batch_size: int = 8,
-                   on_done: Callable[[int, list[float]], None] | None = None) -> list[list[float]]:
-    """Summed log-probability of each request's continuations: one list per request.
+def score_tokens(model, pairs: list[tuple[list[int], list[int]]], policy: str | Policy = "fp16", batch_size: int = 8,
+                 on_done: Callable[[int, float, bool], None] | None = None) -> list[tuple[float, bool]]:
+    """(summed log-probability, greedy) of each (context ids, continuation ids) pair: greedy when every
+    continuation token is the most likely one (the harness's `is_greedy`).
 
-    All the rows (one per continuation) are sorted by length and cut into batches of `batch_size`
-    within each length bucket, so only the last batch of a bucket has spare rows. A row's scores
-    depend on its own tokens and its bucket only, not on the rows beside it. `on_done(i, scores)`
-    is called as soon as every continuation of request i is scored (for a resume cache).
+    A pair is one row, its inputs `context + continuation` less the last token (the end kept if too
+    long for the model, as the harness does). The rows are sorted by length and cut into batches of
+    `batch_size` within each length bucket, so only the last batch of a bucket has spare rows; a row's
+    scores depend on its own tokens and its bucket only, not on the rows beside it. `on_done(i, logp,
+    greedy)` is called as soon as pair i is scored.
     """
     policy = get_policy(policy) if isinstance(policy, str) else policy
     policy.check(model.cfg)
-    rows = sorted(_rows(model, requests), key=lambda row: -len(row[2]))  # longest first, as the harness
-    scores = [[0.0] * len(req.continuations) for req in requests]
-    waiting = [len(req.continuations) for req in requests]
+    max_len = model.cfg.max_position_embeddings
+    rows = []  # (pair, input ids, target ids, continuation tokens scored)
+    for i, (ctx, cont) in enumerate(pairs):
+        ids = (list(ctx) + list(cont))[-(max_len + 1):]
+        rows.append((i, ids[:-1], ids[1:], min(len(cont), len(ids) - 1)))
+    rows.sort(key=lambda row: -len(row[1]))  # longest first, as the harness
+    out: list[tuple[float, bool]] = [(0.0, False)] * len(pairs)
     by_bucket: dict[int, list] = {}
     for row in rows:
-        by_bucket.setdefault(bucket_length(len(row[2]), model.cfg.max_position_embeddings), []).append(row)
+        by_bucket.setdefault(bucket_length(len(row[1]), max_len), []).append(row)
     for length, bucket_rows in by_bucket.items():
         for start in range(0, len(bucket_rows), batch_size):
             batch = bucket_rows[start:start + batch_size]
             inputs = np.zeros((batch_size, length), np.int32)  # [b, T]; spare rows: all padding
             targets = np.zeros((batch_size, length), np.int32)
             positions = np.full((batch_size, length), -1, np.int32)
-            for i, (_, _, inp, tgt, _) in enumerate(batch):
-                inputs[i, :len(inp)], targets[i, :len(tgt)] = inp, tgt
-                positions[i, :len(inp)] = np.arange(len(inp))
-            logp = np.asarray(target_logprobs(model.params, inputs, targets, positions, cfg=model.cfg, policy=policy))
-            for i, (r, c, inp, _, k) in enumerate(batch):
-                scores[r][c] = float(logp[i, len(inp) - k:len(inp)].sum())
-                waiting[r] -= 1
-                if waiting[r] == 0 and on_done is not None:
-                    on_done(r, scores[r])
+            for j, (_, inp, tgt, _) in enumerate(batch):
+                inputs[j, :len(inp)], targets[j, :len(tgt)] = inp, tgt
+                positions[j, :len(inp)] = np.arange(len(inp))
+            logp, top = target_logprobs(model.params, inputs, targets, positions, cfg=model.cfg, policy=policy)
+            logp, top = np.asarray(logp), np.asarray(top)
+            for j, (i, inp, _, k) in enumerate(batch):
+                scored = slice(len(inp) - k, len(inp))
+                out[i] = (float(logp[j, scored].sum()), bool(top[j, scored].all()))
+                if on_done is not None:
+                    on_done(i, *out[i])
+    return out
+
+
+def score_requests(model, requests: list[Request], policy: str | Policy = "fp16", batch_size: int = 8,
+                   on_done: Callable[[int, list[float]], None] | None = None) -> list[list[float]]:
+    """Summed log-probability of each request's continuations: one list per request (`score_tokens`
+    over every (context, continuation) pair, tokenized as the harness does: `encode_pair`).
+    `on_done(i, scores)` is called as soon as every continuation of request i is scored (for a
+    resume cache)."""
+    cfg, tok = model.cfg, model.tokenizer
+    prefix = cfg.eos_token_id if cfg.eos_token_id is not None else 0
+    owners, pairs = [], []
+    for r, req in enumerate(requests):
+        for c, (context, continuation) in enumerate(zip(req.contexts, req.continuations)):
+            owners.append((r, c))
+            pairs.append(encode_pair(tok, context, continuation, prefix))
+    scores = [[0.0] * len(req.continuations) for req in requests]
+    waiting = [len(req.continuations) for req in requests]
+
+    def done(i, logp, _greedy):
+        r, c = owners[i]
+        scores[r][c] = logp
+        waiting[r] -= 1
+        if waiting[r] == 0 and on_done is not None:
+            on_done(r, scores[r])
+
+    score_tokens(model, pairs, policy, batch_size, done)
     return scores
 
 

@@ -166,8 +166,9 @@ LOGIT_BLOCK = 256  # positions per block of `target_logprobs`
 
 
 def target_logprobs(params, cfg: ModelConfig, x, targets, dtype=jnp.float32):
-    """log p(targets [b, T]) from hidden states x [b, T, d] -> float32 [b, T]; the head runs LOGIT_BLOCK
-    positions at a time, so a long text never holds its [b, T, v] logits."""
+    """log p(targets [b, T]) from hidden states x [b, T, d] -> (float32 [b, T], bool [b, T]: whether each
+    target is the most likely token); the head runs LOGIT_BLOCK positions at a time, so a long text
+    never holds its [b, T, v] logits."""
     b, T, _ = x.shape
     blocks = -(-T // LOGIT_BLOCK)
     pad = lambda a: jnp.pad(a, ((0, 0), (0, blocks * LOGIT_BLOCK - T)) + ((0, 0),) * (a.ndim - 2))
@@ -176,9 +177,12 @@ def target_logprobs(params, cfg: ModelConfig, x, targets, dtype=jnp.float32):
     def one(args):
         xb, yb = args  # [b, B, d], [b, B]
         logits = head(params, cfg, xb, dtype)
-        return jnp.take_along_axis(logits, yb[..., None], axis=-1)[..., 0] - jax.nn.logsumexp(logits, axis=-1)
+        target = jnp.take_along_axis(logits, yb[..., None], axis=-1)[..., 0]
+        return target - jax.nn.logsumexp(logits, axis=-1), target >= jnp.max(logits, axis=-1)
 
-    return jax.lax.map(one, (by_block(x), by_block(targets))).swapaxes(0, 1).reshape(b, -1)[:, :T]
+    unblock = lambda a: a.swapaxes(0, 1).reshape(b, -1)[:, :T]
+    logp, top = jax.lax.map(one, (by_block(x), by_block(targets)))
+    return unblock(logp), unblock(top)
 
 
 def init_params(cfg: ModelConfig, rng: jax.Array, dtype=jnp.float32):

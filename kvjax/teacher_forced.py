@@ -187,10 +187,11 @@ def score(params, cfg: ModelConfig, tokens, positions, policy, capacity: int, dt
 
 def score_targets(params, cfg: ModelConfig, tokens, positions, targets, policy, capacity: int, dtype=jnp.float32,
                   kv_dtype=None):
-    """`score` as log p(targets [b, T] | tokens up to each) -> (float32 [b, T], cache): the output head
-    runs a block of positions at a time (kvjax.model.target_logprobs)."""
+    """`score` as log p(targets [b, T] | tokens up to each) -> (float32 [b, T], bool [b, T]: each target
+    the most likely token, cache): the output head runs a block of positions at a time
+    (kvjax.model.target_logprobs)."""
     hidden, cache, _ = score_hidden(params, cfg, tokens, positions, policy, capacity, dtype, kv_dtype)
-    return target_logprobs(params, cfg, hidden, targets, dtype), cache
+    return *target_logprobs(params, cfg, hidden, targets, dtype), cache
 
 
 def score_with_features(params, cfg, tokens, positions, policy, capacity, dtype=jnp.float32, kv_dtype=None):

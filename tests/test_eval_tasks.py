@@ -59,8 +59,8 @@ def reference_logprob(model, context, continuation, spec=None):
     n = len(ids) - 1
     length = scoring.bucket_length(n, model.cfg.max_position_embeddings)
     pad = lambda x, fill: np.asarray([x + [fill] * (length - len(x))], np.int32)
-    logp = scoring.target_logprobs(model.params, pad(ids[:-1], 0), pad(ids[1:], 0), pad(list(range(n)), -1),
-                                   cfg=model.cfg, policy=spec)
+    logp, _ = scoring.target_logprobs(model.params, pad(ids[:-1], 0), pad(ids[1:], 0), pad(list(range(n)), -1),
+                                      cfg=model.cfg, policy=spec)
     return float(np.asarray(logp[0, n - len(cont):n], np.float64).sum())
 
 

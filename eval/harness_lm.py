@@ -1,0 +1,143 @@
+"""kvjax as an lm-evaluation-harness model (`kvjax`, registered on import; lm-eval 0.4.x):
+
+    loglikelihood          eval.scoring.score_tokens: the exact teacher-forced scorer of the policy,
+                           pairs tokenized as the harness does (eval.scoring.encode_pair)
+    loglikelihood_rolling  the harness's rolling windows of the model's context, scored the same way
+    generate_until         kvjax.generate: the policy's own prefill and decode, greedy or sampled,
+                           cut at the first stop sequence
+
+Model args (`--model_args kv=kivi2,window=16`): model (a .gguf, HF folder or hub id; default the
+embedded SmolLM2), kv, window, group_size, sinks, controller, allocation (as --kv and its flags),
+batch_size, dtype (of generation), kernels (of generation), weights. `local_tasks` builds the
+harness's own task configs over the data folder's saved datasets instead of the hub.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from lm_eval.api.model import LM
+from lm_eval.api.registry import register_model
+from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+from tqdm import tqdm
+
+from eval.scoring import encode_pair, score_tokens
+from eval.tasks import TASKS
+from kvjax.errors import KvjaxError
+from kvjax.flags import kernels_from_flags, policy_from_flags, weights_from_flags
+from kvjax.generation import generate
+from kvjax.loading import load_model
+from kvjax.model import DTYPES
+from kvjax.sampling import SamplingConfig
+
+# the harness's tasks whose split the data folder holds (eval.tasks' folders): evaluated on it
+LOCAL_TASKS = ("hellaswag", "arc_easy", "arc_challenge", "openbookqa", "winogrande")
+
+
+def policy_args(kv: str = "fp16", window=None, group_size=None, sinks=None, controller=None, allocation=None,
+                kernels: str = "auto", weights: str = "auto") -> argparse.Namespace:
+    """Model args as the command-line flags kvjax.flags reads."""
+    return argparse.Namespace(kv=str(kv), window=window, group_size=group_size, sinks=sinks, controller=controller,
+                              allocation=allocation, kernels=str(kernels), weights=str(weights))
+
+
+@register_model("kvjax")
+class KvjaxLM(LM):
+    """A kvjax model and KV-cache policy, as the harness calls a model."""
+
+    def __init__(self, model: str | None = None, kv: str = "fp16", window=None, group_size=None, sinks=None,
+                 controller=None, allocation=None, batch_size=8, dtype: str = "float32", kernels: str = "auto",
+                 weights: str = "auto", max_gen_toks: int = 256, loaded=None, **unused):
+        super().__init__()
+        flags = policy_args(kv, window, group_size, sinks, controller, allocation, kernels, weights)
+        self.policy = policy_from_flags(flags)
+        if str(batch_size) == "auto" or int(batch_size) < 1:
+            raise KvjaxError(f"batch_size must be a number >= 1, got {batch_size!r}")
+        if dtype not in DTYPES:
+            raise KvjaxError(f"unknown dtype {dtype!r}; known: {', '.join(DTYPES)}")
+        self.batch_size, self.dtype, self.max_gen_toks = int(batch_size), dtype, int(max_gen_toks)
+        self.backend = kernels_from_flags(flags)
+        self.model = loaded or load_model(model, weights=weights_from_flags(flags))
+        self.policy.check(self.model.cfg)
+        eos = self.model.cfg.eos_token_id
+        self.prefix_id = eos if eos is not None else 0
+
+    @property
+    def max_length(self) -> int:
+        return self.model.cfg.max_position_embeddings
+
+    def _score(self, pairs: list[tuple[list[int], list[int]]], desc: str) -> list[tuple[float, bool]]:
+        with tqdm(total=len(pairs), desc=desc, disable=self.rank != 0) as bar:
+            return score_tokens(self.model, pairs, self.policy, self.batch_size, lambda *_: bar.update(1))
+
+    def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        tok = self.model.tokenizer
+        pairs = [encode_pair(tok, context, continuation, self.prefix_id) for context, continuation in
+                 (r.args for r in requests)]
+        return self._score(pairs, f"loglikelihood ({self.policy.name})")
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        windows, owner = [], []
+        for i, (text,) in enumerate(r.args for r in requests):
+            for pair in get_rolling_token_windows(self.model.tokenizer.encode(text), self.prefix_id, self.max_length, 1):
+                windows.append(make_disjoint_window(pair))
+                owner.append(i)
+        totals = [0.0] * len(requests)
+        for i, (logp, _) in zip(owner, self._score(windows, f"loglikelihood_rolling ({self.policy.name})")):
+            totals[i] += logp
+        return totals
+
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        """Requests grouped by their generation settings, longest first in batches of batch_size."""
+        tok = self.model.tokenizer
+        out: list[str | None] = [None] * len(requests)
+        groups: dict[str, list[int]] = {}
+        for i, r in enumerate(requests):
+            groups.setdefault(repr(sorted(r.args[1].items())), []).append(i)
+        with tqdm(total=len(requests), desc=f"generate_until ({self.policy.name})", disable=self.rank != 0) as bar:
+            for members in groups.values():
+                kwargs = dict(requests[members[0]].args[1])
+                until = kwargs.pop("until", None) or []
+                until = [until] if isinstance(until, str) else list(until)
+                max_new = int(kwargs.pop("max_gen_toks", self.max_gen_toks))
+                sampling = SamplingConfig(temperature=float(kwargs.pop("temperature", 0.0))
+                                          if kwargs.pop("do_sample", False) else 0.0,
+                                          top_k=int(kwargs.pop("top_k", 0) or 0), top_p=float(kwargs.pop("top_p", 1.0) or 1.0))
+                keep = self.max_length - max_new
+                ids = {i: tok.encode(requests[i].args[0])[-keep:] or [self.prefix_id] for i in members}
+                members.sort(key=lambda i: -len(ids[i]))
+                for start in range(0, len(members), self.batch_size):
+                    batch = members[start:start + self.batch_size]
+                    result = generate(self.model, [ids[i] for i in batch], max_new_tokens=max_new, sampling=sampling,
+                                      kv=self.policy, dtype=self.dtype, kernels=self.backend)
+                    for i, text in zip(batch, result.texts, strict=True):
+                        cuts = [text.index(s) for s in until if s and s in text]
+                        out[i] = text[:min(cuts)] if cuts else text
+                    bar.update(len(batch))
+        return out
+
+
+def local_tasks(names: list[str], data_dir: str):
+    """The harness's tasks by name; those in LOCAL_TASKS read the data folder's saved validation split
+    (their only split there: evaluated on it, few-shot examples drawn from it), the rest as the
+    harness loads them. -> list of lm_eval Task objects."""
+    import datasets
+    from lm_eval.tasks import TaskManager
+
+    folders = {name: os.path.join(data_dir, "hf_datasets", TASKS[name][0]) for name in names if name in LOCAL_TASKS}
+    for name, folder in folders.items():
+        if not os.path.exists(os.path.join(folder, "state.json")):
+            raise KvjaxError(f"{folder} not found: pass --data-dir (the shared data folder, see its MANIFEST.md)")
+    manager = TaskManager()
+    unknown = [n for n in names if n not in manager.all_tasks]
+    if unknown:
+        raise KvjaxError(f"unknown harness task(s): {', '.join(unknown)} (`lm-eval ls tasks` lists them)")
+
+    def from_disk(folder):
+        return lambda **_: datasets.DatasetDict({"validation": datasets.load_from_disk(folder)})
+
+    members = [{"task": n, "custom_dataset": from_disk(folders[n]), "training_split": None, "test_split": None}
+               if n in folders else n for n in names]
+    loaded = manager.load([{"group": "kvjax_local", "task": members}])["tasks"]  # name -> Task
+    return [loaded[n] for n in names]
