@@ -23,6 +23,8 @@ from __future__ import annotations
 import dataclasses
 import random
 
+from kvjax.errors import KvjaxError
+
 TASKS = ("niah_single", "niah_multikey", "niah_multivalue", "vt")
 HAYSTACKS = ("essay", "noise")
 NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
@@ -64,10 +66,6 @@ class Builder:
         ends = [i + 1 for i, t in enumerate(ids) if self.tok.decode([t]).rstrip(" ").endswith(_SENTENCE_ENDS)]
         return [0] + ends + [len(ids)]
 
-    def overhead(self, task: str) -> int:
-        """Tokens an example of `task` spends outside its haystack (an upper bound, for checking lengths)."""
-        return len(self.tok.encode(self._chat[0] + self._chat[1])) + 220 + NEEDLES[task] * 24 + MAX_NEW[task]
-
     def example(self, task: str, haystack: str, length: int, depth: float, index: int) -> Example:
         rng = random.Random(f"{task}|{haystack}|{length}|{depth:.4f}|{index}")
         if task == "vt":
@@ -80,10 +78,10 @@ class Builder:
         needle_ids = [enc(" " + n) for n in needles]
         n = length - MAX_NEW[task] - len(head_ids) - len(tail_ids) - sum(map(len, needle_ids))
         if n < 16:
-            raise ValueError(f"length {length} leaves no room for a haystack in {task}")
+            raise KvjaxError(f"--lengths {length} leaves no room for a haystack in {task}")
         source, ends = (self.essay, self._ends["essay"]) if haystack == "essay" else (self.noise, self._ends["noise"])
         if n > len(source):
-            raise ValueError(f"length {length} needs {n} haystack tokens, the {haystack} text has {len(source)}")
+            raise KvjaxError(f"--lengths {length} needs {n} haystack tokens, the {haystack} text has {len(source)}")
         start = rng.choice([e for e in ends if e <= len(source) - n] or [0])  # at a sentence's start
         hay = source[start:start + n]
         cuts = [e - start for e in ends if start <= e <= start + n] or [0, n]

@@ -5,6 +5,8 @@ import jax
 import pytest
 
 import eval.__main__ as eval_main
+import eval.harness as harness
+import eval.longctx as longctx
 import eval.perplexity as perplexity
 import eval.report as report
 import kvjax.bench as bench
@@ -15,7 +17,8 @@ import train_controller.allocate as allocate
 from kvjax import cli
 
 COMMANDS = {"generate": generate, "eval": eval_main, "perplexity": perplexity, "bench": bench,
-            "train": train_main, "allocate": allocate, "report": report, "kernel-bench": kernel_bench}
+            "train": train_main, "allocate": allocate, "report": report, "kernel-bench": kernel_bench,
+            "longctx": longctx, "harness": harness}
 
 
 @pytest.fixture(autouse=True)
@@ -24,7 +27,7 @@ def no_model_loading(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the model was loaded before the flags were checked")
 
-    for module in (generate, eval_main, perplexity, bench, allocate):
+    for module in (generate, eval_main, perplexity, bench, allocate, longctx):
         monkeypatch.setattr(module, "load_model", refuse)
     monkeypatch.setattr("kvjax.loading.load_model", refuse)
 
@@ -97,6 +100,15 @@ CASES = [
     ("allocate", ["--budget", "2.5", "--out", "/tmp"], "argument --out: '/tmp' is a folder"),
     ("allocate", ["--budget", "2.5", "--out", "/tmp/a.json", "--text", "/nonexistent.txt"], "no such file"),
     ("report", ["--accuracy", "/nonexistent.json"], "nonexistent.json"),
+    ("longctx", ["--tasks", "niah"], "--tasks: unknown 'niah'"),
+    ("longctx", ["--haystacks", "essay,poem"], "--haystacks: unknown 'poem'"),
+    ("longctx", ["--lengths", "256"], "argument --lengths: must be >= 512"),
+    ("longctx", ["--lengths", "1024,16384", "--data-dir", "/nonexistent"], "--lengths 16384 exceeds the model's 8192"),
+    ("longctx", ["--kv", "fp16,kivi3"], "unknown KV-cache policy 'kivi3'"),
+    ("longctx", ["--samples", "0"], "argument --samples"),
+    ("longctx", ["--data-dir", "/nonexistent"], "not found: pass --data-dir"),
+    ("harness", ["--tasks", "arc_easy", "--log_samples"], "--log_samples needs --output_path"),
+    ("harness", ["--tasks", "arc_easy", "--limit", "0"], "argument --limit"),
     ("kernel-bench", ["--contexts", "abc"], "argument --contexts"),
     ("kernel-bench", ["--models", "GPT-5"], "unknown model 'GPT-5'"),
 ]
