@@ -3,14 +3,15 @@
     python -m eval --tasks hellaswag,arc_easy,arc_challenge,openbookqa,winogrande --kv ... --out results
     python -m eval.perplexity --kv ... --text wikitext2 --json ppl.jsonl
     python -m kvjax.bench --preset SmolLM-360M --kv ... --json bench.jsonl        (on the GPU)
+    python -m eval.longctx --kv ... --out results/longctx
     python -m eval.report --accuracy results/results.json --perplexity ppl.jsonl [more.jsonl ...] \\
-        --latency bench.jsonl [more.jsonl ...] --out docs/RESULTS.md
+        --latency bench.jsonl [more.jsonl ...] --longctx results/longctx/longctx.json --out docs/RESULTS.md
 
 Each input is optional; the report has a section per input given: zero-shot accuracy (table and
 accuracy-vs-bits plot), perplexity (policy x text table; widths table and stacked-bar plot for
 records that carry a histogram of widths; a picture of each shipped allocation scored), decode
-latency (table and ms/token vs context plot, one line per policy). Plots are written beside the
-report as PNG files.
+latency (table and ms/token vs context plot, one line per policy), retrieval at long context
+(accuracy by length, by depth x length, heatmaps). Plots are written beside the report as PNG files.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import sys
 import numpy as np
 
 from eval.accuracy_report import accuracy_plot, example_counts, markdown_table
+from eval.longctx_report import heatmaps, markdown
 from kvjax import cli
 from kvjax.allocation import Allocation, default_allocation
 from kvjax.errors import KvjaxError
@@ -246,15 +248,34 @@ def latency_section(records: list[dict], source: str, plot_path: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def read_longctx(path: str) -> dict:
+    if not os.path.exists(path):
+        raise KvjaxError(f"no such file: {path}")
+    try:
+        with open(path) as f:
+            report = json.load(f)
+        report["records"], report["policies"], report["lengths"]
+    except (ValueError, KeyError, TypeError):
+        raise KvjaxError(f"{path} is not a longctx.json written by `python -m eval.longctx`") from None
+    return report
+
+
+def longctx_section(report: dict, source: str, plot_path: str) -> str:
+    heatmaps(report, plot_path)
+    return (f"## Retrieval at long context\n\n`{report['command']}` ({source})\n\n{markdown(report)}\n"
+            f"![retrieval heatmaps]({os.path.basename(plot_path)})\n")
+
+
 def build(accuracy: str | None, perplexity: list[str] | None, latency: list[str] | None, out: str,
-          command: str) -> str:
+          command: str, longctx: str | None = None) -> str:
     """Writes the report (and its plots beside it); returns its text."""
-    if not (accuracy or perplexity or latency):
-        raise KvjaxError("give at least one of --accuracy, --perplexity, --latency")
+    if not (accuracy or perplexity or latency or longctx):
+        raise KvjaxError("give at least one of --accuracy, --perplexity, --latency, --longctx")
     lines_of = lambda paths: [r for path in paths for r in read_json_lines(path)]
     inputs = (read_accuracy(accuracy) if accuracy else None,
               lines_of(perplexity) if perplexity else None,
               lines_of(latency) if latency else None)
+    retrieval = read_longctx(longctx) if longctx else None
     folder, stem = os.path.dirname(out) or ".", os.path.splitext(os.path.basename(out))[0]
     os.makedirs(folder, exist_ok=True)
     parts = [f"# Results\n\nMade by `{command}` on {datetime.date.today().isoformat()}.\n"]
@@ -264,6 +285,8 @@ def build(accuracy: str | None, perplexity: list[str] | None, latency: list[str]
         parts.append(perplexity_section(inputs[1], ", ".join(perplexity), os.path.join(folder, f"{stem}-widths.png")))
     if inputs[2]:
         parts.append(latency_section(inputs[2], ", ".join(latency), os.path.join(folder, f"{stem}-latency.png")))
+    if retrieval is not None:
+        parts.append(longctx_section(retrieval, longctx, os.path.join(folder, f"{stem}-retrieval.png")))
     text = "\n".join(parts)
     with open(out, "w") as f:
         f.write(text)
@@ -275,6 +298,7 @@ def _parser() -> cli.ArgumentParser:
     p.add_argument("--accuracy", default=None, help="results.json from `python -m eval`")
     p.add_argument("--perplexity", nargs="+", default=None, help="JSON lines from `python -m eval.perplexity --json`")
     p.add_argument("--latency", nargs="+", default=None, help="JSON lines from `python -m kvjax.bench --json`")
+    p.add_argument("--longctx", default=None, help="longctx.json from `python -m eval.longctx`")
     p.add_argument("--out", type=cli.output_file, default="docs/RESULTS.md",
                    help="the Markdown report; its plots are written beside it")
     return p
@@ -284,7 +308,7 @@ def main(argv=None) -> int:
     def run():
         args = _parser().parse_args(argv)
         command = "python -m eval.report " + " ".join(sys.argv[1:] if argv is None else argv)
-        build(args.accuracy, args.perplexity, args.latency, args.out, command)
+        build(args.accuracy, args.perplexity, args.latency, args.out, command, args.longctx)
         print(f"wrote {args.out}")
         return 0
 

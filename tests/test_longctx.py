@@ -9,6 +9,7 @@ import os
 import pytest
 
 from eval import longctx
+from eval import report as report_command
 from eval.retrieval import MAX_NEW, NEEDLES, TASKS, Builder, score
 from kvjax.loading import DEFAULT_MODEL_PACKAGE, load_model
 
@@ -90,3 +91,7 @@ def test_a_run_answers_every_example_once_and_resumes(default_model, tmp_path, c
     assert longctx.main(argv) == 0  # everything answered: nothing generated again
     with gzip.open(archive, "rt") as f:
         assert sum(1 for _ in f) == len(records)
+    text = report_command.build(None, None, None, str(tmp_path / "RESULTS.md"), "test",
+                                longctx=str(tmp_path / "out" / "longctx.json"))
+    assert "## Retrieval at long context" in text and "| niah_single | noise | kivi2 |" in text
+    assert (tmp_path / "RESULTS-retrieval.png").stat().st_size > 0

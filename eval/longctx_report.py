@@ -1,0 +1,83 @@
+"""The retrieval suite's results as text and pictures: accuracy tables by length and by depth x
+length, and depth x length heatmaps, from the report `python -m eval.longctx` writes (longctx.json),
+which `eval.report --longctx` puts in its retrieval section (both import them from here).
+
+`report["records"]`: policy -> one record per example (task, haystack, length, depth, index, answer,
+score in [0, 1]).
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+
+def accuracy(records: list[dict], **where) -> tuple[float, int]:
+    """(mean score in %, count) of the records matching `where` (field -> value)."""
+    chosen = [r["score"] for r in records if all(r[k] == v for k, v in where.items())]
+    return (100.0 * float(np.mean(chosen)) if chosen else float("nan")), len(chosen)
+
+
+def markdown(report: dict) -> str:
+    """Accuracy (%) by length for each task and haystack (rows: policies), then by depth and length
+    for each policy (all tasks together), and the largest drop from fp16's in any (length, depth) cell."""
+    lengths, policies, records = report["lengths"], report["policies"], report["records"]
+    combos = [(t, h) for t in report["tasks"] for h in (["noise"] if t == "vt" else report["haystacks"])]
+    out = [f"Model `{os.path.basename(report['model'])}`; {report['cpu']}; {report['date']}; "
+           f"{report['depths']} depths x {report['samples']} examples per (task, haystack, length, depth); "
+           f"greedy; score: the share of the needle's values in the answer (%).", "",
+           "| task | haystack | policy | " + " | ".join(f"{n // 1024}k" if n % 1024 == 0 else str(n) for n in lengths)
+           + " | all |", "|" + "---|" * (len(lengths) + 4)]
+    for t, h in combos:
+        for p in policies:
+            row = [accuracy(records[p], task=t, haystack=h, length=n)[0] for n in lengths]
+            out.append(f"| {t} | {h} | {p} | " + " | ".join(f"{a:.0f}" for a in row)
+                       + f" | {accuracy(records[p], task=t, haystack=h)[0]:.1f} |")
+    depths = sorted({r["depth"] for r in records[policies[0]]})
+    for p in policies:
+        out += ["", f"**{p}**, all tasks: accuracy by depth (rows) and length (columns)", "",
+                "| depth | " + " | ".join(str(n) for n in lengths) + " |", "|" + "---|" * (len(lengths) + 1)]
+        for d in depths:
+            out.append(f"| {d:g} | " + " | ".join(f"{accuracy(records[p], depth=d, length=n)[0]:.0f}"
+                                                   for n in lengths) + " |")
+    if "fp16" in policies:
+        out += ["", "Largest drop from fp16 in one (length, depth) cell, all tasks (points; n per cell "
+                f"{accuracy(records['fp16'], depth=depths[0], length=lengths[0])[1]}):", ""]
+        for p in policies:
+            if p != "fp16":
+                drops = [(accuracy(records["fp16"], depth=d, length=n)[0] - accuracy(records[p], depth=d, length=n)[0],
+                          n, d) for n in lengths for d in depths]
+                worst = max(drops)
+                out.append(f"- {p}: {worst[0]:.1f} at {worst[1]} tokens, depth {worst[2]:g}")
+    return "\n".join(out) + "\n"
+
+
+def heatmaps(report: dict, path: str):
+    """One panel per policy: accuracy (all tasks) by depth (rows) and length (columns)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lengths, policies, records = report["lengths"], report["policies"], report["records"]
+    depths = sorted({r["depth"] for r in records[policies[0]]})
+    columns = min(4, len(policies))
+    rows = -(-len(policies) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(2.9 * columns + 0.6, 2.6 * rows + 0.6), squeeze=False)
+    for ax, p in zip(axes.flat, policies):
+        grid = np.asarray([[accuracy(records[p], depth=d, length=n)[0] for n in lengths] for d in depths])
+        image = ax.imshow(grid, vmin=0, vmax=100, cmap="RdYlGn", aspect="auto")
+        for (i, j), a in np.ndenumerate(grid):
+            ax.text(j, i, f"{a:.0f}", ha="center", va="center", fontsize=7)
+        ax.set_xticks(range(len(lengths)), [f"{n // 1024}k" if n % 1024 == 0 else str(n) for n in lengths])
+        ax.set_yticks(range(len(depths)), [f"{d:g}" for d in depths])
+        ax.set_title(p, fontsize=9)
+        ax.set_xlabel("context", fontsize=8)
+        ax.set_ylabel("depth", fontsize=8)
+    for ax in list(axes.flat)[len(policies):]:
+        ax.axis("off")
+    fig.colorbar(image, ax=axes, shrink=0.8, label="accuracy (%)")
+    fig.suptitle(f"Retrieval accuracy by needle depth and context ({os.path.basename(report['model'])})", fontsize=10)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
