@@ -19,7 +19,7 @@ import time
 import numpy as np
 from tqdm import tqdm
 
-from eval.archive import cache_suffix, device_name, model_tag, open_to_append, read_archive
+from eval.archive import device_name, model_tag, open_to_append, policy_key, read_archive
 from eval.accuracy_report import accuracy_plot, example_counts, markdown_table
 from eval.scoring import accuracy, picks, score_requests
 from eval.tasks import TASKS, check_task, load_task
@@ -128,13 +128,12 @@ def _main(argv) -> int:
     args = _parser().parse_args(argv)
     tasks, policies, specs, model, requests = setup(args)
     cache_root = os.path.join(args.cache_dir, model_tag(model.source))
-    suffix = "".join(f"-{k}{v}" for k, v in (("R", args.window), ("G", args.group_size)) if v is not None)
     results, seconds, scores = {t: {} for t in tasks}, {t: {} for t in tasks}, {t: {} for t in tasks}
     for t in tasks:
         for p in policies:
             t0 = time.perf_counter()
             path = os.path.join(cache_root, f"{t}.jsonl.gz")
-            key = f"{p}{cache_suffix(specs[p], suffix)}"
+            key = policy_key(specs[p], args)
             scores[t][p] = evaluate(model, requests[t], specs[p], path, key, args.batch_size, desc=f"{t} {p}")
             results[t][p] = accuracy(requests[t], scores[t][p])
             seconds[t][p] = round(time.perf_counter() - t0, 2)

@@ -43,6 +43,14 @@ def cache_suffix(policy: Policy, overrides: str) -> str:
     return suffix
 
 
+def policy_key(policy: Policy, args) -> str:
+    """The name a policy's records go under: its name, the tuning flags given (--window R, --group-size
+    G, --sinks S) and `cache_suffix`'s digests: "kivi2-R16-G16"."""
+    tuning = "".join(f"-{k}{v}" for k, v in (("R", args.window), ("G", args.group_size), ("S", args.sinks))
+                     if v is not None)
+    return policy.name + cache_suffix(policy, tuning)
+
+
 def read_archive(path: str) -> tuple[list[dict], bool]:
     """The records of a task's score archive (gzip of JSON lines), and whether it ended cleanly (a run
     killed mid-write leaves a cut line or a cut gzip member; what came before is kept)."""

@@ -21,7 +21,7 @@ import time
 import numpy as np
 from tqdm import tqdm
 
-from eval.archive import cache_suffix, device_name, model_tag, open_to_append, read_archive
+from eval.archive import device_name, model_tag, open_to_append, policy_key, read_archive
 from eval.longctx_report import heatmaps, markdown
 from eval.retrieval import HAYSTACKS, TASKS, Builder, score
 from kvjax import cli
@@ -109,9 +109,7 @@ def _main(argv) -> int:
     builder = Builder(model.tokenizer, model.tokenizer.encode(read_text("sherlock", args.data_dir))[:SHERLOCK_EVAL_TOKENS])
 
     path = os.path.join(args.cache_dir, model_tag(model.source), "longctx.jsonl.gz")
-    overrides = "".join(f"-{k}{v}" for k, v in (("R", args.window), ("G", args.group_size), ("S", args.sinks))
-                        if v is not None)
-    keys = {name: f"{name}{cache_suffix(policy, overrides)}" for name, policy in specs.items()}
+    keys = {name: policy_key(policy, args) for name, policy in specs.items()}
     done = {}
     for r in read_archive(path)[0]:
         try:
