@@ -147,11 +147,30 @@ def decode_chunk(params, state: DecodeState, eos_id, *, cfg, dtype, sampling: Sa
     return jax.lax.while_loop(cond, body, (jnp.int32(0), state))[1]
 
 
+KEPT_PROGRAMS = 4  # compiled (prefill, decode) pairs kept for requests of the same shapes (an evaluation's batches)
+_kept: dict[tuple, tuple] = {}
+
+
 def compile_programs(params, cfg, policy: Policy, tokens, positions, capacity: int, max_new: int, dtype, kernels,
                      sampling: SamplingConfig, eos_id: int, chunk: int):
     """The compiled prefill and decode_chunk of a request, from shapes alone: compiled before the cache
     exists, the compiler's working memory (1.3-1.5 GiB for a policy of many layer segments) and the
-    cache are never held at once. -> (prefill_fn, decode_fn)."""
+    cache are never held at once. -> (prefill_fn, decode_fn). The last KEPT_PROGRAMS pairs are kept by
+    everything they depend on (the shapes and types of params, tokens and positions, and the settings),
+    so a request shaped like a recent one compiles nothing."""
+    shapes = lambda tree: (jax.tree.structure(tree), tuple((x.shape, x.dtype) for x in jax.tree.leaves(tree)))
+    key = (shapes((params, tokens, positions)), cfg, policy, capacity, max_new, dtype, kernels, sampling, eos_id, chunk)
+    if key in _kept:
+        _kept[key] = _kept.pop(key)  # the most recent last
+        return _kept[key]
+    while len(_kept) >= KEPT_PROGRAMS:
+        _kept.pop(next(iter(_kept)))
+    _kept[key] = _compile(params, cfg, policy, tokens, positions, capacity, max_new, dtype, kernels, sampling, eos_id,
+                          chunk)
+    return _kept[key]
+
+
+def _compile(params, cfg, policy, tokens, positions, capacity, max_new, dtype, kernels, sampling, eos_id, chunk):
     cache = jax.eval_shape(lambda: policy.make_cache(cfg, tokens.shape[0], capacity, dtype, kernels))
     prefill_fn = prefill.lower(params, tokens, positions, cache, cfg=cfg, dtype=dtype).compile()
     logits, cache = jax.eval_shape(lambda *a: prefill(*a, cfg=cfg, dtype=dtype), params, tokens, positions, cache)

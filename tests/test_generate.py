@@ -5,9 +5,13 @@ import jax.numpy as jnp
 import pytest
 
 from kvjax.generate import main
+from kvjax import generation
 from kvjax.generation import generate
 from kvjax.loading import load_model
 from kvjax.model import forward
+from kvjax.policies import get_policy
+
+TINY_KIVI2 = get_policy("kivi2", window=8, group_size=4)  # the tiny model's head_dim is 16
 
 
 def _greedy_without_cache(model, prompt, n):
@@ -32,6 +36,22 @@ def test_batched_greedy_generation_equals_uncached_greedy(tiny_checkpoint, chunk
     for prompt, got in zip(prompts, result.tokens):
         assert got == _greedy_without_cache(model, prompt, 7)
     assert result.decode_steps == 6 and result.kv_bytes > 0
+
+
+def test_a_request_shaped_like_a_recent_one_reuses_its_programs(tiny_checkpoint):
+    """Same shapes and settings: the same compiled pair, and the same tokens; other prompts of those
+    shapes reuse it too; another length compiles its own."""
+    model = load_model(tiny_checkpoint.hf_folder)
+    model.cfg = model.cfg.replace(eos_token_id=None)
+    generation._kept.clear()
+    first = generate(model, [[5, 17, 99], [3, 1, 4]], max_new_tokens=5, kv=TINY_KIVI2)
+    assert len(generation._kept) == 1
+    again = generate(model, [[5, 17, 99], [3, 1, 4]], max_new_tokens=5, kv=TINY_KIVI2)
+    other = generate(model, [[8, 8, 8], [2, 7, 1]], max_new_tokens=5, kv=TINY_KIVI2)
+    assert len(generation._kept) == 1 and again.tokens == first.tokens
+    assert other.tokens == [_greedy_without_cache(model, p, 5) for p in ([8, 8, 8], [2, 7, 1])]
+    generate(model, [[5, 17, 99, 1]], max_new_tokens=5, kv=TINY_KIVI2)
+    assert len(generation._kept) == 2
 
 
 def test_generation_stops_at_eos(tiny_checkpoint):
