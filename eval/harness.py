@@ -4,8 +4,9 @@
 
 The harness's own prompts, metrics and table, with kvjax as its model (eval.harness_lm: the exact
 teacher-forced scorer for log-likelihoods, kvjax.generate for generation). hellaswag, arc_easy,
-arc_challenge, openbookqa and winogrande read the data folder's validation splits (--data-dir,
-else $KVJAX_DATA, else ../shared/data); any other harness task loads as the harness loads it.
+arc_challenge, openbookqa, winogrande and boolq read the data folder's validation splits (--data-dir,
+else $KVJAX_DATA, else ../shared/data; arc_* and openbookqa are scored on validation, where the
+harness's default is their test split); any other harness task loads as the harness loads it.
 Prints the harness's table; --output_path writes its results (and, with --log_samples, every
 example's requests and responses) as JSON.
 """
@@ -28,7 +29,7 @@ def _parser() -> cli.ArgumentParser:
     p = cli.ArgumentParser(prog="python -m eval.harness", description=__doc__.splitlines()[0])
     p.add_argument("--tasks", required=True, help="comma-separated harness task names")
     p.add_argument("--model_args", default="", help="kv=POLICY,window=,group_size=,sinks=,controller=,allocation=,"
-                                                    "model=,dtype=,kernels=,weights= (see eval.harness_lm)")
+                                                    "model=,dtype=,kernels=,weights=,max_gen_toks= (eval.harness_lm)")
     p.add_argument("--limit", type=cli.at_least(1), default=None, help="first N examples of each task")
     p.add_argument("--num_fewshot", type=cli.at_least(0), default=None, help="few-shot examples (task default)")
     p.add_argument("--batch_size", type=cli.at_least(1), default=8, help="sequences per forward pass")
@@ -61,10 +62,11 @@ def _main(argv) -> int:
     from eval import harness_lm
 
     margs = model_args(args.model_args)
-    known = {"model", "kv", "window", "group_size", "sinks", "controller", "allocation", "dtype", "kernels", "weights",
-             "max_gen_toks"}
-    if set(margs) - known:
-        raise KvjaxError(f"--model_args: unknown {', '.join(sorted(set(margs) - known))}; known: {', '.join(sorted(known))}")
+    if "batch_size" in margs:
+        raise KvjaxError("--model_args: give the batch size as --batch_size")
+    known = [a for a in harness_lm.MODEL_ARGS if a != "batch_size"]
+    if set(margs) - set(known):
+        raise KvjaxError(f"--model_args: unknown {', '.join(sorted(set(margs) - set(known)))}; known: {', '.join(known)}")
     flag_names = ("kv", "window", "group_size", "sinks", "controller", "allocation", "kernels", "weights")
     policy = policy_from_flags(harness_lm.policy_args(**{k: margs[k] for k in flag_names if k in margs}))
     cfg = read_config(margs.get("model"))

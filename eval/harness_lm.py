@@ -1,15 +1,18 @@
-"""kvjax as an lm-evaluation-harness model (`kvjax`, registered on import; lm-eval 0.4.x):
+"""kvjax as an lm-evaluation-harness model (`kvjax`, registered on import; lm-eval 0.4.x), following
+the conventions of the harness's Hugging Face model:
 
     loglikelihood          eval.scoring.score_tokens: the exact teacher-forced scorer of the policy,
                            pairs tokenized as the harness does (eval.scoring.encode_pair)
     loglikelihood_rolling  the harness's rolling windows of the model's context, scored the same way
-    generate_until         kvjax.generate: the policy's own prefill and decode, greedy or sampled,
-                           cut at the first stop sequence
+    generate_until         kvjax.generate: the policy's own prefill and decode, greedy or sampled
+                           (the harness's normalized settings), cut at the first stop sequence;
+                           contexts keep their last (context - max_gen_toks) tokens
 
-Model args (`--model_args kv=kivi2,window=16`): model (a .gguf, HF folder or hub id; default the
-embedded SmolLM2), kv, window, group_size, sinks, controller, allocation (as --kv and its flags),
-batch_size, dtype (of generation), kernels (of generation), weights. `local_tasks` builds the
-harness's own task configs over the data folder's saved datasets instead of the hub.
+Model args (`model_args="kv=kivi2,window=16"`, MODEL_ARGS): model (a .gguf, HF folder or hub id;
+default the embedded SmolLM2), kv, window, group_size, sinks, controller, allocation (as --kv and
+its flags), dtype and kernels (of generation), weights, max_gen_toks (default 256), and batch_size
+(`python -m eval.harness` takes it as --batch_size). `local_tasks` builds the harness's own task
+configs over the data folder's saved datasets instead of the hub.
 """
 
 from __future__ import annotations
@@ -19,10 +22,11 @@ import os
 
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
+from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
-from eval.scoring import encode_pair, score_tokens
+from eval.scoring import encode_pair, prefix_id, score_tokens
 from eval.tasks import TASKS
 from kvjax.errors import KvjaxError
 from kvjax.flags import kernels_from_flags, policy_from_flags, weights_from_flags
@@ -32,7 +36,9 @@ from kvjax.model import DTYPES
 from kvjax.sampling import SamplingConfig
 
 # the harness's tasks whose split the data folder holds (eval.tasks' folders): evaluated on it
-LOCAL_TASKS = ("hellaswag", "arc_easy", "arc_challenge", "openbookqa", "winogrande")
+LOCAL_TASKS = ("hellaswag", "arc_easy", "arc_challenge", "openbookqa", "winogrande", "boolq")
+MODEL_ARGS = ("model", "kv", "window", "group_size", "sinks", "controller", "allocation", "dtype", "kernels", "weights",
+              "max_gen_toks", "batch_size")
 
 
 def policy_args(kv: str = "fp16", window=None, group_size=None, sinks=None, controller=None, allocation=None,
@@ -60,8 +66,7 @@ class KvjaxLM(LM):
         self.backend = kernels_from_flags(flags)
         self.model = loaded or load_model(model, weights=weights_from_flags(flags))
         self.policy.check(self.model.cfg)
-        eos = self.model.cfg.eos_token_id
-        self.prefix_id = eos if eos is not None else 0
+        self.prefix_id = prefix_id(self.model.tokenizer)
 
     @property
     def max_length(self) -> int:
@@ -73,14 +78,14 @@ class KvjaxLM(LM):
 
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
         tok = self.model.tokenizer
-        pairs = [encode_pair(tok, context, continuation, self.prefix_id) for context, continuation in
-                 (r.args for r in requests)]
+        pairs = [encode_pair(tok, context, continuation) for context, continuation in (r.args for r in requests)]
         return self._score(pairs, f"loglikelihood ({self.policy.name})")
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         windows, owner = [], []
         for i, (text,) in enumerate(r.args for r in requests):
-            for pair in get_rolling_token_windows(self.model.tokenizer.encode(text), self.prefix_id, self.max_length, 1):
+            ids = self.model.tokenizer.encode(text, bos=False)
+            for pair in get_rolling_token_windows(ids, self.prefix_id, self.max_length, 1):
                 windows.append(make_disjoint_window(pair))
                 owner.append(i)
         totals = [0.0] * len(requests)
@@ -97,20 +102,20 @@ class KvjaxLM(LM):
             groups.setdefault(repr(sorted(r.args[1].items())), []).append(i)
         with tqdm(total=len(requests), desc=f"generate_until ({self.policy.name})", disable=self.rank != 0) as bar:
             for members in groups.values():
-                kwargs = dict(requests[members[0]].args[1])
-                until = kwargs.pop("until", None) or []
-                until = [until] if isinstance(until, str) else list(until)
-                max_new = int(kwargs.pop("max_gen_toks", self.max_gen_toks))
-                sampling = SamplingConfig(temperature=float(kwargs.pop("temperature", 0.0))
-                                          if kwargs.pop("do_sample", False) else 0.0,
-                                          top_k=int(kwargs.pop("top_k", 0) or 0), top_p=float(kwargs.pop("top_p", 1.0) or 1.0))
+                settings = normalize_gen_kwargs(requests[members[0]].args[1], self.max_gen_toks)
+                until = handle_stop_sequences(settings.pop("until", None), eos=None)  # generation stops at EOS
+                max_new = settings["max_gen_toks"]
                 keep = self.max_length - max_new
-                ids = {i: tok.encode(requests[i].args[0])[-keep:] or [self.prefix_id] for i in members}
+                if keep < 1:
+                    raise KvjaxError(f"max_gen_toks {max_new} leaves no room for a context in {self.max_length} tokens")
+                sampling = SamplingConfig(temperature=float(settings.get("temperature", 0.0)),
+                                          top_k=int(settings.get("top_k") or 0), top_p=float(settings.get("top_p") or 1.0))
+                ids = {i: tok.encode(requests[i].args[0], bos=False)[-keep:] or [self.prefix_id] for i in members}
                 members.sort(key=lambda i: -len(ids[i]))
                 for start in range(0, len(members), self.batch_size):
                     batch = members[start:start + self.batch_size]
                     result = generate(self.model, [ids[i] for i in batch], max_new_tokens=max_new, sampling=sampling,
-                                      kv=self.policy, dtype=self.dtype, kernels=self.backend)
+                                      seed=start, kv=self.policy, dtype=self.dtype, kernels=self.backend)
                     for i, text in zip(batch, result.texts, strict=True):
                         cuts = [text.index(s) for s in until if s and s in text]
                         out[i] = text[:min(cuts)] if cuts else text
@@ -135,7 +140,12 @@ def local_tasks(names: list[str], data_dir: str):
         raise KvjaxError(f"unknown harness task(s): {', '.join(unknown)} (`lm-eval ls tasks` lists them)")
 
     def from_disk(folder):
-        return lambda **_: datasets.DatasetDict({"validation": datasets.load_from_disk(folder)})
+        def load(**_):
+            rows = datasets.load_from_disk(folder)
+            if "label" not in rows.column_names and "answer" in rows.column_names:  # boolq: google/boolq's columns
+                rows = rows.map(lambda row: {"label": int(row["answer"])})
+            return datasets.DatasetDict({"validation": rows})
+        return load
 
     members = [{"task": n, "custom_dataset": from_disk(folders[n]), "training_split": None, "test_split": None}
                if n in folders else n for n in names]

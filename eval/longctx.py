@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from eval.archive import device_name, model_tag, open_to_append, policy_key, read_archive
 from eval.longctx_report import heatmaps, markdown
-from eval.retrieval import HAYSTACKS, TASKS, Builder, score
+from eval.retrieval import HAYSTACKS, TASKS, VERSION, Builder, score
 from kvjax import cli
 from kvjax.data import DATA_DIR, SHERLOCK_EVAL_TOKENS, read_text, text_path
 from kvjax.errors import KvjaxError
@@ -70,7 +70,7 @@ def cells(tasks: list[str], haystacks: list[str], lengths: list[int], depths: in
     prompts have one length (generated together)."""
     grid = np.linspace(0.0, 1.0, depths) if depths > 1 else np.asarray([0.5])
     groups = []
-    for length in sorted(lengths):
+    for length in sorted(set(lengths)):
         for task in tasks:
             for hay in (["noise"] if task == "vt" else haystacks):
                 groups.append([(task, hay, length, round(float(d), 4), i) for i in range(samples) for d in grid])
@@ -106,15 +106,17 @@ def _main(argv) -> int:
         policy.check(model.cfg)
     if max(args.lengths) > model.cfg.max_position_embeddings:
         raise KvjaxError(f"--lengths {max(args.lengths)} exceeds the model's {model.cfg.max_position_embeddings} tokens")
-    builder = Builder(model.tokenizer, model.tokenizer.encode(read_text("sherlock", args.data_dir))[:SHERLOCK_EVAL_TOKENS])
+    essay = model.tokenizer.encode(read_text("sherlock", args.data_dir), bos=False)[:SHERLOCK_EVAL_TOKENS]
+    builder = Builder(model.tokenizer, essay)
 
     path = os.path.join(args.cache_dir, model_tag(model.source), "longctx.jsonl.gz")
     keys = {name: policy_key(policy, args) for name, policy in specs.items()}
     done = {}
     for r in read_archive(path)[0]:
         try:
-            done[(r["policy"],) + record_key(r["task"], r["haystack"], r["length"], r["depth"], r["index"])] = r
-        except (KeyError, TypeError, ValueError):
+            if r.get("version", 1) == VERSION:
+                done[(r["policy"],) + record_key(r["task"], r["haystack"], r["length"], r["depth"], r["index"])] = r
+        except (KeyError, TypeError, ValueError, AttributeError):
             continue
     groups = cells(tasks, haystacks, args.lengths, args.depths, args.samples)
     seconds = {}
@@ -132,7 +134,7 @@ def _main(argv) -> int:
                                           kv=policy, kernels=backend)
                         for c, e, text in zip(batch, examples, result.texts, strict=True):
                             r = dict(zip(("task", "haystack", "length", "depth", "index"), c),
-                                     policy=keys[name], answer=text, score=score(text, e.answers))
+                                     policy=keys[name], answer=text, score=score(text, e.answers), version=VERSION)
                             done[(keys[name],) + c] = r
                             archive.write(json.dumps(r) + "\n")
                         archive.flush()
@@ -144,7 +146,7 @@ def _main(argv) -> int:
     report = {"command": "python -m eval.longctx " + " ".join(sys.argv[1:] if argv is None else argv),
               "device": device_name(), "cpu": cpu_model(), "date": datetime.date.today().isoformat(),
               "model": model.source, "policies": list(specs), "tasks": tasks, "haystacks": haystacks,
-              "lengths": sorted(args.lengths), "depths": args.depths, "samples": args.samples, "seconds": seconds,
+              "lengths": sorted(set(args.lengths)), "depths": args.depths, "samples": args.samples, "seconds": seconds,
               "records": table}
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "longctx.json"), "w") as f:

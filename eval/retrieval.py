@@ -26,6 +26,7 @@ import random
 from kvjax.errors import KvjaxError
 
 TASKS = ("niah_single", "niah_multikey", "niah_multivalue", "vt")
+VERSION = 1  # of the examples: a change to how they are made starts the answers' archives afresh
 HAYSTACKS = ("essay", "noise")
 NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 # the answer's token budget per task: the values with room to spare (RULER's)
@@ -54,11 +55,15 @@ class Builder:
     """Makes the examples of one model's tokenizer from one haystack text (its token ids)."""
 
     def __init__(self, tokenizer, essay_ids: list[int]):
+        """essay_ids: the real-text haystack, encoded without a BOS."""
         self.tok = tokenizer
         self.essay = list(essay_ids)
-        self.noise = tokenizer.encode(NOISE * 2048)
+        self.noise = tokenizer.encode(NOISE * 2048, bos=False)
         self._ends = {name: self._sentence_ends(ids) for name, ids in (("essay", self.essay), ("noise", self.noise))}
-        before, after = tokenizer.apply_chat_template([{"role": "user", "content": "\x00"}]).split("\x00")
+        if tokenizer.chat_template:  # the instruction as the user's turn, the answer's start as the model's
+            before, after = tokenizer.apply_chat_template([{"role": "user", "content": "\x00"}]).split("\x00")
+        else:
+            before, after = "", "\n"
         self._chat = (before, after)
 
     def _sentence_ends(self, ids: list[int]) -> list[int]:
@@ -73,8 +78,8 @@ class Builder:
             haystack = "noise"
         else:
             head, question, prefix, needles, answers = self._niah(task, rng)
-        enc = self.tok.encode
-        head_ids, tail_ids = enc(self._chat[0] + head), enc(question + self._chat[1] + prefix)
+        enc = lambda text: self.tok.encode(text, bos=False)  # the one BOS, if the model wants one, goes first
+        head_ids, tail_ids = self.tok.encode(self._chat[0] + head), enc(question + self._chat[1] + prefix)
         needle_ids = [enc(" " + n) for n in needles]
         n = length - MAX_NEW[task] - len(head_ids) - len(tail_ids) - sum(map(len, needle_ids))
         if n < 16:

@@ -1,10 +1,9 @@
 """Log-likelihood of multiple-choice continuations under a KV-cache policy, and accuracy.
 
-A (context, continuation) pair is tokenized as the harness does, `context_enc +
-continuation_enc` (trailing spaces of the context move to the continuation), and
-scored in one teacher-forced pass: the sum of the continuation tokens' log-probabilities.
-Pairs of many requests run together, right-padded (position -1) to a bucketed length (multiples
-of BUCKET tokens) and a fixed batch size, so jit compiles only a few shapes.
+A (context, continuation) pair is tokenized as lm-evaluation-harness's Hugging Face model does
+(`encode_pair`) and scored in one teacher-forced pass: the sum of the continuation tokens'
+log-probabilities. Pairs of many requests run together, right-padded (position -1) to a bucketed
+length (multiples of BUCKET tokens) and a fixed batch size, so jit compiles only a few shapes.
 Every policy goes through `kvjax.teacher_forced.score` (for fp16, a plain causal forward).
 """
 
@@ -27,12 +26,25 @@ from eval.tasks import TARGET_DELIMITER, Request
 BUCKET = 16
 
 
-def encode_pair(tokenizer, context: str, continuation: str, prefix_id: int) -> tuple[list[int], list[int]]:
-    """(context ids, continuation ids); an empty context becomes [prefix_id] (harness: EOT)."""
+def prefix_id(tokenizer) -> int:
+    """The token an empty context becomes (the harness's prefix token): BOS, else EOS, else 0."""
+    for token in (tokenizer.bos_id, tokenizer.eos_id):
+        if token is not None:
+            return token
+    return 0
+
+
+def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """(context ids, continuation ids) as the harness's Hugging Face model makes them: trailing spaces
+    of the context move to the continuation, the whole text is encoded and cut after the context's
+    tokens, no BOS is added, and an empty context is the prefix token."""
+    if not context:
+        return [prefix_id(tokenizer)], tokenizer.encode(continuation, bos=False)
     n_spaces = len(context) - len(context.rstrip())
     if n_spaces:
         context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
-    return tokenizer.encode(context) or [prefix_id], tokenizer.encode(continuation)
+    whole, context_ids = tokenizer.encode(context + continuation, bos=False), tokenizer.encode(context, bos=False)
+    return context_ids, whole[len(context_ids):]
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "policy"))
@@ -95,13 +107,11 @@ def score_requests(model, requests: list[Request], policy: str | Policy = "fp16"
     over every (context, continuation) pair, tokenized as the harness does: `encode_pair`).
     `on_done(i, scores)` is called as soon as every continuation of request i is scored (for a
     resume cache)."""
-    cfg, tok = model.cfg, model.tokenizer
-    prefix = cfg.eos_token_id if cfg.eos_token_id is not None else 0
     owners, pairs = [], []
     for r, req in enumerate(requests):
         for c, (context, continuation) in enumerate(zip(req.contexts, req.continuations)):
             owners.append((r, c))
-            pairs.append(encode_pair(tok, context, continuation, prefix))
+            pairs.append(encode_pair(model.tokenizer, context, continuation))
     scores = [[0.0] * len(req.continuations) for req in requests]
     waiting = [len(req.continuations) for req in requests]
 

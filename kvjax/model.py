@@ -167,7 +167,7 @@ LOGIT_BLOCK = 256  # positions per block of `target_logprobs`
 
 def target_logprobs(params, cfg: ModelConfig, x, targets, dtype=jnp.float32):
     """log p(targets [b, T]) from hidden states x [b, T, d] -> (float32 [b, T], bool [b, T]: whether each
-    target is the most likely token); the head runs LOGIT_BLOCK positions at a time, so a long text
+    target is the argmax, the first of equals, as greedy decoding picks); the head runs LOGIT_BLOCK positions at a time, so a long text
     never holds its [b, T, v] logits."""
     b, T, _ = x.shape
     blocks = -(-T // LOGIT_BLOCK)
@@ -178,7 +178,7 @@ def target_logprobs(params, cfg: ModelConfig, x, targets, dtype=jnp.float32):
         xb, yb = args  # [b, B, d], [b, B]
         logits = head(params, cfg, xb, dtype)
         target = jnp.take_along_axis(logits, yb[..., None], axis=-1)[..., 0]
-        return target - jax.nn.logsumexp(logits, axis=-1), target >= jnp.max(logits, axis=-1)
+        return target - jax.nn.logsumexp(logits, axis=-1), jnp.argmax(logits, axis=-1) == yb  # ties: the first
 
     unblock = lambda a: a.swapaxes(0, 1).reshape(b, -1)[:, :T]
     logp, top = jax.lax.map(one, (by_block(x), by_block(targets)))

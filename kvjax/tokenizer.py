@@ -32,9 +32,10 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return self.backend.get_vocab_size()
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, bos: bool = True) -> list[int]:
+        """Token ids of `text`, after the BOS token where the model wants one (and `bos` allows)."""
         ids = self.backend.encode(text, add_special_tokens=False).ids
-        if self.add_bos and self.bos_id is not None:
+        if bos and self.add_bos and self.bos_id is not None:
             ids = [self.bos_id] + ids
         return ids
 

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 
 import datasets
 import jax
@@ -82,13 +83,22 @@ def test_quantized_policy_changes_scores(tiny):
     assert np.abs(fp16 - kivi2).max() > 1e-3
 
 
-def test_trailing_space_moves_to_the_continuation():
-    class Chars:
-        encode = staticmethod(lambda text: [ord(ch) for ch in text])
+def test_pairs_are_encoded_as_the_harness_encodes_them():
+    """Trailing spaces move to the continuation; the whole text is encoded and cut after the context's
+    tokens (a merge across the boundary goes to the context's side, as in the harness); no BOS; an
+    empty context is the BOS (the prefix token)."""
+    class Chars:  # one token per character, "ab" merged into one, BOS 7 where the model wants it
+        bos_id, eos_id = 7, 8
 
-    assert scoring.encode_pair(Chars, "Answer: ", "yes", 0) == ([ord(c) for c in "Answer:"],
-                                                                 [ord(c) for c in " yes"])
-    assert scoring.encode_pair(Chars, "", "x", 7) == ([7], [ord("x")])
+        @staticmethod
+        def encode(text, bos=True):
+            return [7] * bos + [256 if ch == "ab" else ord(ch[0]) for ch in re.findall("ab|.", text, re.S)]
+
+    assert scoring.encode_pair(Chars, "Answer: ", "yes") == ([ord(c) for c in "Answer:"], [ord(c) for c in " yes"])
+    assert scoring.encode_pair(Chars, "", "x") == ([7], [ord("x")])
+    assert scoring.encode_pair(Chars, "xa", "bc") == ([ord("x"), ord("a")], [ord("c")])
+    Chars.bos_id = None
+    assert scoring.encode_pair(Chars, "", "x") == ([8], [ord("x")])
 
 
 def test_accuracy_on_fixture_scores():

@@ -14,6 +14,7 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window  # noq
 from eval import harness_lm, scoring, tasks  # noqa: E402
 from eval.harness import main  # noqa: E402
 from kvjax.data import DATA_DIR  # noqa: E402
+from kvjax.errors import KvjaxError  # noqa: E402
 from kvjax.generation import generate  # noqa: E402
 from kvjax.loading import load_model  # noqa: E402
 from kvjax.policies import get_policy  # noqa: E402
@@ -67,7 +68,7 @@ def test_loglikelihood_is_the_scorers(tiny, kv):
     (ll, is_greedy), (_, other_greedy) = scoring.score_tokens(tiny, [(ids, greedy), (ids, other)], lm.policy, 2)
     assert is_greedy and ll < 0 and not other_greedy
     assert [g[1] for g in got] == [g for _, g in scoring.score_tokens(
-        tiny, [scoring.encode_pair(tiny.tokenizer, c, x, lm.prefix_id) for c, x in pairs], lm.policy, 3)]
+        tiny, [scoring.encode_pair(tiny.tokenizer, c, x) for c, x in pairs], lm.policy, 3)]
 
 
 def test_loglikelihood_rolling_is_the_texts_logprob(tiny):
@@ -75,12 +76,13 @@ def test_loglikelihood_rolling_is_the_texts_logprob(tiny):
     scoring each window apart, and for a short text the plain log-probability after the prefix token."""
     lm = harness_lm.KvjaxLM(kv="fp16", loaded=tiny, batch_size=2)
     short = "A short text to score."
-    ids = tiny.tokenizer.encode(short)
+    ids = tiny.tokenizer.encode(short, bos=False)
+    assert lm.prefix_id == scoring.prefix_id(tiny.tokenizer) == tiny.tokenizer.bos_id  # BOS, as the harness's
     (whole,) = lm.loglikelihood_rolling([request("loglikelihood_rolling", short)])
     assert whole == scoring.score_tokens(tiny, [([lm.prefix_id], ids)], lm.policy, 2)[0][0]
     long_text = "abcdefghij " * 70  # 770 byte tokens > 512: the harness's windows, each token predicted once
     (rolled,) = lm.loglikelihood_rolling([request("loglikelihood_rolling", long_text)])
-    ids = tiny.tokenizer.encode(long_text)
+    ids = tiny.tokenizer.encode(long_text, bos=False)
     windows = [make_disjoint_window(w) for w in get_rolling_token_windows(ids, lm.prefix_id, 512, 1)]
     assert len(windows) == 2 and sum(len(c) for _, c in windows) == len(ids)
     parts = scoring.score_tokens(tiny, windows, lm.policy, 2)
@@ -93,17 +95,24 @@ def test_generate_until_is_kvjax_generate_cut_at_a_stop(tiny):
     settings = {"until": ["e"], "max_gen_toks": 12, "do_sample": False}
     got = lm.generate_until([request("generate_until", p, dict(settings)) for p in prompts])
     for prompt, text in zip(prompts, got):
-        full = generate(tiny, [tiny.tokenizer.encode(prompt)], max_new_tokens=12, kv=lm.policy).texts[0]
+        full = generate(tiny, [tiny.tokenizer.encode(prompt, bos=False)], max_new_tokens=12, kv=lm.policy).texts[0]
         assert text == full.split("e")[0]
+    # the harness's other spellings: a single stop string, max_new_tokens for max_gen_toks
+    (alias,) = lm.generate_until([request("generate_until", prompts[0], {"until": "e", "max_new_tokens": 6})])
+    full = generate(tiny, [tiny.tokenizer.encode(prompts[0], bos=False)], max_new_tokens=6, kv=lm.policy).texts[0]
+    assert alias == full.split("e")[0]
+    with pytest.raises(KvjaxError, match="leaves no room"):
+        lm.generate_until([request("generate_until", "x", {"until": [], "max_gen_toks": 512})])
 
 
 def test_bad_model_args_are_one_line_before_the_model_loads(capsys):
     assert main(["--tasks", "arc_easy", "--model_args", "kv=kivi9"]) == 2
     assert main(["--tasks", "arc_easy", "--model_args", "kv=fp16,colour=blue"]) == 2
     assert main(["--tasks", "no_such_task", "--model_args", "kv=fp16"]) == 2
+    assert main(["--tasks", "arc_easy", "--model_args", "kv=fp16,batch_size=4"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert [line.split(":")[0] for line in err] == ["error"] * 3, err
-    assert "kivi9" in err[0] and "colour" in err[1] and "no_such_task" in err[2]
+    assert [line.split(":")[0] for line in err] == ["error"] * 4, err
+    assert "kivi9" in err[0] and "colour" in err[1] and "no_such_task" in err[2] and "--batch_size" in err[3]
 
 
 def test_policy_args_match_the_flags():

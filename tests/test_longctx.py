@@ -27,7 +27,7 @@ def default_model():
 
 @pytest.fixture(scope="module")
 def builder(default_model):
-    return Builder(default_model.tokenizer, default_model.tokenizer.encode(BOOK))
+    return Builder(default_model.tokenizer, default_model.tokenizer.encode(BOOK, bos=False))
 
 
 @pytest.mark.parametrize("task", TASKS)
