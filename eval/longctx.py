@@ -6,8 +6,9 @@ Each example (eval.retrieval: the tasks, haystacks and depths) is a prompt of ex
 answer budget` tokens, answered greedily through `kvjax.generate` with the policy's cache, prefill
 and decode as a user's; its score is the fraction of the needle's values in the answer. Every
 answer is appended to an archive under --cache-dir as soon as it is made: a rerun skips what is
-there. Writes longctx.json (every cell), longctx.md (accuracy by length per task and policy, and
-by depth and length per policy) and longctx.png (depth x length heatmaps, one per policy) to --out.
+there. Writes longctx.json (every answer), longctx.md (accuracy by length per task and policy, and by
+depth and length per policy) and longctx.png (depth x length heatmaps, one per policy) to --out;
+`--report` writes them from the answers already kept, generating nothing.
 """
 
 from __future__ import annotations
@@ -52,6 +53,8 @@ def _parser() -> cli.ArgumentParser:
     p.add_argument("--out", type=cli.output_dir, default="results/longctx", help="folder for longctx.json, .md, .png")
     p.add_argument("--cache-dir", type=cli.output_dir, default="eval_cache",
                    help="where every answer is kept (an interrupted run resumes)")
+    p.add_argument("--report", action="store_true",
+                   help="only write the report from the answers kept (nothing generated; cells without answers: -)")
     return p
 
 
@@ -96,7 +99,48 @@ def _main(argv) -> int:
             raise KvjaxError(f"--lengths {max(args.lengths)} exceeds the model's {cfg.max_position_embeddings} tokens")
         for policy in specs.values():
             policy.check(cfg)
-    text_path("sherlock", args.data_dir)
+    source = resolve_model(args.model)
+    path = os.path.join(args.cache_dir, model_tag(source), "longctx.jsonl.gz")
+    keys = {name: policy_key(policy, args) for name, policy in specs.items()}
+    done = read_answers(path)
+    groups = cells(tasks, haystacks, args.lengths, args.depths, args.samples)
+    seconds = {}
+    if not args.report:
+        text_path("sherlock", args.data_dir)
+        seconds = answer_all(args, specs, keys, groups, done, path)
+    table = {name: [done[(keys[name],) + c] for group in groups for c in group if (keys[name],) + c in done]
+             for name in specs}
+    report = {"command": "python -m eval.longctx " + " ".join(sys.argv[1:] if argv is None else argv),
+              "device": device_name(), "cpu": cpu_model(), "date": datetime.date.today().isoformat(),
+              "model": source, "policies": list(specs), "tasks": tasks, "haystacks": haystacks,
+              "lengths": sorted(set(args.lengths)), "depths": args.depths, "samples": args.samples, "seconds": seconds,
+              "records": table}
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "longctx.json"), "w") as f:
+        json.dump(report, f, indent=1)
+    text = markdown(report)
+    with open(os.path.join(args.out, "longctx.md"), "w") as f:
+        f.write(text)
+    heatmaps(report, os.path.join(args.out, "longctx.png"))
+    print("\n" + text + f"\nwrote {args.out}/longctx.json, longctx.md, longctx.png")
+    return 0
+
+
+def read_answers(path: str) -> dict[tuple, dict]:
+    """(policy key, task, haystack, length, depth, index) -> record, of this VERSION of the examples."""
+    done = {}
+    for r in read_archive(path)[0]:
+        try:
+            if r.get("version", 1) == VERSION:
+                done[(r["policy"],) + record_key(r["task"], r["haystack"], r["length"], r["depth"], r["index"])] = r
+        except (KeyError, TypeError, ValueError, AttributeError):
+            continue
+    return done
+
+
+def answer_all(args, specs: dict, keys: dict, groups: list, done: dict, path: str) -> dict[str, float]:
+    """Loads the model and answers every example not in `done`, each appended to the archive at `path`
+    (and to `done`) as it is made. -> seconds per policy."""
     backend = kernels_from_flags(args)
     held = weights_from_flags(args)
     cli.use_compilation_cache()
@@ -108,17 +152,6 @@ def _main(argv) -> int:
         raise KvjaxError(f"--lengths {max(args.lengths)} exceeds the model's {model.cfg.max_position_embeddings} tokens")
     essay = model.tokenizer.encode(read_text("sherlock", args.data_dir), bos=False)[:SHERLOCK_EVAL_TOKENS]
     builder = Builder(model.tokenizer, essay)
-
-    path = os.path.join(args.cache_dir, model_tag(model.source), "longctx.jsonl.gz")
-    keys = {name: policy_key(policy, args) for name, policy in specs.items()}
-    done = {}
-    for r in read_archive(path)[0]:
-        try:
-            if r.get("version", 1) == VERSION:
-                done[(r["policy"],) + record_key(r["task"], r["haystack"], r["length"], r["depth"], r["index"])] = r
-        except (KeyError, TypeError, ValueError, AttributeError):
-            continue
-    groups = cells(tasks, haystacks, args.lengths, args.depths, args.samples)
     seconds = {}
     with open_to_append(path) as archive:
         for name, policy in specs.items():
@@ -141,22 +174,7 @@ def _main(argv) -> int:
                         bar.update(len(batch))
                         bar.set_postfix_str(f"{c[0]} {c[1]} {c[2]}")
             seconds[name] = round(time.perf_counter() - t0, 1)
-
-    table = {name: [done[(keys[name],) + c] for group in groups for c in group] for name in specs}
-    report = {"command": "python -m eval.longctx " + " ".join(sys.argv[1:] if argv is None else argv),
-              "device": device_name(), "cpu": cpu_model(), "date": datetime.date.today().isoformat(),
-              "model": model.source, "policies": list(specs), "tasks": tasks, "haystacks": haystacks,
-              "lengths": sorted(set(args.lengths)), "depths": args.depths, "samples": args.samples, "seconds": seconds,
-              "records": table}
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "longctx.json"), "w") as f:
-        json.dump(report, f, indent=1)
-    text = markdown(report)
-    with open(os.path.join(args.out, "longctx.md"), "w") as f:
-        f.write(text)
-    heatmaps(report, os.path.join(args.out, "longctx.png"))
-    print("\n" + text + f"\nwrote {args.out}/longctx.json, longctx.md, longctx.png")
-    return 0
+    return seconds
 
 
 if __name__ == "__main__":

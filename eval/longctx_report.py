@@ -19,6 +19,11 @@ def accuracy(records: list[dict], **where) -> tuple[float, int]:
     return (100.0 * float(np.mean(chosen)) if chosen else float("nan")), len(chosen)
 
 
+def cell(value: float, digits: int = 0) -> str:
+    """A table cell: the value, or "-" where no example was answered."""
+    return "-" if value != value else f"{value:.{digits}f}"
+
+
 def markdown(report: dict) -> str:
     """Accuracy (%) by length for each task and haystack (rows: policies), then by depth and length
     for each policy (all tasks together), and the largest drop from fp16's in any (length, depth) cell."""
@@ -32,14 +37,14 @@ def markdown(report: dict) -> str:
     for t, h in combos:
         for p in policies:
             row = [accuracy(records[p], task=t, haystack=h, length=n)[0] for n in lengths]
-            out.append(f"| {t} | {h} | {p} | " + " | ".join(f"{a:.0f}" for a in row)
-                       + f" | {accuracy(records[p], task=t, haystack=h)[0]:.1f} |")
-    depths = sorted({r["depth"] for r in records[policies[0]]})
+            out.append(f"| {t} | {h} | {p} | " + " | ".join(cell(a) for a in row)
+                       + f" | {cell(accuracy(records[p], task=t, haystack=h)[0], 1)} |")
+    depths = sorted({r["depth"] for p in policies for r in records[p]})
     for p in policies:
         out += ["", f"**{p}**, all tasks: accuracy by depth (rows) and length (columns)", "",
                 "| depth | " + " | ".join(str(n) for n in lengths) + " |", "|" + "---|" * (len(lengths) + 1)]
         for d in depths:
-            out.append(f"| {d:g} | " + " | ".join(f"{accuracy(records[p], depth=d, length=n)[0]:.0f}"
+            out.append(f"| {d:g} | " + " | ".join(cell(accuracy(records[p], depth=d, length=n)[0])
                                                    for n in lengths) + " |")
     if "fp16" in policies:
         out += ["", "Largest drop from fp16 in one (length, depth) cell, all tasks (points; n per cell "
@@ -48,8 +53,10 @@ def markdown(report: dict) -> str:
             if p != "fp16":
                 drops = [(accuracy(records["fp16"], depth=d, length=n)[0] - accuracy(records[p], depth=d, length=n)[0],
                           n, d) for n in lengths for d in depths]
-                worst = max(drops)
-                out.append(f"- {p}: {worst[0]:.1f} at {worst[1]} tokens, depth {worst[2]:g}")
+                drops = [drop for drop in drops if drop[0] == drop[0]]  # cells both answered
+                if drops:
+                    worst = max(drops)
+                    out.append(f"- {p}: {worst[0]:.1f} at {worst[1]} tokens, depth {worst[2]:g}")
     return "\n".join(out) + "\n"
 
 
@@ -61,7 +68,7 @@ def heatmaps(report: dict, path: str):
     import matplotlib.pyplot as plt
 
     lengths, policies, records = report["lengths"], report["policies"], report["records"]
-    depths = sorted({r["depth"] for r in records[policies[0]]})
+    depths = sorted({r["depth"] for p in policies for r in records[p]})
     columns = min(4, len(policies))
     rows = -(-len(policies) // columns)
     fig, axes = plt.subplots(rows, columns, figsize=(2.9 * columns + 0.6, 2.6 * rows + 0.6), squeeze=False)
@@ -69,7 +76,7 @@ def heatmaps(report: dict, path: str):
         grid = np.asarray([[accuracy(records[p], depth=d, length=n)[0] for n in lengths] for d in depths])
         image = ax.imshow(grid, vmin=0, vmax=100, cmap="RdYlGn", aspect="auto")
         for (i, j), a in np.ndenumerate(grid):
-            ax.text(j, i, f"{a:.0f}", ha="center", va="center", fontsize=7)
+            ax.text(j, i, cell(a), ha="center", va="center", fontsize=7)
         ax.set_xticks(range(len(lengths)), [f"{n // 1024}k" if n % 1024 == 0 else str(n) for n in lengths])
         ax.set_yticks(range(len(depths)), [f"{d:g}" for d in depths])
         ax.set_title(p, fontsize=9)

@@ -91,6 +91,13 @@ def test_a_run_answers_every_example_once_and_resumes(default_model, tmp_path, c
     assert longctx.main(argv) == 0  # everything answered: nothing generated again
     with gzip.open(archive, "rt") as f:
         assert sum(1 for _ in f) == len(records)
+    monkeypatch.setattr(longctx, "load_model", None)  # --report answers nothing, loads nothing
+    wider = [a if a != "600" else "600,1024" for a in argv]
+    assert longctx.main(wider + ["--report"]) == 0
+    assert "| niah_single | essay | fp16 | " in (tmp_path / "out" / "longctx.md").read_text()
+    assert all(line.split(" | ")[4] == "-" for line in (tmp_path / "out" / "longctx.md").read_text().splitlines()
+               if line.startswith("| niah_single |"))  # the 1024 column: nothing answered
+    assert longctx.main(argv + ["--report"]) == 0  # and the full report back
     text = report_command.build(None, None, None, str(tmp_path / "RESULTS.md"), "test",
                                 longctx=str(tmp_path / "out" / "longctx.json"))
     assert "## Retrieval at long context" in text and "| niah_single | noise | kivi2 |" in text
