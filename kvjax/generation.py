@@ -170,6 +170,16 @@ def compile_programs(params, cfg, policy: Policy, tokens, positions, capacity: i
     return _kept[key]
 
 
+def programs_kept() -> int:
+    """How many compiled (prefill, decode) pairs `compile_programs` holds for reuse."""
+    return len(_kept)
+
+
+def forget_programs():
+    """Drops the compiled pairs kept for reuse (their memory goes with the last reference)."""
+    _kept.clear()
+
+
 def _compile(params, cfg, policy, tokens, positions, capacity, max_new, dtype, kernels, sampling, eos_id, chunk):
     cache = jax.eval_shape(lambda: policy.make_cache(cfg, tokens.shape[0], capacity, dtype, kernels))
     prefill_fn = prefill.lower(params, tokens, positions, cache, cfg=cfg, dtype=dtype).compile()

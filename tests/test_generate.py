@@ -43,15 +43,15 @@ def test_a_request_shaped_like_a_recent_one_reuses_its_programs(tiny_checkpoint)
     shapes reuse it too; another length compiles its own."""
     model = load_model(tiny_checkpoint.hf_folder)
     model.cfg = model.cfg.replace(eos_token_id=None)
-    generation._kept.clear()
+    generation.forget_programs()
     first = generate(model, [[5, 17, 99], [3, 1, 4]], max_new_tokens=5, kv=TINY_KIVI2)
-    assert len(generation._kept) == 1
+    assert generation.programs_kept() == 1
     again = generate(model, [[5, 17, 99], [3, 1, 4]], max_new_tokens=5, kv=TINY_KIVI2)
     other = generate(model, [[8, 8, 8], [2, 7, 1]], max_new_tokens=5, kv=TINY_KIVI2)
-    assert len(generation._kept) == 1 and again.tokens == first.tokens
+    assert generation.programs_kept() == 1 and again.tokens == first.tokens
     assert other.tokens == [_greedy_without_cache(model, p, 5) for p in ([8, 8, 8], [2, 7, 1])]
     generate(model, [[5, 17, 99, 1]], max_new_tokens=5, kv=TINY_KIVI2)
-    assert len(generation._kept) == 2
+    assert generation.programs_kept() == 2
 
 
 def test_generation_stops_at_eos(tiny_checkpoint):
