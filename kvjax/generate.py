@@ -16,6 +16,7 @@ from kvjax.generation import default_dtype, estimate_memory, generate
 from kvjax.loading import load_model, read_config, read_tokenizer, resolve_model, weight_bytes
 from kvjax.model import DTYPES
 from kvjax.sampling import SamplingConfig
+from kvjax.weights import Weights
 
 
 def _parser() -> cli.ArgumentParser:
@@ -64,11 +65,14 @@ def _main(argv) -> int:
     prompts = args.prompt
     if args.chat and tokenizer is not None:
         prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p}]) for p in prompts]
+    lengths = [len(tokenizer.encode(p)) for p in prompts] if tokenizer is not None else None
+    lightest = Weights.NATIVE if args.weights == Weights.AUTO.value else Weights(args.weights)  # auto's lightest
+    if cfg is not None and lengths:  # before anything is built: the weights held as lightly as --weights allows
+        _check_request(cfg, kv, lengths, args, dtype, weight_bytes(source, lightest, DTYPES[dtype]))
     kernels = kernels_from_flags(args)  # after the numbers: on a CPU, auto may build the C++ kernels (once)
     weights = weights_from_flags(args)
-    if cfg is not None and tokenizer is not None:
-        _check_request(cfg, kv, [len(tokenizer.encode(p)) for p in prompts], args, dtype,
-                       weight_bytes(source, weights, DTYPES[dtype]))
+    if cfg is not None and lengths and weights is not lightest:  # auto chose the float32 weights
+        _check_request(cfg, kv, lengths, args, dtype, weight_bytes(source, weights, DTYPES[dtype]))
     cli.say(f"[kvjax] loading {source}")
     model = load_model(source, DTYPES[dtype], weights)
     if args.chat and tokenizer is None:
