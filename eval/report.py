@@ -45,15 +45,18 @@ def read_json_lines(path: str) -> list[dict]:
     return records
 
 
-def read_accuracy(path: str) -> dict:
+def read_report(path: str, keys: tuple[str, ...], name: str, writer: str) -> dict:
+    """A command's JSON report (`name`, written by `writer`), with `keys`; a missing file or another
+    file is a KvjaxError."""
     if not os.path.exists(path):
         raise KvjaxError(f"no such file: {path}")
     try:
         with open(path) as f:
             report = json.load(f)
-        report["results"], report["tasks"], report["policies"]
+        for key in keys:
+            report[key]
     except (ValueError, KeyError, TypeError):
-        raise KvjaxError(f"{path} is not a results.json written by `python -m eval`") from None
+        raise KvjaxError(f"{path} is not a {name} written by `{writer}`") from None
     return report
 
 
@@ -248,18 +251,6 @@ def latency_section(records: list[dict], source: str, plot_path: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def read_longctx(path: str) -> dict:
-    if not os.path.exists(path):
-        raise KvjaxError(f"no such file: {path}")
-    try:
-        with open(path) as f:
-            report = json.load(f)
-        report["records"], report["policies"], report["lengths"]
-    except (ValueError, KeyError, TypeError):
-        raise KvjaxError(f"{path} is not a longctx.json written by `python -m eval.longctx`") from None
-    return report
-
-
 def longctx_section(report: dict, source: str, plot_path: str) -> str:
     heatmaps(report, plot_path)
     return (f"## Retrieval at long context\n\n`{report['command']}` ({source})\n\n{markdown(report)}\n"
@@ -272,10 +263,12 @@ def build(accuracy: str | None, perplexity: list[str] | None, latency: list[str]
     if not (accuracy or perplexity or latency or longctx):
         raise KvjaxError("give at least one of --accuracy, --perplexity, --latency, --longctx")
     lines_of = lambda paths: [r for path in paths for r in read_json_lines(path)]
-    inputs = (read_accuracy(accuracy) if accuracy else None,
+    inputs = (read_report(accuracy, ("results", "tasks", "policies"), "results.json", "python -m eval") if accuracy else None,
               lines_of(perplexity) if perplexity else None,
               lines_of(latency) if latency else None)
-    retrieval = read_longctx(longctx) if longctx else None
+    retrieval = (read_report(longctx, ("records", "policies", "lengths"), "longctx.json",
+                             "python -m eval.longctx")
+                 if longctx else None)
     folder, stem = os.path.dirname(out) or ".", os.path.splitext(os.path.basename(out))[0]
     os.makedirs(folder, exist_ok=True)
     parts = [f"# Results\n\nMade by `{command}` on {datetime.date.today().isoformat()}.\n"]
