@@ -50,7 +50,8 @@ def policy_args(kv: str = "fp16", window=None, group_size=None, sinks=None, cont
 
 @register_model("kvjax")
 class KvjaxLM(LM):
-    """A kvjax model and KV-cache policy, as the harness calls a model."""
+    """A kvjax model and KV-cache policy, as the harness calls a model. `loaded`: a LoadedModel to use
+    instead of loading `model`; the harness's own device and max_batch_size arguments are ignored."""
 
     def __init__(self, model: str | None = None, kv: str = "fp16", window=None, group_size=None, sinks=None,
                  controller=None, allocation=None, batch_size=8, dtype: str = "float32", kernels: str = "auto",
@@ -58,8 +59,8 @@ class KvjaxLM(LM):
         super().__init__()
         flags = policy_args(kv, window, group_size, sinks, controller, allocation, kernels, weights)
         self.policy = policy_from_flags(flags)
-        if str(batch_size) == "auto" or int(batch_size) < 1:
-            raise KvjaxError(f"batch_size must be a number >= 1, got {batch_size!r}")
+        if not str(batch_size).isdigit() or int(batch_size) < 1:
+            raise KvjaxError(f"batch_size must be a whole number >= 1, got {batch_size!r}")
         if dtype not in DTYPES:
             raise KvjaxError(f"unknown dtype {dtype!r}; known: {', '.join(DTYPES)}")
         self.batch_size, self.dtype, self.max_gen_toks = int(batch_size), dtype, int(max_gen_toks)
