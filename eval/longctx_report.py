@@ -72,7 +72,7 @@ def heatmaps(report: dict, path: str):
     columns = min(4, len(policies))
     rows = -(-len(policies) // columns)
     fig, axes = plt.subplots(rows, columns, figsize=(2.9 * columns + 0.6, 2.6 * rows + 0.6), squeeze=False)
-    for ax, p in zip(axes.flat, policies):
+    for k, (ax, p) in enumerate(zip(axes.flat, policies)):
         grid = np.asarray([[accuracy(records[p], depth=d, length=n)[0] for n in lengths] for d in depths])
         image = ax.imshow(grid, vmin=0, vmax=100, cmap="RdYlGn", aspect="auto")
         for (i, j), a in np.ndenumerate(grid):
@@ -80,10 +80,13 @@ def heatmaps(report: dict, path: str):
         ax.set_xticks(range(len(lengths)), [f"{n // 1024}k" if n % 1024 == 0 else str(n) for n in lengths])
         ax.set_yticks(range(len(depths)), [f"{d:g}" for d in depths])
         ax.set_title(p, fontsize=9)
-        ax.set_xlabel("context", fontsize=8)
-        ax.set_ylabel("depth", fontsize=8)
+        if k % columns == 0:
+            ax.set_ylabel("needle depth", fontsize=8)
+        if k + columns >= len(policies):  # the lowest panel of its column
+            ax.set_xlabel("context (tokens)", fontsize=8)
     for ax in list(axes.flat)[len(policies):]:
         ax.axis("off")
+    fig.subplots_adjust(wspace=0.25, hspace=0.35)
     fig.colorbar(image, ax=axes, shrink=0.8, label="accuracy (%)")
     fig.suptitle(f"Retrieval accuracy by needle depth and context ({os.path.basename(report['model'])})", fontsize=10)
     fig.savefig(path, dpi=120)
