@@ -80,6 +80,11 @@ def cells(tasks: list[str], haystacks: list[str], lengths: list[int], depths: in
     return groups
 
 
+def check_lengths(lengths: list[int], cfg):
+    if max(lengths) > cfg.max_position_embeddings:
+        raise KvjaxError(f"--lengths {max(lengths)} exceeds the model's {cfg.max_position_embeddings} tokens")
+
+
 def record_key(task: str, hay: str, length: int, depth: float, index: int) -> tuple:
     return task, hay, int(length), round(float(depth), 4), int(index)
 
@@ -95,8 +100,7 @@ def _main(argv) -> int:
     specs = {policy.name: policy for policy in policies_from_flags(args)}
     cfg = read_config(args.model)
     if cfg is not None:  # numbers before files
-        if max(args.lengths) > cfg.max_position_embeddings:
-            raise KvjaxError(f"--lengths {max(args.lengths)} exceeds the model's {cfg.max_position_embeddings} tokens")
+        check_lengths(args.lengths, cfg)
         for policy in specs.values():
             policy.check(cfg)
     source = resolve_model(args.model)
@@ -148,8 +152,7 @@ def answer_all(args, specs: dict, keys: dict, groups: list, done: dict, path: st
     model = load_model(args.model, weights=held)
     for policy in specs.values():
         policy.check(model.cfg)
-    if max(args.lengths) > model.cfg.max_position_embeddings:
-        raise KvjaxError(f"--lengths {max(args.lengths)} exceeds the model's {model.cfg.max_position_embeddings} tokens")
+    check_lengths(args.lengths, model.cfg)  # a model whose config is read only on loading (a hub id)
     essay = model.tokenizer.encode(read_text("sherlock", args.data_dir), bos=False)[:SHERLOCK_EVAL_TOKENS]
     builder = Builder(model.tokenizer, essay)
     seconds = {}
