@@ -27,6 +27,7 @@ from flax import struct
 from kvjax.attention import causal_mask
 from kvjax.config import ModelConfig
 from kvjax.kernels import Backend, Kernels, resolve
+from kvjax.rotation import NONE
 from kvjax.stores import after_reading, write_slots
 from pallas_kernels.xla_attention import CHUNK_SLOTS, Part, merge_partials, slices
 
@@ -36,6 +37,7 @@ class KVCache:
 
     uses_features = False  # whether a precision policy reads token features
     max_chunk = None  # most tokens per sequence one step may bring (None: any)
+    rotation = NONE  # how the model rotates the K/V it hands `attend` (kvjax.rotation; quantized caches: their layout's)
 
     @property
     def segments(self) -> tuple[tuple[int, int], ...]:

@@ -19,7 +19,7 @@ from __future__ import annotations
 from kvjax import kernels, weights
 from kvjax.errors import KvjaxError
 from kvjax.layout import DEFAULT_GROUP, DEFAULT_SINKS, DEFAULT_WINDOW
-from kvjax.policies import ALIASES, REGISTRY, Policy, family_of, get_policy
+from kvjax.policies import ALIASES, REGISTRY, ROTATED, Policy, family_of, get_policy
 
 SUGGESTED = "learned-alloc@2.5"  # the policy to try for memory: near-FP16 perplexity (README's results table)
 
@@ -29,7 +29,8 @@ def policy_help() -> str:
     lines = [f"{f.name}{'@BITS' if f.budget == 'required' else ''}: {f.help}" for f in REGISTRY.values()]
     aliases = ", ".join(f"{a} = {t}" for a, t in ALIASES.items()) + ", mixed@BITS = mixed-static@BITS"
     return (f"KV-cache policy (comma-separated where several are run); to save memory, try {SUGGESTED}. "
-            + "; ".join(lines) + f". Aliases: {aliases}")
+            + "; ".join(lines) + f". Aliases: {aliases}. A quantized policy + {' / '.join(ROTATED)} stores its "
+            "keys and values / keys / values Hadamard-rotated (kivi2+rot)")
 
 
 def add_policy_flags(parser, default: str = "fp16"):

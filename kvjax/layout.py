@@ -28,6 +28,7 @@ import functools
 import jax.numpy as jnp
 
 from kvjax.errors import KvjaxError
+from kvjax.rotation import NONE, Rotation
 from pallas_kernels.quant import VALID_BITS
 
 DEFAULT_SINKS = 4  # S, for the policies that keep sinks
@@ -91,6 +92,7 @@ class Layout:
     num_layers: int
     sink_slots: int  # slots actually allocated: what can reach them at this capacity
     window_slots: int
+    rotation: Rotation = NONE  # keys and/or values stored rotated (kvjax.rotation; the model applies it)
 
     def __post_init__(self):
         for i, t in enumerate(self.tiers):

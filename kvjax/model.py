@@ -86,8 +86,9 @@ class Block(nn.Module):
         if cache is None:
             mask = causal_mask(positions, positions)
             attn = masked_attention(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), mask)
-        else:
-            attn, cache = cache.attend(Layer(self.segment, layer), q, k, v, positions)
+        else:  # a quantized cache may store its K/V rotated (kvjax.rotation): exact in exact arithmetic
+            attn, cache = cache.attend(Layer(self.segment, layer), *cache.rotation.inputs(q, k, v), positions)
+            attn = cache.rotation.output(attn)
         x = x + dense(cfg.hidden_size, "o_proj")(attn.reshape(b, t, -1))
 
         h = RMSNorm(cfg.rms_norm_eps, self.dtype, name="mlp_norm")(x)

@@ -41,6 +41,7 @@ from kvjax.config import ModelConfig
 from kvjax.controller import Controller, default_controller, load_controller
 from kvjax.errors import KvjaxError
 from kvjax.layout import CODE_WIDTHS, DEFAULT_GROUP, DEFAULT_SINKS, DEFAULT_WINDOW, EVICTED, WIDTHS, Layout, Tier
+from kvjax.rotation import Rotation, hadamard
 from kvjax.tiered import TieredCache
 
 
@@ -92,8 +93,10 @@ class Quantized(Policy):
     sinks: int = DEFAULT_SINKS
     window: int = DEFAULT_WINDOW
     group_size: int = DEFAULT_GROUP
+    rotate: str = "none"  # kvjax.rotation.ROTATIONS: which sides are stored Hadamard-rotated
 
     def __post_init__(self):
+        Rotation.named(self.rotate)
         if self.window < 1 or self.sinks < 0:
             raise KvjaxError(f"{self.name}: window must be >= 1 and sinks >= 0")
         if self.group_size < 1:
@@ -111,7 +114,8 @@ class Quantized(Policy):
     def layout(self, cfg, capacity):
         left = max(capacity - self.sinks - self.window, 0)
         return Layout(self.sinks, self.window, self.group_size, self.tiers(cfg, left), cfg.num_layers,
-                      min(self.sinks, capacity), min(self.window, max(capacity - self.sinks, 0)))
+                      min(self.sinks, capacity), min(self.window, max(capacity - self.sinks, 0)),
+                      Rotation.named(self.rotate))
 
     def make_cache(self, cfg, batch, capacity, dtype=jnp.float32, kernels=kernel_choice.Kernels.AUTO, kv_dtype=None):
         self.check(cfg)
@@ -135,6 +139,8 @@ class Quantized(Policy):
                     raise KvjaxError(f"{self.name}: head_dim={h} at {bits} bits does not fill whole 32-bit words")
                 if bits < 16 and not t.symmetric and h % self.group_size:
                     raise KvjaxError(f"{self.name}: G={self.group_size} does not divide head_dim={h}")
+        if self.rotate != "none":
+            hadamard(h)
         if self.sinks + self.window > cfg.max_position_embeddings:
             raise KvjaxError(f"{self.name}: sinks + window = {self.sinks + self.window} exceeds the model's "
                              f"context of {cfg.max_position_embeddings} tokens")
@@ -414,7 +420,7 @@ def canonical_name(name: str) -> str:
 
 
 def family_of(name: str) -> Family:
-    base = canonical_name(name).partition("@")[0]
+    base = canonical_name(split_rotation(name)[0]).partition("@")[0]
     if base not in REGISTRY:
         raise KvjaxError(f"unknown KV-cache policy {name!r}; known: {', '.join(policy_names())}")
     return REGISTRY[base]
@@ -423,10 +429,12 @@ def family_of(name: str) -> Family:
 def get_policy(name: str, *, window: int | None = None, sinks: int | None = None, group_size: int | None = None,
                controller=None, allocation=None) -> Policy:
     """The policy called `name` (`kivi2`, `band@3`, `mixed-rule@2.5`, an alias; @BITS for the families
-    registered with a budget: band, learned-alloc and the mixed ones), with optional overrides of
-    W, S, G, for learned and random policies the controller (a path or a Controller) and for
-    learned-alloc the allocation (a path or a kvjax.allocation.Allocation)."""
-    full = canonical_name(name)
+    registered with a budget: band, learned-alloc and the mixed ones; a ROTATED suffix, `kivi2+rot`,
+    for a quantized one), with optional overrides of W, S, G, for learned and random policies the
+    controller (a path or a Controller) and for learned-alloc the allocation (a path or a
+    kvjax.allocation.Allocation)."""
+    bare, suffix = split_rotation(name)
+    full = canonical_name(bare)
     family = family_of(full)
     base, _, text = full.partition("@")
     budget = None
@@ -443,6 +451,10 @@ def get_policy(name: str, *, window: int | None = None, sinks: int | None = None
     overrides = {k: v for k, v in (("window", window), ("sinks", sinks), ("group_size", group_size)) if v is not None}
     if base == "fp16" and overrides:
         raise KvjaxError("--window/--group-size/--sinks need a quantized --kv")
+    if suffix:
+        if base in ("fp16", "streaming"):
+            raise KvjaxError(f"{name!r}: {base} quantizes nothing to rotate; {suffix} applies to quantized policies")
+        overrides["rotate"] = ROTATED[suffix]
     if controller is not None:
         if not family.takes_controller:
             raise KvjaxError(f"{name!r}: a controller applies to mixed-learned and mixed-random policies")
@@ -451,8 +463,22 @@ def get_policy(name: str, *, window: int | None = None, sinks: int | None = None
         if not family.takes_allocation:
             raise KvjaxError(f"{name!r}: an allocation applies to learned-alloc policies")
         overrides["allocation"] = allocation
-    canonical = base if budget is None else f"{base}@{budget:g}"
+    canonical = (base if budget is None else f"{base}@{budget:g}") + suffix
     return family.make(canonical, budget, overrides)
+
+
+# Name suffixes of quantized policies that store their K/V Hadamard-rotated (kvjax.rotation): the value is
+# the policy's `rotate`. `kivi2+rot` rotates keys and values, `kivi2+rotk` keys alone.
+ROTATED = {"+rot": "both", "+rotk": "keys", "+rotv": "values"}
+
+
+def split_rotation(name: str) -> tuple[str, str]:
+    """(`name` without its ROTATED suffix, the suffix or "")."""
+    base, plus, suffix = name.partition("+")
+    if plus and "+" + suffix not in ROTATED:
+        raise KvjaxError(f"{name!r}: unknown suffix +{suffix}; known: {', '.join(ROTATED)} (rotated keys and "
+                         "values, keys, values)")
+    return base, plus + suffix
 
 
 def policy_names() -> list[str]:

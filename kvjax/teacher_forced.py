@@ -59,6 +59,10 @@ class TeacherForcedCache(KVCache):
     def segments(self):
         return self.layout.segments
 
+    @property
+    def rotation(self):
+        return self.layout.rotation
+
     def begin(self, positions):
         return self.replace(history=History.of(self.layout, self.tier, self.rank))
 

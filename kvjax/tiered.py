@@ -93,6 +93,10 @@ class TieredCache(KVCache):
         return self.layout.segments
 
     @property
+    def rotation(self):
+        return self.layout.rotation
+
+    @property
     def uses_features(self) -> bool:
         return self.policy.uses_features
 

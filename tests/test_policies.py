@@ -2,7 +2,7 @@
 
 The proofs run over `kvjax.policies.REGISTRY` (each family's examples) and over TEST_POLICIES,
 which exercise what no registered policy uses yet: widths that differ by layer and between keys
-and values, 16-bit keys inside a tier, a chain of three bands. One more is registered below the
+and values, 16-bit keys inside a tier, a chain of three bands, rotated keys and values. One more is registered below the
 way a user adds a policy (a `Bands` with a rule and a `register` call, public names only), so the
 proofs cover it because it is in the registry.
 
@@ -54,6 +54,12 @@ TEST_POLICIES = {
     # two rings of one group each: a token enters, is quantized and moves on twice within a prompt chunk
     "test-one-group-rings": Bands("test-one-group-rings", bands=((8, 8), (4, 4), (2, 2)), shares=(0.01, 0.01),
                                   sinks=3, window=WINDOW, group_size=GROUP),
+    # Hadamard-rotated keys and values (kvjax.rotation) through a 4 -> 2 demotion; rotated values alone
+    # in symmetric per-token codes with sinks
+    "test-rotated-bands": Bands("test-rotated-bands", bands=(((4, 2), 4), (2, 2)), shares=(0.5,), sinks=2,
+                                window=WINDOW, group_size=GROUP, rotate="both"),
+    "test-rotated-values": Bands("test-rotated-values", bands=((4, 4),), symmetric=True, sinks=2, window=WINDOW,
+                                 group_size=GROUP, rotate="values"),
 }
 # An allocation for the tiny model at 2.5 bits: three age bands, 16-bit keys demoted to 2, keys and
 # values apart, per layer.
@@ -498,6 +504,11 @@ def test_band_demotes_whole_groups_and_fills_its_budget():
     (lambda: get_policy("band"), "needs a bit budget"),
     (lambda: get_policy("kivi3"), "unknown KV-cache policy"),
     (lambda: get_policy("kivi2", controller="x.npz"), "a controller applies"),
+    (lambda: get_policy("kivi2+hadamard"), r"unknown suffix \+hadamard; known: \+rot, \+rotk, \+rotv"),
+    (lambda: get_policy("fp16+rot"), "fp16 quantizes nothing to rotate"),
+    (lambda: Bands("x", rotate="diagonal"), "unknown rotation 'diagonal'"),
+    (lambda: make_cache(get_policy("kivi2+rotk", group_size=16), CFG.replace(head_dim=48), 1, 64),
+     "power-of-two head dimension"),
     (lambda: make_cache(get_policy("kivi2", group_size=12, window=120), CFG, 1, 64), "does not divide head_dim"),
     (lambda: make_cache(get_policy("streaming", window=600), CFG, 1, 64), "exceeds the model's context"),
     (lambda: forward(PARAMS, CFG, jnp.zeros((1, WINDOW + 1), jnp.int32), jnp.arange(WINDOW + 1)[None],
@@ -518,6 +529,17 @@ def test_generate_reports_tiers(tiny_checkpoint):
     assert sum(result.kv_tiers.values()) == 5 + 30 - 1
     assert result.kv_tiers["window"] == WINDOW and "2-bit" in result.stats_line()
     assert isinstance(make_cache(policy_of("kivi2"), CFG, 1, 64), TieredCache)
+
+
+def test_a_rotated_name_is_the_policy_with_its_sides_rotated():
+    for name, rotate in (("kivi2+rot", "both"), ("band@3+rotk", "keys"), ("mixed@3+rotv", "values"),
+                         ("learned-alloc@2.5+rot", "both")):
+        policy = get_policy(name)
+        bare = get_policy(name.partition("+")[0])
+        assert policy == dataclasses.replace(bare, name=policy.name, rotate=rotate)
+        cfg = get_preset("SmolLM2-135M")
+        assert policy.layout(cfg, 64).rotation.name == rotate and bare.layout(cfg, 64).rotation.name == "none"
+    assert get_policy("mixed@3+rotv").name == "mixed-static@3+rotv"
 
 
 def test_names_say_what_they_do_and_old_names_still_work():
