@@ -101,6 +101,7 @@ def kernels_from_flags(args) -> kernels.Backend:
     return kernels.resolve(args.kernels)
 
 
-def weights_from_flags(args) -> weights.Weights:
-    """--weights resolved for this machine (auto decided); pass it to `load_model`."""
-    return weights.resolve(args.weights)
+def weights_from_flags(args, differentiable: bool = False) -> weights.Weights:
+    """--weights resolved for this machine (auto decided; `differentiable`: for gradients through the
+    model, kvjax.weights.resolve); pass it to `load_model`."""
+    return weights.resolve(args.weights, differentiable=differentiable)

@@ -60,15 +60,20 @@ class BlockMatrix:
         return (*lead, n, nbytes // self.kind.block_bytes * block_matmul.BLOCK)
 
 
-def resolve(weights: Weights | str = Weights.AUTO, platform: str | None = None) -> Weights:
+def resolve(weights: Weights | str = Weights.AUTO, platform: str | None = None, differentiable: bool = False) -> Weights:
     """The choice, AUTO decided: NATIVE on a CPU where the kernel builds, else FLOAT32. NATIVE or Q8_0
-    elsewhere multiply through XLA (correct, not faster). Unknown names are a KvjaxError."""
+    elsewhere multiply through XLA (correct, not faster). `differentiable`: for a command that takes
+    gradients through the model (the kernel has no transpose), AUTO is FLOAT32 and blocks are refused.
+    Unknown names are a KvjaxError."""
     try:
         weights = Weights(weights)
     except ValueError:
         raise KvjaxError(f"unknown weights {weights!r}; known: {', '.join(w.value for w in Weights)}") from None
+    if differentiable and weights not in (Weights.AUTO, Weights.FLOAT32):
+        raise KvjaxError(f"--weights {weights.value}: this command differentiates through the model, which needs "
+                         "float matrices (--weights float32)")
     if weights is Weights.AUTO:
-        return Weights.NATIVE if uses_kernel(platform) else Weights.FLOAT32
+        return Weights.NATIVE if not differentiable and uses_kernel(platform) else Weights.FLOAT32
     return weights
 
 

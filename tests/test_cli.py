@@ -96,6 +96,8 @@ CASES = [
     ("allocate", ["--budget", "1.5", "--out", "/tmp/a.json"], "--budget must be in (2, 16)"),
     ("allocate", ["--budget", "2.5", "--out", "/tmp/a.json", "--shares", "0.6,0.5"], "--shares must be positive"),
     ("allocate", ["--budget", "2.5", "--out", "/tmp/a.json", "--steps", "0"], "argument --steps"),
+    ("allocate", ["--budget", "2.5", "--out", "/tmp/a.json", "--weights", "native"],
+     "--weights native: this command differentiates through the model"),
     ("allocate", ["--budget", "2.5", "--out", "/tmp/a.json", "--context", "100"], "argument --context: must be >= 165"),
     ("allocate", ["--budget", "2.5", "--out", "/tmp"], "argument --out: '/tmp' is a folder"),
     ("allocate", ["--budget", "2.5", "--out", "/tmp/a.json", "--text", "/nonexistent.txt"], "no such file"),

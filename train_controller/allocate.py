@@ -294,8 +294,9 @@ def _main(argv) -> int:
         raise KvjaxError(f"--budget must be in (2, 16), got {args.budget:g}")
     if any(s <= 0 for s in shares) or sum(shares) >= 1:
         raise KvjaxError(f"--shares must be positive and sum to less than 1, got {args.shares}")
+    held = weights_from_flags(args, differentiable=True)
     check_training_text(args.text)
-    model = load_model(args.model, weights=weights_from_flags(args))
+    model = load_model(args.model, weights=held)
     ids = training_ids(model.tokenizer, args.text, max_tokens=args.context * args.segments)
     if len(ids) < args.context * args.segments:
         raise KvjaxError(f"the calibration text has {len(ids)} tokens, fewer than {args.context} x {args.segments}")
