@@ -7,10 +7,12 @@ An allocation is a small JSON file:
    "values": [[...], [...], [...]],
    "shares": [0.125, 0.375],                                # age bands but the oldest: share of left tokens
    "sinks": 4, "window": 128, "group_size": 32,
+   "rotate": "both",                                        # K/V rotated in training (kvjax.rotation; default none)
    "trained": {"budget_bits": 2.5, ...}}                    # how it was made (optional)
 
 `train_controller.allocate` learns one; the package ships the ones trained for the default model
-(kvjax/allocations/), which the `learned-alloc@B` policies use.
+(kvjax/allocations/), which the `learned-alloc@B` policies use, and for `learned-alloc@B+rot` the ones
+trained with rotated keys and values (`-rot` files).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ class Allocation:
     sinks: int = DEFAULT_SINKS
     window: int = DEFAULT_WINDOW
     group_size: int = DEFAULT_GROUP
+    rotate: str = "none"  # kvjax.rotation.ROTATIONS: the rotation it was trained for (a policy must use the same)
     trained: dict | None = dataclasses.field(default=None, compare=False, hash=False)
 
     def __post_init__(self):
@@ -77,7 +80,7 @@ def load_allocation(path: str) -> Allocation:
     try:
         return Allocation(tuple(map(tuple, d["keys"])), tuple(map(tuple, d["values"])), tuple(d["shares"]),
                           d.get("sinks", DEFAULT_SINKS), d.get("window", DEFAULT_WINDOW),
-                          d.get("group_size", DEFAULT_GROUP), d.get("trained"))
+                          d.get("group_size", DEFAULT_GROUP), d.get("rotate", "none"), d.get("trained"))
     except (KeyError, TypeError) as e:
         raise KvjaxError(f"allocation {path}: missing or malformed field ({e})") from None
 
@@ -92,7 +95,9 @@ def save_allocation(alloc: Allocation, path: str):
         f.write("{\n" + ",\n".join(fields) + "\n}\n")
 
 
-def default_allocation(budget_bits: float) -> Allocation:
-    """The allocation shipped for the default model at this budget."""
-    return load_allocation(shipped_file(DEFAULT_DIR, budget_bits, ".json", "allocation",
-                                        "train one with python -m train_controller.allocate and pass --allocation"))
+def default_allocation(budget_bits: float, rotate: str = "none") -> Allocation:
+    """The allocation shipped for the default model at this budget, trained for this rotation."""
+    suffix = "" if rotate == "none" else f"-rot{'' if rotate == 'both' else rotate[0]}"
+    return load_allocation(shipped_file(DEFAULT_DIR, budget_bits, f"{suffix}.json", "allocation",
+                                        "train one with python -m train_controller.allocate"
+                                        f"{'' if rotate == 'none' else f' --rotate {rotate}'} and pass --allocation"))

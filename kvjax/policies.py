@@ -394,9 +394,15 @@ def _register_builtins():
 
 
 def _allocated(name, budget, o):
-    allocation = _given_or_shipped(o, "allocation", Allocation, load_allocation, default_allocation, budget)
+    rotate = o.get("rotate", "none")
+    allocation = _given_or_shipped(o, "allocation", Allocation, load_allocation,
+                                   lambda b: default_allocation(b, rotate), budget)
     if abs(allocation.average_bits - budget) > 0.05:
         raise KvjaxError(f"{name}: the allocation averages {allocation.average_bits:.3f} bits, not {budget:g}")
+    if allocation.rotate != rotate:
+        suffix = {v: k for k, v in ROTATED.items()}.get(allocation.rotate, "")
+        raise KvjaxError(f"{name}: the allocation was trained with rotate={allocation.rotate}, the policy stores "
+                         f"rotate={rotate}: name it {split_rotation(name)[0]}{suffix}")
     stored = {"sinks": allocation.sinks, "window": allocation.window, "group_size": allocation.group_size, **o}
     return Bands(name, bands=tuple(zip(allocation.keys, allocation.values)), shares=tuple(allocation.shares), **stored)
 

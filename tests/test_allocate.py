@@ -15,6 +15,7 @@ from kvjax.errors import KvjaxError
 from kvjax.layout import WIDTHS
 from kvjax.model import forward, init_params
 from kvjax.policies import Bands, get_policy
+from kvjax.rotation import Rotation
 from train_controller import allocate
 
 CFG = get_preset("tiny")  # 2 layers, head_dim 16
@@ -26,9 +27,9 @@ def tokens(seed=0):
     return jnp.asarray(np.random.default_rng(seed).integers(0, CFG.vocab_size, (1, T)), jnp.int32)
 
 
-def relaxed_logits(weights, ids, sinks, ends=(1 << 30,)):
+def relaxed_logits(weights, ids, sinks, ends=(1 << 30,), rotate="none"):
     cache = allocate.RelaxedCache(jnp.asarray(weights, jnp.float32), jnp.zeros((1,), jnp.int32), ends, sinks, WINDOW,
-                                  GROUP, CFG.num_layers)
+                                  GROUP, CFG.num_layers, Rotation.named(rotate))
     return forward(PARAMS, CFG, ids, jnp.arange(T, dtype=jnp.int32)[None], cache)[0]
 
 
@@ -51,14 +52,16 @@ def test_relaxed_cache_at_16_bits_is_the_fp16_cache():
                                atol=2e-4, rtol=2e-4)
 
 
-@pytest.mark.parametrize("bits", [2, 4, 8])
-def test_relaxed_values_match_the_exact_scorer(bits):
+@pytest.mark.parametrize("bits, rotate", [(2, "none"), (4, "none"), (8, "none"), (2, "both")])
+def test_relaxed_values_match_the_exact_scorer(bits, rotate):
     """Values are quantized per token as they leave the window in both paths (keys wait for whole
-    groups in the exact one, so they are compared at 16 bits here)."""
+    groups in the exact one, so they are compared at 16 bits here); rotated as the policy rotates them."""
     ids = tokens(1)
-    policy = Bands("v", bands=((16, bits),), sinks=3, window=WINDOW, group_size=GROUP)
-    np.testing.assert_allclose(relaxed_logits(one_hot(16, bits), ids, sinks=3), exact_logits(policy, ids),
-                               atol=2e-4, rtol=2e-4)
+    policy = Bands("v", bands=((16, bits),), sinks=3, window=WINDOW, group_size=GROUP, rotate=rotate)
+    np.testing.assert_allclose(relaxed_logits(one_hot(16, bits), ids, sinks=3, rotate=rotate),
+                               exact_logits(policy, ids), atol=2e-4, rtol=2e-4)
+    if rotate != "none":  # the rotation changes what 2-bit codes keep
+        assert float(jnp.abs(relaxed_logits(one_hot(16, bits), ids, sinks=3) - exact_logits(policy, ids)).max()) > 1e-3
 
 
 def test_relaxed_keys_move_the_logits_towards_fp16_with_more_bits():
@@ -100,6 +103,18 @@ def test_training_moves_the_logits_and_gives_a_policy(tmp_path):
     # the bands rounded to whole groups of the tiny model's context shift its average a little
     assert policy.average_bits(CFG) == pytest.approx(alloc.average_bits, abs=0.1)
     assert policy.make_cache(CFG, 1, 64) is not None
+
+
+def test_a_rotated_policy_takes_an_allocation_trained_rotated(tmp_path):
+    alloc = Allocation(keys=((4, 2),), values=((2, 2),), shares=(), sinks=2, window=WINDOW, group_size=GROUP,
+                       rotate="both")
+    path = str(tmp_path / "rot.json")
+    save_allocation(alloc, path)
+    assert load_allocation(path).rotate == "both"
+    assert get_policy("learned-alloc@2.5+rot", allocation=path).layout(CFG, 64).rotation.name == "both"
+    with pytest.raises(KvjaxError, match="trained with rotate=both, the policy stores rotate=none: name it "
+                                         r"learned-alloc@2.5\+rot"):
+        get_policy("learned-alloc@2.5", allocation=path)
 
 
 def test_allocation_files_are_checked():

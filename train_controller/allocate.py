@@ -45,6 +45,7 @@ from kvjax.layout import CODE_WIDTHS, DEFAULT_GROUP, DEFAULT_SINKS, DEFAULT_WIND
 from kvjax.loading import load_model
 from kvjax.model import forward
 from kvjax.policies import Bands, get_policy
+from kvjax.rotation import NONE, ROTATIONS, Rotation
 from kvjax.stores import KiviKeys, KiviValues
 from train_controller.data import check_training_text, training_ids
 
@@ -69,6 +70,7 @@ class RelaxedCache(KVCache):
     window: int = struct.field(pytree_node=False)
     group_size: int = struct.field(pytree_node=False)
     num_layers: int = struct.field(pytree_node=False)
+    rotation: Rotation = struct.field(pytree_node=False, default=NONE)  # as the policy will store its K/V
 
     @property
     def segments(self):
@@ -199,8 +201,10 @@ def teacher_logprobs(params, cfg, segments):
 
 def train(model, segments, budget: float, shares=DEFAULT_SHARES, steps: int = 30, lr: float = 0.1,
           lambda_init: float = 0.02, lambda_lr: float = 0.01, tau=(1.0, 0.2), seed: int = 0,
-          sinks: int = DEFAULT_SINKS, window: int = DEFAULT_WINDOW, group_size: int = DEFAULT_GROUP, log=print):
-    """Trains theta [l, 2, B, 4] on the segments (int32 arrays of one length); returns (theta, history)."""
+          sinks: int = DEFAULT_SINKS, window: int = DEFAULT_WINDOW, group_size: int = DEFAULT_GROUP,
+          rotate: str = "none", log=print):
+    """Trains theta [l, 2, B, 4] on the segments (int32 arrays of one length), for a policy that stores its
+    K/V rotated as `rotate` says (kvjax.rotation); returns (theta, history)."""
     cfg, params = model.cfg, model.params
     context = len(segments[0])
     shape_policy = Bands("shape", bands=((2, 2),) * (len(shares) + 1), shares=tuple(shares), sinks=sinks,
@@ -215,7 +219,8 @@ def train(model, segments, budget: float, shares=DEFAULT_SHARES, steps: int = 30
         hard = jax.nn.one_hot(soft.argmax(-1), len(WIDTHS))
         weights = hard + soft - jax.lax.stop_gradient(soft)
         pos = jnp.arange(ids.shape[1], dtype=jnp.int32)[None]
-        cache = RelaxedCache(weights, jnp.zeros((1,), jnp.int32), ends, sinks, window, group_size, cfg.num_layers)
+        cache = RelaxedCache(weights, jnp.zeros((1,), jnp.int32), ends, sinks, window, group_size, cfg.num_layers,
+                             Rotation.named(rotate))
         logits, _ = forward(params, cfg, ids, pos, cache)
         logq = jax.nn.log_softmax(logits[0, first:], axis=-1)
         p = logp[first:]
@@ -253,12 +258,12 @@ def train(model, segments, budget: float, shares=DEFAULT_SHARES, steps: int = 30
 
 
 def to_allocation(theta, shares, budget, sinks=DEFAULT_SINKS, window=DEFAULT_WINDOW, group_size=DEFAULT_GROUP,
-                  trained=None) -> Allocation:
+                  trained=None, rotate: str = "none") -> Allocation:
     idx = discrete_allocation(theta, tuple(shares) + (1.0 - sum(shares),), budget)
     widths = np.asarray(WIDTHS)[idx]  # [l, 2, B]
     keys = tuple(tuple(int(w) for w in widths[:, 0, b]) for b in range(widths.shape[2]))
     values = tuple(tuple(int(w) for w in widths[:, 1, b]) for b in range(widths.shape[2]))
-    return Allocation(keys, values, tuple(shares), sinks, window, group_size, trained)
+    return Allocation(keys, values, tuple(shares), sinks, window, group_size, rotate, trained)
 
 
 def _parser():
@@ -274,6 +279,9 @@ def _parser():
     p.add_argument("--shares", default=",".join(map(str, DEFAULT_SHARES)),
                    help="age bands but the oldest: their shares of the left tokens, newest first")
     p.add_argument("--seed", type=int, default=0, help="segment order and Gumbel noise")
+    p.add_argument("--rotate", default="none", choices=ROTATIONS,
+                   help="train for a policy that stores these sides Hadamard-rotated (kvjax.rotation; learned-alloc@B"
+                        "+rot takes an allocation trained with both)")
     p.add_argument("--model", default=None, help="GGUF / HF folder (default: the embedded SmolLM2-135M-Instruct)")
     add_weights_flag(p)
     p.add_argument("--text", default=None, help="calibration text file (default: the Sherlock training part)")
@@ -302,12 +310,12 @@ def _main(argv) -> int:
         raise KvjaxError(f"the calibration text has {len(ids)} tokens, fewer than {args.context} x {args.segments}")
     segments = [ids[i * args.context:(i + 1) * args.context] for i in range(args.segments)]
     theta, history = train(model, segments, args.budget, shares, args.steps, args.lr, lambda_lr=args.lambda_lr,
-                           seed=args.seed, log=cli.say)
+                           seed=args.seed, rotate=args.rotate, log=cli.say)
     trained = {"budget_bits": args.budget, "context": args.context, "segments": args.segments, "steps": args.steps,
                "lr": args.lr, "seed": args.seed, "text": args.text or "sherlock-train",
                "final_kl": history[-1]["kl"], "final_lambda": history[-1]["lambda"],
                "logits": np.round(theta, 4).tolist()}
-    alloc = to_allocation(theta, shares, args.budget, trained=trained)
+    alloc = to_allocation(theta, shares, args.budget, trained=trained, rotate=args.rotate)
     save_allocation(alloc, args.out)
     print(f"{args.out}: {alloc.average_bits:.3f} average bits; keys per band "
           + " | ".join(" ".join(map(str, k)) for k in alloc.keys)
