@@ -27,6 +27,7 @@ from eval.accuracy_report import accuracy_plot, example_counts, markdown_table
 from eval.longctx_report import heatmaps, markdown
 from kvjax import cli
 from kvjax.allocation import Allocation, default_allocation
+from kvjax.policies import ROTATED, split_rotation
 from kvjax.errors import KvjaxError
 
 
@@ -105,19 +106,21 @@ def perplexity_section(records: list[dict], source: str, widths_plot_path: str) 
 def allocation_lines(records: list[dict], widths_plot_path: str) -> list[str]:
     """A picture of each shipped allocation scored (learned-alloc@B without an allocation file of its
     own), beside the widths plot."""
-    budgets = list(dict.fromkeys(float(r["policy"].partition("@")[2]) for r in records
+    shipped = list(dict.fromkeys(split_rotation(r["policy"]) for r in records
                                  if r["policy"].startswith("learned-alloc@") and not r.get("allocation")))
-    if not budgets:
+    if not shipped:
         return []
     lines = ["", "### The learned allocations", "",
              "Widths per layer and age band (newest left tokens first) for keys and values, as shipped in "
              "`kvjax/allocations/` and trained by `python -m train_controller.allocate`:", ""]
     stem = os.path.splitext(widths_plot_path)[0].removesuffix("-widths")
-    for b in budgets:
-        path = f"{stem}-allocation-{b:g}.png"
-        alloc = default_allocation(b)
-        allocation_plot(alloc, path, f"learned-alloc@{b:g}: {alloc.average_bits:.3f} average bits")
-        lines.append(f"![learned-alloc@{b:g}]({os.path.basename(path)})")
+    for name, suffix in shipped:
+        b = float(name.partition("@")[2])
+        path = f"{stem}-allocation-{b:g}{suffix.replace('+', '-')}.png"
+        alloc = default_allocation(b, ROTATED.get(suffix, "none"))
+        title = f"learned-alloc@{b:g}{suffix}: {alloc.average_bits:.3f} average bits, G = {alloc.group_size}"
+        allocation_plot(alloc, path, title + (f", {alloc.rotate} rotated" if suffix else ""))
+        lines.append(f"![learned-alloc@{b:g}{suffix}]({os.path.basename(path)})")
     return lines
 
 

@@ -209,6 +209,7 @@ def train(model, segments, budget: float, shares=DEFAULT_SHARES, steps: int = 30
     context = len(segments[0])
     shape_policy = Bands("shape", bands=((2, 2),) * (len(shares) + 1), shares=tuple(shares), sinks=sinks,
                          window=window, group_size=group_size)
+    shape_policy.check(cfg)  # G divides the head dimension: before the teacher's pass
     ends = band_ends(shape_policy, cfg, context)
     all_shares = tuple(shares) + (1.0 - sum(shares),)
     teacher = teacher_logprobs(params, cfg, segments)
@@ -279,6 +280,10 @@ def _parser():
     p.add_argument("--shares", default=",".join(map(str, DEFAULT_SHARES)),
                    help="age bands but the oldest: their shares of the left tokens, newest first")
     p.add_argument("--seed", type=int, default=0, help="segment order and Gumbel noise")
+    p.add_argument("--window", type=cli.at_least(1), default=DEFAULT_WINDOW,
+                   help=f"16-bit window W the allocation is trained and stored for (default {DEFAULT_WINDOW})")
+    p.add_argument("--group-size", type=cli.at_least(1), default=DEFAULT_GROUP,
+                   help=f"quantization group G the allocation is trained and stored for (default {DEFAULT_GROUP})")
     p.add_argument("--rotate", default="none", choices=ROTATIONS,
                    help="train for a policy that stores these sides Hadamard-rotated (kvjax.rotation; learned-alloc@B"
                         "+rot takes an allocation trained with both)")
@@ -310,12 +315,14 @@ def _main(argv) -> int:
         raise KvjaxError(f"the calibration text has {len(ids)} tokens, fewer than {args.context} x {args.segments}")
     segments = [ids[i * args.context:(i + 1) * args.context] for i in range(args.segments)]
     theta, history = train(model, segments, args.budget, shares, args.steps, args.lr, lambda_lr=args.lambda_lr,
-                           seed=args.seed, rotate=args.rotate, log=cli.say)
+                           seed=args.seed, window=args.window, group_size=args.group_size, rotate=args.rotate,
+                           log=cli.say)
     trained = {"budget_bits": args.budget, "context": args.context, "segments": args.segments, "steps": args.steps,
                "lr": args.lr, "seed": args.seed, "text": args.text or "sherlock-train",
                "final_kl": history[-1]["kl"], "final_lambda": history[-1]["lambda"],
                "logits": np.round(theta, 4).tolist()}
-    alloc = to_allocation(theta, shares, args.budget, trained=trained, rotate=args.rotate)
+    alloc = to_allocation(theta, shares, args.budget, window=args.window, group_size=args.group_size, trained=trained,
+                          rotate=args.rotate)
     save_allocation(alloc, args.out)
     print(f"{args.out}: {alloc.average_bits:.3f} average bits; keys per band "
           + " | ".join(" ".join(map(str, k)) for k in alloc.keys)
