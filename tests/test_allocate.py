@@ -1,6 +1,7 @@
 """The learned allocation: the relaxed cache the trainer runs through, the discrete fit to a budget,
 and the allocation files and policies."""
 
+import os
 import types
 
 import jax
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 
 from kvjax import teacher_forced
-from kvjax.allocation import Allocation, default_allocation, load_allocation, save_allocation
+from kvjax.allocation import DEFAULT_DIR, Allocation, default_allocation, load_allocation, save_allocation
 from kvjax.config import get_preset
 from kvjax.errors import KvjaxError
 from kvjax.layout import WIDTHS
@@ -128,10 +129,15 @@ def test_allocation_files_are_checked():
 
 
 def test_the_shipped_allocations_meet_their_budgets():
-    for budget in (2.25, 2.5, 3.0):
-        policy = get_policy(f"learned-alloc@{budget:g}")
-        assert budget - 0.01 <= default_allocation(budget).average_bits <= budget + 1e-9
+    shipped = sorted(os.listdir(DEFAULT_DIR))
+    assert {"smollm2-135m-instruct-2.5bits.json", "smollm2-135m-instruct-2.4bits-rot.json"} <= set(shipped)
+    for file in shipped:  # smollm2-135m-instruct-<B>bits[-rot].json
+        budget_text, _, rotated = file.removeprefix("smollm2-135m-instruct-").removesuffix(".json").partition("bits")
+        budget, rotate = float(budget_text), "both" if rotated == "-rot" else "none"
+        policy = get_policy(f"learned-alloc@{budget:g}{'+rot' if rotated else ''}")
+        assert budget - 0.01 <= default_allocation(budget, rotate).average_bits <= budget + 1e-9
         assert budget - 0.01 <= policy.average_bits(get_preset("SmolLM2-135M")) <= budget + 1e-9
+        assert policy.rotate == rotate
 
 
 def test_eval_keeps_the_scores_of_two_allocations_apart():
