@@ -27,8 +27,9 @@ from eval.accuracy_report import accuracy_plot, example_counts, markdown_table
 from eval.longctx_report import heatmaps, markdown
 from kvjax import cli
 from kvjax.allocation import Allocation, default_allocation
-from kvjax.policies import ROTATED, split_rotation
 from kvjax.errors import KvjaxError
+from kvjax.policies import split_rotation
+from kvjax.rotation import SUFFIXES
 
 
 def read_json_lines(path: str) -> list[dict]:
@@ -117,7 +118,7 @@ def allocation_lines(records: list[dict], widths_plot_path: str) -> list[str]:
     for name, suffix in shipped:
         b = float(name.partition("@")[2])
         path = f"{stem}-allocation-{b:g}{suffix.replace('+', '-')}.png"
-        alloc = default_allocation(b, ROTATED.get(suffix, "none"))
+        alloc = default_allocation(b, SUFFIXES.get(suffix, "none"))
         title = f"learned-alloc@{b:g}{suffix}: {alloc.average_bits:.3f} average bits, G = {alloc.group_size}"
         allocation_plot(alloc, path, title + (f", {alloc.rotate} rotated" if suffix else ""))
         lines.append(f"![learned-alloc@{b:g}{suffix}]({os.path.basename(path)})")

@@ -23,6 +23,7 @@ import os
 
 from kvjax.errors import KvjaxError
 from kvjax.layout import DEFAULT_GROUP, DEFAULT_SINKS, DEFAULT_WINDOW, WIDTHS
+from kvjax.rotation import suffix_of
 from kvjax.shipped import shipped_file
 
 DEFAULT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "allocations")
@@ -97,7 +98,7 @@ def save_allocation(alloc: Allocation, path: str):
 
 def default_allocation(budget_bits: float, rotate: str = "none") -> Allocation:
     """The allocation shipped for the default model at this budget, trained for this rotation."""
-    suffix = "" if rotate == "none" else f"-rot{'' if rotate == 'both' else rotate[0]}"
+    suffix = suffix_of(rotate).replace("+", "-")  # smollm2-135m-instruct-2.4bits-rot.json
     return load_allocation(shipped_file(DEFAULT_DIR, budget_bits, f"{suffix}.json", "allocation",
                                         "train one with python -m train_controller.allocate"
                                         f"{'' if rotate == 'none' else f' --rotate {rotate}'} and pass --allocation"))

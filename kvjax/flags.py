@@ -19,7 +19,8 @@ from __future__ import annotations
 from kvjax import kernels, weights
 from kvjax.errors import KvjaxError
 from kvjax.layout import DEFAULT_GROUP, DEFAULT_SINKS, DEFAULT_WINDOW
-from kvjax.policies import ALIASES, REGISTRY, ROTATED, Policy, family_of, get_policy
+from kvjax.policies import ALIASES, REGISTRY, Policy, family_of, get_policy
+from kvjax.rotation import SUFFIXES
 
 SUGGESTED = "learned-alloc@2.5"  # the policy to try for memory: near-FP16 perplexity (README's results table)
 
@@ -29,7 +30,7 @@ def policy_help() -> str:
     lines = [f"{f.name}{'@BITS' if f.budget == 'required' else ''}: {f.help}" for f in REGISTRY.values()]
     aliases = ", ".join(f"{a} = {t}" for a, t in ALIASES.items()) + ", mixed@BITS = mixed-static@BITS"
     return (f"KV-cache policy (comma-separated where several are run); to save memory, try {SUGGESTED}. "
-            + "; ".join(lines) + f". Aliases: {aliases}. A quantized policy + {' / '.join(ROTATED)} stores its "
+            + "; ".join(lines) + f". Aliases: {aliases}. A quantized policy + {' / '.join(SUFFIXES)} stores its "
             "keys and values / keys / values Hadamard-rotated (kivi2+rot)")
 
 

@@ -41,7 +41,7 @@ from kvjax.config import ModelConfig
 from kvjax.controller import Controller, default_controller, load_controller
 from kvjax.errors import KvjaxError
 from kvjax.layout import CODE_WIDTHS, DEFAULT_GROUP, DEFAULT_SINKS, DEFAULT_WINDOW, EVICTED, WIDTHS, Layout, Tier
-from kvjax.rotation import Rotation, hadamard
+from kvjax.rotation import SUFFIXES, Rotation, hadamard, suffix_of
 from kvjax.tiered import TieredCache
 
 
@@ -400,9 +400,8 @@ def _allocated(name, budget, o):
     if abs(allocation.average_bits - budget) > 0.05:
         raise KvjaxError(f"{name}: the allocation averages {allocation.average_bits:.3f} bits, not {budget:g}")
     if allocation.rotate != rotate:
-        suffix = {v: k for k, v in ROTATED.items()}.get(allocation.rotate, "")
         raise KvjaxError(f"{name}: the allocation was trained with rotate={allocation.rotate}, the policy stores "
-                         f"rotate={rotate}: name it {split_rotation(name)[0]}{suffix}")
+                         f"rotate={rotate}: name it {split_rotation(name)[0]}{suffix_of(allocation.rotate)}")
     stored = {"sinks": allocation.sinks, "window": allocation.window, "group_size": allocation.group_size, **o}
     return Bands(name, bands=tuple(zip(allocation.keys, allocation.values)), shares=tuple(allocation.shares), **stored)
 
@@ -435,7 +434,7 @@ def family_of(name: str) -> Family:
 def get_policy(name: str, *, window: int | None = None, sinks: int | None = None, group_size: int | None = None,
                controller=None, allocation=None) -> Policy:
     """The policy called `name` (`kivi2`, `band@3`, `mixed-rule@2.5`, an alias; @BITS for the families
-    registered with a budget: band, learned-alloc and the mixed ones; a ROTATED suffix, `kivi2+rot`,
+    registered with a budget: band, learned-alloc and the mixed ones; a rotation suffix, `kivi2+rot`,
     for a quantized one), with optional overrides of W, S, G, for learned and random policies the
     controller (a path or a Controller) and for learned-alloc the allocation (a path or a
     kvjax.allocation.Allocation)."""
@@ -460,7 +459,7 @@ def get_policy(name: str, *, window: int | None = None, sinks: int | None = None
     if suffix:
         if base in ("fp16", "streaming"):
             raise KvjaxError(f"{name!r}: {base} quantizes nothing to rotate; {suffix} applies to quantized policies")
-        overrides["rotate"] = ROTATED[suffix]
+        overrides["rotate"] = SUFFIXES[suffix]
     if controller is not None:
         if not family.takes_controller:
             raise KvjaxError(f"{name!r}: a controller applies to mixed-learned and mixed-random policies")
@@ -473,16 +472,12 @@ def get_policy(name: str, *, window: int | None = None, sinks: int | None = None
     return family.make(canonical, budget, overrides)
 
 
-# Name suffixes of quantized policies that store their K/V Hadamard-rotated (kvjax.rotation): the value is
-# the policy's `rotate`. `kivi2+rot` rotates keys and values, `kivi2+rotk` keys alone.
-ROTATED = {"+rot": "both", "+rotk": "keys", "+rotv": "values"}
-
-
 def split_rotation(name: str) -> tuple[str, str]:
-    """(`name` without its ROTATED suffix, the suffix or "")."""
+    """(`name` without its rotation suffix, the suffix or ""): `kivi2+rot` rotates keys and values,
+    `+rotk` keys alone, `+rotv` values alone (kvjax.rotation.SUFFIXES)."""
     base, plus, suffix = name.partition("+")
-    if plus and "+" + suffix not in ROTATED:
-        raise KvjaxError(f"{name!r}: unknown suffix +{suffix}; known: {', '.join(ROTATED)} (rotated keys and "
+    if plus and "+" + suffix not in SUFFIXES:
+        raise KvjaxError(f"{name!r}: unknown suffix +{suffix}; known: {', '.join(SUFFIXES)} (rotated keys and "
                          "values, keys, values)")
     return base, plus + suffix
 

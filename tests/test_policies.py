@@ -533,7 +533,7 @@ def test_generate_reports_tiers(tiny_checkpoint):
 
 def test_a_rotated_name_is_the_policy_with_its_sides_rotated():
     for name, rotate in (("kivi2+rot", "both"), ("band@3+rotk", "keys"), ("mixed@3+rotv", "values"),
-                         ("learned-alloc@2.5+rot", "both")):
+                         ("int8-sink+rot", "both")):  # learned-alloc@B+rot: tests/test_allocate.py
         policy = get_policy(name)
         bare = get_policy(name.partition("+")[0])
         assert policy == dataclasses.replace(bare, name=policy.name, rotate=rotate)
