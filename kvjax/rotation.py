@@ -27,6 +27,7 @@ import numpy as np
 from kvjax.errors import KvjaxError
 
 ROTATIONS = ("none", "keys", "values", "both")  # what a policy's `rotate` may say
+SEED = 0  # of the random signs: one matrix for every layer and head, the same on every machine
 # Policy-name suffixes of the rotations (`kivi2+rot`; kvjax.policies.split_rotation reads them), also
 # the shipped allocation files' suffixes with "-" for "+".
 SUFFIXES = {"+rot": "both", "+rotk": "keys", "+rotv": "values"}
@@ -35,7 +36,6 @@ SUFFIXES = {"+rot": "both", "+rotk": "keys", "+rotv": "values"}
 def suffix_of(rotate: str) -> str:
     """The name suffix of a rotation ("" for none)."""
     return {v: k for k, v in SUFFIXES.items()}.get(rotate, "")
-SEED = 0  # of the random signs: one matrix for every layer and head, the same on every machine
 
 
 @functools.cache

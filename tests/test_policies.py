@@ -2,8 +2,8 @@
 
 The proofs run over `kvjax.policies.REGISTRY` (each family's examples) and over TEST_POLICIES,
 which exercise what no registered policy uses yet: widths that differ by layer and between keys
-and values, 16-bit keys inside a tier, a chain of three bands, rotated keys and values. One more is registered below the
-way a user adds a policy (a `Bands` with a rule and a `register` call, public names only), so the
+and values, 16-bit keys inside a tier, a chain of three bands, rotated keys and values. One more is
+registered below the way a user adds a policy (a `Bands` with a rule and a `register` call, public names only), so the
 proofs cover it because it is in the registry.
 
 They decode through `replay.Replay`, which stores the teacher-forced path's K/V and features in
