@@ -41,7 +41,7 @@ from kvjax.config import ModelConfig
 from kvjax.controller import Controller, default_controller, load_controller
 from kvjax.errors import KvjaxError
 from kvjax.layout import CODE_WIDTHS, DEFAULT_GROUP, DEFAULT_SINKS, DEFAULT_WINDOW, EVICTED, WIDTHS, Layout, Tier
-from kvjax.rotation import SUFFIXES, Rotation, hadamard, suffix_of
+from kvjax.rotation import SUFFIXES, Rotation, suffix_of
 from kvjax.tiered import TieredCache
 
 
@@ -96,7 +96,7 @@ class Quantized(Policy):
     rotate: str = "none"  # kvjax.rotation.ROTATIONS: which sides are stored Hadamard-rotated
 
     def __post_init__(self):
-        Rotation.named(self.rotate)
+        Rotation.named(self.rotate)  # an unknown name is a KvjaxError here
         if self.window < 1 or self.sinks < 0:
             raise KvjaxError(f"{self.name}: window must be >= 1 and sinks >= 0")
         if self.group_size < 1:
@@ -114,8 +114,11 @@ class Quantized(Policy):
     def layout(self, cfg, capacity):
         left = max(capacity - self.sinks - self.window, 0)
         return Layout(self.sinks, self.window, self.group_size, self.tiers(cfg, left), cfg.num_layers,
-                      min(self.sinks, capacity), min(self.window, max(capacity - self.sinks, 0)),
-                      Rotation.named(self.rotate))
+                      min(self.sinks, capacity), min(self.window, max(capacity - self.sinks, 0)), self.rotation)
+
+    @property
+    def rotation(self) -> Rotation:
+        return Rotation.named(self.rotate)
 
     def make_cache(self, cfg, batch, capacity, dtype=jnp.float32, kernels=kernel_choice.Kernels.AUTO, kv_dtype=None):
         self.check(cfg)
@@ -139,8 +142,7 @@ class Quantized(Policy):
                     raise KvjaxError(f"{self.name}: head_dim={h} at {bits} bits does not fill whole 32-bit words")
                 if bits < 16 and not t.symmetric and h % self.group_size:
                     raise KvjaxError(f"{self.name}: G={self.group_size} does not divide head_dim={h}")
-        if self.rotate != "none":
-            hadamard(h)
+        self.rotation.check(h)
         if self.sinks + self.window > cfg.max_position_embeddings:
             raise KvjaxError(f"{self.name}: sinks + window = {self.sinks + self.window} exceeds the model's "
                              f"context of {cfg.max_position_embeddings} tokens")
@@ -205,6 +207,11 @@ class Streaming(Quantized):
     """StreamingLLM: tokens that leave the window are evicted."""
 
     evicts = True
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.rotate != "none":
+            raise KvjaxError(f"{self.name}: it quantizes nothing to rotate; a rotation applies to quantized policies")
 
     def tiers(self, cfg, left):
         return ()
@@ -457,8 +464,8 @@ def get_policy(name: str, *, window: int | None = None, sinks: int | None = None
     if base == "fp16" and overrides:
         raise KvjaxError("--window/--group-size/--sinks need a quantized --kv")
     if suffix:
-        if base in ("fp16", "streaming"):
-            raise KvjaxError(f"{name!r}: {base} quantizes nothing to rotate; {suffix} applies to quantized policies")
+        if base == "fp16":
+            raise KvjaxError(f"{name!r}: fp16 quantizes nothing to rotate; {suffix} applies to quantized policies")
         overrides["rotate"] = SUFFIXES[suffix]
     if controller is not None:
         if not family.takes_controller:

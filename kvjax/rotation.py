@@ -74,6 +74,11 @@ class Rotation:
     def name(self) -> str:
         return ROTATIONS[self.keys + 2 * self.values]
 
+    def check(self, head_dim: int):
+        """Raises a KvjaxError unless this rotation can act on heads of `head_dim` channels."""
+        if self.keys or self.values:
+            hadamard(head_dim)
+
     def inputs(self, q, k, v):
         """A layer's q [b, t, n, h] and k, v [b, t, k, h] as the cache takes them."""
         if self.keys:

@@ -506,6 +506,7 @@ def test_band_demotes_whole_groups_and_fills_its_budget():
     (lambda: get_policy("kivi2", controller="x.npz"), "a controller applies"),
     (lambda: get_policy("kivi2+hadamard"), r"unknown suffix \+hadamard; known: \+rot, \+rotk, \+rotv"),
     (lambda: get_policy("fp16+rot"), "fp16 quantizes nothing to rotate"),
+    (lambda: get_policy("streaming+rot"), "streaming\\+rot: it quantizes nothing to rotate"),
     (lambda: Bands("x", rotate="diagonal"), "unknown rotation 'diagonal'"),
     (lambda: make_cache(get_policy("kivi2+rotk", group_size=16), CFG.replace(head_dim=48), 1, 64),
      "power-of-two head dimension"),
