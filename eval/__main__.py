@@ -26,7 +26,8 @@ from eval.tasks import TASKS, check_task, load_task
 from kvjax import cli
 from kvjax.data import DATA_DIR
 from kvjax.errors import KvjaxError
-from kvjax.flags import add_policy_flags, add_weights_flag, policies_from_flags, weights_from_flags
+from kvjax.flags import (add_devices_flag, add_policy_flags, add_weights_flag, mesh_from_flags, policies_from_flags,
+                         weights_from_flags)
 from kvjax.loading import load_model, read_config, resolve_model
 from kvjax.policies import Policy
 
@@ -50,13 +51,14 @@ def read_cache(path: str, key: str) -> dict[int, list[float]]:
     return cached
 
 
-def evaluate(model, requests, policy, cache_path: str, key: str, batch_size: int, desc: str = "") -> list[list[float]]:
+def evaluate(model, requests, policy, cache_path: str, key: str, batch_size: int, desc: str = "",
+             mesh=None) -> list[list[float]]:
     """Scores of all requests under `policy`, reading and extending the task's score archive.
 
     The requests not in it are scored together (bucketed by length across all of them, see
     eval.scoring.score_requests), each appended to the archive as soon as its last continuation is
     scored: an interrupted run resumes where it stopped, and a row's scores do not depend on the
-    rows it was batched with.
+    rows it was batched with (on a `mesh`, a batch is split over its devices: kvjax.sharding).
     """
     cached = read_cache(cache_path, key)
     missing = [i for i in range(len(requests)) if i not in cached]
@@ -69,7 +71,7 @@ def evaluate(model, requests, policy, cache_path: str, key: str, batch_size: int
             bar.update(1)
 
         if missing:
-            score_requests(model, [requests[i] for i in missing], policy, batch_size, on_done=done)
+            score_requests(model, [requests[i] for i in missing], policy, batch_size, on_done=done, mesh=mesh)
     return [cached[i] for i in range(len(requests))]
 
 
@@ -88,9 +90,10 @@ def _parser() -> cli.ArgumentParser:
     p.add_argument("--tasks", default="arc_easy,hellaswag", help=f"comma-separated: {', '.join(TASKS)}")
     add_policy_flags(p, default="fp16,kivi2")
     p.add_argument("--limit", type=cli.at_least(1), default=None, help="first N examples of each task (default: all)")
-    p.add_argument("--batch-size", type=cli.at_least(1), default=8, help="sequences per forward pass")
+    p.add_argument("--batch-size", type=cli.at_least(1), default=8, help="sequences per forward pass on each device")
     p.add_argument("--model", default=None, help=".gguf file, HF folder or hub id (default: embedded SmolLM2)")
     add_weights_flag(p)
+    add_devices_flag(p)
     p.add_argument("--data-dir", default=DATA_DIR,
                    help="the shared data folder, with hf_datasets/ (default: $KVJAX_DATA, else ../shared/data)")
     p.add_argument("--out", type=cli.output_dir, default="results", help="folder for results.json, results.md, results.png")
@@ -100,7 +103,7 @@ def _parser() -> cli.ArgumentParser:
 
 
 def setup(args):
-    """Validates everything before any scoring: (tasks, policies, specs, model, requests)."""
+    """Validates everything before any scoring: (tasks, policies, specs, model, requests, mesh)."""
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if not tasks:
         raise KvjaxError("--tasks needs at least one name")
@@ -112,12 +115,13 @@ def setup(args):
     for policy in specs.values():
         if cfg is not None:
             policy.check(cfg)
+    mesh = mesh_from_flags(args)
     requests = {t: load_task(t, args.data_dir, args.limit) for t in tasks}  # files after the flags
     cli.say(f"[kvjax] loading {resolve_model(args.model)}")
     model = load_model(args.model, weights=weights_from_flags(args))
     for policy in specs.values():
         policy.check(model.cfg)
-    return tasks, policies, specs, model, requests
+    return tasks, policies, specs, model, requests, mesh
 
 
 def main(argv=None) -> int:
@@ -126,7 +130,7 @@ def main(argv=None) -> int:
 
 def _main(argv) -> int:
     args = _parser().parse_args(argv)
-    tasks, policies, specs, model, requests = setup(args)
+    tasks, policies, specs, model, requests, mesh = setup(args)
     cache_root = os.path.join(args.cache_dir, model_tag(model.source))
     results, seconds, scores = {t: {} for t in tasks}, {t: {} for t in tasks}, {t: {} for t in tasks}
     for t in tasks:
@@ -134,7 +138,8 @@ def _main(argv) -> int:
             t0 = time.perf_counter()
             path = os.path.join(cache_root, f"{t}.jsonl.gz")
             key = policy_key(specs[p], args)
-            scores[t][p] = evaluate(model, requests[t], specs[p], path, key, args.batch_size, desc=f"{t} {p}")
+            scores[t][p] = evaluate(model, requests[t], specs[p], path, key, args.batch_size, desc=f"{t} {p}",
+                                     mesh=mesh)
             results[t][p] = accuracy(requests[t], scores[t][p])
             seconds[t][p] = round(time.perf_counter() - t0, 2)
             print(f"{t:>14} {p:>12}  acc {results[t][p]['acc']:.3f}  acc_norm {results[t][p]['acc_norm']:.3f}  "

@@ -32,7 +32,7 @@ def _parser() -> cli.ArgumentParser:
                                                     "model=,dtype=,kernels=,weights=,max_gen_toks= (eval.harness_lm)")
     p.add_argument("--limit", type=cli.at_least(1), default=None, help="first N examples of each task")
     p.add_argument("--num_fewshot", type=cli.at_least(0), default=None, help="few-shot examples (task default)")
-    p.add_argument("--batch_size", type=cli.at_least(1), default=8, help="sequences per forward pass")
+    p.add_argument("--batch_size", type=cli.at_least(1), default=8, help="sequences per forward pass on each device")
     p.add_argument("--data-dir", default=DATA_DIR, help="the shared data folder (default: $KVJAX_DATA, else ../shared/data)")
     p.add_argument("--output_path", type=cli.output_file, default=None, help="a JSON file for the results")
     p.add_argument("--log_samples", action="store_true", help="with --output_path: every example's requests and responses")

@@ -10,8 +10,9 @@ the conventions of the harness's Hugging Face model:
 
 Model args (`model_args="kv=kivi2,window=16"`, MODEL_ARGS): model (a .gguf, HF folder or hub id;
 default the embedded SmolLM2), kv, window, group_size, sinks, controller, allocation (as --kv and
-its flags), dtype and kernels (of generation), weights, max_gen_toks (default 256), and batch_size
-(`python -m eval.harness` takes it as --batch_size). `local_tasks` builds the harness's own task
+its flags), dtype and kernels (of generation), weights, devices (a count or `all`, the default: each batch
+split over them, kvjax.sharding), max_gen_toks (default 256), and batch_size (`python -m eval.harness`
+takes it as --batch_size; per device). `local_tasks` builds the harness's own task
 configs over the data folder's saved datasets instead of the hub.
 """
 
@@ -28,6 +29,7 @@ from tqdm import tqdm
 
 from eval.scoring import encode_pair, prefix_id, score_tokens
 from eval.tasks import TASKS
+from kvjax import sharding
 from kvjax.errors import KvjaxError
 from kvjax.flags import kernels_from_flags, policy_from_flags, weights_from_flags
 from kvjax.generation import generate
@@ -38,7 +40,7 @@ from kvjax.sampling import SamplingConfig
 # the harness's tasks whose split the data folder holds (eval.tasks' folders): evaluated on it
 LOCAL_TASKS = ("hellaswag", "arc_easy", "arc_challenge", "openbookqa", "winogrande", "boolq")
 MODEL_ARGS = ("model", "kv", "window", "group_size", "sinks", "controller", "allocation", "dtype", "kernels", "weights",
-              "max_gen_toks", "batch_size")
+              "devices", "max_gen_toks", "batch_size")
 
 
 def policy_args(kv: str = "fp16", window=None, group_size=None, sinks=None, controller=None, allocation=None,
@@ -55,7 +57,7 @@ class KvjaxLM(LM):
 
     def __init__(self, model: str | None = None, kv: str = "fp16", window=None, group_size=None, sinks=None,
                  controller=None, allocation=None, batch_size=8, dtype: str = "float32", kernels: str = "auto",
-                 weights: str = "auto", max_gen_toks: int = 256, loaded=None, **unused):
+                 weights: str = "auto", devices="all", max_gen_toks: int = 256, loaded=None, **unused):
         super().__init__()
         flags = policy_args(kv, window, group_size, sinks, controller, allocation, kernels, weights)
         self.policy = policy_from_flags(flags)
@@ -64,6 +66,9 @@ class KvjaxLM(LM):
         if dtype not in DTYPES:
             raise KvjaxError(f"unknown dtype {dtype!r}; known: {', '.join(DTYPES)}")
         self.batch_size, self.dtype, self.max_gen_toks = int(batch_size), dtype, int(max_gen_toks)
+        if str(devices) != "all" and (not str(devices).isdigit() or int(devices) < 1):
+            raise KvjaxError(f"devices must be a whole number >= 1 or 'all', got {devices!r}")
+        self.mesh = sharding.make_mesh(None if str(devices) == "all" else int(devices))
         self.backend = kernels_from_flags(flags)
         self.model = loaded or load_model(model, weights=weights_from_flags(flags))
         self.policy.check(self.model.cfg)
@@ -75,7 +80,7 @@ class KvjaxLM(LM):
 
     def _score(self, pairs: list[tuple[list[int], list[int]]], desc: str) -> list[tuple[float, bool]]:
         with tqdm(total=len(pairs), desc=desc, disable=self.rank != 0) as bar:
-            return score_tokens(self.model, pairs, self.policy, self.batch_size, lambda *_: bar.update(1))
+            return score_tokens(self.model, pairs, self.policy, self.batch_size, lambda *_: bar.update(1), self.mesh)
 
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
         tok = self.model.tokenizer
@@ -113,10 +118,12 @@ class KvjaxLM(LM):
                                           top_k=int(settings.get("top_k") or 0), top_p=float(settings.get("top_p") or 1.0))
                 ids = {i: tok.encode(requests[i].args[0], bos=False)[-keep:] or [self.prefix_id] for i in members}
                 members.sort(key=lambda i: -len(ids[i]))
-                for start in range(0, len(members), self.batch_size):
-                    batch = members[start:start + self.batch_size]
+                rows = self.batch_size * sharding.size(self.mesh)  # batch_size prompts per device
+                for start in range(0, len(members), rows):
+                    batch = members[start:start + rows]
                     result = generate(self.model, [ids[i] for i in batch], max_new_tokens=max_new, sampling=sampling,
-                                      seed=start, kv=self.policy, dtype=self.dtype, kernels=self.backend)
+                                      seed=start, kv=self.policy, dtype=self.dtype, kernels=self.backend,
+                                      mesh=self.mesh)
                     for i, text in zip(batch, result.texts, strict=True):
                         cuts = [text.index(s) for s in until if s and s in text]
                         out[i] = text[:min(cuts)] if cuts else text

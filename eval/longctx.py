@@ -25,11 +25,11 @@ from tqdm import tqdm
 from eval.archive import device_name, model_tag, open_to_append, policy_key, read_archive
 from eval.longctx_report import heatmaps, markdown
 from eval.retrieval import HAYSTACKS, TASKS, VERSION, Builder, score
-from kvjax import cli
+from kvjax import cli, sharding
 from kvjax.data import DATA_DIR, SHERLOCK_EVAL_TOKENS, read_text, text_path
 from kvjax.errors import KvjaxError
-from kvjax.flags import (add_kernels_flag, add_policy_flags, add_weights_flag, kernels_from_flags, policies_from_flags,
-                         weights_from_flags)
+from kvjax.flags import (add_devices_flag, add_kernels_flag, add_policy_flags, add_weights_flag, kernels_from_flags,
+                         mesh_from_flags, policies_from_flags, weights_from_flags)
 from kvjax.generation import generate
 from kvjax.loading import load_model, read_config, resolve_model
 from pallas_kernels.cpu_bench import cpu_model
@@ -45,10 +45,11 @@ def _parser() -> cli.ArgumentParser:
                    help="context lengths in tokens: the prompt and the answer's budget")
     p.add_argument("--depths", type=cli.at_least(1), default=5, help="needle depths, evenly spaced from 0 to 1")
     p.add_argument("--samples", type=cli.at_least(1), default=4, help="examples per (task, haystack, length, depth)")
-    p.add_argument("--batch-size", type=cli.at_least(1), default=5, help="prompts generated together")
+    p.add_argument("--batch-size", type=cli.at_least(1), default=5, help="prompts generated together on each device")
     p.add_argument("--model", default=None, help=".gguf file, HF folder or hub id (default: embedded SmolLM2)")
     add_weights_flag(p)
     add_kernels_flag(p)
+    add_devices_flag(p)
     p.add_argument("--data-dir", default=DATA_DIR, help="the shared data folder (default: $KVJAX_DATA, else ../shared/data)")
     p.add_argument("--out", type=cli.output_dir, default="results/longctx", help="folder for longctx.json, .md, .png")
     p.add_argument("--cache-dir", type=cli.output_dir, default="eval_cache",
@@ -145,6 +146,7 @@ def read_answers(path: str) -> dict[tuple, dict]:
 def answer_all(args, specs: dict, keys: dict, groups: list, done: dict, path: str) -> dict[str, float]:
     """Loads the model and answers every example not in `done`, each appended to the archive at `path`
     (and to `done`) as it is made. -> seconds per policy."""
+    mesh = mesh_from_flags(args)
     backend = kernels_from_flags(args)
     held = weights_from_flags(args)
     cli.use_compilation_cache()
@@ -163,11 +165,12 @@ def answer_all(args, specs: dict, keys: dict, groups: list, done: dict, path: st
             t0 = time.perf_counter()
             with tqdm(total=total, initial=total - sum(map(len, todo)), desc=f"longctx {name}") as bar:
                 for group in todo:
-                    for start in range(0, len(group), args.batch_size):
-                        batch = group[start:start + args.batch_size]
+                    rows = args.batch_size * sharding.size(mesh)  # --batch-size prompts per device
+                    for start in range(0, len(group), rows):
+                        batch = group[start:start + rows]
                         examples = [builder.example(*c) for c in batch]
                         result = generate(model, [e.ids for e in examples], max_new_tokens=examples[0].max_new,
-                                          kv=policy, kernels=backend)
+                                          kv=policy, kernels=backend, mesh=mesh)
                         for c, e, text in zip(batch, examples, result.texts, strict=True):
                             r = dict(zip(("task", "haystack", "length", "depth", "index"), c),
                                      policy=keys[name], answer=text, score=score(text, e.answers), version=VERSION)

@@ -12,20 +12,23 @@ by the last query of their segment (the tokens a budget counts): their average b
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import sys
 import time
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from kvjax import teacher_forced
+from kvjax import sharding, teacher_forced
 from kvjax.data import DATA_DIR, TEXTS, read_text
 from kvjax.errors import KvjaxError
 from kvjax import cli
-from kvjax.flags import add_policy_flags, add_weights_flag, policies_from_flags, weights_from_flags
+from kvjax.flags import (add_devices_flag, add_policy_flags, add_weights_flag, mesh_from_flags, policies_from_flags,
+                         weights_from_flags)
 from kvjax.loading import load_model, read_config, resolve_model
 from kvjax.policies import Policy, cache_bytes, family_of
 
@@ -49,16 +52,44 @@ class PerplexityResult:
 def segment_nll(params, cfg, tokens: np.ndarray, policy: Policy, dtype=jnp.float32):
     """Next-token NLL [T-1] of one segment under `policy` (teacher-forced, exact), and the bits at
     which its left tokens were stored at the last query [L] (0 = evicted; fp16: none left)."""
-    ids = jnp.asarray(tokens, jnp.int32)[None]
-    positions = jnp.arange(ids.shape[1], dtype=jnp.int32)[None]
-    targets = jnp.pad(ids[:, 1:], ((0, 0), (0, 1)))  # the last token predicts nothing scored
-    logp, _, cache = teacher_forced.score_targets(params, cfg, ids, positions, targets, policy, ids.shape[1], dtype)
-    left = np.zeros((0,), np.float32)
-    if policy.layout(cfg, ids.shape[1]) is not None:  # tokens leave a window
-        last = ids.shape[1] - 1
-        bits = np.asarray(cache.bits_at(last)[0])
-        left = bits[cache.layout.has_left(np.arange(len(bits)), last)]
-    return -np.asarray(logp[0, :-1]), left
+    nll, left = segments_nll(params, cfg, np.asarray(tokens)[None], policy, dtype)
+    return nll[0], left[0]
+
+
+def segments_nll(params, cfg, segments: np.ndarray, policy: Policy, dtype=jnp.float32, mesh=None):
+    """`segment_nll` of each row of segments [n, T]: NLL [n, T-1] and the left tokens' bits per
+    segment. On a mesh each device scores one segment at a time (kvjax.sharding): the last group is
+    filled with copies of the last segment, whose results are dropped."""
+    n, T = segments.shape
+    per_group = sharding.size(mesh)
+    rows = np.concatenate([segments, np.repeat(segments[-1:], sharding.padded(n, mesh) - n, axis=0)])
+    scorer = _scorer(cfg, policy, T, dtype, mesh)
+    params = sharding.replicate(params, mesh)
+    nll, bits = [], []
+    for start in range(0, len(rows), per_group):
+        ids = sharding.place(jnp.asarray(rows[start:start + per_group], jnp.int32), mesh, sharding.ROWS)
+        logp, at_last = scorer(params, ids)
+        nll.append(-np.asarray(logp[:, :-1]))
+        bits.append(np.asarray(at_last))
+    nll, bits = np.concatenate(nll)[:n], np.concatenate(bits)[:n]
+    if policy.layout(cfg, T) is None:  # fp16: no token leaves a window
+        return nll, [np.zeros((0,), np.float32)] * n
+    left = policy.layout(cfg, T).has_left(np.arange(T), T - 1)
+    return nll, [row[left] for row in bits]
+
+
+@functools.lru_cache(maxsize=8)
+def _scorer(cfg, policy: Policy, length: int, dtype, mesh):
+    """The jitted (params, ids [b, T]) -> (log p of each next token [b, T], the bits each token is
+    stored at as the last query reads it [b, T]), run by every device of `mesh` on its rows."""
+    def score(params, ids):
+        positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), ids.shape)
+        targets = jnp.pad(ids[:, 1:], ((0, 0), (0, 1)))  # the last token predicts nothing scored
+        logp, _, cache = teacher_forced.score_targets(params, cfg, ids, positions, targets, policy, length, dtype)
+        bits = cache.bits_at(length - 1) if policy.layout(cfg, length) is not None else jnp.zeros_like(logp)
+        return logp, bits
+    rows = sharding.ROWS
+    return jax.jit(sharding.per_device(score, mesh, (sharding.REPLICATED, rows), (rows, rows)))
 
 
 PAIRED_BLOCK = 128  # tokens per block of the paired standard error (neighbouring tokens' differences correlate)
@@ -88,6 +119,7 @@ def _parser() -> cli.ArgumentParser:
     p = cli.ArgumentParser(prog="python -m eval.perplexity", description=__doc__.splitlines()[0])
     p.add_argument("--model", default=None, help=".gguf file, HF folder or hub id (default: embedded SmolLM2)")
     add_weights_flag(p)
+    add_devices_flag(p)
     add_policy_flags(p, default="fp16,kivi4,kivi2")
     p.add_argument("--text", default="wikitext2", choices=sorted(TEXTS), help="the text to score")
     p.add_argument("--context", type=cli.at_least(2), default=4096, help="tokens per segment, each scored on its own")
@@ -111,6 +143,7 @@ def _main(argv) -> int:
             raise KvjaxError(f"--context {args.context} exceeds the model's {cfg.max_position_embeddings} tokens")
         for policy in specs.values():
             policy.check(cfg)
+    mesh = mesh_from_flags(args)
     text = read_text(args.text, args.data_dir)
     cli.say(f"[kvjax] loading {resolve_model(args.model)}")
     held = weights_from_flags(args)
@@ -119,14 +152,17 @@ def _main(argv) -> int:
     if len(ids) < args.context * args.segments:
         raise KvjaxError(f"{args.text} has {len(ids)} tokens, fewer than --segments {args.segments} x "
                          f"--context {args.context}")
-    print(f"{args.text}: {len(ids)} tokens; {args.segments} segment(s) of {args.context}")
+    print(f"{args.text}: {len(ids)} tokens; {args.segments} segment(s) of {args.context}; "
+          f"{sharding.describe(mesh)}")
+    segments = ids[:args.segments * args.context].reshape(args.segments, args.context)
+    groups = range(0, args.segments, sharding.size(mesh))  # a segment per device at a time
     for policy in policies:
         t0, nll, left = time.perf_counter(), [], []
-        for s in tqdm(range(args.segments), desc=policy, leave=False):
-            seg_nll, seg_left = segment_nll(model.params, model.cfg, ids[s * args.context:(s + 1) * args.context],
-                                            specs[policy])
-            nll.append(seg_nll)
-            left.append(seg_left)
+        for start in tqdm(groups, desc=policy, leave=False):
+            group_nll, group_left = segments_nll(model.params, model.cfg, segments[start:start + groups.step],
+                                                 specs[policy], mesh=mesh)
+            nll.append(group_nll.reshape(-1))
+            left.extend(group_left)
         nll = np.concatenate(nll)
         result = PerplexityResult(policy, args.text, args.context, len(nll), float(nll.mean()),
                                   time.perf_counter() - t0, kv_bytes_per_token(specs[policy], model.cfg, args.context),

@@ -15,7 +15,7 @@ from typing import Callable
 import jax
 import numpy as np
 
-from kvjax import teacher_forced
+from kvjax import sharding, teacher_forced
 from kvjax.policies import Policy, get_policy
 
 from eval.tasks import TARGET_DELIMITER, Request
@@ -47,11 +47,18 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], 
     return context_ids, whole[len(context_ids):]
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "policy"))
 def target_logprobs(params, inputs, targets, positions, *, cfg, policy):
     """log p(targets[b, t] | inputs[b, :t+1]) -> (float32 [b, T], bool [b, T]: each target the most likely)."""
     # capacity = the padded length: every row fits its tiers, as in a cache sized for it
     return teacher_forced.score_targets(params, cfg, inputs, positions, targets, policy, inputs.shape[1])[:2]
+
+
+@functools.lru_cache(maxsize=16)
+def _scorer(cfg, policy: Policy, mesh):
+    """`target_logprobs`, jitted, run by every device of `mesh` on its rows (kvjax.sharding)."""
+    rows = sharding.ROWS
+    return jax.jit(sharding.per_device(functools.partial(target_logprobs, cfg=cfg, policy=policy), mesh,
+                                       (sharding.REPLICATED, rows, rows, rows), (rows, rows)))
 
 
 def bucket_length(n: int, max_len: int) -> int:
@@ -60,7 +67,7 @@ def bucket_length(n: int, max_len: int) -> int:
 
 
 def score_tokens(model, pairs: list[tuple[list[int], list[int]]], policy: str | Policy = "fp16", batch_size: int = 8,
-                 on_done: Callable[[int, float, bool], None] | None = None) -> list[tuple[float, bool]]:
+                 on_done: Callable[[int, float, bool], None] | None = None, mesh=None) -> list[tuple[float, bool]]:
     """(summed log-probability, greedy) of each (context ids, continuation ids) pair: greedy when every
     continuation token is the most likely one (the harness's `is_greedy`).
 
@@ -68,10 +75,13 @@ def score_tokens(model, pairs: list[tuple[list[int], list[int]]], policy: str | 
     long for the model, as the harness does). The rows are sorted by length and cut into batches of
     `batch_size` within each length bucket, so only the last batch of a bucket has spare rows; a row's
     scores depend on its own tokens and its bucket only, not on the rows beside it. `on_done(i, logp,
-    greedy)` is called as soon as pair i is scored.
+    greedy)` is called as soon as pair i is scored. On a `mesh` each device scores `batch_size` rows of
+    a batch (kvjax.sharding): a row is scored in a batch of the shape one device gives it.
     """
     policy = get_policy(policy) if isinstance(policy, str) else policy
     policy.check(model.cfg)
+    batch_size *= sharding.size(mesh)
+    scorer, params = _scorer(model.cfg, policy, mesh), sharding.replicate(model.params, mesh)
     max_len = model.cfg.max_position_embeddings
     rows = []  # (pair, input ids, target ids, continuation tokens scored)
     for i, (ctx, cont) in enumerate(pairs):
@@ -91,7 +101,7 @@ def score_tokens(model, pairs: list[tuple[list[int], list[int]]], policy: str | 
             for j, (_, inp, tgt, _) in enumerate(batch):
                 inputs[j, :len(inp)], targets[j, :len(tgt)] = inp, tgt
                 positions[j, :len(inp)] = np.arange(len(inp))
-            logp, top = target_logprobs(model.params, inputs, targets, positions, cfg=model.cfg, policy=policy)
+            logp, top = scorer(params, *sharding.place((inputs, targets, positions), mesh, sharding.ROWS))
             logp, top = np.asarray(logp), np.asarray(top)
             for j, (i, inp, _, k) in enumerate(batch):
                 scored = slice(len(inp) - k, len(inp))
@@ -102,7 +112,7 @@ def score_tokens(model, pairs: list[tuple[list[int], list[int]]], policy: str | 
 
 
 def score_requests(model, requests: list[Request], policy: str | Policy = "fp16", batch_size: int = 8,
-                   on_done: Callable[[int, list[float]], None] | None = None) -> list[list[float]]:
+                   on_done: Callable[[int, list[float]], None] | None = None, mesh=None) -> list[list[float]]:
     """Summed log-probability of each request's continuations: one list per request (`score_tokens`
     over every (context, continuation) pair, tokenized as the harness does: `encode_pair`).
     `on_done(i, scores)` is called as soon as every continuation of request i is scored (for a
@@ -122,7 +132,7 @@ def score_requests(model, requests: list[Request], policy: str | Policy = "fp16"
         if waiting[r] == 0 and on_done is not None:
             on_done(r, scores[r])
 
-    score_tokens(model, pairs, policy, batch_size, done)
+    score_tokens(model, pairs, policy, batch_size, done, mesh)
     return scores
 
 

@@ -17,6 +17,7 @@ from typing import Callable
 
 import jax
 
+from kvjax import sharding
 from kvjax.errors import KvjaxError
 from pallas_kernels.cache_folder import cache_dir
 
@@ -39,6 +40,11 @@ def at_least(low, kind=int):
             raise argparse.ArgumentTypeError(f"must be >= {low}, got {text}")
         return value
     return parse
+
+
+def devices(text: str) -> int | None:
+    """An argparse `type` for --devices: `all` -> None (every device), else a count >= 1."""
+    return None if text == "all" else at_least(1)(text)
 
 
 def above(low: float):
@@ -130,9 +136,11 @@ def use_compilation_cache():
 
 def run(main: Callable[[], int], interrupted: str = "interrupted") -> int:
     """Runs a command: a KvjaxError is one `error:` line and exit code 2, Ctrl-C exit code 130.
-    Compiled programs are cached between runs (`use_compilation_cache`)."""
+    Compiled programs are cached between runs (`use_compilation_cache`); a process of a multi-host
+    run joins the others first (kvjax.sharding.initialize)."""
     use_compilation_cache()
     try:
+        sharding.initialize()
         return main()
     except KvjaxError as e:
         print(f"error: {e}", file=sys.stderr)

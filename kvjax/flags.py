@@ -8,6 +8,8 @@
     kernels_from_flags(args)           --kernels resolved for this machine (kvjax.kernels.resolve)
     add_weights_flag(parser), weights_from_flags(args)   --weights: every command that loads a model
                                        (kvjax.weights.resolve: how its matrices are held and multiplied)
+    add_devices_flag(parser), mesh_from_flags(args)      --devices: every command that runs a batch
+                                       (kvjax.sharding: the mesh its rows are split over)
 
 A command checks its flags in this order, so that bad input is refused before anything slow
 happens: the policies, its own numbers and files, then `kernels_from_flags` and `weights_from_flags`
@@ -16,7 +18,7 @@ happens: the policies, its own numbers and files, then `kernels_from_flags` and 
 
 from __future__ import annotations
 
-from kvjax import kernels, weights
+from kvjax import cli, kernels, sharding, weights
 from kvjax.errors import KvjaxError
 from kvjax.layout import DEFAULT_GROUP, DEFAULT_SINKS, DEFAULT_WINDOW
 from kvjax.policies import ALIASES, REGISTRY, Policy, family_of, get_policy
@@ -106,3 +108,15 @@ def weights_from_flags(args, differentiable: bool = False) -> weights.Weights:
     """--weights resolved for this machine (auto decided; `differentiable`: for gradients through the
     model, kvjax.weights.resolve); pass it to `load_model`."""
     return weights.resolve(args.weights, differentiable=differentiable)
+
+
+def add_devices_flag(parser):
+    """--devices, for every command that runs a batch (see `mesh_from_flags`)."""
+    parser.add_argument("--devices", default="all", type=cli.devices, metavar="N|all",
+                        help="devices to split the batch over, the first N or all of them (default: all; on "
+                             "several hosts, every host's)")
+
+
+def mesh_from_flags(args):
+    """--devices as the mesh a command splits its rows over (kvjax.sharding.make_mesh)."""
+    return sharding.make_mesh(args.devices)

@@ -10,8 +10,8 @@ import sys
 
 from kvjax import cli, memory
 from kvjax.errors import KvjaxError
-from kvjax.flags import (SUGGESTED, add_kernels_flag, add_policy_flags, add_weights_flag, kernels_from_flags,
-                         policy_from_flags, weights_from_flags)
+from kvjax.flags import (SUGGESTED, add_devices_flag, add_kernels_flag, add_policy_flags, add_weights_flag,
+                         kernels_from_flags, mesh_from_flags, policy_from_flags, weights_from_flags)
 from kvjax.generation import default_dtype, estimate_memory, generate
 from kvjax.loading import load_model, read_config, read_tokenizer, resolve_model, weight_bytes
 from kvjax.model import DTYPES
@@ -39,6 +39,7 @@ def _parser() -> cli.ArgumentParser:
     add_policy_flags(p)
     add_kernels_flag(p)
     add_weights_flag(p)
+    add_devices_flag(p)
     p.add_argument("--chunk", type=cli.at_least(1), default=8, help="decode steps per device dispatch while streaming")
     p.add_argument("--max-memory", type=cli.above(0.0), default=None, metavar="GIB",
                    help="refuse a request whose estimated peak memory (weights, KV cache and working memory) "
@@ -69,6 +70,7 @@ def _main(argv) -> int:
     lightest = Weights.NATIVE if args.weights == Weights.AUTO.value else Weights(args.weights)  # auto's lightest
     if cfg is not None and lengths:  # before anything is built: the weights held as lightly as --weights allows
         _check_request(cfg, kv, lengths, args, dtype, weight_bytes(source, lightest, DTYPES[dtype]))
+    mesh = mesh_from_flags(args)
     kernels = kernels_from_flags(args)  # after the numbers: on a CPU, auto may build the C++ kernels (once)
     weights = weights_from_flags(args)
     if cfg is not None and lengths and weights is not lightest:  # auto chose the float32 weights
@@ -86,7 +88,7 @@ def _main(argv) -> int:
         print(text, end="", flush=True)
 
     result = generate(model, prompts, args.max_new_tokens, sampling, args.seed, kv, dtype, chunk=args.chunk,
-                      on_text=show if stream else None, kernels=kernels, log=cli.say)
+                      on_text=show if stream else None, kernels=kernels, log=cli.say, mesh=mesh)
     if stream:
         print()
     else:

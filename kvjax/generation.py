@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from kvjax import memory
+from kvjax import memory, sharding
 from kvjax.errors import KvjaxError
 from kvjax.features import forward_recording_features, token_features
 from kvjax.kernels import Kernels
@@ -38,6 +38,13 @@ class DecodeState:
     done: jax.Array  # bool [b]
     tokens: jax.Array  # int32 [b, max_new]: generated tokens (eos_id after the end)
     step: jax.Array  # int32 []: tokens generated so far (per sequence, the same for all)
+    rows: jax.Array  # int32 [b]: each sequence's row in the whole batch (its sampling key: kvjax.sampling)
+
+
+def state_specs(cache_specs) -> DecodeState:
+    """How a DecodeState is split over a mesh (kvjax.sharding), given its cache's specs."""
+    rows, same = sharding.ROWS, sharding.REPLICATED
+    return DecodeState(last=rows, cache=cache_specs, key=same, done=rows, tokens=rows, step=same, rows=rows)
 
 
 PREFILL_CHUNK = 256  # prompt tokens per prefill step (at most a quantized cache's window W)
@@ -118,30 +125,33 @@ def prefill(params, tokens, positions, cache, *, cfg, dtype, chunk: int | None =
 def start_state(last_logits, cache, key, max_new: int, sampling: SamplingConfig, eos_id: int):
     """Samples the first new token from the prefill logits."""
     key, sub = jax.random.split(key)
-    first = sample(last_logits, sub, sampling)
+    rows = jnp.arange(last_logits.shape[0], dtype=jnp.int32)
+    first = sample(last_logits, sub, sampling, rows)
     tokens = jnp.full((first.shape[0], max_new), eos_id, jnp.int32).at[:, 0].set(first)
     return DecodeState(last=first, cache=cache, key=key, done=first == eos_id, tokens=tokens,
-                       step=jnp.int32(1))
+                       step=jnp.int32(1), rows=rows)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "dtype", "sampling", "chunk"),
+@functools.partial(jax.jit, static_argnames=("cfg", "dtype", "sampling", "chunk", "mesh"),
                    donate_argnames=("state",))
-def decode_chunk(params, state: DecodeState, eos_id, *, cfg, dtype, sampling: SamplingConfig, chunk: int):
-    """Up to `chunk` decode steps in one dispatch; stops early when every sequence is done."""
+def decode_chunk(params, state: DecodeState, eos_id, *, cfg, dtype, sampling: SamplingConfig, chunk: int,
+                 mesh=None):
+    """Up to `chunk` decode steps in one dispatch; stops early when every sequence is done (on every
+    device of `mesh`, when each runs its rows: kvjax.sharding)."""
     max_new = state.tokens.shape[1]
 
     def cond(carry):
         i, s = carry
-        return (i < chunk) & (s.step < max_new) & ~jnp.all(s.done)
+        return (i < chunk) & (s.step < max_new) & ~sharding.every(jnp.all(s.done), mesh)
 
     def body(carry):
         i, s = carry
         positions = jnp.where(s.done, -1, s.cache.lengths)[:, None]
         logits, cache = forward_recording_features(params, cfg, s.last[:, None], positions, s.cache, dtype)
         key, sub = jax.random.split(s.key)
-        nxt = jnp.where(s.done, eos_id, sample(logits[:, 0], sub, sampling))
+        nxt = jnp.where(s.done, eos_id, sample(logits[:, 0], sub, sampling, s.rows))
         s = DecodeState(last=nxt, cache=cache, key=key, done=s.done | (nxt == eos_id),
-                        tokens=s.tokens.at[:, s.step].set(nxt), step=s.step + 1)
+                        tokens=s.tokens.at[:, s.step].set(nxt), step=s.step + 1, rows=s.rows)
         return i + 1, s
 
     return jax.lax.while_loop(cond, body, (jnp.int32(0), state))[1]
@@ -152,21 +162,24 @@ _kept: dict[tuple, tuple] = {}
 
 
 def compile_programs(params, cfg, policy: Policy, tokens, positions, capacity: int, max_new: int, dtype, kernels,
-                     sampling: SamplingConfig, eos_id: int, chunk: int):
+                     sampling: SamplingConfig, eos_id: int, chunk: int, mesh=None):
     """The compiled prefill and decode_chunk of a request, from shapes alone: compiled before the cache
     exists, the compiler's working memory (1.3-1.5 GiB for a policy of many layer segments) and the
-    cache are never held at once. -> (prefill_fn, decode_fn). The last KEPT_PROGRAMS pairs are kept by
-    everything they depend on (the shapes and types of params, tokens and positions, and the settings),
-    so a request shaped like a recent one compiles nothing."""
+    cache are never held at once. -> (prefill_fn, decode_fn), each run by every device of `mesh` on its
+    rows (kvjax.sharding; params replicated, tokens, positions, cache and state as `request_specs`). The
+    last KEPT_PROGRAMS pairs are kept by everything they depend on (the shapes and types of params,
+    tokens and positions, the settings and the mesh), so a request shaped like a recent one compiles
+    nothing."""
     shapes = lambda tree: (jax.tree.structure(tree), tuple((x.shape, x.dtype) for x in jax.tree.leaves(tree)))
-    key = (shapes((params, tokens, positions)), cfg, policy, capacity, max_new, dtype, kernels, sampling, eos_id, chunk)
+    key = (shapes((params, tokens, positions)), cfg, policy, capacity, max_new, dtype, kernels, sampling, eos_id, chunk,
+           mesh)
     if key in _kept:
         _kept[key] = _kept.pop(key)  # the most recent last
         return _kept[key]
     while len(_kept) >= KEPT_PROGRAMS:
         _kept.pop(next(iter(_kept)))
     _kept[key] = _compile(params, cfg, policy, tokens, positions, capacity, max_new, dtype, kernels, sampling, eos_id,
-                          chunk)
+                          chunk, mesh)
     return _kept[key]
 
 
@@ -180,14 +193,26 @@ def forget_programs():
     _kept.clear()
 
 
-def _compile(params, cfg, policy, tokens, positions, capacity, max_new, dtype, kernels, sampling, eos_id, chunk):
+def cache_specs(policy: Policy, cfg, capacity: int, dtype, kernels):
+    """How a request's cache is split over a mesh: each leaf by its row axis (kvjax.sharding.row_specs)."""
+    return sharding.row_specs(lambda b: policy.make_cache(cfg, b, capacity, dtype, kernels))
+
+
+def _compile(params, cfg, policy, tokens, positions, capacity, max_new, dtype, kernels, sampling, eos_id, chunk, mesh):
+    rows, same = sharding.ROWS, sharding.REPLICATED
+    specs = cache_specs(policy, cfg, capacity, dtype, kernels)
+    on_mesh = lambda fn, ins, outs, donate: jax.jit(sharding.per_device(fn, mesh, ins, outs), donate_argnums=donate)
+    prefill_mesh = on_mesh(functools.partial(prefill, cfg=cfg, dtype=dtype), (same, rows, rows, specs), (rows, specs), 3)
+    decode_mesh = on_mesh(functools.partial(decode_chunk, cfg=cfg, dtype=dtype, sampling=sampling, chunk=chunk,
+                                            mesh=mesh), (same, state_specs(specs), same), state_specs(specs), 1)
     cache = jax.eval_shape(lambda: policy.make_cache(cfg, tokens.shape[0], capacity, dtype, kernels))
-    prefill_fn = prefill.lower(params, tokens, positions, cache, cfg=cfg, dtype=dtype).compile()
+    laid_out = lambda tree, specs: sharding.shapes_on(tree, mesh, specs)
+    prefill_fn = prefill_mesh.lower(laid_out(params, same), laid_out(tokens, rows), laid_out(positions, rows),
+                                    laid_out(cache, specs)).compile()
     logits, cache = jax.eval_shape(lambda *a: prefill(*a, cfg=cfg, dtype=dtype), params, tokens, positions, cache)
     state = jax.eval_shape(lambda l, c: start_state(l, c, jax.random.PRNGKey(0), max_new, sampling, eos_id),
                            logits, cache)
-    decode_fn = decode_chunk.lower(params, state, eos_id, cfg=cfg, dtype=dtype, sampling=sampling,
-                                   chunk=chunk).compile()
+    decode_fn = decode_mesh.lower(laid_out(params, same), laid_out(state, state_specs(specs)), eos_id).compile()
     memory.release_freed()  # the compiler's freed memory back to the system before the cache is made
     return prefill_fn, decode_fn
 
@@ -208,6 +233,8 @@ class GenerationResult:
     kv_bits: float = float("nan")  # average bits of the first sequence's left tokens (nan: none left)
     memory_before: int = 0  # bytes held when the call began (the loaded model; kvjax.memory.current)
     memory_peak: int = 0  # the most bytes held during the call (kvjax.memory.peak)
+    devices: str = ""  # what ran it (kvjax.sharding.describe), where more than one device did
+    rows: int = 0  # sequences the cache holds: the prompts, and copies added so that they split evenly over the devices
 
     @property
     def decode_ms_per_token(self) -> float:
@@ -217,13 +244,15 @@ class GenerationResult:
         batch = len(self.tokens)
         tok_s = batch * self.decode_steps / self.decode_s if self.decode_s > 0 else float("nan")
         tiers = ", ".join(f"{name} {n}" for name, n in self.kv_tiers.items())
-        per_token = self.kv_bytes / max(batch * self.kv_capacity, 1)
+        per_token = self.kv_bytes / max(max(self.rows, batch) * self.kv_capacity, 1)
         bits = "" if self.kv_bits != self.kv_bits else f", left tokens at {self.kv_bits:.2f} bits"  # nan: none left
+        rows = f"{batch}" if self.rows <= batch else f"{self.rows} ({batch} + {self.rows - batch} copies)"
         return (f"[kvjax] prefill {1e3 * self.prefill_s:.1f} ms ({sum(self.prompt_lengths)} tokens) | "
                 f"decode {self.decode_ms_per_token:.2f} ms/token | {tok_s:.1f} tokens/s | "
-                f"KV cache {self.kv_policy}: {self.kv_bytes / 2**20:.2f} MiB for {batch} x {self.kv_capacity} tokens "
+                f"KV cache {self.kv_policy}: {self.kv_bytes / 2**20:.2f} MiB for {rows} x {self.kv_capacity} tokens "
                 f"({per_token:,.0f} B/token{bits}; {tiers}) | memory {self.memory_peak / 2**30:.2f} GiB at peak, "
-                f"{self.memory_before / 2**30:.2f} before | compile {self.compile_s:.1f} s")
+                f"{self.memory_before / 2**30:.2f} before | compile {self.compile_s:.1f} s"
+                + (f" | {self.devices}" if self.devices else ""))
 
 
 def pad_prompts(prompts: list[list[int]]):
@@ -247,12 +276,14 @@ def generate(model: LoadedModel, prompts: list[str] | list[list[int]], max_new_t
              sampling: SamplingConfig = SamplingConfig(), seed: int = 0, kv: str | Policy = "fp16",
              dtype: str = "float32", chunk: int | None = None,
              on_text: Callable[[str], None] | None = None, kernels: Kernels | str = Kernels.AUTO,
-             log: Callable[[str], None] | None = None) -> GenerationResult:
+             log: Callable[[str], None] | None = None, mesh=None) -> GenerationResult:
     """Generates up to `max_new_tokens` per prompt (strings or token-id lists).
 
     `chunk` decode steps run per device dispatch (default: all of them); `on_text`
     receives the new text of the first prompt after every chunk (streaming); `log` what is
-    happening before the first token (compiling, prefill).
+    happening before the first token (compiling, prefill). On a `mesh` (kvjax.sharding.make_mesh)
+    the prompts are split over its devices, with copies of the last prompt added until they divide
+    evenly (their answers are dropped); a sequence's tokens are those one device would give it.
     """
     log = log or (lambda message: None)
     cfg, tok = model.cfg, model.tokenizer
@@ -264,6 +295,8 @@ def generate(model: LoadedModel, prompts: list[str] | list[list[int]], max_new_t
     ids = [tok.encode(p) if isinstance(p, str) else list(p) for p in prompts]
     if not ids or any(len(p) == 0 for p in ids):
         raise KvjaxError("empty prompt")
+    asked = len(ids)
+    ids += [ids[-1]] * (sharding.padded(asked, mesh) - asked)  # each device takes as many rows
     longest = max(len(p) for p in ids)
     if longest + max_new_tokens > cfg.max_position_embeddings:
         raise KvjaxError(f"prompt of {longest} tokens + {max_new_tokens} new tokens exceeds the model's "
@@ -271,25 +304,29 @@ def generate(model: LoadedModel, prompts: list[str] | list[list[int]], max_new_t
     jdtype = DTYPES[dtype]
     eos_id = cfg.eos_token_id if cfg.eos_token_id is not None else -1
     chunk = chunk or max_new_tokens
-    tokens, positions = pad_prompts(ids)
+    tokens, positions = sharding.place(pad_prompts(ids), mesh, sharding.ROWS)
+    params = sharding.replicate(model.params, mesh)
     policy.check(cfg)
     capacity = longest + max_new_tokens
     memory.release_freed()
     memory_before = memory.current()
     memory.reset_peak()
 
-    log(f"[kvjax] compiling prefill and decode for {len(ids)} x {capacity} tokens ({policy.name}, {dtype})")
+    log(f"[kvjax] compiling prefill and decode for {len(ids)} x {capacity} tokens ({policy.name}, {dtype}"
+        f"{', ' + sharding.describe(mesh) if sharding.size(mesh) > 1 else ''})")
     t0 = time.perf_counter()
-    prefill_fn, decode_fn = compile_programs(model.params, cfg, policy, tokens, positions, capacity, max_new_tokens,
-                                             jdtype, kernels, sampling, eos_id, chunk)
+    prefill_fn, decode_fn = compile_programs(params, cfg, policy, tokens, positions, capacity, max_new_tokens,
+                                             jdtype, kernels, sampling, eos_id, chunk, mesh)
     compile_s = time.perf_counter() - t0
-    cache = policy.make_cache(cfg, len(ids), capacity, jdtype, kernels)
+    specs = cache_specs(policy, cfg, capacity, jdtype, kernels) if sharding.size(mesh) > 1 else None
+    cache = sharding.create(lambda: policy.make_cache(cfg, len(ids), capacity, jdtype, kernels), mesh, specs)
     t0 = time.perf_counter()
-    last_logits, cache = prefill_fn(model.params, tokens, positions, cache)
+    last_logits, cache = prefill_fn(params, tokens, positions, cache)
     last_logits.block_until_ready()
     prefill_s = time.perf_counter() - t0
 
     state = start_state(last_logits, cache, jax.random.PRNGKey(seed), max_new_tokens, sampling, eos_id)
+    state = sharding.place(state, mesh, state_specs(specs) if specs is not None else None)
     kv_bytes = state.cache.nbytes
 
     shown = ""
@@ -302,21 +339,22 @@ def generate(model: LoadedModel, prompts: list[str] | list[list[int]], max_new_t
         if int(state.step) >= max_new_tokens or bool(jnp.all(state.done)):
             break
         t0 = time.perf_counter()
-        state = decode_fn(model.params, state, eos_id)
+        state = decode_fn(params, state, eos_id)
         state.step.block_until_ready()
         decode_s += time.perf_counter() - t0
     if on_text is not None:
         final = tok.decode(_until_eos(np.asarray(state.tokens[0]), eos_id))
         on_text(final[len(shown):])
 
-    out = [_until_eos(row, eos_id) for row in np.asarray(state.tokens)]
+    out = [_until_eos(row, eos_id) for row in np.asarray(state.tokens)[:asked]]
     return GenerationResult(tokens=out, texts=[tok.decode(t) for t in out],
-                            prompt_lengths=[len(p) for p in ids], prefill_s=prefill_s,
+                            prompt_lengths=[len(p) for p in ids[:asked]], prefill_s=prefill_s,
                             decode_s=decode_s, decode_steps=int(state.step) - 1, compile_s=compile_s,
                             kv_bytes=kv_bytes, kv_policy=policy.name,
                             kv_tiers={k: int(v[0]) for k, v in state.cache.tokens_per_tier().items()},
                             kv_capacity=capacity, kv_bits=float(state.cache.stored_bits()[0]),
-                            memory_before=memory_before, memory_peak=max(memory.peak(), memory_before))
+                            memory_before=memory_before, memory_peak=max(memory.peak(), memory_before),
+                            devices=sharding.describe(mesh) if sharding.size(mesh) > 1 else "", rows=len(ids))
 
 
 def _until_eos(row: np.ndarray, eos_id: int) -> list[int]:

@@ -27,8 +27,10 @@ class SamplingConfig:
             raise KvjaxError(f"top-p must be in (0, 1], got {self.top_p}")
 
 
-def sample(logits: jax.Array, key: jax.Array, cfg: SamplingConfig) -> jax.Array:
-    """logits float32 [b, v] -> token ids int32 [b]."""
+def sample(logits: jax.Array, key: jax.Array, cfg: SamplingConfig, rows: jax.Array | None = None) -> jax.Array:
+    """logits float32 [b, v] -> token ids int32 [b]. Row i draws with fold_in(key, rows[i]) (rows:
+    int32 [b], default 0..b-1), so what a sequence draws does not depend on the rows beside it or
+    on the device it runs on (kvjax.sharding)."""
     if cfg.temperature == 0.0:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     logits = logits / cfg.temperature
@@ -42,4 +44,6 @@ def sample(logits: jax.Array, key: jax.Array, cfg: SamplingConfig) -> jax.Array:
         # the smallest logit still inside the nucleus (the top token is always kept)
         cutoff = jnp.min(jnp.where(mass_before < cfg.top_p, sorted_logits, jnp.inf), axis=-1, keepdims=True)
         logits = jnp.where(logits < cutoff, -jnp.inf, logits)
-    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+    rows = jnp.arange(logits.shape[0]) if rows is None else rows
+    keys = jax.vmap(lambda row: jax.random.fold_in(key, row))(rows)
+    return jax.vmap(jax.random.categorical)(keys, logits).astype(jnp.int32)

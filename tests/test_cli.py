@@ -113,6 +113,12 @@ CASES = [
     ("harness", ["--tasks", "arc_easy", "--limit", "0"], "argument --limit"),
     ("kernel-bench", ["--contexts", "abc"], "argument --contexts"),
     ("kernel-bench", ["--models", "GPT-5"], "unknown model 'GPT-5'"),
+    ("generate", ["--prompt", "hi", "--devices", "0"], "argument --devices: must be >= 1, got 0"),
+    ("generate", ["--prompt", "hi", "--devices", "two"], "argument --devices: must be an integer, got 'two'"),
+    ("generate", ["--prompt", "hi", "--devices", "999"], "--devices 999: this machine has"),
+    ("perplexity", ["--devices", "999"], "--devices 999: this machine has"),
+    ("eval", ["--devices", "999", "--limit", "1"], "--devices 999: this machine has"),
+    ("train", ["--devices", "999"], "--devices 999: this machine has"),
 ]
 
 

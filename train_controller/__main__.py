@@ -23,7 +23,7 @@ import numpy as np
 from kvjax import cli
 from kvjax.data import DATA_DIR
 from kvjax.errors import KvjaxError
-from kvjax.flags import add_weights_flag, weights_from_flags
+from kvjax.flags import add_devices_flag, add_weights_flag, mesh_from_flags, weights_from_flags
 from kvjax.layout import DEFAULT_GROUP, DEFAULT_SINKS, DEFAULT_WINDOW
 from train_controller import data
 
@@ -55,6 +55,7 @@ def _parser():
     p.add_argument("--hidden", type=cli.int_list(1), default=[128, 128], help="MLP hidden widths, comma-separated")
     p.add_argument("--checkpoint-every", type=cli.at_least(1), default=200, help="steps between Orbax checkpoints")
     p.add_argument("--seed", type=int, default=0, help="initialization and batch-order seed")
+    add_devices_flag(p)
     p.add_argument("--fresh", action="store_true", help="delete OUT/checkpoints first")
     p.add_argument("--controller-out", type=cli.output_file, default=None,
                    help="controller file (default OUT/controller.npz)")
@@ -77,6 +78,9 @@ def _check(args):
                          f"than --window {args.window}")
     if args.trace_tokens < args.chunk:
         raise KvjaxError(f"--trace-tokens {args.trace_tokens} is less than one --chunk of {args.chunk}")
+    args.mesh = mesh_from_flags(args)
+    if args.batch % args.mesh.size:
+        raise KvjaxError(f"--batch {args.batch} is not a multiple of the {args.mesh.size} devices")
     data.check_training_text(args.text, args.data_dir or DATA_DIR)
     return args
 
@@ -111,7 +115,7 @@ def run(args) -> int:
         shutil.rmtree(ckpt)
     run_info = {"train_tokens": int(len(train_tr["tokens"])), "min_queries": args.min_queries,
                 "trace_files": len(files), "norm": [np.asarray(x).tolist() for x in norm], "scale": scale}
-    mesh = train.make_mesh()
+    mesh = args.mesh
     print(f"{len(train_tr['tokens'])} training / {len(held_tr['tokens'])} held-out tokens, "
           f"{int(train_set.weight.sum())} with targets; {mesh.size} device(s)", flush=True)
     state = train.train(cfg, train_set, ckpt, run_info, mesh)

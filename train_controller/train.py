@@ -9,9 +9,9 @@ budget (it starts at `oracle_lambda`, where per-token argmin widths would meet i
 a softmax pushed to saturation by a far-off lambda stops learning); afterwards `calibrate_bias` sets the per-bit logit bias so that argmax widths on
 held-out text average the budget exactly (or just under it).
 
-Optax AdamW with warmup + cosine decay and global-norm clipping. Data parallel: one
-`jax.sharding.Mesh` over every device with a `batch` axis; the batch is sharded over it,
-the state replicated, and XLA inserts the gradient all-reduce. The batch of step s is a
+Optax AdamW with warmup + cosine decay and global-norm clipping. Data parallel: kvjax.sharding's
+mesh (every device, or --devices); the batch is split over it, the state replicated, and XLA
+inserts the gradient all-reduce. The batch of step s is a
 pure function of (seed, s), so a run resumed from an Orbax checkpoint ends exactly where
 an uninterrupted run ends.
 """
@@ -27,9 +27,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
 from tqdm import tqdm
 
+from kvjax import sharding
 from kvjax.controller import INPUTS, ControllerMLP, choose_widths, controller_inputs, corpus_rarity
 from kvjax.layout import WIDTHS
 from kvjax.errors import KvjaxError
@@ -109,15 +110,11 @@ def batch_indices(cfg: TrainConfig, step: int, n: int) -> np.ndarray:
     return np.random.default_rng([cfg.seed, step]).integers(0, n, cfg.batch)
 
 
-def make_mesh(devices=None) -> Mesh:
-    return Mesh(np.asarray(devices if devices is not None else jax.devices()), ("batch",))
-
-
 def sharded_step(cfg: TrainConfig, tx, mesh: Mesh):
-    """train_step jitted with the batch sharded over the mesh's `batch` axis, the state replicated."""
+    """train_step jitted with the batch split over the mesh's devices (kvjax.sharding), the state replicated."""
     if cfg.batch % mesh.size:
         raise KvjaxError(f"--batch {cfg.batch} is not a multiple of the {mesh.size} devices")
-    replicated, by_batch = NamedSharding(mesh, P()), NamedSharding(mesh, P("batch"))
+    replicated, by_batch = NamedSharding(mesh, sharding.REPLICATED), NamedSharding(mesh, sharding.ROWS)
     step = jax.jit(lambda s, x, c: train_step(s, x, c, cfg=cfg, tx=tx),
                    in_shardings=(replicated, by_batch, by_batch), out_shardings=replicated)
     return step, replicated, by_batch
@@ -130,7 +127,7 @@ class Interrupted(Exception):
 def train(cfg: TrainConfig, data: Dataset, ckpt_dir: str, run_info: dict, mesh: Mesh | None = None,
           stop_after: int | None = None, progress: bool = True):
     """Trains (resuming from the latest checkpoint in ckpt_dir) -> final state (host arrays)."""
-    mesh = mesh or make_mesh()
+    mesh = mesh or sharding.make_mesh()
     tx = make_optimizer(cfg)
     step_fn, replicated, by_batch = sharded_step(cfg, tx, mesh)
     rows = np.flatnonzero(data.weight)
