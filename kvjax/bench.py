@@ -44,13 +44,14 @@ import numpy as np
 
 from flax import struct
 
-from kvjax import cli, memory
+from kvjax import cli, memory, sharding
 from kvjax.cache import KVCache
 from kvjax.config import PRESETS, get_preset
 from kvjax.errors import KvjaxError
-from kvjax.flags import (add_kernels_flag, add_policy_flags, add_weights_flag, kernels_from_flags,
-                         policies_from_flags, weights_from_flags)
-from kvjax.generation import compile_programs, decode_chunk, default_dtype, estimate_memory, prefill, start_state
+from kvjax.flags import (add_devices_flag, add_kernels_flag, add_policy_flags, add_weights_flag, kernels_from_flags,
+                         mesh_from_flags, policies_from_flags, weights_from_flags)
+from kvjax.generation import (compile_programs, decode_chunk, default_dtype, estimate_memory, programs,
+                              start_state, state_specs)
 from kvjax.loading import LoadedModel, load_model, read_config, resolve_model, weight_bytes
 from kvjax.model import DTYPES, init_params
 from kvjax.policies import cache_bytes
@@ -96,34 +97,41 @@ def _filled_rows(key, *, policy, cfg, batch: int, context: int, capacity: int, d
 
 
 def context_runner(model, context: int, decode_steps: int, batch: int, kv, dtype, synthetic: bool, kernels="auto",
-                   kv_dtype=None):
-    """-> run(): one measurement of `kv` at `context` tokens per sequence: (prefill seconds or None,
-    decode seconds for `decode_steps` steps, KV bytes). The first run compiles."""
+                   kv_dtype=None, mesh=None):
+    """-> run(): one measurement of `kv` at `context` tokens per sequence, `batch` sequences on each
+    device of `mesh` (kvjax.sharding): (prefill seconds or None, decode seconds for `decode_steps`
+    steps, KV bytes of all devices). The first run compiles."""
     cfg = model.cfg
     capacity = context + decode_steps + 1
+    batch *= sharding.size(mesh)
+    specs = sharding.row_specs(lambda b: kv.make_cache(cfg, b, capacity, dtype, kernels, kv_dtype))
+    prefill_fn, decode_fn = programs(cfg, dtype, GREEDY, decode_steps, mesh, specs)
+    params = sharding.replicate(model.params, mesh)
     if not synthetic:
         rng = np.random.default_rng(context)
         tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (batch, context)), jnp.int32)
         positions = jnp.broadcast_to(jnp.arange(context, dtype=jnp.int32), (batch, context))
+        tokens, positions = sharding.place((tokens, positions), mesh, sharding.ROWS)
 
     def run():
         t_prefill = None
         if synthetic:
             cache = filled_cache(jax.random.PRNGKey(context), policy=kv, cfg=cfg, batch=batch, context=context,
                                  capacity=capacity, dtype=dtype, kernels=kernels, kv_dtype=kv_dtype)
+            cache = sharding.place(cache, mesh, specs)
             logits = jnp.zeros((batch, cfg.vocab_size), jnp.float32)
         else:
-            cache = kv.make_cache(cfg, batch, capacity, dtype, kernels, kv_dtype)
+            cache = sharding.create(lambda: kv.make_cache(cfg, batch, capacity, dtype, kernels, kv_dtype), mesh, specs)
             t0 = time.perf_counter()
-            logits, cache = prefill(model.params, tokens, positions, cache, cfg=cfg, dtype=dtype)
+            logits, cache = prefill_fn(params, tokens, positions, cache)
             logits.block_until_ready()
             t_prefill = time.perf_counter() - t0
         # eos_id -1 never matches: every sequence decodes all steps.
         state = start_state(logits, cache, jax.random.PRNGKey(0), decode_steps + 1, GREEDY, -1)
+        state = sharding.place(state, mesh, state_specs(specs))
         jax.block_until_ready(state)
         t0 = time.perf_counter()
-        state = decode_chunk(model.params, state, -1, cfg=cfg, dtype=dtype, sampling=GREEDY,
-                             chunk=decode_steps)
+        state = decode_fn(params, state, -1)
         state.step.block_until_ready()
         return t_prefill, time.perf_counter() - t0, state.cache.nbytes
 
@@ -224,9 +232,10 @@ def _parser() -> cli.ArgumentParser:
                    help="comma-separated context lengths (tokens already in the cache when decoding starts)")
     p.add_argument("--decode-steps", type=cli.at_least(1), default=32, help="decode steps timed per measurement")
     batch = p.add_mutually_exclusive_group()
-    batch.add_argument("--batch", type=cli.at_least(1), default=1, help="sequences decoded together")
+    batch.add_argument("--batch", type=cli.at_least(1), default=1, help="sequences decoded together on each device")
     batch.add_argument("--kv-budget-gib", type=cli.above(0.0), default=None,
-                       help="per policy, the largest batch whose KV cache at the largest context fits this many GiB")
+                       help="per policy, the largest batch whose KV cache at the largest context fits this many GiB "
+                            "(on each device)")
     batch.add_argument("--memory-budget-gib", type=cli.above(0.0), default=None,
                        help="with --memory: per policy, the largest batch whose whole process (weights, cache, "
                             "working memory) is estimated to fit this many GiB at the largest context")
@@ -241,6 +250,7 @@ def _parser() -> cli.ArgumentParser:
     add_policy_flags(p)
     add_kernels_flag(p)
     add_weights_flag(p)
+    add_devices_flag(p)
     p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="compute dtype (default: float32 on CPU)")
     p.add_argument("--kv-dtype", default=None, choices=sorted(DTYPES),
                    help="what 16-bit K/V (fp16's whole cache, every window and sink) are stored in (default: the "
@@ -276,6 +286,9 @@ def _main(argv) -> int:
         raise KvjaxError("--split compares policies at one --batch: not with --kv-budget-gib or --memory")
     if args.memory and args.kv_budget_gib:
         raise KvjaxError("--memory sizes batches by the whole process: use --memory-budget-gib, not --kv-budget-gib")
+    mesh = mesh_from_flags(args)
+    if mesh.size > 1 and (args.split or args.memory):
+        raise KvjaxError(f"--split and --memory measure one device: add --devices 1 (this machine has {mesh.size})")
     batches = fitting_batches(args, policies, cfg, last, DTYPES[dtype_name]) if cfg is not None else None
     kernels = kernels_from_flags(args)  # after the numbers: on a CPU, auto may build the C++ kernel
     held = weights_from_flags(args)  # how the matrices are held
@@ -299,19 +312,21 @@ def _main(argv) -> int:
     common = {"model": model_name, "weights": held.value, "weight_bytes": read, "device": device.device_kind,
               "cpu": cpu_model(),
               "platform": device.platform, "jax": jax.__version__, "dtype": dtype_name,
-              "kv_dtype": args.kv_dtype, "kv_budget_gib": args.kv_budget_gib, "decode_steps": args.decode_steps, "date": datetime.date.today().isoformat(),
+              "devices": mesh.size, "kv_dtype": args.kv_dtype, "kv_budget_gib": args.kv_budget_gib, "decode_steps": args.decode_steps, "date": datetime.date.today().isoformat(),
               "command": "python -m kvjax.bench " + " ".join(sys.argv[1:] if argv is None else argv)}
-    print(f"model {model_name} | {device.platform} {device.device_kind} | "
+    print(f"model {model_name} | {sharding.describe(mesh)} ({device.device_kind}) | "
           f"{cpu_model()} | jax {jax.__version__} | dtype {dtype_name} | weights {held.value} "
           f"({read / 1e6:.0f} MB read a step) | "
           + (f"KV stored in {args.kv_dtype} | " if args.kv_dtype else "")
-          + (f"KV budget {args.kv_budget_gib} GiB" if args.kv_budget_gib else f"batch {args.batch}"))
+          + (f"KV budget {args.kv_budget_gib} GiB" if args.kv_budget_gib else f"batch {args.batch}")
+          + (" per device" if mesh.size > 1 else ""))
     print(f"{'kv':<16} {'batch':>6} {'context':>8} {'prefill tok/s':>14} {'decode ms/tok':>14} {'decode tok/s':>13} "
           f"{'KV MiB':>8}")
     limits = machine_limits() if args.split else None
     for context in contexts:
         runners = [context_runner(model, context, args.decode_steps, batch, kv, DTYPES[dtype_name],
-                                  synthetic=bool(args.preset), kernels=kernels, kv_dtype=DTYPES.get(args.kv_dtype))
+                                  synthetic=bool(args.preset), kernels=kernels, kv_dtype=DTYPES.get(args.kv_dtype),
+                                  mesh=mesh)
                    for kv, batch in zip(policies, batches)]
         if args.split:
             runners += [no_attention_runner(m, context, args.decode_steps, args.batch, DTYPES[dtype_name])
@@ -323,14 +338,14 @@ def _main(argv) -> int:
             runs_all = runs_all[:-2]
         rows = []
         for name, batch, runs in zip(names, batches, runs_all):
-            tps, ms, kv_bytes = summary(runs, batch, context, args.decode_steps)
+            tps, ms, kv_bytes = summary(runs, batch * mesh.size, context, args.decode_steps)
             rows.append((name, batch, ms, kv_bytes))
             prefill_col = "-" if tps is None else f"{tps:.1f}"
-            print(f"{name:<16} {batch:>6} {context:>8} {prefill_col:>14} {ms:>14.2f} {batch * 1e3 / ms:>13.1f} "
+            print(f"{name:<16} {batch:>6} {context:>8} {prefill_col:>14} {ms:>14.2f} {batch * mesh.size * 1e3 / ms:>13.1f} "
                   f"{kv_bytes / 2**20:>8.1f}", flush=True)
             if args.json:
                 row = {**common, "kv": name, "batch": batch, "context": context, "prefill_tokens_per_s": tps,
-                       "decode_ms_per_token": ms, "decode_tokens_per_s": batch * 1e3 / ms, "kv_bytes": kv_bytes}
+                       "decode_ms_per_token": ms, "decode_tokens_per_s": batch * mesh.size * 1e3 / ms, "kv_bytes": kv_bytes}
                 with cli.open_for_append(args.json) as f:
                     f.write(json.dumps(row) + "\n")
         if args.split:

@@ -198,13 +198,22 @@ def cache_specs(policy: Policy, cfg, capacity: int, dtype, kernels):
     return sharding.row_specs(lambda b: policy.make_cache(cfg, b, capacity, dtype, kernels))
 
 
+def programs(cfg, dtype, sampling: SamplingConfig, chunk: int, mesh, specs):
+    """`prefill` and `decode_chunk`, jitted, each run by every device of `mesh` on its rows (the cache
+    split as `specs` say: `cache_specs`; one device: the functions themselves, their settings bound)
+    -> (prefill_fn(params, tokens, positions, cache), decode_fn(params, state, eos_id))."""
+    rows, same = sharding.ROWS, sharding.REPLICATED
+    on_mesh = lambda fn, ins, outs, donate: jax.jit(sharding.per_device(fn, mesh, ins, outs), donate_argnums=donate)
+    prefill_fn = on_mesh(functools.partial(prefill, cfg=cfg, dtype=dtype), (same, rows, rows, specs), (rows, specs), 3)
+    decode_fn = on_mesh(functools.partial(decode_chunk, cfg=cfg, dtype=dtype, sampling=sampling, chunk=chunk,
+                                          mesh=mesh), (same, state_specs(specs), same), state_specs(specs), 1)
+    return prefill_fn, decode_fn
+
+
 def _compile(params, cfg, policy, tokens, positions, capacity, max_new, dtype, kernels, sampling, eos_id, chunk, mesh):
     rows, same = sharding.ROWS, sharding.REPLICATED
     specs = cache_specs(policy, cfg, capacity, dtype, kernels)
-    on_mesh = lambda fn, ins, outs, donate: jax.jit(sharding.per_device(fn, mesh, ins, outs), donate_argnums=donate)
-    prefill_mesh = on_mesh(functools.partial(prefill, cfg=cfg, dtype=dtype), (same, rows, rows, specs), (rows, specs), 3)
-    decode_mesh = on_mesh(functools.partial(decode_chunk, cfg=cfg, dtype=dtype, sampling=sampling, chunk=chunk,
-                                            mesh=mesh), (same, state_specs(specs), same), state_specs(specs), 1)
+    prefill_mesh, decode_mesh = programs(cfg, dtype, sampling, chunk, mesh, specs)
     cache = jax.eval_shape(lambda: policy.make_cache(cfg, tokens.shape[0], capacity, dtype, kernels))
     laid_out = lambda tree, specs: sharding.shapes_on(tree, mesh, specs)
     prefill_fn = prefill_mesh.lower(laid_out(params, same), laid_out(tokens, rows), laid_out(positions, rows),

@@ -78,21 +78,24 @@ class Backend:
 
 @dataclasses.dataclass(frozen=True)
 class Pallas(Backend):
-    """The Pallas encoders and fused tier kernel; `interpret` runs them in the Pallas interpreter."""
+    """The Pallas encoders and fused tier kernel; `interpret` runs them in the Pallas interpreter;
+    `platform` ("gpu" or "tpu") compiles them for that platform instead of this host's (to lower a
+    program for TPU on a CPU host: jax.export)."""
 
     interpret: bool = False
+    platform: str | None = None
 
     @property
     def kernels(self):
         return Kernels.INTERPRET if self.interpret else Kernels.PALLAS
 
     def encoder(self, kind):
-        return functools.partial(_ENCODERS[kind][0], interpret=self.interpret)
+        return functools.partial(_ENCODERS[kind][0], interpret=self.interpret, backend=self.platform)
 
     def partials(self, q, parts, *, group_size):
         fused = [p for p in parts if _fused_kernel_reads(p)]
         rest = [p for p in parts if not _fused_kernel_reads(p)]
-        out = [_fused_partials(q, p, group_size, self.interpret) for p in fused]
+        out = [_fused_partials(q, p, group_size, self.interpret, self.platform) for p in fused]
         if rest:
             out.append(xla.attention_partials(q, rest, group_size=group_size))
         return xla.combine_partials(out)
@@ -103,13 +106,13 @@ def _fused_kernel_reads(p: xla.Part) -> bool:
     return p.packed and p.key_bits == p.value_bits and p.count is not None and p.value_offset is None
 
 
-def _fused_partials(q, p: xla.Part, group_size: int, interpret: bool) -> xla.Partials:
+def _fused_partials(q, p: xla.Part, group_size: int, interpret: bool, platform: str | None) -> xla.Partials:
     at = lambda x: None if x is None else x[p.layer]  # the kernel takes one layer's [b, k, c, ...]
     keys = at(p.keys)
     blocks = pallas_attention.auto_blocks(q.shape[0], keys.shape[1], keys.shape[2])
     return pallas_attention.tier_attention_partials(
         q, keys, at(p.key_scale), at(p.key_zero), at(p.values), at(p.value_scale), at(p.value_zero), p.count,
-        bits=p.key_bits, group_size=group_size, blocks=blocks, interpret=interpret)
+        bits=p.key_bits, group_size=group_size, blocks=blocks, interpret=interpret, backend=platform)
 
 
 @dataclasses.dataclass(frozen=True)

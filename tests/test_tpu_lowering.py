@@ -103,3 +103,44 @@ def test_a_rejected_block_shape_fails_to_lower(monkeypatch):
     x = S((1, 3, 2080, 64), BF16)
     with pytest.raises(ValueError, match="last two dimensions of your block shape are divisible by 8 and 128"):
         lower_for_tpu(lambda x: ENCODERS["keys"](x, 2), x)
+
+
+# The whole model on 8 TPU devices: generate's sharded prefill and decode (kvjax.generation.programs,
+# each device its rows: kvjax.sharding) at SmolLM2-135M's shapes, exported for TPU from this host.
+_TPU_8 = jax.sharding.AbstractMesh((8,), ("data",), abstract_device=_TPU.abstract_device)
+
+
+@pytest.mark.parametrize("name, backend", [("fp16", "reference"), ("kivi2", "reference"), ("kivi2", "pallas"),
+                                           ("learned-alloc@2.5", "pallas")])
+def test_the_sharded_model_lowers_for_eight_tpu_devices(name, backend):
+    from kvjax import sharding
+    from kvjax.generation import cache_specs, prefill, programs, start_state, state_specs
+    from kvjax.kernels import Backend, Pallas
+    from kvjax.model import init_params
+    from kvjax.policies import get_policy
+    from kvjax.sampling import SamplingConfig
+
+    assert _TPU_8.axis_names == (sharding.DATA,)
+    cfg, policy, kernels = get_preset("SmolLM2-135M"), get_policy(name), Backend()
+    if backend == "pallas":
+        kernels = Pallas(platform="tpu")  # the kernels' TPU path, lowered from this CPU host
+    batch, prompt, new = 16, 512, 8
+    params = jax.eval_shape(lambda: init_params(cfg, jax.random.PRNGKey(0), BF16))
+    tokens = S((batch, prompt), jnp.int32)
+    cache = jax.eval_shape(lambda: policy.make_cache(cfg, batch, prompt + new, BF16, kernels))
+    specs = cache_specs(policy, cfg, prompt + new, BF16, kernels)
+    prefill_fn, decode_fn = programs(cfg, BF16, SamplingConfig(), new, _TPU_8, specs)
+    on = lambda tree, spec: sharding.shapes_on(tree, _TPU_8, spec)
+    logits, filled = jax.eval_shape(lambda *a: prefill(*a, cfg=cfg, dtype=BF16), params, tokens, tokens, cache)
+    state = jax.eval_shape(lambda l, c: start_state(l, c, jax.random.PRNGKey(0), new, SamplingConfig(), 0),
+                           logits, filled)
+    with jax.sharding.use_abstract_mesh(_TPU_8):
+        exported = [jax.export.export(prefill_fn, platforms=("tpu",))(
+                        on(params, sharding.REPLICATED), on(tokens, sharding.ROWS), on(tokens, sharding.ROWS),
+                        on(cache, specs)),
+                    jax.export.export(decode_fn, platforms=("tpu",))(
+                        on(params, sharding.REPLICATED), on(state, state_specs(specs)), 0)]
+    for e in exported:
+        assert e.platforms == ("tpu",) and e.nr_devices == 8
+    if backend == "pallas":  # the packed tiers' fused attention runs as a Mosaic kernel in decode
+        assert "stablehlo.custom_call @tpu_custom_call" in exported[1].mlir_module()
