@@ -69,8 +69,8 @@ def segments_nll(params, cfg, segments: np.ndarray, policy: Policy, dtype=jnp.fl
     for start in range(0, len(rows), per_group):
         ids = sharding.place(jnp.asarray(rows[start:start + per_group], jnp.int32), mesh, sharding.ROWS)
         logp, at_last = scorer(params, ids)
-        nll.append(-np.asarray(logp[:, :-1]))
-        bits.append(np.asarray(at_last))
+        nll.append(-sharding.gather(logp)[:, :-1])
+        bits.append(sharding.gather(at_last))
     nll, bits = np.concatenate(nll)[:n], np.concatenate(bits)[:n]
     if policy.layout(cfg, T) is None:  # fp16: no token leaves a window
         return nll, [np.zeros((0,), np.float32)] * n

@@ -102,7 +102,7 @@ def score_tokens(model, pairs: list[tuple[list[int], list[int]]], policy: str | 
                 inputs[j, :len(inp)], targets[j, :len(tgt)] = inp, tgt
                 positions[j, :len(inp)] = np.arange(len(inp))
             logp, top = scorer(params, *sharding.place((inputs, targets, positions), mesh, sharding.ROWS))
-            logp, top = np.asarray(logp), np.asarray(top)
+            logp, top = sharding.gather(logp), sharding.gather(top)
             for j, (i, inp, _, k) in enumerate(batch):
                 scored = slice(len(inp) - k, len(inp))
                 out[i] = (float(logp[j, scored].sum()), bool(top[j, scored].all()))

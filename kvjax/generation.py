@@ -342,7 +342,7 @@ def generate(model: LoadedModel, prompts: list[str] | list[list[int]], max_new_t
     decode_s = 0.0
     while True:
         if on_text is not None:
-            text = _visible_text(tok.decode(_until_eos(np.asarray(state.tokens[0, :int(state.step)]), eos_id)))
+            text = _visible_text(tok.decode(_until_eos(sharding.gather(state.tokens)[0, :int(state.step)], eos_id)))
             on_text(text[len(shown):])
             shown = text
         if int(state.step) >= max_new_tokens or bool(jnp.all(state.done)):
@@ -352,16 +352,16 @@ def generate(model: LoadedModel, prompts: list[str] | list[list[int]], max_new_t
         state.step.block_until_ready()
         decode_s += time.perf_counter() - t0
     if on_text is not None:
-        final = tok.decode(_until_eos(np.asarray(state.tokens[0]), eos_id))
+        final = tok.decode(_until_eos(sharding.gather(state.tokens)[0], eos_id))
         on_text(final[len(shown):])
 
-    out = [_until_eos(row, eos_id) for row in np.asarray(state.tokens)[:asked]]
+    out = [_until_eos(row, eos_id) for row in sharding.gather(state.tokens)[:asked]]
     return GenerationResult(tokens=out, texts=[tok.decode(t) for t in out],
                             prompt_lengths=[len(p) for p in ids[:asked]], prefill_s=prefill_s,
                             decode_s=decode_s, decode_steps=int(state.step) - 1, compile_s=compile_s,
                             kv_bytes=kv_bytes, kv_policy=policy.name,
-                            kv_tiers={k: int(v[0]) for k, v in state.cache.tokens_per_tier().items()},
-                            kv_capacity=capacity, kv_bits=float(state.cache.stored_bits()[0]),
+                            kv_tiers={k: int(sharding.gather(v)[0]) for k, v in state.cache.tokens_per_tier().items()},
+                            kv_capacity=capacity, kv_bits=float(sharding.gather(state.cache.stored_bits())[0]),
                             memory_before=memory_before, memory_peak=max(memory.peak(), memory_before),
                             devices=sharding.describe(mesh) if sharding.size(mesh) > 1 else "", rows=len(ids))
 

@@ -32,18 +32,26 @@ from kvjax.errors import KvjaxError
 DATA = "data"  # the mesh axis that rows (sequences, examples, segments) are split over
 ROWS = P(DATA)  # an array split by its first axis
 REPLICATED = P()
-COORDINATOR_VARIABLES = ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS")  # what jax.distributed reads
+COORDINATOR = "JAX_COORDINATOR_ADDRESS"  # host:port of process 0, with JAX_NUM_PROCESSES and JAX_PROCESS_ID
 
 
 def initialize() -> bool:
-    """Joins the other processes of a multi-host run when the environment names a coordinator
-    (`JAX_COORDINATOR_ADDRESS`, with `JAX_NUM_PROCESSES` and `JAX_PROCESS_ID`, as jax.distributed
-    reads them) or `KVJAX_DISTRIBUTED=1` (a TPU pod slice, whose hosts jax finds itself). Call it
-    before anything touches a device. -> whether it joined."""
-    if os.environ.get("KVJAX_DISTRIBUTED") != "1" and not any(os.environ.get(v) for v in COORDINATOR_VARIABLES):
-        return False
-    jax.distributed.initialize()
-    return True
+    """Joins the other processes of a multi-host run, before anything touches a device: when
+    `JAX_COORDINATOR_ADDRESS`, `JAX_NUM_PROCESSES` and `JAX_PROCESS_ID` are set, with them; when
+    `KVJAX_DISTRIBUTED=1`, as jax.distributed finds its cluster (a TPU pod slice, SLURM, Open MPI).
+    -> whether it joined."""
+    if os.environ.get(COORDINATOR):
+        try:
+            count, index = int(os.environ["JAX_NUM_PROCESSES"]), int(os.environ["JAX_PROCESS_ID"])
+        except (KeyError, ValueError):
+            raise KvjaxError(f"{COORDINATOR} is set: set JAX_NUM_PROCESSES and JAX_PROCESS_ID (whole numbers) "
+                             "beside it") from None
+        jax.distributed.initialize(os.environ[COORDINATOR], count, index)
+        return True
+    if os.environ.get("KVJAX_DISTRIBUTED") == "1":
+        jax.distributed.initialize()
+        return True
+    return False
 
 
 def make_mesh(devices: int | None = None) -> Mesh:
@@ -125,6 +133,14 @@ def shapes_on(tree, mesh: Mesh | None, specs):
 def replicate(tree, mesh: Mesh | None):
     """A copy of `tree` on every device of the mesh (no copy where it already is)."""
     return place(tree, mesh, REPLICATED)
+
+
+def gather(x) -> np.ndarray:
+    """The whole of array x on this host (numpy), also where other hosts hold parts of it."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
 
 
 def create(make: Callable[[], Any], mesh: Mesh | None, specs):

@@ -119,6 +119,8 @@ CASES = [
     ("perplexity", ["--devices", "999"], "--devices 999: this machine has"),
     ("eval", ["--devices", "999", "--limit", "1"], "--devices 999: this machine has"),
     ("train", ["--devices", "999"], "--devices 999: this machine has"),
+    ("allocate", ["--budget", "2.5", "--out", "/tmp/a.json", "--devices", "999"], "--devices 999: this machine has"),
+    ("bench", ["--devices", "999"], "--devices 999: this machine has"),
 ]
 
 

@@ -35,12 +35,14 @@ import numpy as np
 import optax
 from flax import struct
 
-from kvjax import cli, teacher_forced
+from jax.sharding import NamedSharding
+
+from kvjax import cli, sharding, teacher_forced
 from kvjax.allocation import Allocation, save_allocation
 from kvjax.attention import MASK_VALUE, causal_mask, grouped_output, grouped_scores
 from kvjax.cache import KVCache
 from kvjax.errors import KvjaxError
-from kvjax.flags import add_weights_flag, weights_from_flags
+from kvjax.flags import add_devices_flag, add_weights_flag, mesh_from_flags, weights_from_flags
 from kvjax.layout import CODE_WIDTHS, DEFAULT_GROUP, DEFAULT_SINKS, DEFAULT_WINDOW, WIDTHS  # WIDTHS: last axis order
 from kvjax.loading import load_model
 from kvjax.model import forward
@@ -202,9 +204,11 @@ def teacher_logprobs(params, cfg, segments):
 def train(model, segments, budget: float, shares=DEFAULT_SHARES, steps: int = 30, lr: float = 0.1,
           lambda_init: float = 0.02, lambda_lr: float = 0.01, tau=(1.0, 0.2), seed: int = 0,
           sinks: int = DEFAULT_SINKS, window: int = DEFAULT_WINDOW, group_size: int = DEFAULT_GROUP,
-          rotate: str = "none", log=print):
+          rotate: str = "none", batch: int = 1, mesh=None, log=print):
     """Trains theta [l, 2, B, 4] on the segments (int32 arrays of one length), for a policy that stores its
-    K/V rotated as `rotate` says (kvjax.rotation); returns (theta, history)."""
+    K/V rotated as `rotate` says (kvjax.rotation); returns (theta, history). Each step reads `batch`
+    segments, split over the devices of `mesh` (kvjax.sharding; theta replicated, the gradient averaged
+    by XLA)."""
     cfg, params = model.cfg, model.params
     context = len(segments[0])
     shape_policy = Bands("shape", bands=((2, 2),) * (len(shares) + 1), shares=tuple(shares), sinks=sinks,
@@ -215,23 +219,31 @@ def train(model, segments, budget: float, shares=DEFAULT_SHARES, steps: int = 30
     teacher = teacher_logprobs(params, cfg, segments)
     first = sinks + window  # earlier predictions read nothing quantized
 
-    def loss_fn(theta, params, lam, ids, logp, key, temperature):
+    def loss_fn(theta, params, lam, ids, logp, key, temperature):  # ids [b, T], logp [b, T, v]
         soft = jax.nn.softmax((theta + jax.random.gumbel(key, theta.shape)) / temperature, axis=-1)
         hard = jax.nn.one_hot(soft.argmax(-1), len(WIDTHS))
         weights = hard + soft - jax.lax.stop_gradient(soft)
-        pos = jnp.arange(ids.shape[1], dtype=jnp.int32)[None]
-        cache = RelaxedCache(weights, jnp.zeros((1,), jnp.int32), ends, sinks, window, group_size, cfg.num_layers,
-                             Rotation.named(rotate))
+        pos = jnp.broadcast_to(jnp.arange(ids.shape[1], dtype=jnp.int32), ids.shape)
+        cache = RelaxedCache(weights, jnp.zeros((ids.shape[0],), jnp.int32), ends, sinks, window, group_size,
+                             cfg.num_layers, Rotation.named(rotate))
         logits, _ = forward(params, cfg, ids, pos, cache)
-        logq = jax.nn.log_softmax(logits[0, first:], axis=-1)
-        p = logp[first:]
+        logq = jax.nn.log_softmax(logits[:, first:], axis=-1)
+        p = logp[:, first:]
         kl = (jnp.exp(p) * (p - logq)).sum(-1).mean()
         bits = expected_bits(theta, all_shares)
         return kl + lam * bits, (kl, bits)
 
     opt = optax.adam(lr)
 
-    @jax.jit
+    if batch % sharding.size(mesh):
+        raise KvjaxError(f"--batch {batch} is not a multiple of the {sharding.size(mesh)} devices")
+    laid_out = {}  # one device: as before
+    if sharding.size(mesh) > 1:  # the segments' rows split over the devices, the rest replicated
+        same, rows = NamedSharding(mesh, sharding.REPLICATED), NamedSharding(mesh, sharding.ROWS)
+        laid_out = dict(in_shardings=(same,) * 4 + (rows, rows, same, same), out_shardings=same)
+    params = sharding.replicate(params, mesh)
+
+    @functools.partial(jax.jit, **laid_out)
     def step(theta, opt_state, params, lam, ids, logp, key, temperature):  # params an argument: not a constant
         (_, (kl, bits)), grad = jax.value_and_grad(loss_fn, has_aux=True)(theta, params, lam, ids, logp, key,
                                                                           temperature)
@@ -244,11 +256,12 @@ def train(model, segments, budget: float, shares=DEFAULT_SHARES, steps: int = 30
     key = jax.random.PRNGKey(seed)
     t0 = time.perf_counter()
     for s in range(steps):
-        i = int(rng.integers(len(segments)))
+        i = rng.integers(len(segments), size=batch)
         temperature = tau[0] * (tau[1] / tau[0]) ** (s / max(steps - 1, 1))
         key, sub = jax.random.split(key)
-        theta, opt_state, kl, bits = step(theta, opt_state, params, jnp.float32(lam), jnp.asarray(segments[i])[None],
-                                          jnp.asarray(teacher[i]), sub, jnp.float32(temperature))
+        ids, logp = np.stack([segments[j] for j in i]).astype(np.int32), np.stack([teacher[j] for j in i])
+        theta, opt_state, kl, bits = step(theta, opt_state, params, jnp.float32(lam), ids, logp, sub,
+                                          jnp.float32(temperature))
         kl, bits = float(kl), float(bits)
         lam = max(0.0, lam + lambda_lr * (bits - budget))
         history.append({"step": s, "kl": kl, "expected_bits": bits, "lambda": lam, "tau": temperature})
@@ -273,7 +286,9 @@ def _parser():
     p.add_argument("--out", required=True, type=cli.output_file, help="where to write the allocation (JSON)")
     p.add_argument("--context", type=cli.at_least(MIN_CONTEXT), default=1024, help="tokens per training segment")
     p.add_argument("--segments", type=cli.at_least(1), default=8, help="segments of the calibration text")
-    p.add_argument("--steps", type=cli.at_least(1), default=30, help="Adam steps, one segment each")
+    p.add_argument("--steps", type=cli.at_least(1), default=30, help="Adam steps")
+    p.add_argument("--batch", type=cli.at_least(1), default=1,
+                   help="segments per step, split over the devices (a multiple of them)")
     p.add_argument("--lr", type=cli.above(0.0), default=0.1, help="Adam learning rate on the width logits")
     p.add_argument("--lambda-lr", type=cli.above(0.0), default=0.01,
                    help="dual ascent step of lambda per bit over the budget")
@@ -289,6 +304,7 @@ def _parser():
                         "+rot takes an allocation trained with both)")
     p.add_argument("--model", default=None, help="GGUF / HF folder (default: the embedded SmolLM2-135M-Instruct)")
     add_weights_flag(p)
+    add_devices_flag(p)
     p.add_argument("--text", default=None, help="calibration text file (default: the Sherlock training part)")
     return p
 
@@ -307,6 +323,9 @@ def _main(argv) -> int:
         raise KvjaxError(f"--budget must be in (2, 16), got {args.budget:g}")
     if any(s <= 0 for s in shares) or sum(shares) >= 1:
         raise KvjaxError(f"--shares must be positive and sum to less than 1, got {args.shares}")
+    mesh = mesh_from_flags(args)
+    if args.batch % mesh.size:
+        raise KvjaxError(f"--batch {args.batch} is not a multiple of the {mesh.size} devices")
     held = weights_from_flags(args, differentiable=True)
     check_training_text(args.text)
     model = load_model(args.model, weights=held)
@@ -316,8 +335,9 @@ def _main(argv) -> int:
     segments = [ids[i * args.context:(i + 1) * args.context] for i in range(args.segments)]
     theta, history = train(model, segments, args.budget, shares, args.steps, args.lr, lambda_lr=args.lambda_lr,
                            seed=args.seed, window=args.window, group_size=args.group_size, rotate=args.rotate,
-                           log=cli.say)
+                           batch=args.batch, mesh=mesh, log=cli.say)
     trained = {"budget_bits": args.budget, "context": args.context, "segments": args.segments, "steps": args.steps,
+               "batch": args.batch,
                "lr": args.lr, "seed": args.seed, "text": args.text or "sherlock-train",
                "final_kl": history[-1]["kl"], "final_lambda": history[-1]["lambda"],
                "logits": np.round(theta, 4).tolist()}
