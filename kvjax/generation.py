@@ -166,7 +166,7 @@ def compile_programs(params, cfg, policy: Policy, tokens, positions, capacity: i
     """The compiled prefill and decode_chunk of a request, from shapes alone: compiled before the cache
     exists, the compiler's working memory (1.3-1.5 GiB for a policy of many layer segments) and the
     cache are never held at once. -> (prefill_fn, decode_fn), each run by every device of `mesh` on its
-    rows (kvjax.sharding; params replicated, tokens, positions, cache and state as `request_specs`). The
+    rows (kvjax.sharding; params replicated, the rest split by rows: `cache_specs`, `state_specs`). The
     last KEPT_PROGRAMS pairs are kept by everything they depend on (the shapes and types of params,
     tokens and positions, the settings and the mesh), so a request shaped like a recent one compiles
     nothing."""
@@ -327,7 +327,7 @@ def generate(model: LoadedModel, prompts: list[str] | list[list[int]], max_new_t
     prefill_fn, decode_fn = compile_programs(params, cfg, policy, tokens, positions, capacity, max_new_tokens,
                                              jdtype, kernels, sampling, eos_id, chunk, mesh)
     compile_s = time.perf_counter() - t0
-    specs = cache_specs(policy, cfg, capacity, jdtype, kernels) if sharding.size(mesh) > 1 else None
+    specs = cache_specs(policy, cfg, capacity, jdtype, kernels)
     cache = sharding.create(lambda: policy.make_cache(cfg, len(ids), capacity, jdtype, kernels), mesh, specs)
     t0 = time.perf_counter()
     last_logits, cache = prefill_fn(params, tokens, positions, cache)
@@ -335,7 +335,7 @@ def generate(model: LoadedModel, prompts: list[str] | list[list[int]], max_new_t
     prefill_s = time.perf_counter() - t0
 
     state = start_state(last_logits, cache, jax.random.PRNGKey(seed), max_new_tokens, sampling, eos_id)
-    state = sharding.place(state, mesh, state_specs(specs) if specs is not None else None)
+    state = sharding.place(state, mesh, state_specs(specs))
     kv_bytes = state.cache.nbytes
 
     shown = ""

@@ -209,6 +209,8 @@ def train(model, segments, budget: float, shares=DEFAULT_SHARES, steps: int = 30
     K/V rotated as `rotate` says (kvjax.rotation); returns (theta, history). Each step reads `batch`
     segments, split over the devices of `mesh` (kvjax.sharding; theta replicated, the gradient averaged
     by XLA)."""
+    if batch % sharding.size(mesh):
+        raise KvjaxError(f"--batch {batch} is not a multiple of the {sharding.size(mesh)} devices")
     cfg, params = model.cfg, model.params
     context = len(segments[0])
     shape_policy = Bands("shape", bands=((2, 2),) * (len(shares) + 1), shares=tuple(shares), sinks=sinks,
@@ -234,9 +236,6 @@ def train(model, segments, budget: float, shares=DEFAULT_SHARES, steps: int = 30
         return kl + lam * bits, (kl, bits)
 
     opt = optax.adam(lr)
-
-    if batch % sharding.size(mesh):
-        raise KvjaxError(f"--batch {batch} is not a multiple of the {sharding.size(mesh)} devices")
     laid_out = {}  # one device: as before
     if sharding.size(mesh) > 1:  # the segments' rows split over the devices, the rest replicated
         same, rows = NamedSharding(mesh, sharding.REPLICATED), NamedSharding(mesh, sharding.ROWS)
