@@ -68,13 +68,13 @@ def _main(argv) -> int:
         prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p}]) for p in prompts]
     lengths = [len(tokenizer.encode(p)) for p in prompts] if tokenizer is not None else None
     lightest = Weights.NATIVE if args.weights == Weights.AUTO.value else Weights(args.weights)  # auto's lightest
-    if cfg is not None and lengths:  # before anything is built: the weights held as lightly as --weights allows
-        _check_request(cfg, kv, lengths, args, dtype, weight_bytes(source, lightest, DTYPES[dtype]))
     mesh = mesh_from_flags(args)
+    if cfg is not None and lengths:  # before anything is built: the weights held as lightly as --weights allows
+        _check_request(cfg, kv, lengths, args, dtype, weight_bytes(source, lightest, DTYPES[dtype]), mesh.size)
     kernels = kernels_from_flags(args)  # after the numbers: on a CPU, auto may build the C++ kernels (once)
     weights = weights_from_flags(args)
     if cfg is not None and lengths and weights is not lightest:  # auto chose the float32 weights
-        _check_request(cfg, kv, lengths, args, dtype, weight_bytes(source, weights, DTYPES[dtype]))
+        _check_request(cfg, kv, lengths, args, dtype, weight_bytes(source, weights, DTYPES[dtype]), mesh.size)
     cli.say(f"[kvjax] loading {source}")
     model = load_model(source, DTYPES[dtype], weights)
     if args.chat and tokenizer is None:
@@ -98,20 +98,25 @@ def _main(argv) -> int:
     return 0
 
 
-def _check_request(cfg, kv, lengths: list[int], args, dtype: str, held: int | None):
+def _check_request(cfg, kv, lengths: list[int], args, dtype: str, held: int | None, devices: int = 1):
     """Refuses, before the model loads, prompts that do not fit the model's context or whose peak
-    memory (kvjax.generation.estimate_memory, with the weights' `held` bytes) would pass --max-memory."""
+    memory (kvjax.generation.estimate_memory, with the weights' `held` bytes) would pass --max-memory.
+    Over several devices each holds the weights and its share of the rows: a GPU's or TPU's memory
+    is its own, a CPU's devices share the process's."""
     if min(lengths) == 0:
         raise KvjaxError("empty prompt")
     longest = max(lengths)
     if longest + args.max_new_tokens > cfg.max_position_embeddings:
         raise KvjaxError(f"a prompt of {longest} tokens + {args.max_new_tokens} new tokens exceeds the model's "
                          f"context of {cfg.max_position_embeddings} tokens")
-    need = estimate_memory(cfg, kv, len(lengths), longest, args.max_new_tokens, dtype, held)
+    need = estimate_memory(cfg, kv, -(-len(lengths) // devices), longest, args.max_new_tokens, dtype, held)
+    if devices > 1 and not memory.on_device():  # forced CPU devices: a copy of the weights each, in one process
+        need = memory.Estimate(devices * need.weights, devices * need.cache, need.transient)
     limit = int(args.max_memory * memory.GIB) if args.max_memory else memory.available() + memory.current()
     if need.total > limit:
+        where = f" on each of {devices} devices" if devices > 1 and memory.on_device() else ""
         raise KvjaxError(f"{len(lengths)} x {longest + args.max_new_tokens} tokens under {kv.name} need about "
-                         f"{need.describe()}, more than the {limit / memory.GIB:.2f} GiB this process may use "
+                         f"{need.describe()}{where}, more than the {limit / memory.GIB:.2f} GiB this process may use "
                          f"({'--max-memory' if args.max_memory else 'available memory; set --max-memory'}): "
                          f"use fewer or shorter prompts, or a smaller cache (--kv {SUGGESTED})")
 
