@@ -386,7 +386,7 @@ def _register_builtins():
                     "a 4-bit band of the newest left tokens, older ones at 2 bits; B in (2, 4]",
                     budget="required", examples=("band@3", "band@2.5")))
     register(Family("learned-alloc", _allocated, "widths per layer, keys/values and age band, learned under "
-                    "the budget (shipped: 2.25, 2.5, 3; +rot: 2.25, 2.4)", budget="required",
+                    "the budget (shipped: 2.25, 2.5, 3; +rot: 2.25, 2.4, 2.5)", budget="required",
                     examples=("learned-alloc@2.5",), takes_allocation=True))
     register(Family("mixed-static", lambda name, budget, o: Mixed(name, budget_bits=budget, **o),
                     "a width per token in {2,4,8,16}, pseudo-random at the budget's histogram",
