@@ -75,14 +75,10 @@ def filled_cache(key, *, policy, cfg, batch: int, context: int, capacity: int, d
                          kernels=kernels, kv_dtype=kv_dtype)
     if rows == batch:
         return cache
-    shape = lambda n: jax.eval_shape(lambda: policy.make_cache(cfg, n, capacity, dtype, kernels, kv_dtype))
+    specs = sharding.row_specs(lambda n: policy.make_cache(cfg, n, capacity, dtype, kernels, kv_dtype))
     repeat = jnp.arange(batch) % rows
-
-    def tile(x, one, two):  # along the axis where a batch of 1 and a batch of 2 differ (if any)
-        axes = [i for i, (m, n) in enumerate(zip(one.shape, two.shape)) if m != n]
-        return jnp.take(x, repeat, axis=axes[0]) if axes else x
-
-    return jax.tree_util.tree_map(tile, cache, shape(1), shape(2))
+    tile = lambda spec, x: jnp.take(x, repeat, axis=tuple(spec).index(sharding.DATA)) if sharding.DATA in spec else x
+    return jax.tree.map(tile, specs, cache, is_leaf=lambda spec: isinstance(spec, jax.sharding.PartitionSpec))
 
 
 @functools.partial(jax.jit, static_argnames=("policy", "cfg", "batch", "context", "capacity", "dtype", "kernels",
