@@ -55,6 +55,15 @@ def write_slots(array, slots, x, layer=None):
     return write_at(array, (layer, rows, slice(None), slots), x)
 
 
+def only_if(pred, fn, *operands):
+    """fn(*operands) when the scalar `pred` holds, else zeros of its shapes: for work whose result
+    is written only at slots that exist when `pred` holds (a group encoded when it completes or
+    moves, 1 step in G), so the other steps skip it. The operands should be small: what is read
+    of a whole cache array is read outside (a branch holding it could make XLA copy the array)."""
+    zeros = lambda *a: jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(fn, *a))
+    return jax.lax.cond(pred, fn, zeros, *operands)
+
+
 def after_reading(read, x):
     """x, made to depend on the scalar `read` (taken from something just read), so that XLA schedules
     the write of x after that read and updates the array in place, instead of copying the whole
@@ -133,12 +142,15 @@ class _Store:
         return self.put(slot[:, None], self.encode(x[:, :, None], backend))
 
     def write_group(self, start, x, backend):
-        """x [b, k, G, h] encoded at the G slots from start [b]."""
-        return self.put(start[:, None] + jnp.arange(x.shape[2]), self.encode(x, backend))
+        """x [b, k, G, h] encoded at the G slots from start [b] (none if out of range; then x is not
+        encoded either)."""
+        raw = only_if(jnp.any(start < self.slots), lambda x: self.encode(x, backend), x)
+        return self.put(start[:, None] + jnp.arange(x.shape[2]), raw)
 
     def read_group(self, start, g, dtype):
-        """The G slots from start [b] as read back, [b, k, G, h] in `dtype`."""
-        return self.decode(self.take_raw(start, g), dtype)
+        """The G slots from start [b] as read back, [b, k, G, h] in `dtype` (decoded only if some start
+        is in range: zeros else)."""
+        return only_if(jnp.any(start < self.slots), lambda raw: self.decode(raw, dtype), self.take_raw(start, g))
 
     def decoded(self):
         """Every slot of this view's layer as it is read back, float32 [b, k, c, h] (empty slots: anything)."""
