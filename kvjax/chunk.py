@@ -1,7 +1,9 @@
 """A chunk of prompt tokens through a quantized cache (kvjax.tiered): t decode steps at once.
 
-Prefill (kvjax.generation.prefill) feeds a prompt through the model t <= W tokens at a time, and
-TieredCache's `begin` and `attend` hand each chunk here. Every query of the chunk sees each token in
+Prefill (kvjax.generation.prefill) feeds a prompt through the model a chunk at a time, and
+TieredCache's `begin` and `attend` hand each chunk here, which attends it in parts of W tokens
+(`split`: a token leaving the window during a part was in it when the part began), one after the
+other; the model's matrix products still see the whole chunk. Every query of the chunk sees each token in
 exactly the state step-by-step decoding holds it in at the query's step (the rules of kvjax.layout),
 and the cache ends in the state decoding would leave; meanwhile only the chunk's own 16-bit K/V, and
 scores for its t queries, exist: a long prompt never exists in full precision.
@@ -51,6 +53,8 @@ class ChunkRoute:
     entered: jax.Array  # int32 [b, n]: tokens that had entered each tier when the chunk began
     arrivals: jax.Array  # int32 [b, n, t]: the step at which the j-th token to enter tier i during the chunk
     #                      entered it (NEVER: fewer entered)
+    start: jax.Array  # int32 [b]: the chunk's first position (the tokens held when it began)
+    entered_after: jax.Array  # int32 [b, n]: tokens that had entered each tier when the chunk ended
 
     def entry_step(self, tier: int, rank):
         """The step at which `rank` (int32 [b, ...]) of a tier that leaving tokens enter entered it:
@@ -63,27 +67,67 @@ class ChunkRoute:
 
 
 def begin(cache, positions):
-    """Routes a chunk: positions int32 [b, t] (consecutive from each row's length, -1 on padding)."""
-    if positions.shape[1] > cache.layout.window:
-        raise KvjaxError(f"a quantized cache takes at most W = {cache.layout.window} tokens per sequence a step "
-                         f"(the window), got {positions.shape[1]}: prompts go through kvjax.generation.prefill")
+    """Routes a chunk: positions int32 [b, t] (consecutive from each row's length, -1 on padding), W
+    tokens at a time: -> the cache with the ChunkRoutes of its parts (`split`), stacked [parts, ...]."""
+    W, t = cache.layout.window, positions.shape[1]
+    if t > W and cache.uses_features:
+        raise KvjaxError(f"a policy that reads token features takes at most W = {W} tokens per sequence a step "
+                         f"(the features of a token leaving the window are recorded after its chunk), got {t}")
 
+    def part(carry, p):  # p [b, W]: one part's positions
+        entered, start = carry
+        route = _route(cache, p, entered, start)
+        return (route.entered_after, jnp.maximum(start, p.max(axis=1) + 1)), route
+
+    (entered, _), routes = jax.lax.scan(part, (cache.entered, cache.lengths), split(positions, W, -1))
+    return cache.replace(entered=entered, route=routes)
+
+
+def split(x, window: int, fill=0):
+    """x [b, t, ...] -> [parts, b, W, ...]: a chunk in parts of W tokens (the last padded with `fill`;
+    positions with -1, which no step routes, attends or stores), so that every token leaving the
+    window during a part was in it when the part began."""
+    b, t = x.shape[:2]
+    n = -(-t // window)
+    x = jnp.pad(x, ((0, 0), (0, n * window - t)) + ((0, 0),) * (x.ndim - 2), constant_values=fill)
+    return x.reshape(b, n, window, *x.shape[2:]).swapaxes(0, 1)
+
+
+def _route(cache, positions, entered, start):
+    """The ChunkRoute of one part of at most W tokens at positions [b, t], given the tokens that had
+    entered each tier before it, entered [b, n], and its first position start [b]."""
     def step(entered, p):
         route, entered = cache.route_step(p, entered)
         return entered, (route.tier, route.rank)
 
-    entered, (tier, rank) = jax.lax.scan(step, cache.entered, positions.T)
+    after, (tier, rank) = jax.lax.scan(step, entered, positions.T)
     tier, rank = tier.T, rank.T  # [b, t]
     n, (b, t) = len(cache.layout.tiers), positions.shape
-    first = jnp.take_along_axis(cache.entered, jnp.clip(tier, 0, max(n - 1, 0)), axis=1)  # [b, t]
+    first = jnp.take_along_axis(entered, jnp.clip(tier, 0, max(n - 1, 0)), axis=1)  # [b, t]
     arrivals = jnp.full((b, n, t), NEVER, jnp.int32).at[
         jnp.arange(b)[:, None], jnp.where(tier >= 0, tier, n), rank - first].set(positions, mode="drop")
-    return cache.replace(entered=entered, route=ChunkRoute(cache.entered, arrivals))
+    return ChunkRoute(entered, arrivals, start, after)
 
 
 def attend(cache, layer, q, k, v, positions):
     """One layer of a chunk: q [b, t, n, h], this chunk's k, v [b, t, k, h] at positions [b, t]
-    -> (out [b, t, n, h], cache)."""
+    -> (out [b, t, n, h], cache). The chunk's parts of W tokens (`split`) go one after the other (a
+    scan), each through the cache as the one before left it."""
+    W, (b, t) = cache.layout.window, positions.shape
+    routes = cache.route
+
+    def part(cache, xs):
+        route, q, k, v, positions = xs
+        out, cache = _attend_part(cache.replace(route=route), layer, q, k, v, positions)
+        return cache.replace(route=None), out
+
+    cache, out = jax.lax.scan(part, cache.replace(route=None),
+                              (routes, split(q, W), split(k, W), split(v, W), split(positions, W, -1)))
+    return out.swapaxes(0, 1).reshape(b, -1, *q.shape[2:])[:, :t], cache.replace(route=routes)
+
+
+def _attend_part(cache, layer, q, k, v, positions):
+    """One layer of one part of a chunk (W tokens, routed by cache.route)."""
     lay, li = cache.layout, layer.index
     seg, local = layer.segment, layer.index - lay.segments[layer.segment][0]
     b, t = positions.shape
@@ -116,7 +160,7 @@ def attend(cache, layer, q, k, v, positions):
 
 def _sixteen_bit(cache, li, k16, v16, positions):
     """The sinks, the window as the chunk found it, and the chunk's tokens: one bank of 16-bit K/V."""
-    lay, start = cache.layout, cache.lengths  # the chunk's first position
+    lay, start = cache.layout, cache.route.start  # the chunk's first position
     S, W = lay.sinks, lay.window
     step = positions[:, :, None]
     sink = jnp.arange(lay.sink_slots)[None, :]  # a sink's slot is its position

@@ -77,9 +77,10 @@ def estimate_memory(cfg, policy: Policy, batch: int, prompt_length: int, max_new
     jdtype = DTYPES[dtype]
     capacity = prompt_length + max_new_tokens
     layout = policy.layout(cfg, capacity)
-    chunk = min(PREFILL_CHUNK, layout.window if layout else prompt_length, prompt_length)
+    chunk = min(PREFILL_CHUNK, layout.window if policy.uses_features else prompt_length, prompt_length)
+    part = min(chunk, layout.window) if layout else chunk  # a quantized cache attends a chunk W tokens at a time
     item = jnp.dtype(jdtype).itemsize
-    scores = batch * cfg.num_heads * chunk * min(CHUNK_SLOTS, capacity) * 4 * SCORE_COPIES
+    scores = batch * cfg.num_heads * part * min(CHUNK_SLOTS, capacity) * 4 * SCORE_COPIES
     activations = batch * chunk * (6 * cfg.hidden_size + 3 * cfg.intermediate_size) * max(item, 4)
     logits = batch * (chunk if policy.uses_features else 1) * cfg.vocab_size * 4 * 3
     compiling = COMPILE_BYTES_PER_SEGMENT * (len(layout.segments) - 1 if layout else 0)

@@ -62,7 +62,7 @@ class TieredCache(KVCache):
     entered: jax.Array  # int32 [b, tiers]: tokens that ever entered each tier
     window_features: jax.Array  # float32 [b, W' or 0, F]: features of the window's tokens
     lengths: jax.Array  # int32 [b]
-    route: Route | chunk.ChunkRoute | None  # set by `begin` for the layers of one step
+    route: Route | chunk.ChunkRoute | None  # set by `begin` for the layers of one step (a chunk: [parts, ...])
     policy: object = struct.field(pytree_node=False)  # kvjax.policies.Quantized
     layout: Layout = struct.field(pytree_node=False)
     capacity: int = struct.field(pytree_node=False)
@@ -101,10 +101,12 @@ class TieredCache(KVCache):
         return self.policy.uses_features
 
     @property
-    def max_chunk(self) -> int:
-        """A chunk brings at most W tokens: each token leaving the window during a chunk was in it when
-        the chunk began (and a policy reading features decided on them in an earlier chunk)."""
-        return self.layout.window
+    def max_chunk(self) -> int | None:
+        """Any chunk (kvjax.chunk attends it W tokens at a time), but W for a policy that reads token
+        features (it decides on a token leaving the window from features recorded after the chunk the
+        token came in) and for one whose layers form several segments (each segment's scan holds the
+        chunk's code: twice the parts made learned-alloc@2.5's prefill compile 0.7 GiB more)."""
+        return self.layout.window if self.uses_features or len(self.layout.segments) > 1 else None
 
     # -- the steps the model calls ------------------------------------------------------
 
