@@ -83,6 +83,14 @@ def begin(cache, positions):
     return cache.replace(entered=entered, route=routes)
 
 
+def max_tokens(layout, uses_features: bool) -> int | None:
+    """Most tokens one step may bring to a tiered cache of this layout (None: any, W at a time): W for a
+    policy that reads token features (it decides on a token leaving the window from features recorded
+    after the chunk the token came in) and for layers in several segments (each segment's scan holds
+    the parts' loop: learned-alloc@2.5's prefill compiled 0.7 GiB larger with two parts)."""
+    return layout.window if uses_features or len(layout.segments) > 1 else None
+
+
 def split(x, window: int, fill=0):
     """x [b, t, ...] -> [parts, b, W, ...]: a chunk in parts of W tokens (the last padded with `fill`;
     positions with -1, which no step routes, attends or stores), so that every token leaving the

@@ -20,6 +20,7 @@ import numpy as np
 from flax import struct
 
 from kvjax import memory, sharding
+from kvjax.chunk import max_tokens
 from kvjax.errors import KvjaxError
 from kvjax.features import forward_recording_features, token_features
 from kvjax.kernels import Kernels
@@ -77,7 +78,8 @@ def estimate_memory(cfg, policy: Policy, batch: int, prompt_length: int, max_new
     jdtype = DTYPES[dtype]
     capacity = prompt_length + max_new_tokens
     layout = policy.layout(cfg, capacity)
-    chunk = min(PREFILL_CHUNK, layout.window if policy.uses_features else prompt_length, prompt_length)
+    limit = max_tokens(layout, policy.uses_features) if layout else None  # TieredCache.max_chunk
+    chunk = min(PREFILL_CHUNK, limit or prompt_length, prompt_length)
     part = min(chunk, layout.window) if layout else chunk  # a quantized cache attends a chunk W tokens at a time
     item = jnp.dtype(jdtype).itemsize
     scores = batch * cfg.num_heads * part * min(CHUNK_SLOTS, capacity) * 4 * SCORE_COPIES

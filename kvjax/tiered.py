@@ -102,11 +102,7 @@ class TieredCache(KVCache):
 
     @property
     def max_chunk(self) -> int | None:
-        """Any chunk (kvjax.chunk attends it W tokens at a time), but W for a policy that reads token
-        features (it decides on a token leaving the window from features recorded after the chunk the
-        token came in) and for one whose layers form several segments (each segment's scan holds the
-        chunk's code: twice the parts made learned-alloc@2.5's prefill compile 0.7 GiB more)."""
-        return self.layout.window if self.uses_features or len(self.layout.segments) > 1 else None
+        return chunk.max_tokens(self.layout, self.uses_features)
 
     # -- the steps the model calls ------------------------------------------------------
 
