@@ -521,7 +521,7 @@ def test_band_demotes_whole_groups_and_fills_its_budget():
     (lambda: make_cache(get_policy("kivi2", group_size=12, window=120), CFG, 1, 64), "does not divide head_dim"),
     (lambda: make_cache(get_policy("streaming", window=600), CFG, 1, 64), "exceeds the model's context"),
     (lambda: forward(PARAMS, CFG, jnp.zeros((1, WINDOW + 1), jnp.int32), jnp.arange(WINDOW + 1)[None],
-                     make_cache(policy_of("kivi2"), CFG, 1, 64)), "at most W = 8 tokens"),
+                     make_cache(policy_of("mixed-learned@3"), CFG, 1, 64)), "reads token features takes at most W = 8"),
 ])
 def test_invalid_configurations_raise_clear_errors(make, message):
     with pytest.raises(KvjaxError, match=message):
