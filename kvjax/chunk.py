@@ -3,8 +3,8 @@
 Prefill (kvjax.generation.prefill) feeds a prompt through the model a chunk at a time, and
 TieredCache's `begin` and `attend` hand each chunk here, which attends it in parts of W tokens
 (`split`: a token leaving the window during a part was in it when the part began), one after the
-other; the model's matrix products still see the whole chunk. Every query of the chunk sees each token in
-exactly the state step-by-step decoding holds it in at the query's step (the rules of kvjax.layout),
+other; the model's matrix products still see the whole chunk. Every query of the chunk sees each
+token in exactly the state step-by-step decoding holds it in at the query's step (the rules of kvjax.layout),
 and the cache ends in the state decoding would leave; meanwhile only the chunk's own 16-bit K/V, and
 scores for its t queries, exist: a long prompt never exists in full precision.
 
@@ -54,7 +54,6 @@ class ChunkRoute:
     arrivals: jax.Array  # int32 [b, n, t]: the step at which the j-th token to enter tier i during the chunk
     #                      entered it (NEVER: fewer entered)
     start: jax.Array  # int32 [b]: the chunk's first position (the tokens held when it began)
-    entered_after: jax.Array  # int32 [b, n]: tokens that had entered each tier when the chunk ended
 
     def entry_step(self, tier: int, rank):
         """The step at which `rank` (int32 [b, ...]) of a tier that leaving tokens enter entered it:
@@ -76,8 +75,8 @@ def begin(cache, positions):
 
     def part(carry, p):  # p [b, W]: one part's positions
         entered, start = carry
-        route = _route(cache, p, entered, start)
-        return (route.entered_after, jnp.maximum(start, p.max(axis=1) + 1)), route
+        route, entered = _route(cache, p, entered, start)
+        return (entered, jnp.maximum(start, p.max(axis=1) + 1)), route
 
     (entered, _), routes = jax.lax.scan(part, (cache.entered, cache.lengths), split(positions, W, -1))
     return cache.replace(entered=entered, route=routes)
@@ -103,7 +102,8 @@ def split(x, window: int, fill=0):
 
 def _route(cache, positions, entered, start):
     """The ChunkRoute of one part of at most W tokens at positions [b, t], given the tokens that had
-    entered each tier before it, entered [b, n], and its first position start [b]."""
+    entered each tier before it, entered [b, n], and its first position start [b] -> (route, the
+    tokens that had entered each tier after it)."""
     def step(entered, p):
         route, entered = cache.route_step(p, entered)
         return entered, (route.tier, route.rank)
@@ -114,7 +114,7 @@ def _route(cache, positions, entered, start):
     first = jnp.take_along_axis(entered, jnp.clip(tier, 0, max(n - 1, 0)), axis=1)  # [b, t]
     arrivals = jnp.full((b, n, t), NEVER, jnp.int32).at[
         jnp.arange(b)[:, None], jnp.where(tier >= 0, tier, n), rank - first].set(positions, mode="drop")
-    return ChunkRoute(entered, arrivals, start, after)
+    return ChunkRoute(entered, arrivals, start), after
 
 
 def attend(cache, layer, q, k, v, positions):

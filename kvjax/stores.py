@@ -58,8 +58,9 @@ def write_slots(array, slots, x, layer=None):
 def only_if(pred, fn, *operands):
     """fn(*operands) when the scalar `pred` holds, else zeros of its shapes: for work whose result
     is written only at slots that exist when `pred` holds (a ring's group decoded and encoded
-    again when it moves, 1 step in G), so the other steps skip it. The operands should be small: what is read
-    of a whole cache array is read outside (a branch holding it could make XLA copy the array)."""
+    again when it moves, 1 step in G), so the other steps skip it. The operands should be small:
+    what is read of a whole cache array is read outside (a branch holding it could make XLA copy
+    the array)."""
     zeros = lambda *a: jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(fn, *a))
     return jax.lax.cond(pred, fn, zeros, *operands)
 

@@ -176,8 +176,9 @@ def test_chunked_prefill_then_decode_equals_teacher_forced(name, chunk):
     """Prompts of P tokens (and a shorter one, right-padded) prefilled `chunk` tokens at a time, then
     decoded step by step, equal teacher forcing of the whole: chunks of 3 and 7 split the window
     (W = 8), the key groups (G = 4) and the sinks; a chunk of 20 is attended in parts of 8, 8 and 4
-    (kvjax.chunk.split; a policy that reads features takes chunks of W). The prefill is kvjax.generation.prefill itself; every
-    step replays the reference K/V (tests/replay.py), so both paths quantize identical floats."""
+    (kvjax.chunk.split; a policy that reads features takes chunks of W). The prefill is
+    kvjax.generation.prefill itself; every step replays the reference K/V (tests/replay.py), so both
+    paths quantize identical floats."""
     policy = policy_of(name)
     tokens, positions = ragged_batch(T=62, short=41, seed=1)
     capacity, P = 64, 49
