@@ -13,7 +13,8 @@ subclasses `KVCache` and provides what the model calls:
 A step brings t tokens per sequence: t = 1 when decoding, a chunk of a prompt when prefilling
 (kvjax.generation.prefill; at most `max_chunk`). Users also read `filled` (the state after given
 K/V), `lengths`, `nbytes`, `tokens_per_tier` and `stored_bits` (the stats line), and `segments`
-(runs of layers stored alike; the model scans each). `layer` is a `kvjax.model.Layer`: its segment
+(runs of layers the model scans one at a time, asked after `begin`: they may differ between a
+decode step and a prompt chunk). `layer` is a `kvjax.model.Layer`: its segment
 (static) and its index in the model (traced). Positions are int32 [b, t], consecutive from each
 row's length; -1 marks padding, which is neither stored nor attended.
 """

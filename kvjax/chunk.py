@@ -40,7 +40,7 @@ from flax import struct
 
 from kvjax.errors import KvjaxError
 from kvjax.history import NEVER
-from kvjax.stores import after_reading, same_codes, write_slots
+from kvjax.stores import after_reading, moved, write_slots
 from pallas_kernels.xla_attention import CHUNK_SLOTS, merge_partials, slices
 
 BEFORE = -1  # the step of an event that happened before the chunk
@@ -85,9 +85,9 @@ def begin(cache, positions):
 def max_tokens(layout, uses_features: bool) -> int | None:
     """Most tokens one step may bring to a tiered cache of this layout (None: any, W at a time): W for a
     policy that reads token features (it decides on a token leaving the window from features recorded
-    after the chunk the token came in) and for layers in several segments (each segment's scan holds
-    the parts' loop: learned-alloc@2.5's prefill compiled 0.7 GiB larger with two parts)."""
-    return layout.window if uses_features or len(layout.segments) > 1 else None
+    after the chunk the token came in) and for layers in several store segments (each segment's scan
+    holds the parts' loop: a policy of 26 segments compiled 0.7 GiB larger with two parts)."""
+    return layout.window if uses_features or len(layout.store_segments) > 1 else None
 
 
 def split(x, window: int, fill=0):
@@ -137,7 +137,7 @@ def attend(cache, layer, q, k, v, positions):
 def _attend_part(cache, layer, q, k, v, positions):
     """One layer of one part of a chunk (W tokens, routed by cache.route)."""
     lay, li = cache.layout, layer.index
-    seg, local = layer.segment, layer.index - lay.segments[layer.segment][0]
+    seg, local = layer.segment, layer.index - lay.store_segments[layer.segment][0]
     b, t = positions.shape
     k16, v16 = (x.astype(cache.window_k.dtype).swapaxes(1, 2) for x in (k, v))  # [b, k, t, h], as stored
     step = positions[:, :, None]  # [b, t, 1]: the step of each query
@@ -258,8 +258,8 @@ class Arrivals:
             src = stores[chain[d - 1]]
             src_slots = lay.tiers[chain[d - 1]].slot_of(rank)
             raw_keys, raw_values = (
-                _moved(store, source, source.select(lower, source.gather(raw, at), source.take(src_slots)),
-                       cache.backend)
+                moved(store, source, source.select(lower, source.gather(raw, at), source.take(src_slots)),
+                      cache.backend)
                 for store, source, raw in ((keys, src[0], below.raw_keys), (values, src[1], below.raw_values)))
         forms = (keys.decode(raw_keys), values.decode(raw_values))
         return cls(base, exists, arrive, ready, leave, raw_keys, raw_values, keys16, forms, slots, tier)
@@ -286,10 +286,3 @@ class Arrivals:
         keys = keys.put(self.slots, later(self.raw_keys), here & complete)
         return keys.put_stage(self.slots, after_reading(read, self.keys16), here & ~complete), values
 
-
-def _moved(store, source, raw: dict, backend) -> dict:
-    """Codes of `source` as `store` keeps them after a move: the same codes where the two store alike,
-    else decoded (float32) and encoded again, as decoding's demotion does."""
-    if same_codes(type(source), type(store), getattr(source, "bits", 16), getattr(store, "bits", 16)):
-        return raw
-    return store.encode(source.decode(raw), backend)

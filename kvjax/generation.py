@@ -85,7 +85,7 @@ def estimate_memory(cfg, policy: Policy, batch: int, prompt_length: int, max_new
     scores = batch * cfg.num_heads * part * min(CHUNK_SLOTS, capacity) * 4 * SCORE_COPIES
     activations = batch * chunk * (6 * cfg.hidden_size + 3 * cfg.intermediate_size) * max(item, 4)
     logits = batch * (chunk if policy.uses_features else 1) * cfg.vocab_size * 4 * 3
-    compiling = COMPILE_BYTES_PER_SEGMENT * (len(layout.segments) - 1 if layout else 0)
+    compiling = COMPILE_BYTES_PER_SEGMENT * (len(layout.store_segments) - 1 if layout else 0)
     weights = memory.parameter_bytes(cfg, jdtype) if weight_bytes is None else weight_bytes
     return memory.Estimate(weights=weights,
                            cache=cache_bytes(policy, cfg, batch, capacity, jdtype),

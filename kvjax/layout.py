@@ -17,7 +17,11 @@ rules below are written once:
     enters the chain's first tier.
 
 Widths may differ by layer and between keys and values. Layers with the same widths in every
-tier form a *segment*: the model runs one scan per segment, so every width is static.
+tier form a *width segment* (`segments`), in which every width is static: the teacher-forced
+scorer runs one scan per width segment. The step-by-step cache needs less: layers whose tiers store
+keys and values in the same *kind* (16 bits, or codes) form a *store segment* (`store_segments`;
+one for every policy whose widths are all codes), and within it a tier side whose widths differ by
+layer keeps one store per width (kvjax.stores.ByWidth), so that one scan runs every layer.
 """
 
 from __future__ import annotations
@@ -144,6 +148,20 @@ class Layout:
         sig = [tuple(t.bits_of(layer) for t in self.tiers) for layer in range(self.num_layers)]
         starts = [0] + [i for i in range(1, self.num_layers) if sig[i] != sig[i - 1]]
         return tuple(zip(starts, starts[1:] + [self.num_layers]))
+
+    @functools.cached_property
+    def store_segments(self) -> tuple[tuple[int, int], ...]:
+        """(start, stop) of the runs of layers whose tiers store keys and values in the same kind, 16
+        bits or codes, in every tier (widths may differ: kvjax.stores.ByWidth)."""
+        kind = [tuple((k == 16, v == 16) for k, v in (t.bits_of(layer) for t in self.tiers))
+                for layer in range(self.num_layers)]
+        starts = [0] + [i for i in range(1, self.num_layers) if kind[i] != kind[i - 1]]
+        return tuple(zip(starts, starts[1:] + [self.num_layers]))
+
+    def store_segment_of(self, segment: int) -> int:
+        """The store segment that width segment `segment` lies in (a width segment never spans two)."""
+        start = self.segments[segment][0]
+        return next(i for i, (a, b) in enumerate(self.store_segments) if a <= start < b)
 
     def segment_bits(self, segment: int, tier: int) -> tuple[int, int]:
         return self.tiers[tier].bits_of(self.segments[segment][0])

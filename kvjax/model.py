@@ -5,8 +5,9 @@
 tokens int32 [b, t]; positions int32 [b, t] (-1 marks right padding); cache is an
 explicit pytree (kvjax.cache.KVCache) or None for a plain causal forward over the t tokens.
 Layers are stacked ([l, ...] params) and run with a scan, so the step compiles once
-whatever the depth; a cache whose widths differ by layer splits the layers into segments
-(kvjax.layout), one scan each. A matrix is a float array or a kvjax.weights.BlockMatrix (a GGUF's
+whatever the depth; a cache may split the layers into segments (its `segments`, asked after
+`begin`), one scan each: a decode step of a cache whose widths differ by layer scans each run of
+equal widths, a prompt chunk every layer at once (kvjax.layout). A matrix is a float array or a kvjax.weights.BlockMatrix (a GGUF's
 blocks, kept: `--weights`), which the layers hand whole to `weights.linear` with their index.
 Shape letters: see kvjax.config.
 """

@@ -1,4 +1,4 @@
-"""How one side (keys or values) of one tier is stored, for the layers of one segment.
+"""How one side (keys or values) of one tier is stored, for the layers of one store segment.
 
   Dense       16 bits as is                  x      [l, b, k, c, h]
   KiviKeys    KIVI keys: per channel, in     codes  uint32 [l, b, k, c, h * bits / 32]
@@ -16,6 +16,10 @@ that is written and read again in one step is materialized by XLA (once to write
 write back: the whole tier, every layer, every step), while a write into the whole array is in
 place, as in kvjax.cache.DenseCache. `view.whole()` gives the whole store back.
 
+Within a segment (kvjax.layout.Layout.store_segments) a tier whose widths differ by layer keeps a
+store per pair of (key, value) widths its layers use, each holding the layers at it: `ByWidth`
+(one per side), which has the same interface, so that one layer scan runs every layer.
+
 A layer's store has the same small interface in every class, which the step-by-step cache
 (kvjax.tiered) uses: `write` one token per row, `write_group` / `read_group` a whole group of G
 slots (demotion; `take_raw` / `put_raw` when the codes are copied as they are), `scores` (a
@@ -29,6 +33,8 @@ picks (Pallas kernel or reference, bit-identical); slots out of range are not wr
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -152,6 +158,11 @@ class _Store:
         """The G slots from start [b] as read back, [b, k, G, h] in `dtype` (decoded only if some start
         is in range: zeros else)."""
         return only_if(jnp.any(start < self.slots), lambda raw: self.decode(raw, dtype), self.take_raw(start, g))
+
+    def probe(self):
+        """One element of each of this store's fields, summed, float32 []: what a later write can be made
+        to wait for (`after_reading`), so that it comes after every write into this store."""
+        return sum(getattr(self, f).reshape(-1)[0].astype(jnp.float32) for f in self.SLOTS + self.GROUPS)
 
     def decoded(self):
         """Every slot of this view's layer as it is read back, float32 [b, k, c, h] (empty slots: anything)."""
@@ -343,10 +354,160 @@ class Symmetric(_Store):
 
 
 @struct.dataclass
+class ByWidth:
+    """One side of a tier whose widths differ between the layers of a segment: a store per pair of
+    (key, value) widths its layers use (`stores`, each [l_j, b, k, c, ...] over the layers at it),
+    with each layer's store (`choice`) and its place in it (`place`).
+
+    A layer's view holds every store's view, read at the layer's place (clamped: a store it is not
+    in is read harmlessly). Where the layer's store is known while tracing (`which` an int: a decode
+    step's scan over layers of the same widths) only that store is read and written; where it is data
+    (int32 []: a prompt chunk's one scan over every layer), raw fields come per store, decoding
+    picks the layer's (`lax.switch`), encoding runs for it alone (`only_if`), and the other stores
+    are written at slots out of range (dropped)."""
+
+    stores: tuple
+    choice: tuple[int, ...] = struct.field(pytree_node=False)  # per layer of the segment: which store holds it
+    place: tuple[int, ...] = struct.field(pytree_node=False)  # per layer: its index in that store
+    which: int | None = struct.field(pytree_node=False, default=None)  # a view's store, known while tracing
+    which_data: jax.Array | None = None  # or int32 []: a view's store, as data
+
+    @property
+    def slots(self) -> int:
+        return self.stores[0].slots
+
+    @property
+    def staged(self) -> bool:
+        return self.stores[0].staged
+
+    def layer(self, i, which: int | None = None):
+        """The view of layer i (an index into the segment); `which`: its store, if known while tracing."""
+        place = jnp.asarray(self.place, jnp.int32)[i]
+        sizes = [self.choice.count(j) for j in range(len(self.stores))]
+        return self.replace(stores=tuple(s.layer(jnp.minimum(place, n - 1)) for s, n in zip(self.stores, sizes)),
+                            which=which, which_data=None if which is not None else
+                            jnp.asarray(self.choice, jnp.int32)[i])
+
+    def whole(self):
+        return self.replace(stores=tuple(s.whole() for s in self.stores), which=None, which_data=None)
+
+    def without_stage(self):
+        return self.replace(stores=tuple(s.without_stage() for s in self.stores))
+
+    def is_(self, j: int):
+        """Whether this view's layer is in store j: a bool, or a bool [] where that is data."""
+        return self.which == j if self.which is not None else self.which_data == j
+
+    def _each(self, fn):
+        """(fn(j, store) for the stores this view touches; None for the others) as a tuple."""
+        return tuple(fn(j, s) if self.which in (None, j) else None for j, s in enumerate(self.stores))
+
+    def _write_each(self, fn):
+        """This view with fn(j, store, mine) for the stores it touches; mine: the layer is in it (data)."""
+        return self.replace(stores=tuple(s if self.which not in (None, j) else fn(j, s, self.is_(j))
+                                         for j, s in enumerate(self.stores)))
+
+    def _out_unless(self, mine, slot, store):
+        return slot if mine is True else jnp.where(mine, slot, store.slots)
+
+    def get(self, name: str):
+        if self.which is not None:
+            return self.stores[self.which].get(name)
+        return jnp.stack([s.get(name) for s in self.stores])[self.which_data]
+
+    def encode(self, x, backend):
+        """Raw fields per store: the layer's store encodes x (where that is data, the others give zeros)."""
+        if self.which is not None:
+            return self._each(lambda j, s: s.encode(x, backend))
+        return self._each(lambda j, s: only_if(self.is_(j), functools.partial(s.encode, backend=backend), x))
+
+    def decode(self, raw, dtype=jnp.float32):
+        """Raw fields per store (as `take` gives them) -> [b, k, N, h] in `dtype`, read from the layer's store."""
+        if self.which is not None:
+            return self.stores[self.which].decode(raw[self.which], dtype)
+        branches = [functools.partial(lambda s, j, r: s.decode(r[j], dtype), s, j) for j, s in enumerate(self.stores)]
+        return jax.lax.switch(self.which_data, branches, raw)
+
+    def take(self, slots):
+        return self._each(lambda j, s: s.take(slots))
+
+    def put(self, slots, raw, keep=None):
+        keep = jnp.ones(slots.shape, bool) if keep is None else keep
+        return self._write_each(lambda j, s, mine: s.put(slots, raw[j], keep & mine))
+
+    def take_raw(self, start, g):
+        return self._each(lambda j, s: s.take_raw(start, g))
+
+    def put_raw(self, start, raw):
+        return self._write_each(lambda j, s, mine: s.put_raw(self._out_unless(mine, start, s), raw[j]))
+
+    def write(self, slot, x, backend):
+        return self._write_each(lambda j, s, mine: s.write(self._out_unless(mine, slot, s), x, backend))
+
+    def write_group(self, start, x, backend):
+        return self._write_each(lambda j, s, mine: s.write_group(self._out_unless(mine, start, s), x, backend))
+
+    def read_group(self, start, g, dtype):
+        if self.which is not None:
+            return self.stores[self.which].read_group(start, g, dtype)
+        return only_if(jnp.any(start < self.slots), lambda raw: self.decode(raw, dtype), self.take_raw(start, g))
+
+    def put_stage(self, slots, x, keep):
+        return self._write_each(lambda j, s, mine: s.put_stage(slots, x, keep & mine))
+
+    def select(self, pick, a, b):
+        return self._each(lambda j, s: s.select(pick, a[j], b[j]))
+
+    def gather(self, raw, at):
+        return self._each(lambda j, s: s.gather(raw[j], at))
+
+    def probe(self):
+        return sum(s.probe() for j, s in enumerate(self.stores) if self.which in (None, j))
+
+
+def moved(store, source, raw, backend, pred=True):
+    """Raw fields of `source` (a layer's view; as its `take` gives them) as `store` keeps them after a
+    move down a chain: the same codes where the two store the layer alike, else decoded (float32) and
+    encoded again, as decoding's demotion does. `pred`, a scalar: whether any of it will be written
+    (when not, the decoding and encoding are skipped; True: always computed)."""
+    def run(fn, x, when=True):
+        return fn(x) if when is True else only_if(when, fn, x)
+
+    per_width = lambda s: isinstance(s, ByWidth)
+    if not per_width(store) and not per_width(source):
+        if same_codes(type(source), type(store), getattr(source, "bits", 16), getattr(store, "bits", 16)):
+            return raw
+        return run(lambda r: store.encode(source.decode(r), backend), raw, pred)
+    sources = source.stores if per_width(source) else (source,)
+    raws = raw if per_width(source) else (raw,)
+    decoded = None
+    out = []
+    for j, dst in enumerate(store.stores if per_width(store) else (store,)):
+        mine = store.is_(j) if per_width(store) else True
+        if mine is False:  # known while tracing: the layer is in another store
+            out.append(None)
+            continue
+        copies = [(source.is_(c) if per_width(source) else True, r) for c, (s, r) in enumerate(zip(sources, raws))
+                  if same_codes(type(s), type(dst), getattr(s, "bits", 16), getattr(dst, "bits", 16))]
+        copies = [(c, r) for c, r in copies if c is not False]
+        if any(c is True for c, _ in copies):  # known while tracing: the same codes
+            out.append(next(r for c, r in copies if c is True))
+            continue
+        copied = functools.reduce(jnp.logical_or, [c for c, _ in copies], jnp.asarray(False))
+        if decoded is None:
+            decoded = run(source.decode, raw, pred)  # float32 [b, k, N, h]
+        r = run(functools.partial(dst.encode, backend=backend), decoded, jnp.logical_and(pred, mine) & ~copied)
+        for c, src_raw in copies:
+            r = jax.tree_util.tree_map(lambda x, y, c=c: jnp.where(c, x, y), src_raw, r)
+        out.append(r)
+    return tuple(out) if per_width(store) else out[0]
+
+
+@struct.dataclass
 class TierStores:
     """Both sides of one tier: per segment of layers, a store of its keys and one of its values."""
 
-    keys: tuple  # per segment: a store [l_seg, b, k, c, ...]
+    keys: tuple  # per store segment: a store [l_seg, b, k, c, ...] (or a ByWidth)
     values: tuple
 
     def with_segment(self, segment: int, keys, values) -> "TierStores":

@@ -2,8 +2,8 @@
 
   sink     [l, b, k, S', h]   the first S tokens, 16 bits
   window   [l, b, k, W', h]   ring of the W newest tokens (slot = (position - S) % W), 16 bits
-  tiers    per tier of the policy's layout (kvjax.layout) and per segment of layers, a keys store
-           and a values store (kvjax.stores), each at its width
+  tiers    per tier of the policy's layout (kvjax.layout) and per store segment of layers, a keys
+           store and a values store (kvjax.stores), each at its width (per layer: ByWidth)
 
 Every array is allocated at the size what can reach it needs (S' = min(S, capacity), W' =
 min(W, capacity - S), tiers from the policy); `nbytes` counts them exactly. When token p arrives
@@ -19,6 +19,7 @@ K/V and where each token went, and `fill` builds the state step-by-step decoding
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -32,7 +33,7 @@ from kvjax.features import NUM_FEATURES
 from kvjax.history import History, enter, entries
 from kvjax.layout import Layout
 from kvjax.kernels import Backend, Kernels, resolve
-from kvjax.stores import (Dense, Symmetric, TierStores, after_reading, same_codes, staged_slots, store_class,
+from kvjax.stores import (ByWidth, Dense, Symmetric, TierStores, after_reading, moved, staged_slots, store_class,
                           write_slots)
 from pallas_kernels.xla_attention import FLOATS, Part
 
@@ -74,12 +75,9 @@ class TieredCache(KVCache):
         layout = policy.layout(cfg, capacity)
         dense = lambda slots: jnp.zeros((cfg.num_layers, batch, cfg.num_kv_heads, slots, cfg.head_dim), dtype)
 
-        def empty(i, s):
-            start, stop = layout.segments[s]
-            shape = (stop - start, batch, cfg.num_kv_heads, layout.tiers[i].slots, cfg.head_dim)
-            return tuple(store_class(bits, layout.tiers[i].symmetric, side == 0).init(shape, bits, layout.group_size,
-                                                                                       dtype)
-                         for side, bits in enumerate(layout.segment_bits(s, i)))
+        def empty(i, side, bits, layers):
+            shape = (len(layers), batch, cfg.num_kv_heads, layout.tiers[i].slots, cfg.head_dim)
+            return store_class(bits, layout.tiers[i].symmetric, side == 0).init(shape, bits, layout.group_size, dtype)
 
         tiers = _tier_stores(layout, empty)
         features = layout.window_slots if policy.uses_features else 0
@@ -90,7 +88,10 @@ class TieredCache(KVCache):
 
     @property
     def segments(self):
-        return self.layout.segments
+        """The runs of layers the model scans: in a decode step, layers of the same widths (each store
+        static: no dispatch per token); in a prompt chunk, layers stored alike (one scan for widths
+        that differ by layer, whose dispatch a chunk's work amortizes; and one program to compile)."""
+        return self.layout.store_segments if isinstance(self.route, chunk.ChunkRoute) else self.layout.segments
 
     @property
     def rotation(self):
@@ -152,23 +153,26 @@ class TieredCache(KVCache):
         a slice of a layer that is written and read again in one step would be copied by XLA."""
         if q.shape[1] != 1:
             return chunk.attend(self, layer, q, k, v, positions)
-        lay, r = self.layout, self.route
-        seg, li = layer.segment, layer.index
-        local = li - lay.segments[seg][0]
+        lay, r, li = self.layout, self.route, layer.index
+        seg = lay.store_segment_of(layer.segment)  # layer.segment: a width segment, in this store segment
+        local, first = li - lay.store_segments[seg][0], lay.segments[layer.segment][0] - lay.store_segments[seg][0]
+        view = lambda s: s.layer(local, s.choice[first]) if isinstance(s, ByWidth) else s.layer(local)
         rows = jnp.arange(k.shape[0])
-        tiers = [(t.keys[seg].layer(local), t.values[seg].layer(local)) for t in self.tiers]  # this layer's stores
+        tiers = [(view(t.keys[seg]), view(t.values[seg])) for t in self.tiers]  # this layer's stores (static widths)
         leaving = (li, rows, slice(None), jnp.minimum(r.window_slot, lay.window_slots - 1))
         old_k, old_v = self.window_k[leaving], self.window_v[leaving]  # [b, k, h]: the token leaving the window
         # The tier views write into their whole arrays in place; what this step reads of a tier before
         # writing it (a demoted group) is made an input of every later write (`tie`), so that XLA
-        # orders the read first instead of copying the whole array to keep it.
-        tie = jnp.zeros((), jnp.float32)
+        # orders the read first instead of copying the whole array to keep it. The tie starts from the
+        # query, so that the writes also come after the layer before read the arrays (its attention):
+        # layers a scan of one layer runs are straight-line code, where XLA would copy them instead.
+        tie = q.reshape(-1)[0].astype(jnp.float32)
         for (src, dst), (from_slot, to_slot) in zip(r.move_tiers, r.move_slots):
-            moved = []
+            written = []
             for a, b in zip(tiers[src], tiers[dst]):
                 b, tie = self._move_group(a, b, from_slot, to_slot, tie)
-                moved.append(b)
-            tiers[dst] = tuple(moved)
+                written.append(b)
+            tiers[dst] = tuple(written)
         old_k, old_v = after_reading(tie, old_k), after_reading(tie, old_v)
         for i, t in enumerate(lay.tiers):
             if t.slots and i in lay.heads:  # leaving tokens enter heads only; the rest get whole groups
@@ -206,18 +210,26 @@ class TieredCache(KVCache):
         two store alike, else decoded and re-encoded. -> (b, tie): b is written after `tie`, and the
         new tie is read from b once written, so whatever comes after it also comes after this read of a
         (a tie read from the group itself would not do: XLA computes one element of it apart)."""
-        g = self.layout.group_size
-        if same_codes(type(a), type(b), getattr(a, "bits", 16), getattr(b, "bits", 16)):
-            raw = jax.tree_util.tree_map(functools.partial(after_reading, tie), a.take_raw(from_slot, g))
-            b = b.put_raw(to_slot, raw)
-        else:
-            b = b.write_group(to_slot, after_reading(tie, a.read_group(from_slot, g, jnp.float32)),
-                              self.backend)
-        return b, tie + getattr(b, b.SLOTS[0]).reshape(-1)[0].astype(jnp.float32)
+        raw = jax.tree_util.tree_map(functools.partial(after_reading, tie),
+                                     a.take_raw(from_slot, self.layout.group_size))
+        b = b.put_raw(to_slot, moved(b, a, raw, self.backend, pred=jnp.any(to_slot < b.slots)))
+        return b, tie + b.probe()
 
     def _tier_parts(self, i, keys, values) -> list[Part]:
         """Tier i as parts of a layer's attention, given this layer's stores of its keys and values:
-        its slots, and the KIVI keys still in the 16-bit stage (their values already in the tier)."""
+        its slots, and the KIVI keys still in the 16-bit stage (their values already in the tier); for
+        stores by width, those of each width, only the layer's own taking part."""
+        if isinstance(keys, ByWidth):
+            out = []
+            for j, (k, v) in enumerate(zip(keys.stores, values.stores)):
+                mine = keys.is_(j)
+                if mine is True or mine is False:  # known while tracing
+                    out += self._tier_parts(i, k, v) if mine else []
+                    continue
+                out += [dataclasses.replace(p, valid=p.valid & mine,
+                                            count=None if p.count is None else jnp.where(mine, p.count, 0))
+                        for p in self._tier_parts(i, k, v)]
+            return out
         lay, entered, g = self.layout, self.entered[:, i], self.layout.group_size
         valid = lay.valid_slots(i, entered)  # [b, c]
         ring, c = lay.tiers[i].ring, valid.shape[1]
@@ -299,16 +311,22 @@ class TieredCache(KVCache):
             h, d = _place_in_chains(lay, i)
             entered.append(jnp.sum((hist.tier == h) & (hist.reach[:, d] <= last[:, None]), axis=1))
         entered = jnp.stack(entered, axis=1).astype(jnp.int32) if lay.tiers else self.entered
-        def filled(i, s):
-            t, (start, stop), (_, d) = lay.tiers[i], lay.segments[s], _place_in_chains(lay, i)
+        forms = {}  # per tier: its keys and values [l, b, k, T, h], as it holds them
+        for i, t in enumerate(lay.tiers):
+            d = _place_in_chains(lay, i)[1]
+            if not d:
+                forms[i] = (k_all, v_all)
+            else:  # it holds what the tier before it gave back: per width segment, the widths are static
+                per_segment = [teacher_forced.stored_forms(lay, s, k_all[a:b], v_all[a:b], hist)[d - 1]
+                               for s, (a, b) in enumerate(lay.segments)]
+                forms[i] = tuple(jnp.concatenate([f[side] for f in per_segment]) for side in (0, 1))
+
+        def filled(i, side, bits, layers):
+            t = lay.tiers[i]
             slot = jnp.where(where == i, t.slot_of(tf.rank), t.slots)
-            ks, vs = k_all[start:stop], v_all[start:stop]
-            if d:  # it holds what the tier before it gave back
-                ks, vs = teacher_forced.stored_forms(lay, s, ks, vs, hist)[d - 1]
-            return tuple(store_class(bits, t.symmetric, side == 0).fill(
-                place(x, slot, t.slots), bits, lay.group_size, self.backend, self.window_k.dtype,
-                stage_start=lay.stage_start(i, entered[:, i])) for side, (x, bits) in enumerate(
-                    zip((ks, vs), lay.segment_bits(s, i))))
+            return store_class(bits, t.symmetric, side == 0).fill(
+                place(forms[i][side][jnp.asarray(layers)], slot, t.slots), bits, lay.group_size, self.backend,
+                self.window_k.dtype, stage_start=lay.stage_start(i, entered[:, i]))
 
         tiers = _tier_stores(lay, filled)
         window_features = self.window_features
@@ -321,14 +339,28 @@ class TieredCache(KVCache):
 
 
 def _tier_stores(layout: Layout, make) -> tuple:
-    """TierStores per tier of the layout, from make(tier, segment) -> (keys store, values store); KIVI
-    keys keep their 16-bit stage only where `Layout.keeps_key_stage` says."""
+    """TierStores per tier of the layout, from make(tier, side, bits, layers) -> the store of one side
+    (0: keys) at `bits` for those layers (a list, indices of the whole model's layers), per store
+    segment: one store per side where every layer of the segment stores alike, else a ByWidth over
+    the (key, value) widths its layers use. KIVI keys keep their 16-bit stage only where
+    `Layout.keeps_key_stage` says."""
     tiers = []
-    for i in range(len(layout.tiers)):
-        pairs = [make(i, s) for s in range(len(layout.segments))]
-        keys = tuple(k.without_stage() if k.staged and not layout.keeps_key_stage(i, k.bits) else k
-                     for k, _ in pairs)
-        tiers.append(TierStores(keys, tuple(v for _, v in pairs)))
+    for i, t in enumerate(layout.tiers):
+        keys, values = [], []
+        for start, stop in layout.store_segments:
+            widths = list(dict.fromkeys(t.bits_of(layer) for layer in range(start, stop)))  # in order of first use
+            choice = [widths.index(t.bits_of(layer)) for layer in range(start, stop)]
+            members = [[start + n for n, c in enumerate(choice) if c == j] for j in range(len(widths))]
+            keeps_stage = layout.keeps_key_stage(i, t.key_bits[start])  # the same kind in the whole segment
+            pair = []
+            for side in (0, 1):
+                stores = [make(i, side, bits[side], layers) for bits, layers in zip(widths, members)]
+                stores = [s.without_stage() if side == 0 and s.staged and not keeps_stage else s for s in stores]
+                place = tuple(members[c].index(start + n) for n, c in enumerate(choice))
+                pair.append(stores[0] if len(stores) == 1 else ByWidth(tuple(stores), tuple(choice), place))
+            keys.append(pair[0])
+            values.append(pair[1])
+        tiers.append(TierStores(tuple(keys), tuple(values)))
     return tuple(tiers)
 
 

@@ -14,16 +14,20 @@ import pytest
 from kvjax.config import get_preset
 from kvjax.kernels import Kernels, resolve
 from kvjax.model import forward, init_params
-from kvjax.policies import get_policy
+from kvjax.policies import Bands, get_policy
 
 CFG = get_preset("tiny")
 PARAMS = init_params(CFG, jax.random.PRNGKey(0))
+# widths that differ by layer (a store per width: kvjax.stores.ByWidth), and a ring whose groups
+# move on, copied in one layer and re-encoded in the other
+PER_LAYER = Bands("per-layer", bands=(((8, 4), (4, 2)), ((4, 2), 2)), shares=(0.5,), sinks=2, window=8, group_size=4)
 HLO_TYPES = {"float16": "f16", "bfloat16": "bf16", "float32": "f32", "uint32": "u32"}
 
 
 def whole_array_copies(name: str, kernels, t: int) -> list[str]:
     """The copies of whole cache arrays in the compiled program of a step of t tokens per sequence."""
-    policy = get_policy(name) if name == "fp16" else get_policy(name, window=8, group_size=4)
+    policy = get_policy(name) if name == "fp16" else PER_LAYER if name == PER_LAYER.name else \
+        get_policy(name, window=8, group_size=4)
     cache = policy.make_cache(CFG, 2, 64, kernels=kernels)
     step = jax.jit(lambda c, tokens, positions: forward(PARAMS, CFG, tokens, positions, c), donate_argnums=0)
     positions = jnp.broadcast_to(20 + jnp.arange(t), (2, t))
@@ -39,7 +43,7 @@ def whole_array_copies(name: str, kernels, t: int) -> list[str]:
 
 
 @pytest.mark.parametrize("t", [1, 4])
-@pytest.mark.parametrize("name", ["fp16", "kivi2", "band@3", "mixed-static@3"])
+@pytest.mark.parametrize("name", ["fp16", "kivi2", "band@3", "mixed-static@3", PER_LAYER.name])
 def test_a_step_copies_no_whole_cache_array(name, t):
     kernels = [Kernels.REFERENCE]
     if resolve(Kernels.AUTO).kernels is Kernels.NATIVE:  # (t = 4: the chunk kernel reads the arrays in place)

@@ -33,6 +33,7 @@ from kvjax.model import forward, init_params
 from kvjax.layout import EVICTED, NO_ENTRY, WIDTHS, Layout, Tier
 from kvjax.allocation import Allocation
 from kvjax.policies import REGISTRY, Bands, Family, Mixed, get_policy, make_cache, register
+from kvjax.stores import ByWidth
 from kvjax.tiered import TieredCache
 from replay import Replay
 
@@ -232,6 +233,8 @@ def _unread_zeroed(cache):
         per_group = lambda keep, x: per_slot(keep.reshape(keep.shape[0], -1, GROUP).any(-1), x)
 
         def zeroed(store, keys):
+            if isinstance(store, ByWidth):  # a store per width, each laid out alike
+                return store.replace(stores=tuple(zeroed(s, keys) for s in store.stores))
             out = {f: per_slot(held & ~(filling & keys), getattr(store, f)) for f in store.SLOTS}
             out.update({f: per_group(held & ~filling, getattr(store, f)) for f in store.GROUPS})
             if keys and store.staged:
