@@ -86,7 +86,8 @@ def max_tokens(layout, uses_features: bool) -> int | None:
     """Most tokens one step may bring to a tiered cache of this layout (None: any, W at a time): W for a
     policy that reads token features (it decides on a token leaving the window from features recorded
     after the chunk the token came in) and for layers in several store segments (each segment's scan
-    holds the parts' loop: a policy of 26 segments compiled 0.7 GiB larger with two parts)."""
+    holds the parts' loop: 26 scans compiled 0.7 GiB larger with two parts; no shipped policy has
+    more than one store segment)."""
     return layout.window if uses_features or len(layout.store_segments) > 1 else None
 
 

@@ -62,10 +62,11 @@ def chunk_size(cache, length: int, chunk: int | None = None) -> int:
 # from the compiled prefill's own memory analysis and measured peaks (BENCHMARKS.md, "peak memory"):
 RUNTIME_BYTES = int(0.45 * memory.GIB)  # Python, jax, XLA's client and compiled programs, the tokenizer
 SCORE_COPIES = 4  # float32 [b, n, t, block] arrays of one attention block that XLA holds at once
-# A program with a layer scan per segment of layers that share a layout (learned-alloc@B has 20-26):
-# each scan past the first added ~59 MiB to the peak of compiling and running its prefill (one run,
-# learned-alloc@2.5 against kivi2 at 8 x 7900 tokens: BENCHMARKS.md, peak memory).
-COMPILE_BYTES_PER_SEGMENT = 60 * 2**20
+# A decode step scans each run of layers of equal widths (`Layout.segments`: learned-alloc@B has 20-26;
+# a prefill chunk scans every layer at once): each scan past the first added ~16 MiB to the peak of
+# compiling and running (one run, learned-alloc@2.5 against kivi2 at 8 x 7900 tokens: BENCHMARKS.md,
+# "One prefill scan for widths that differ by layer").
+COMPILE_BYTES_PER_SEGMENT = 16 * 2**20
 
 
 def estimate_memory(cfg, policy: Policy, batch: int, prompt_length: int, max_new_tokens: int,
@@ -85,7 +86,7 @@ def estimate_memory(cfg, policy: Policy, batch: int, prompt_length: int, max_new
     scores = batch * cfg.num_heads * part * min(CHUNK_SLOTS, capacity) * 4 * SCORE_COPIES
     activations = batch * chunk * (6 * cfg.hidden_size + 3 * cfg.intermediate_size) * max(item, 4)
     logits = batch * (chunk if policy.uses_features else 1) * cfg.vocab_size * 4 * 3
-    compiling = COMPILE_BYTES_PER_SEGMENT * (len(layout.store_segments) - 1 if layout else 0)
+    compiling = COMPILE_BYTES_PER_SEGMENT * (len(layout.segments) - 1 if layout else 0)
     weights = memory.parameter_bytes(cfg, jdtype) if weight_bytes is None else weight_bytes
     return memory.Estimate(weights=weights,
                            cache=cache_bytes(policy, cfg, batch, capacity, jdtype),
@@ -167,7 +168,7 @@ _kept: dict[tuple, tuple] = {}
 def compile_programs(params, cfg, policy: Policy, tokens, positions, capacity: int, max_new: int, dtype, kernels,
                      sampling: SamplingConfig, eos_id: int, chunk: int, mesh=None):
     """The compiled prefill and decode_chunk of a request, from shapes alone: compiled before the cache
-    exists, the compiler's working memory (1.3-1.5 GiB for a policy of many layer segments) and the
+    exists, the compiler's working memory (0.4 GiB more for a policy of many layer segments) and the
     cache are never held at once. -> (prefill_fn, decode_fn), each run by every device of `mesh` on its
     rows (kvjax.sharding; params replicated, the rest split by rows: `cache_specs`, `state_specs`). The
     last KEPT_PROGRAMS pairs are kept by everything they depend on (the shapes and types of params,
