@@ -19,7 +19,6 @@ K/V and where each token went, and `fill` builds the state step-by-step decoding
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import jax
@@ -218,18 +217,9 @@ class TieredCache(KVCache):
     def _tier_parts(self, i, keys, values) -> list[Part]:
         """Tier i as parts of a layer's attention, given this layer's stores of its keys and values:
         its slots, and the KIVI keys still in the 16-bit stage (their values already in the tier); for
-        stores by width, those of each width, only the layer's own taking part."""
+        stores by width, the layer's own (a decode step knows it while tracing)."""
         if isinstance(keys, ByWidth):
-            out = []
-            for j, (k, v) in enumerate(zip(keys.stores, values.stores)):
-                mine = keys.is_(j)
-                if mine is True or mine is False:  # known while tracing
-                    out += self._tier_parts(i, k, v) if mine else []
-                    continue
-                out += [dataclasses.replace(p, valid=p.valid & mine,
-                                            count=None if p.count is None else jnp.where(mine, p.count, 0))
-                        for p in self._tier_parts(i, k, v)]
-            return out
+            return self._tier_parts(i, keys.stores[keys.which], values.stores[values.which])
         lay, entered, g = self.layout, self.entered[:, i], self.layout.group_size
         valid = lay.valid_slots(i, entered)  # [b, c]
         ring, c = lay.tiers[i].ring, valid.shape[1]
