@@ -21,8 +21,8 @@ store per pair of (key, value) widths its layers use, each holding the layers at
 (one per side), which has the same interface, so that one layer scan runs every layer.
 
 A layer's store has the same small interface in every class, which the step-by-step cache
-(kvjax.tiered) uses: `write` one token per row, `write_group` / `read_group` a whole group of G
-slots (demotion; `take_raw` / `put_raw` when the codes are copied as they are), `scores` (a
+(kvjax.tiered) uses: `write` one token per row, `take_raw` / `put_raw` a whole group of G slots
+as stored (demotion: `moved` turns one tier's codes into the next's, copied or re-encoded), `scores` (a
 keys store: q . every slot's key) or `mix` (a values store: the probability-weighted sum of its
 values), both straight from the packed codes (pallas_kernels.decode_attention), and `fill` from
 a sequence's tokens placed at their slots (prompts). `roundtrip(x, bits, G, dtype)` is what
@@ -147,17 +147,6 @@ class _Store:
     def write(self, slot, x, backend):
         """x [b, k, h] (one token per row) encoded at slot [b]."""
         return self.put(slot[:, None], self.encode(x[:, :, None], backend))
-
-    def write_group(self, start, x, backend):
-        """x [b, k, G, h] encoded at the G slots from start [b] (none if out of range; then x is not
-        encoded either)."""
-        raw = only_if(jnp.any(start < self.slots), lambda x: self.encode(x, backend), x)
-        return self.put(start[:, None] + jnp.arange(x.shape[2]), raw)
-
-    def read_group(self, start, g, dtype):
-        """The G slots from start [b] as read back, [b, k, G, h] in `dtype` (decoded only if some start
-        is in range: zeros else)."""
-        return only_if(jnp.any(start < self.slots), lambda raw: self.decode(raw, dtype), self.take_raw(start, g))
 
     def probe(self):
         """One element of each of this store's fields, summed, float32 []: what a later write can be made
@@ -443,14 +432,6 @@ class ByWidth:
 
     def write(self, slot, x, backend):
         return self._write_each(lambda j, s, mine: s.write(self._out_unless(mine, slot, s), x, backend))
-
-    def write_group(self, start, x, backend):
-        return self._write_each(lambda j, s, mine: s.write_group(self._out_unless(mine, start, s), x, backend))
-
-    def read_group(self, start, g, dtype):
-        if self.which is not None:
-            return self.stores[self.which].read_group(start, g, dtype)
-        return only_if(jnp.any(start < self.slots), lambda raw: self.decode(raw, dtype), self.take_raw(start, g))
 
     def put_stage(self, slots, x, keep):
         return self._write_each(lambda j, s, mine: s.put_stage(slots, x, keep & mine))
