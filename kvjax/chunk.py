@@ -1,12 +1,12 @@
 """A chunk of prompt tokens through a quantized cache (kvjax.tiered): t decode steps at once.
 
 Prefill (kvjax.generation.prefill) feeds a prompt through the model a chunk at a time, and
-TieredCache's `begin` and `attend` hand each chunk here, which attends it in parts of W tokens
-(`split`: a token leaving the window during a part was in it when the part began), one after the
-other; the model's matrix products still see the whole chunk. Every query of the chunk sees each
-token in exactly the state step-by-step decoding holds it in at the query's step (the rules of kvjax.layout),
-and the cache ends in the state decoding would leave; meanwhile only the chunk's own 16-bit K/V, and
-scores for its t queries, exist: a long prompt never exists in full precision.
+TieredCache's `begin` and `attend` hand each chunk here, which attends all its queries at once. Every
+query of the chunk sees each token in exactly the state step-by-step decoding holds it in at the
+query's step (the rules of kvjax.layout), whether the token came before the chunk or with it (a chunk
+longer than W sees its own first tokens leave the window and pass down the tiers), and the cache ends
+in the state decoding would leave; meanwhile only the chunk's own 16-bit K/V, and scores for its t
+queries, exist: a long prompt never exists in full precision.
 
 `begin`: decoding's bookkeeping (TieredCache.route_step) for each of the t steps: which tier each token
 leaving the window enters, and so the step (position) at which each rank of a chain's first tier
@@ -16,18 +16,19 @@ rank enters.
 
 `attend`, for one layer, as float banks whose masks [b, t, slots] say which query sees what
 (pallas_kernels.xla_attention.chunk_partials):
-  16-bit      the sinks and the window as the chunk found them (a window token until it leaves),
-              and the chunk's own tokens (causally);
+  16-bit      the sinks and the window as the chunk found them, and the chunk's own tokens (causally),
+              each until it leaves the window;
   as stored   each tier's slots as the chunk found them, decoded block by block, until their group
               moves to the next tier of its chain;
   arriving    per chain and depth, the ranks that reach that depth during the chunk: at depth 0 the
               tokens leaving the window (with the KIVI group that was being filled), at depth d > 0
               the groups moved there. Each is encoded from what the depth before gives (the 16-bit
-              K/V at depth 0; codes copied where the two depths store alike, as decoding copies
-              them) and seen from the step it arrives until the step it moves on; a KIVI key is
-              seen in 16 bits until its group is complete.
-Then the layer's arrays are written: the chunk's tokens into the sinks and window, and each arriving
-rank's codes where it is when the chunk ends (a KIVI group still being filled into the stage).
+              K/V of the window or the chunk at depth 0; codes copied where the two depths store
+              alike, as decoding copies them) and seen from the step it arrives until the step it
+              moves on; a KIVI key is seen in 16 bits until its group is complete.
+Then the layer's arrays are written: the chunk's tokens into the sinks and window (those still in it),
+and each arriving rank's codes where it is when the chunk ends (a KIVI group still being filled into
+the stage).
 """
 
 from __future__ import annotations
@@ -66,45 +67,28 @@ class ChunkRoute:
 
 
 def begin(cache, positions):
-    """Routes a chunk: positions int32 [b, t] (consecutive from each row's length, -1 on padding), W
-    tokens at a time: -> the cache with the ChunkRoutes of its parts (`split`), stacked [parts, ...]."""
+    """Routes a chunk: positions int32 [b, t] (consecutive from each row's length, -1 on padding) -> the
+    cache with the chunk's ChunkRoute."""
     W, t = cache.layout.window, positions.shape[1]
     if t > W and cache.uses_features:
         raise KvjaxError(f"a policy that reads token features takes at most W = {W} tokens per sequence a step "
                          f"(the features of a token leaving the window are recorded after its chunk), got {t}")
-
-    def part(carry, p):  # p [b, W]: one part's positions
-        entered, start = carry
-        route, entered = _route(cache, p, entered, start)
-        return (entered, jnp.maximum(start, p.max(axis=1) + 1)), route
-
-    (entered, _), routes = jax.lax.scan(part, (cache.entered, cache.lengths), split(positions, W, -1))
-    return cache.replace(entered=entered, route=routes)
+    route, entered = _route(cache, positions, cache.entered, cache.lengths)
+    return cache.replace(entered=entered, route=route)
 
 
 def max_tokens(layout, uses_features: bool) -> int | None:
-    """Most tokens one step may bring to a tiered cache of this layout (None: any, W at a time): W for a
-    policy that reads token features (it decides on a token leaving the window from features recorded
-    after the chunk the token came in) and for layers in several store segments (each segment's scan
-    holds the parts' loop: 26 scans compiled 0.7 GiB larger with two parts; no shipped policy has
-    more than one store segment)."""
+    """Most tokens one step may bring to a tiered cache of this layout (None: any): W for a policy that
+    reads token features (it decides on a token leaving the window from features recorded after the
+    chunk the token came in) and for layers in several store segments (no shipped policy has more than
+    one; each segment's scan would hold a chunk's whole work)."""
     return layout.window if uses_features or len(layout.store_segments) > 1 else None
 
 
-def split(x, window: int, fill=0):
-    """x [b, t, ...] -> [parts, b, W, ...]: a chunk in parts of W tokens (the last padded with `fill`;
-    positions with -1, which no step routes, attends or stores), so that every token leaving the
-    window during a part was in it when the part began."""
-    b, t = x.shape[:2]
-    n = -(-t // window)
-    x = jnp.pad(x, ((0, 0), (0, n * window - t)) + ((0, 0),) * (x.ndim - 2), constant_values=fill)
-    return x.reshape(b, n, window, *x.shape[2:]).swapaxes(0, 1)
-
-
 def _route(cache, positions, entered, start):
-    """The ChunkRoute of one part of at most W tokens at positions [b, t], given the tokens that had
-    entered each tier before it, entered [b, n], and its first position start [b] -> (route, the
-    tokens that had entered each tier after it)."""
+    """The ChunkRoute of a chunk at positions [b, t], given the tokens that had entered each tier before
+    it, entered [b, n], and its first position start [b] -> (route, the tokens that had entered each
+    tier after it)."""
     def step(entered, p):
         route, entered = cache.route_step(p, entered)
         return entered, (route.tier, route.rank)
@@ -119,24 +103,8 @@ def _route(cache, positions, entered, start):
 
 
 def attend(cache, layer, q, k, v, positions):
-    """One layer of a chunk: q [b, t, n, h], this chunk's k, v [b, t, k, h] at positions [b, t]
-    -> (out [b, t, n, h], cache). The chunk's parts of W tokens (`split`) go one after the other (a
-    scan), each through the cache as the one before left it."""
-    W, (b, t) = cache.layout.window, positions.shape
-    routes = cache.route
-
-    def part(cache, xs):
-        route, q, k, v, positions = xs
-        out, cache = _attend_part(cache.replace(route=route), layer, q, k, v, positions)
-        return cache.replace(route=None), out
-
-    cache, out = jax.lax.scan(part, cache.replace(route=None),
-                              (routes, split(q, W), split(k, W), split(v, W), split(positions, W, -1)))
-    return out.swapaxes(0, 1).reshape(b, -1, *q.shape[2:])[:, :t], cache.replace(route=routes)
-
-
-def _attend_part(cache, layer, q, k, v, positions):
-    """One layer of one part of a chunk (W tokens, routed by cache.route)."""
+    """One layer of a chunk (routed by cache.route): q [b, t, n, h], this chunk's k, v [b, t, k, h] at
+    positions [b, t] -> (out [b, t, n, h], cache)."""
     lay, li = cache.layout, layer.index
     seg, local = layer.segment, layer.index - lay.store_segments[layer.segment][0]
     b, t = positions.shape
@@ -150,7 +118,7 @@ def _attend_part(cache, layer, q, k, v, positions):
             if not lay.tiers[i].slots:
                 break
             banks.append(_as_stored(cache, stores[i], i, chain, d, step))
-            arrivals.append(Arrivals.of(cache, li, stores, chain, d, arrivals[-1] if d else None, t))
+            arrivals.append(Arrivals.of(cache, li, stores, chain, d, arrivals[-1] if d else None, k16, v16))
             banks += arrivals[-1].banks(step)
     banks = [(read, mask & (step >= 0), block) for read, mask, block in banks]
     out = merge_partials([cache.backend.chunk_partials(q, banks, kv_heads=k.shape[2])])  # [b, t, n, h]
@@ -159,7 +127,9 @@ def _attend_part(cache, layer, q, k, v, positions):
     stores = [list(pair) for pair in stores]
     for arriving in arrivals:
         stores[arriving.tier] = arriving.store(*stores[arriving.tier], read)
-    sink_slot, window_slot = lay.sink_slot(positions), lay.window_slot(positions)
+    last = positions.max(axis=1, keepdims=True)  # [b, 1]: the chunk's last step
+    sink_slot = lay.sink_slot(positions)
+    window_slot = jnp.where(lay.has_left(positions, last), lay.window_slots, lay.window_slot(positions))  # gone by then
     put = lambda full, slot, x: write_slots(full, slot, after_reading(read, x.swapaxes(1, 2)), li)
     return out.astype(q.dtype), cache.replace(
         sink_k=put(cache.sink_k, sink_slot, k16), sink_v=put(cache.sink_v, sink_slot, v16),
@@ -179,7 +149,7 @@ def _sixteen_bit(cache, li, k16, v16, positions):
     mask = jnp.concatenate([
         jnp.broadcast_to((sink < jnp.minimum(start, S)[:, None])[:, None], (*positions.shape, lay.sink_slots)),
         (in_window >= S)[:, None] & ~lay.has_left(in_window[:, None], step),  # until it leaves the window
-        (chunk >= 0) & (chunk <= step)], axis=2)
+        (chunk >= 0) & (chunk <= step) & ~lay.has_left(chunk, step)], axis=2)
     keys = jnp.concatenate([cache.sink_k[li], cache.window_k[li], k16], axis=2)
     values = jnp.concatenate([cache.sink_v[li], cache.window_v[li], v16], axis=2)
     return slices(keys, values), mask, CHUNK_SLOTS
@@ -220,12 +190,13 @@ class Arrivals:
     tier: int
 
     @classmethod
-    def of(cls, cache, li, stores, chain, d: int, below, t: int):
-        """The arrivals at depth d of `chain` in layer li of a chunk of t steps (`below`: depth d - 1's)."""
+    def of(cls, cache, li, stores, chain, d: int, below, k16, v16):
+        """The arrivals at depth d of `chain` in layer li of a chunk whose own K/V are k16, v16 [b, k, t, h]
+        (`below`: depth d - 1's)."""
         lay, route, g = cache.layout, cache.route, cache.layout.group_size
         head, tier = chain[0], chain[d]
         keys, values = stores[tier]
-        first = route.entered[:, head]  # [b]
+        first, t = route.entered[:, head], k16.shape[2]  # [b]
         if d == 0:  # the tokens entering, after the KIVI group being filled when the chunk began
             base, n = first // g * g, g * -(-(g - 1 + t) // g)
         else:  # the groups of whose ranks the one that pushes them to depth d enters during the chunk
@@ -238,11 +209,15 @@ class Arrivals:
         exists = (rank >= 0) & (arrive != NEVER)
         slots = lay.tiers[tier].slot_of(rank)
         keys16 = None
-        if d == 0:  # from the window (and, for what entered before the chunk, the tier as it is)
+        if d == 0:  # from the window or the chunk (and, for what entered before the chunk, the tier as it is)
             entering = rank >= first[:, None]
-            window_slot = jnp.minimum(lay.window_slot(lay.leaving(arrive)), lay.window_slots - 1)
-            from_window = lambda x: jnp.take_along_axis(x[li], window_slot[:, None, :, None], axis=2)  # [b, k, N, h]
-            k_new, v_new = from_window(cache.window_k), from_window(cache.window_v)
+            left = lay.leaving(arrive)  # [b, N]: the position of the token
+            window_slot = jnp.minimum(lay.window_slot(left), lay.window_slots - 1)
+            in_chunk = (left >= route.start[:, None])[:, None, :, None]  # it came with this chunk
+            at = jnp.clip(left - route.start[:, None], 0, t - 1)[:, None, :, None]
+            k_new, v_new = (jnp.where(in_chunk, jnp.take_along_axis(x16, at, axis=2),
+                                      jnp.take_along_axis(full[li], window_slot[:, None, :, None], axis=2))
+                            for x16, full in ((k16, cache.window_k), (v16, cache.window_v)))  # [b, k, N, h]
             staged = keys.staged
             if staged:  # a KIVI key waits in the 16-bit stage until its group is complete
                 stage = jnp.take_along_axis(keys.get("stage"), (rank % g)[:, None, :, None], axis=2)

@@ -62,7 +62,7 @@ class TieredCache(KVCache):
     entered: jax.Array  # int32 [b, tiers]: tokens that ever entered each tier
     window_features: jax.Array  # float32 [b, W' or 0, F]: features of the window's tokens
     lengths: jax.Array  # int32 [b]
-    route: Route | chunk.ChunkRoute | None  # set by `begin` for the layers of one step (a chunk: [parts, ...])
+    route: Route | chunk.ChunkRoute | None  # set by `begin` for the layers of one step (or chunk)
     policy: object = struct.field(pytree_node=False)  # kvjax.policies.Quantized
     layout: Layout = struct.field(pytree_node=False)
     capacity: int = struct.field(pytree_node=False)

@@ -165,19 +165,21 @@ def test_teacher_forced_equals_step_by_step_decode(name):
         np.testing.assert_array_equal(stored, lengths)
 
 
-# A chunk longer than W is attended in parts of W (kvjax.chunk.split): one policy of each kind of store
-# and route (dense, symmetric with sinks, evicting, rings, per-layer widths, a ring a token passes within
-# a part, rotated, and one that reads features, whose chunks stay at W).
+# A chunk longer than W sees its own first tokens leave the window and move down the tiers: one policy
+# of each kind of store and route (dense, symmetric with sinks, evicting, rings, per-layer widths, a ring
+# a token passes within a chunk, rotated, and one that reads features, whose chunks stay at W).
 LONG_CHUNK_NAMES = ["fp16", "kivi2", "int8-sink", "streaming", "band@3", "learned-alloc@2.5", "test-one-group-rings",
                     "test-three-bands", "test-rotated-bands", "mixed-learned@3"]
+WHOLE_PROMPT_NAMES = ["fp16", "int8-sink", "band@3", "learned-alloc@2.5", "test-one-group-rings"]  # one chunk of 49
 
 
-@pytest.mark.parametrize("name, chunk", [(n, c) for c in (3, 7) for n in NAMES] + [(n, 20) for n in LONG_CHUNK_NAMES])
+@pytest.mark.parametrize("name, chunk", [(n, c) for c in (3, 7) for n in NAMES] + [(n, 20) for n in LONG_CHUNK_NAMES]
+                         + [(n, 49) for n in WHOLE_PROMPT_NAMES])
 def test_chunked_prefill_then_decode_equals_teacher_forced(name, chunk):
     """Prompts of P tokens (and a shorter one, right-padded) prefilled `chunk` tokens at a time, then
     decoded step by step, equal teacher forcing of the whole: chunks of 3 and 7 split the window
-    (W = 8), the key groups (G = 4) and the sinks; a chunk of 20 is attended in parts of 8, 8 and 4
-    (kvjax.chunk.split; a policy that reads features takes chunks of W). The prefill is
+    (W = 8), the key groups (G = 4) and the sinks; in a chunk of 20, or the whole prompt of 49, tokens
+    of the chunk leave the window within it (a policy that reads features takes chunks of W). The prefill is
     kvjax.generation.prefill itself; every step replays the reference K/V (tests/replay.py), so both
     paths quantize identical floats."""
     policy = policy_of(name)
@@ -194,7 +196,7 @@ def test_chunked_prefill_then_decode_equals_teacher_forced(name, chunk):
     np.testing.assert_allclose(np.asarray(got)[valid], np.asarray(want[:, P:])[valid], atol=2e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("chunk", [7, 20])
+@pytest.mark.parametrize("chunk", [7, 20, 51])
 @pytest.mark.parametrize("name", ["kivi2", "band@3", "mixed-rule@3", "test-one-group-rings", "fp16"])
 def test_chunked_prefill_leaves_the_state_decoding_leaves(name, chunk):
     """After a prompt, the chunked prefill's cache holds every array as step-by-step decoding of the
