@@ -401,7 +401,7 @@ def memory_table(args, policies, cfg, dtype: str, argv, held: Weights) -> int:
     print(f"{'kv':<20} {'batch':>5} {'context':>7} {'KV GiB':>7} {'before':>7} {'peak':>7} {'above':>7} "
           f"{'work':>7} {'estimate':>8} {'prefill tok/s':>13} {'decode tok/s':>12}")
     ctx = multiprocessing.get_context("spawn")  # a fresh process: its peak is this run's alone
-    jdtype = DTYPES[dtype]
+    jdtype, backend = DTYPES[dtype], kernels_from_flags(args)
     if args.preset:  # None (float): what estimate_memory assumes
         matrices = preset_matrices(held)
         held_bytes = None if matrices is None else as_blocks_bytes(cfg, matrices, dtype=jdtype)
@@ -410,7 +410,8 @@ def memory_table(args, policies, cfg, dtype: str, argv, held: Weights) -> int:
     for context in args.contexts:
         for policy in policies:
             batch = args.batch
-            need = lambda n: estimate_memory(cfg, policy, n, context, args.decode_steps + 1, dtype, held_bytes)
+            need = lambda n: estimate_memory(cfg, policy, n, context, args.decode_steps + 1, dtype, held_bytes,
+                                             backend)
             if args.memory_budget_gib:
                 batch = 0
                 while need(batch + 1).total <= args.memory_budget_gib * memory.GIB:

@@ -69,12 +69,13 @@ def _main(argv) -> int:
     lengths = [len(tokenizer.encode(p)) for p in prompts] if tokenizer is not None else None
     lightest = Weights.NATIVE if args.weights == Weights.AUTO.value else Weights(args.weights)  # auto's lightest
     mesh = mesh_from_flags(args)
-    if cfg is not None and lengths:  # before anything is built: the weights held as lightly as --weights allows
+    if cfg is not None and lengths:  # before anything is built: the weights and kernels that hold the least
         _check_request(cfg, kv, lengths, args, dtype, weight_bytes(source, lightest, DTYPES[dtype]), mesh.size)
     kernels = kernels_from_flags(args)  # after the numbers: on a CPU, auto may build the C++ kernels (once)
     weights = weights_from_flags(args)
-    if cfg is not None and lengths and weights is not lightest:  # auto chose the float32 weights
-        _check_request(cfg, kv, lengths, args, dtype, weight_bytes(source, weights, DTYPES[dtype]), mesh.size)
+    if cfg is not None and lengths:  # what auto chose
+        _check_request(cfg, kv, lengths, args, dtype, weight_bytes(source, weights, DTYPES[dtype]), mesh.size,
+                       kernels)
     cli.say(f"[kvjax] loading {source}")
     model = load_model(source, DTYPES[dtype], weights)
     if args.chat and tokenizer is None:
@@ -98,7 +99,7 @@ def _main(argv) -> int:
     return 0
 
 
-def _check_request(cfg, kv, lengths: list[int], args, dtype: str, held: int | None, devices: int = 1):
+def _check_request(cfg, kv, lengths: list[int], args, dtype: str, held: int | None, devices: int = 1, kernels=None):
     """Refuses, before the model loads, prompts that do not fit the model's context or whose peak
     memory (kvjax.generation.estimate_memory, with the weights' `held` bytes) would pass --max-memory.
     Over several devices each holds the weights and its share of the rows: a GPU's or TPU's memory
@@ -109,7 +110,7 @@ def _check_request(cfg, kv, lengths: list[int], args, dtype: str, held: int | No
     if longest + args.max_new_tokens > cfg.max_position_embeddings:
         raise KvjaxError(f"a prompt of {longest} tokens + {args.max_new_tokens} new tokens exceeds the model's "
                          f"context of {cfg.max_position_embeddings} tokens")
-    need = estimate_memory(cfg, kv, -(-len(lengths) // devices), longest, args.max_new_tokens, dtype, held)
+    need = estimate_memory(cfg, kv, -(-len(lengths) // devices), longest, args.max_new_tokens, dtype, held, kernels)
     if devices > 1 and not memory.on_device():  # forced CPU devices: a copy of the weights each, in one process
         need = memory.Estimate(devices * need.weights, devices * need.cache, need.transient)
     limit = int(args.max_memory * memory.GIB) if args.max_memory else memory.available() + memory.current()

@@ -23,12 +23,11 @@ from kvjax import memory, sharding
 from kvjax.chunk import max_tokens
 from kvjax.errors import KvjaxError
 from kvjax.features import forward_recording_features, token_features
-from kvjax.kernels import Kernels
+from kvjax.kernels import Backend, Kernels, Native
 from kvjax.loading import LoadedModel
 from kvjax.model import DTYPES, head, hidden_states
 from kvjax.policies import Policy, cache_bytes, get_policy
 from kvjax.sampling import SamplingConfig, sample
-from pallas_kernels.xla_attention import CHUNK_SLOTS
 
 
 @struct.dataclass
@@ -48,20 +47,22 @@ def state_specs(cache_specs) -> DecodeState:
     return DecodeState(last=rows, cache=cache_specs, key=same, done=rows, tokens=rows, step=same, rows=rows)
 
 
-PREFILL_CHUNK = 256  # prompt tokens per prefill step (at most a quantized cache's window W)
+PREFILL_ROWS = 1024  # prompt tokens per prefill step over the batch: what the weights' products need to run at speed
+PREFILL_CHUNK = 256  # and at least this many per sequence (a chunk's attention reads what the cache holds once)
 
 
-def chunk_size(cache, length: int, chunk: int | None = None) -> int:
-    """Prompt tokens per prefill step for prompts of up to `length` tokens: `chunk` (default
-    PREFILL_CHUNK), at most the cache's `max_chunk` and the prompt."""
-    limit = cache.max_chunk or length
-    return max(1, min(chunk or PREFILL_CHUNK, limit, length))
+def chunk_size(batch: int, length: int, limit: int | None = None, chunk: int | None = None) -> int:
+    """Prompt tokens per sequence a prefill step takes, for `batch` prompts of up to `length` tokens:
+    `chunk`, by default PREFILL_ROWS over the batch but at least PREFILL_CHUNK; at most `limit` (a
+    cache's `max_chunk`) and the prompt. Measured (BENCHMARKS.md, "a prompt chunk attended at once"):
+    batch 1 prefills 1.2x faster in chunks of 1024 than of 256; at batch 8, chunks of 128-512 differ by
+    less than the noise."""
+    return max(1, min(chunk or max(PREFILL_CHUNK, PREFILL_ROWS // batch), limit or length, length))
 
 
 # What a generate request holds at its peak besides its weights and cache (kvjax.memory.Estimate),
 # from the compiled prefill's own memory analysis and measured peaks (BENCHMARKS.md, "peak memory"):
 RUNTIME_BYTES = int(0.45 * memory.GIB)  # Python, jax, XLA's client and compiled programs, the tokenizer
-SCORE_COPIES = 4  # float32 [b, n, t, block] arrays of one attention block that XLA holds at once
 # A decode step scans each run of layers of equal widths (`Layout.segments`: learned-alloc@B has 20-26;
 # a prefill chunk scans every layer at once): each scan past the first added ~16 MiB to the peak of
 # compiling and running (one run, learned-alloc@2.5 against kivi2 at 8 x 7900 tokens: BENCHMARKS.md,
@@ -70,27 +71,29 @@ COMPILE_BYTES_PER_SEGMENT = 16 * 2**20
 
 
 def estimate_memory(cfg, policy: Policy, batch: int, prompt_length: int, max_new_tokens: int,
-                    dtype="float32", weight_bytes: int | None = None) -> memory.Estimate:
+                    dtype="float32", weight_bytes: int | None = None, kernels: Backend | None = None) -> memory.Estimate:
     """What generating `max_new_tokens` after `batch` prompts of up to `prompt_length` tokens needs at
     its peak, from shapes alone (nothing is loaded or compiled): the weights (`weight_bytes`, as
     kvjax.loading.weight_bytes says they will be held; None: every matrix in `dtype`), the cache, and the
-    working memory of one prefill chunk (attention scores of a block of slots, activations, logits
-    where a policy reads features) beside the runtime's own and the compiler's."""
+    working memory of one prefill chunk (its attention as the `kernels` backend runs it, activations,
+    logits where a policy reads features) beside the runtime's own and the compiler's. `kernels`
+    None: the least any backend holds (a check before the choice is resolved, kvjax.kernels.resolve)."""
     jdtype = DTYPES[dtype]
     capacity = prompt_length + max_new_tokens
     layout = policy.layout(cfg, capacity)
     limit = max_tokens(layout, policy.uses_features) if layout else None  # TieredCache.max_chunk
-    chunk = min(PREFILL_CHUNK, limit or prompt_length, prompt_length)
-    part = min(chunk, layout.window) if layout else chunk  # a quantized cache attends a chunk W tokens at a time
+    chunk = chunk_size(batch, prompt_length, limit)
     item = jnp.dtype(jdtype).itemsize
-    scores = batch * cfg.num_heads * part * min(CHUNK_SLOTS, capacity) * 4 * SCORE_COPIES
+    shape = (batch, chunk, cfg.num_heads, capacity, cfg.head_dim)
+    backends = (Backend(), Native()) if kernels is None else (kernels,)
+    attention = min(b.chunk_bytes(*shape) for b in backends)
     activations = batch * chunk * (6 * cfg.hidden_size + 3 * cfg.intermediate_size) * max(item, 4)
     logits = batch * (chunk if policy.uses_features else 1) * cfg.vocab_size * 4 * 3
     compiling = COMPILE_BYTES_PER_SEGMENT * (len(layout.segments) - 1 if layout else 0)
     weights = memory.parameter_bytes(cfg, jdtype) if weight_bytes is None else weight_bytes
     return memory.Estimate(weights=weights,
                            cache=cache_bytes(policy, cfg, batch, capacity, jdtype),
-                           transient=RUNTIME_BYTES + scores + activations + logits + compiling)
+                           transient=RUNTIME_BYTES + attention + activations + logits + compiling)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "dtype", "chunk"), donate_argnames=("cache",))
@@ -104,7 +107,7 @@ def prefill(params, tokens, positions, cache, *, cfg, dtype, chunk: int | None =
     on the last token only (on every token of a chunk for a policy that reads token features).
     """
     b, T = tokens.shape
-    C = chunk_size(cache, T, chunk)
+    C = chunk_size(b, T, cache.max_chunk, chunk)
     steps = -(-T // C)
     tokens = jnp.pad(tokens, ((0, 0), (0, steps * C - T)))
     positions = jnp.pad(positions, ((0, 0), (0, steps * C - T)), constant_values=-1)

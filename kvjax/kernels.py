@@ -44,6 +44,11 @@ class Kernels(enum.Enum):
     NATIVE = "native"
 
 
+# What a prompt chunk's attention holds at once (`Backend.chunk_bytes`), from the compiled programs'
+# memory analysis and measured peaks (tests/test_memory.py; BENCHMARKS.md, "peak memory").
+SCORE_COPIES = 4  # XLA: float32 [b, n, t, block] arrays of one block of slots
+MASK_COPIES = 4  # the C++ kernel: bool [b, t, c] masks of a layer's banks
+
 _ENCODERS = {
     "values": (quantize_pack.encode_values, quantize_pack.encode_values_reference),
     "key_groups": (quantize_pack.encode_key_groups, quantize_pack.encode_key_groups_reference),
@@ -74,6 +79,11 @@ class Backend:
         """Flash-decoding partials of a prompt chunk's queries q [b, t, n, h] over the union of `banks`,
         each (read, mask [b, t, c], block) as `xla_attention.chunk_partials` takes them."""
         return xla.banks_partials(q, banks, kv_heads=kv_heads)
+
+    def chunk_bytes(self, batch: int, queries: int, heads: int, slots: int, head_dim: int) -> int:
+        """What `chunk_partials` holds at once for `queries` per row over `slots`: XLA's float32 scores
+        [b, n, t, block] of one block of slots, SCORE_COPIES of them."""
+        return batch * heads * queries * min(xla.CHUNK_SLOTS, slots) * 4 * SCORE_COPIES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,6 +145,13 @@ class Native(Backend):
         if not cpu_chunk_attention.supported(q.shape[-1]):
             return super().chunk_partials(q, banks, kv_heads=kv_heads)
         return cpu_chunk_attention.banks_partials(q, banks, kv_heads=kv_heads)
+
+    def chunk_bytes(self, batch, queries, heads, slots, head_dim):
+        """The kernel holds no scores: the banks' masks (bool [b, t, c], MASK_COPIES of the cache's
+        slots) and the partials (float32 o, m, l per query head, and their carry)."""
+        if not cpu_chunk_attention.supported(head_dim):
+            return super().chunk_bytes(batch, queries, heads, slots, head_dim)
+        return batch * queries * (slots * MASK_COPIES + heads * (head_dim + 2) * 4 * 2)
 
 
 def resolve(kernels: Kernels | str | Backend = Kernels.AUTO, platform: str | None = None) -> Backend:

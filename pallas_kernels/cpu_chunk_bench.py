@@ -99,7 +99,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m pallas_kernels.cpu_chunk_bench", description=__doc__.splitlines()[0])
     p.add_argument("--contexts", type=_ints, default=[4096, 8000], help="prompt tokens, comma-separated")
     p.add_argument("--batches", type=_ints, default=[1, 4], help="comma-separated")
-    p.add_argument("--chunk", type=int, default=256, help="prompt tokens per chunk (kvjax's PREFILL_CHUNK)")
+    p.add_argument("--chunk", type=int, default=256, help="prompt tokens per chunk (kvjax.generation.chunk_size)")
     p.add_argument("--layers", type=int, default=1, help="layers timed (each the same work; the model has 30)")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (medians over them)")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="threads of the FMA loop")
