@@ -56,7 +56,7 @@ def chunk_size(batch: int, length: int, limit: int | None = None, chunk: int | N
     `chunk`, by default PREFILL_ROWS over the batch but at least PREFILL_CHUNK; at most `limit` (a
     cache's `max_chunk`) and the prompt. Measured (BENCHMARKS.md, "a prompt chunk attended at once"):
     batch 1 prefills 1.2x faster in chunks of 1024 than of 256; at batch 8, chunks of 128-512 differ by
-    less than the noise."""
+    at most 8%."""
     return max(1, min(chunk or max(PREFILL_CHUNK, PREFILL_ROWS // batch), limit or length, length))
 
 
