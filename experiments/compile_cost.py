@@ -30,13 +30,14 @@ def measure(kv: str, batch: int, tokens: int) -> dict:
 
     model = kvjax.load_model()
     policy = kvjax.get_policy(kv)
-    layout = policy.layout(model.cfg, tokens + 4)
+    new = 4  # tokens generated; decode steps per dispatch: all of them, generate's default
+    layout = policy.layout(model.cfg, tokens + new)
     ids = jnp.zeros((batch, tokens), jnp.int32)
     positions = jnp.broadcast_to(jnp.arange(tokens, dtype=jnp.int32), (batch, tokens))
     before = memory.peak()
     start = time.perf_counter()
-    generation.compile_programs(model.params, model.cfg, policy, ids, positions, tokens + 4, 4, jnp.float32,
-                                "auto", SamplingConfig(), 0, generation.PREFILL_CHUNK)
+    generation.compile_programs(model.params, model.cfg, policy, ids, positions, tokens + new, new, jnp.float32,
+                                "auto", SamplingConfig(), 0, new)
     return {"kv": kv, "batch": batch, "tokens": tokens, "compile_s": round(time.perf_counter() - start, 1),
             "decode_scans": len(layout.segments) if layout else 1,
             "prefill_scans": len(layout.store_segments) if layout else 1,
