@@ -49,7 +49,7 @@ def prompt_attention(qs, keys, values, *, path: str, chunk: int, context: int):
         def one_layer(total, ys):
             layer, q = ys
             if path == "kernel":
-                p = cpu_chunk_attention.chunk_partials(q, keys, values, mask, layer=layer)
+                p = cpu_chunk_attention.chunk_partials(q, [(xla.slices(keys, values, layer), mask)])
             else:
                 p = xla.chunk_partials(q, xla.slices(keys, values, layer), mask, kv_heads=k)
             return total + jnp.sum(xla.merge_partials([p])), None

@@ -328,6 +328,7 @@ def attention_partials(q, parts, *, group_size: int) -> Partials:
 CHUNK_SLOTS = 1024  # slots per block of `chunk_partials`: bounds the scores held at once
 
 
+@jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class Slices:
     """`read` for `chunk_partials` from float keys and values in memory: [b, k, c, h], or [L, b, k, c, h]

@@ -9,6 +9,7 @@ dim, c slots, G group size.
 """
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -327,7 +328,7 @@ def test_chunk_kernel_equals_reference(case, portable):
     arrays in place); a query that sees nothing gets m = EMPTY_MAX, l = 0, o = 0, and the NaN and inf
     of the slots no query sees never reach the output."""
     q, keys, values, mask, (clean_k, clean_v) = chunk_inputs(case)
-    got = cpu_chunk_attention.chunk_partials(q, keys, values, mask, layer=1, portable=portable)
+    got = cpu_chunk_attention.chunk_partials(q, [(xla_attention.slices(keys, values, 1), mask)], portable=portable)
     want = xla_attention.chunk_partials(q, xla_attention.slices(clean_k, clean_v, 1), mask, kv_heads=case.k)
     for x in got:
         assert np.all(np.isfinite(np.asarray(x)))
@@ -340,17 +341,20 @@ def test_chunk_kernel_equals_reference(case, portable):
 
 @pytest.mark.parametrize("portable", [False, True], ids=["vector", "portable"])
 def test_chunk_kernel_continues_the_partials_it_is_given(portable):
-    """Two calls over two halves of the slots, the second continuing the first's partials, equal one
-    call over all; arrays without a layer axis are read as they are."""
+    """Two calls over two halves of the slots, the second continuing the first's partials, and one call
+    over the halves as two banks (one read at layer 1 of [2, ...] arrays whose layer 0 is NaN, one
+    without a layer axis) equal one call over all."""
     case = ChunkCase(2, 21, 6, 2, 64, 260, "random")
     q, _, _, mask, (keys, values) = chunk_inputs(case, seed=1, layers=1)
     keys, values = keys[0], values[0]
     half = 100
-    first = cpu_chunk_attention.chunk_partials(q, keys[:, :, :half], values[:, :, :half], mask[:, :, :half],
-                                               portable=portable)
-    both = cpu_chunk_attention.chunk_partials(q, keys[:, :, half:], values[:, :, half:], mask[:, :, half:],
-                                              carry=first, portable=portable)
-    assert_partials_close(both, cpu_chunk_attention.chunk_partials(q, keys, values, mask, portable=portable))
+    bank = lambda lo, hi: (xla_attention.slices(keys[:, :, lo:hi], values[:, :, lo:hi]), mask[:, :, lo:hi])
+    call = functools.partial(cpu_chunk_attention.chunk_partials, portable=portable)
+    whole = call(q, [bank(0, None)])
+    assert_partials_close(call(q, [bank(half, None)], carry=call(q, [bank(0, half)])), whole)
+    on_layer_1 = lambda x: jnp.stack([jnp.full_like(x, jnp.nan), x])
+    second = (xla_attention.slices(on_layer_1(keys[:, :, half:]), on_layer_1(values[:, :, half:]), 1), mask[:, :, half:])
+    assert_partials_close(call(q, [bank(0, half), second]), whole)
 
 
 def test_chunk_banks_equal_reference():
@@ -377,12 +381,13 @@ def test_chunk_banks_equal_reference():
 def test_chunk_kernel_runs_under_vmap_and_refuses_what_it_cannot_take():
     case = ChunkCase(2, 9, 4, 2, 32, 70, "random")
     q, _, _, mask, (keys, values) = chunk_inputs(case, seed=4, layers=1)
-    want = cpu_chunk_attention.chunk_partials(q, keys[0], values[0], mask)
+    call = lambda q, k, v, m: cpu_chunk_attention.chunk_partials(q, [(xla_attention.slices(k, v), m)])
+    want = call(q, keys[0], values[0], mask)
     stacked = jax.tree_util.tree_map(lambda a: jnp.stack([a, a]), (q, keys[0], values[0], mask))
-    mapped = jax.vmap(lambda q, k, v, m: cpu_chunk_attention.chunk_partials(q, k, v, m))(*stacked)
+    mapped = jax.vmap(call)(*stacked)
     assert_partials_close(jax.tree_util.tree_map(lambda a: a[1], mapped), want)
     assert not cpu_chunk_attention.supported(24) and not cpu_chunk_attention.supported(512)
     with pytest.raises(ValueError, match="multiples of 16"):
-        cpu_chunk_attention.chunk_partials(q[..., :24], keys[0, ..., :24], values[0, ..., :24], mask)
+        call(q[..., :24], keys[0, ..., :24], values[0, ..., :24], mask)
     with pytest.raises(ValueError, match="do not fit"):
-        cpu_chunk_attention.chunk_partials(q, keys[0], values[0], mask[:, :, :64])
+        call(q, keys[0], values[0], mask[:, :, :64])
