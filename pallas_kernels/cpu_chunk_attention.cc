@@ -191,8 +191,6 @@ inline void Tile(const float* __restrict a_first, int h, const float* __restrict
   }
 }
 
-// Partials of query heads kv_head * g + r0 .. + R - 1 of `row` for the tokens of tile `tile` (TV
-// vectors of 16 tokens each), continuing those in C.o_in / m_in / l_in, into C.o / m / l.
 // Whether some token of tile `tile` (TV vectors of 16 tokens) of `row` sees a slot of some bank.
 bool Sees(const Chunk& C, int row, int tile, int TV) {
   for (const Bank& B : C.banks)
@@ -204,6 +202,8 @@ bool Sees(const Chunk& C, int row, int tile, int TV) {
   return false;
 }
 
+// Partials of query heads kv_head * g + r0 .. + R - 1 of `row` for the tokens of tile `tile` (TV
+// vectors of 16 tokens each), continuing those in C.o_in / m_in / l_in, into C.o / m / l.
 template <int R, int TV>
 void Item(const Chunk& C, int row, int kv_head, int r0, int tile) {
   if (!Sees(C, row, tile, TV)) return;  // (o, m, l already hold what came in)
