@@ -34,10 +34,10 @@ from kvjax.data import read_text
 from kvjax.policies import get_policy
 
 POLICIES = ("fp16,kivi2,kivi2+rotk,kivi2+rotv,kivi2+rot,kivi2+rot:64,learned-alloc@2.25,learned-alloc@2.25+rot,"
-            "learned-alloc@2.5,learned-alloc@2.5+rot,learned-alloc@2.4+rot,learned-alloc@2.42+rot")
+            "learned-alloc@2.5,learned-alloc@2.5+rot,learned-alloc@2.4+rot,learned-alloc@2.42+rot,learned-alloc@2.92+rot")
 PAIRS = ("kivi2>kivi2+rotk,kivi2>kivi2+rotv,kivi2>kivi2+rot,kivi2+rot>kivi2+rot:64,"
          "learned-alloc@2.25>learned-alloc@2.25+rot,learned-alloc@2.5>learned-alloc@2.5+rot,kivi2>learned-alloc@2.4+rot,"
-         "learned-alloc@2.4+rot>learned-alloc@2.42+rot")
+         "learned-alloc@2.4+rot>learned-alloc@2.42+rot,learned-alloc@2.5+rot>learned-alloc@2.92+rot")
 # issue #32's bars: (bytes per token at 4096, what it is, the most perplexity may rise over FP16 in %)
 BUDGETS = ((4995, "kivi2's bytes", 5.0), (5363, "learned-alloc@2.25's bytes", 2.5),
            (5709, "learned-alloc@2.5's bytes", 1.0))
