@@ -29,7 +29,7 @@ def _parser() -> cli.ArgumentParser:
     p = cli.ArgumentParser(prog="python -m eval.harness", description=__doc__.splitlines()[0])
     p.add_argument("--tasks", required=True, help="comma-separated harness task names")
     p.add_argument("--model_args", default="", help="kv=POLICY,window=,group_size=,sinks=,controller=,allocation=,"
-                                                    "model=,dtype=,kernels=,weights=,max_gen_toks= (eval.harness_lm)")
+                                                    "model=,dtype=,kernels=,weights=,devices=,max_gen_toks= (eval.harness_lm)")
     p.add_argument("--limit", type=cli.at_least(1), default=None, help="first N examples of each task")
     p.add_argument("--num_fewshot", type=cli.at_least(0), default=None, help="few-shot examples (task default)")
     p.add_argument("--batch_size", type=cli.at_least(1), default=8, help="sequences per forward pass on each device")

@@ -98,8 +98,8 @@ class DenseCache(KVCache):
     """Policy `fp16`: keys (after RoPE) and values in 16 bits, one slot per position, [l, b, k, s, h].
 
     A decode step attends through the backend (on a CPU the C++ kernel reads the layer in place,
-    as it reads the quantized caches' windows); a chunk of prompt tokens through XLA's matmuls, a
-    block of slots at a time, skipping the blocks no query of the chunk sees yet (causal)."""
+    as it reads the quantized caches' windows); a chunk of prompt tokens through the backend's
+    `chunk_partials` (on a CPU the C++ chunk kernel), skipping the blocks no query sees yet (causal)."""
 
     k: jax.Array  # [l, b, k, s, h]
     v: jax.Array  # [l, b, k, s, h]

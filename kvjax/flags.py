@@ -2,8 +2,8 @@
 
     add_policy_flags(parser, default)  --kv and its tuning flags: every command that runs a policy
     add_kernels_flag(parser)           --kernels: only the commands that decode through a cache
-                                       (generate, bench); scoring goes through the exact
-                                       teacher-forced path, which runs no kernel
+                                       (generate, bench, eval.longctx); scoring goes through the
+                                       exact teacher-forced path, which runs no kernel
     policies_from_flags(args), policy_from_flags(args)   the policies of --kv (nothing compiled)
     kernels_from_flags(args)           --kernels resolved for this machine (kvjax.kernels.resolve)
     add_weights_flag(parser), weights_from_flags(args)   --weights: every command that loads a model

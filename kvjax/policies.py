@@ -35,13 +35,16 @@ import jax
 import jax.numpy as jnp
 
 from kvjax import kernels as kernel_choice
+from kvjax.allocation import DEFAULT_DIR as ALLOCATIONS
 from kvjax.allocation import Allocation, default_allocation, load_allocation
 from kvjax.cache import DenseCache, storage_dtype
 from kvjax.config import ModelConfig
+from kvjax.controller import DEFAULT_DIR as CONTROLLERS
 from kvjax.controller import Controller, default_controller, load_controller
 from kvjax.errors import KvjaxError
 from kvjax.layout import CODE_WIDTHS, DEFAULT_GROUP, DEFAULT_SINKS, DEFAULT_WINDOW, EVICTED, WIDTHS, Layout, Tier
 from kvjax.rotation import SUFFIXES, Rotation, suffix_of
+from kvjax.shipped import shipped_budgets
 from kvjax.tiered import TieredCache
 
 
@@ -385,8 +388,9 @@ def _register_builtins():
     register(Family("band", lambda name, budget, o: _band(name, budget, o),
                     "a 4-bit band of the newest left tokens, older ones at 2 bits; B in (2, 4]",
                     budget="required", examples=("band@3", "band@2.5")))
+    allocations = f"{shipped_budgets(ALLOCATIONS, '.json')}; +rot: {shipped_budgets(ALLOCATIONS, '-rot.json')}"
     register(Family("learned-alloc", _allocated, "widths per layer, keys/values and age band, learned under "
-                    "the budget (shipped: 2.25, 2.5, 3; +rot: 2.25, 2.4, 2.5)", budget="required",
+                    f"the budget (shipped: {allocations})", budget="required",
                     examples=("learned-alloc@2.5",), takes_allocation=True))
     register(Family("mixed-static", lambda name, budget, o: Mixed(name, budget_bits=budget, **o),
                     "a width per token in {2,4,8,16}, pseudo-random at the budget's histogram",
@@ -394,7 +398,8 @@ def _register_builtins():
     register(Family("mixed-rule", lambda name, budget, o: Mixed(name, budget_bits=budget, precision="rule", **o),
                     "widths by next-token entropy and token rarity", budget="required",
                     examples=("mixed-rule@3", "mixed-rule@4")))
-    register(Family("mixed-learned", _controlled("learned"), "widths from the learned controller (shipped: 2.5, 3, 4)",
+    controllers = shipped_budgets(CONTROLLERS, ".npz")
+    register(Family("mixed-learned", _controlled("learned"), f"widths from the learned controller (shipped: {controllers})",
                     budget="required", examples=("mixed-learned@3",), takes_controller=True))
     register(Family("mixed-random", _controlled("random"), "random widths at the learned controller's histogram",
                     budget="required", examples=("mixed-random@3",), takes_controller=True))

@@ -17,3 +17,11 @@ def shipped_file(folder: str, budget_bits: float, ext: str, kind: str, train_hin
         raise KvjaxError(f"no shipped {kind} for {budget_bits:g} bits (shipped: {', '.join(shipped) or 'none'}); "
                          f"{train_hint}")
     return path
+
+
+def shipped_budgets(folder: str, ext: str) -> str:
+    """The budgets shipped in `folder` with exactly this ending, ascending: "2.25, 2.5, 3" (for help texts)."""
+    prefix = f"{DEFAULT_MODEL_STEM}-"
+    names = os.listdir(folder) if os.path.isdir(folder) else []
+    budgets = [name[len(prefix):].partition("bits") for name in names if name.startswith(prefix)]
+    return ", ".join(sorted((b for b, sep, rest in budgets if sep and rest == ext), key=float))

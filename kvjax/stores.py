@@ -22,13 +22,13 @@ store per pair of (key, value) widths its layers use, each holding the layers at
 
 A layer's store has the same small interface in every class, which the step-by-step cache
 (kvjax.tiered) uses: `write` one token per row, `take_raw` / `put_raw` a whole group of G slots
-as stored (demotion: `moved` turns one tier's codes into the next's, copied or re-encoded), `scores` (a
-keys store: q . every slot's key) or `mix` (a values store: the probability-weighted sum of its
-values), both straight from the packed codes (pallas_kernels.decode_attention), and `fill` from
-a sequence's tokens placed at their slots (prompts). `roundtrip(x, bits, G, dtype)` is what
-reading stored tokens back gives, in float32, with scales stored in `dtype` (KIVI keys: given in
+as stored (demotion: `moved` turns one tier's codes into the next's, copied or re-encoded), and
+`fill` from a sequence's tokens placed at their slots (the state teacher forcing reaches;
+benchmarks). Attention reads a store's arrays as they lie: kvjax.tiered hands them to the backend
+as `pallas_kernels.xla_attention.Part`s, packed codes and all. `roundtrip(x, bits, G, dtype)` is
+what reading stored tokens back gives, in float32, with scales stored in `dtype` (KIVI keys: given in
 slot order, whole groups), which the teacher-forced path (kvjax.teacher_forced) uses to score
-exactly. Codes come from the encoders that kvjax.backend
+exactly. Codes come from the encoders that the backend (kvjax.kernels)
 picks (Pallas kernel or reference, bit-identical); slots out of range are not written.
 """
 

@@ -13,8 +13,9 @@ each layer's `attend` moves the K/V there, stores the new token and runs one sof
 tier (flash-decoding partials, merged). No positions are stored: which slots hold a token follows
 from the counts of tokens that entered each tier (kvjax.layout).
 
-Prompts enter through `prefill`: teacher-forced scoring (kvjax.teacher_forced) gives the prompt's
-K/V and where each token went, and `fill` builds the state step-by-step decoding would have reached.
+Prompts enter in chunks (kvjax.chunk: a chunk's tokens as t decode steps at once). `fill` builds,
+from teacher-forced scoring (kvjax.teacher_forced), the state step-by-step decoding would have
+reached, and `filled` the state after given K/V (benchmarks).
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ from kvjax.config import get_preset
 from kvjax.errors import KvjaxError
 from kvjax.layout import WIDTHS
 from kvjax.model import forward, init_params
-from kvjax.policies import Bands, get_policy
+from kvjax.policies import Bands, family_of, get_policy
 from kvjax.rotation import Rotation
 from train_controller import allocate
 
@@ -138,6 +138,10 @@ def test_the_shipped_allocations_meet_their_budgets():
         assert budget - 0.01 <= default_allocation(budget, rotate).average_bits <= budget + 1e-9
         assert budget - 0.01 <= policy.average_bits(get_preset("SmolLM2-135M")) <= budget + 1e-9
         assert policy.rotate == rotate
+    # the --kv help names every shipped budget, read from the folder (here "2.25, 2.5, 3; +rot: 2.25, ...")
+    plain, rotated = family_of("learned-alloc").help.partition("(shipped: ")[2].partition(")")[0].split("; +rot: ")
+    names = {f"smollm2-135m-instruct-{b}bits.json" for b in plain.split(", ")}
+    assert names | {f"smollm2-135m-instruct-{b}bits-rot.json" for b in rotated.split(", ")} == set(shipped)
 
 
 def test_eval_keeps_the_scores_of_two_allocations_apart():
