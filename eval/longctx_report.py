@@ -29,7 +29,8 @@ def markdown(report: dict) -> str:
     for each policy (all tasks together), and the largest drop from fp16's in any (length, depth) cell."""
     lengths, policies, records = report["lengths"], report["policies"], report["records"]
     combos = [(t, h) for t in report["tasks"] for h in (["noise"] if t == "vt" else report["haystacks"])]
-    out = [f"Model `{os.path.basename(report['model'])}`; {report['cpu']}; {report['date']}; "
+    out = [f"Model `{os.path.basename(report['model'])}`; report made on {report['cpu']}, {report['date']} (examples "
+           "scored before are read from the cache, on whichever machine scored them); "
            f"{report['depths']} depths x {report['samples']} examples per (task, haystack, length, depth); "
            f"greedy; score: the share of the needle's values in the answer (%).", "",
            "| task | haystack | policy | " + " | ".join(f"{n // 1024}k" if n % 1024 == 0 else str(n) for n in lengths)
