@@ -43,7 +43,7 @@ def whole_array_copies(name: str, kernels, t: int) -> list[str]:
 
 
 @pytest.mark.parametrize("t", [1, 4])
-@pytest.mark.parametrize("name", ["fp16", "kivi2", "band@3", "mixed-static@3", PER_LAYER.name])
+@pytest.mark.parametrize("name", ["fp16", "kivi2", "kivi2+rot", "band@3", "mixed-static@3", PER_LAYER.name])
 def test_a_step_copies_no_whole_cache_array(name, t):
     kernels = [Kernels.REFERENCE]
     if resolve(Kernels.AUTO).kernels is Kernels.NATIVE:  # (t = 4: the chunk kernel reads the arrays in place)
