@@ -24,7 +24,7 @@ import os
 from kvjax.errors import KvjaxError
 from kvjax.layout import DEFAULT_GROUP, DEFAULT_SINKS, DEFAULT_WINDOW, WIDTHS
 from kvjax.rotation import suffix_of
-from kvjax.shipped import shipped_file
+from kvjax.shipped import shipped_budgets, shipped_file
 
 DEFAULT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "allocations")
 
@@ -96,9 +96,18 @@ def save_allocation(alloc: Allocation, path: str):
         f.write("{\n" + ",\n".join(fields) + "\n}\n")
 
 
+def _shipped_ending(rotate: str) -> str:
+    """How the file shipped for this rotation ends: smollm2-135m-instruct-2.4bits-rot.json."""
+    return suffix_of(rotate).replace("+", "-") + ".json"
+
+
+def shipped_allocation_budgets(rotate: str = "none") -> str:
+    """The budgets an allocation is shipped for under this rotation, ascending: "2.25, 2.5, 3"."""
+    return shipped_budgets(DEFAULT_DIR, _shipped_ending(rotate))
+
+
 def default_allocation(budget_bits: float, rotate: str = "none") -> Allocation:
     """The allocation shipped for the default model at this budget, trained for this rotation."""
-    suffix = suffix_of(rotate).replace("+", "-")  # smollm2-135m-instruct-2.4bits-rot.json
-    return load_allocation(shipped_file(DEFAULT_DIR, budget_bits, f"{suffix}.json", "allocation",
+    return load_allocation(shipped_file(DEFAULT_DIR, budget_bits, _shipped_ending(rotate), "allocation",
                                         "train one with python -m train_controller.allocate"
                                         f"{'' if rotate == 'none' else f' --rotate {rotate}'} and pass --allocation"))

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kvjax.errors import KvjaxError
-from kvjax.shipped import shipped_file
+from kvjax.shipped import shipped_budgets, shipped_file
 from kvjax.features import FEATURE_NAMES
 from kvjax.layout import WIDTHS
 
@@ -42,6 +42,7 @@ FORMAT_VERSION = 1
 # of the 50% budgeted), which the tier capacities then cut off by arrival order.
 INPUTS = ("entropy", "confidence", "corpus_rarity", "key_norm", "value_norm", "head_var")
 DEFAULT_DIR = os.path.join(os.path.dirname(__file__), "controllers")
+SHIPPED_ENDING = ".npz"  # smollm2-135m-instruct-3bits.npz
 
 
 class ControllerMLP(nn.Module):
@@ -187,7 +188,12 @@ def load_controller(path: str) -> Controller:
     return ctrl
 
 
+def shipped_controller_budgets() -> str:
+    """The budgets a controller is shipped for, ascending: "2.5, 3, 4"."""
+    return shipped_budgets(DEFAULT_DIR, SHIPPED_ENDING)
+
+
 def default_controller(budget_bits: float) -> Controller:
     """The controller shipped for the default model at this budget."""
-    return load_controller(shipped_file(DEFAULT_DIR, budget_bits, ".npz", "controller",
+    return load_controller(shipped_file(DEFAULT_DIR, budget_bits, SHIPPED_ENDING, "controller",
                                         "train one with python -m train_controller and pass --controller"))

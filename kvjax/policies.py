@@ -35,16 +35,13 @@ import jax
 import jax.numpy as jnp
 
 from kvjax import kernels as kernel_choice
-from kvjax.allocation import DEFAULT_DIR as ALLOCATIONS
-from kvjax.allocation import Allocation, default_allocation, load_allocation
+from kvjax.allocation import Allocation, default_allocation, load_allocation, shipped_allocation_budgets
 from kvjax.cache import DenseCache, storage_dtype
 from kvjax.config import ModelConfig
-from kvjax.controller import DEFAULT_DIR as CONTROLLERS
-from kvjax.controller import Controller, default_controller, load_controller
+from kvjax.controller import Controller, default_controller, load_controller, shipped_controller_budgets
 from kvjax.errors import KvjaxError
 from kvjax.layout import CODE_WIDTHS, DEFAULT_GROUP, DEFAULT_SINKS, DEFAULT_WINDOW, EVICTED, WIDTHS, Layout, Tier
 from kvjax.rotation import SUFFIXES, Rotation, suffix_of
-from kvjax.shipped import shipped_budgets
 from kvjax.tiered import TieredCache
 
 
@@ -388,7 +385,7 @@ def _register_builtins():
     register(Family("band", lambda name, budget, o: _band(name, budget, o),
                     "a 4-bit band of the newest left tokens, older ones at 2 bits; B in (2, 4]",
                     budget="required", examples=("band@3", "band@2.5")))
-    allocations = f"{shipped_budgets(ALLOCATIONS, '.json')}; +rot: {shipped_budgets(ALLOCATIONS, '-rot.json')}"
+    allocations = f"{shipped_allocation_budgets()}; +rot: {shipped_allocation_budgets('both')}"
     register(Family("learned-alloc", _allocated, "widths per layer, keys/values and age band, learned under "
                     f"the budget (shipped: {allocations})", budget="required",
                     examples=("learned-alloc@2.5",), takes_allocation=True))
@@ -398,7 +395,7 @@ def _register_builtins():
     register(Family("mixed-rule", lambda name, budget, o: Mixed(name, budget_bits=budget, precision="rule", **o),
                     "widths by next-token entropy and token rarity", budget="required",
                     examples=("mixed-rule@3", "mixed-rule@4")))
-    controllers = shipped_budgets(CONTROLLERS, ".npz")
+    controllers = shipped_controller_budgets()
     register(Family("mixed-learned", _controlled("learned"), f"widths from the learned controller (shipped: {controllers})",
                     budget="required", examples=("mixed-learned@3",), takes_controller=True))
     register(Family("mixed-random", _controlled("random"), "random widths at the learned controller's histogram",
