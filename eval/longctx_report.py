@@ -24,16 +24,42 @@ def cell(value: float, digits: int = 0) -> str:
     return "-" if value != value else f"{value:.{digits}f}"
 
 
+def label(length: int) -> str:
+    """A context length as a column title: 8k, or 1000."""
+    return f"{length // 1024}k" if length % 1024 == 0 else str(length)
+
+
+def paired_differences(base: list[dict], other: list[dict], **where) -> np.ndarray:
+    """other's score minus base's (points) for each example both answered that matches `where`, paired by
+    (task, haystack, length, depth, index): the same prompt."""
+    key = lambda r: (r["task"], r["haystack"], r["length"], r["depth"], r["index"])
+    chosen = {key(r): r["score"] for r in base if all(r[k] == v for k, v in where.items())}
+    return np.asarray([100.0 * (r["score"] - chosen[key(r)]) for r in other if key(r) in chosen], dtype=float)
+
+
+def mean_and_error(values: np.ndarray) -> tuple[float, float]:
+    """(mean, standard error of the mean); nan where there are too few values."""
+    if len(values) < 2:
+        return (float(values.mean()) if len(values) else float("nan")), float("nan")
+    return float(values.mean()), float(values.std(ddof=1) / np.sqrt(len(values)))
+
+
+def signed(mean: float, error: float) -> str:
+    """A paired difference as a cell: "-4.2 +- 3.1", or "-" where nothing was paired."""
+    return "-" if mean != mean else f"{mean:+.1f}" + ("" if error != error else f" +- {error:.1f}")
+
+
 def markdown(report: dict) -> str:
     """Accuracy (%) by length for each task and haystack (rows: policies), then by depth and length
-    for each policy (all tasks together), and the largest drop from fp16's in any (length, depth) cell."""
+    for each policy (all tasks together), then each policy against fp16 paired by example: by length, and
+    its worst (length, depth) cell."""
     lengths, policies, records = report["lengths"], report["policies"], report["records"]
     combos = [(t, h) for t in report["tasks"] for h in (["noise"] if t == "vt" else report["haystacks"])]
     out = [f"Model `{os.path.basename(report['model'])}`; report made on {report['cpu']}, {report['date']} (examples "
            "scored before are read from the cache, on whichever machine scored them); "
            f"{report['depths']} depths x {report['samples']} examples per (task, haystack, length, depth); "
            f"greedy; score: the share of the needle's values in the answer (%).", "",
-           "| task | haystack | policy | " + " | ".join(f"{n // 1024}k" if n % 1024 == 0 else str(n) for n in lengths)
+           "| task | haystack | policy | " + " | ".join(label(n) for n in lengths)
            + " | all |", "|" + "---|" * (len(lengths) + 4)]
     for t, h in combos:
         for p in policies:
@@ -47,17 +73,20 @@ def markdown(report: dict) -> str:
         for d in depths:
             out.append(f"| {d:g} | " + " | ".join(cell(accuracy(records[p], depth=d, length=n)[0])
                                                    for n in lengths) + " |")
-    if "fp16" in policies:
-        out += ["", "Largest drop from fp16 in one (length, depth) cell, all tasks (points; n per cell "
-                f"{accuracy(records['fp16'], depth=depths[0], length=lengths[0])[1]}):", ""]
-        for p in policies:
-            if p != "fp16":
-                drops = [(accuracy(records["fp16"], depth=d, length=n)[0] - accuracy(records[p], depth=d, length=n)[0],
-                          n, d) for n in lengths for d in depths]
-                drops = [drop for drop in drops if drop[0] == drop[0]]  # cells both answered
-                if drops:
-                    worst = max(drops)
-                    out.append(f"- {p}: {worst[0]:.1f} at {worst[1]} tokens, depth {worst[2]:g}")
+    if "fp16" in policies and len(policies) > 1:
+        per_cell = report["samples"] * len(combos)
+        out += ["", "Against fp16, paired by example (the same prompts): the mean difference in points (policy - fp16) "
+                f"+- one standard error, all tasks; {per_cell * len(depths)} examples a length, {per_cell} a "
+                "(length, depth) cell:", "",
+                "| policy | " + " | ".join(label(n) for n in lengths) + " | worst (length, depth) cell |",
+                "|" + "---|" * (len(lengths) + 2)]
+        for p in [p for p in policies if p != "fp16"]:
+            by_length = [mean_and_error(paired_differences(records["fp16"], records[p], length=n)) for n in lengths]
+            cells = [(mean_and_error(paired_differences(records["fp16"], records[p], length=n, depth=d)), n, d)
+                     for n in lengths for d in depths]
+            cells = [c for c in cells if c[0][0] == c[0][0]]  # cells both answered
+            worst = f"{signed(*min(cells)[0])} at {label(min(cells)[1])}, depth {min(cells)[2]:g}" if cells else "-"
+            out.append(f"| {p} | " + " | ".join(signed(*m) for m in by_length) + f" | {worst} |")
     return "\n".join(out) + "\n"
 
 
@@ -78,7 +107,7 @@ def heatmaps(report: dict, path: str):
         image = ax.imshow(grid, vmin=0, vmax=100, cmap="RdYlGn", aspect="auto")
         for (i, j), a in np.ndenumerate(grid):
             ax.text(j, i, cell(a), ha="center", va="center", fontsize=7)
-        ax.set_xticks(range(len(lengths)), [f"{n // 1024}k" if n % 1024 == 0 else str(n) for n in lengths])
+        ax.set_xticks(range(len(lengths)), [label(n) for n in lengths])
         ax.set_yticks(range(len(depths)), [f"{d:g}" for d in depths])
         ax.set_title(p, fontsize=9)
         if k % columns == 0:

@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from eval import longctx
+from eval import longctx, longctx_report
 from eval import report as report_command
 from eval.retrieval import MAX_NEW, NEEDLES, TASKS, Builder, score
 from kvjax.loading import DEFAULT_MODEL_PACKAGE, load_model
@@ -65,6 +65,22 @@ def test_score_is_the_share_of_values_found():
     assert score(" 1234567.", ["1234567"]) == 1.0
     assert score(" 1234566.", ["1234567"]) == 0.0
     assert score("A B C", ["A", "C", "D", "E"]) == 0.5
+
+
+def test_policies_are_compared_with_fp16_example_by_example():
+    def records(scores):  # one task, one haystack, length 1024, depths 0 and 1, two examples each
+        return [dict(task="niah_single", haystack="essay", length=1024, depth=d, index=i, score=s)
+                for (d, i), s in zip([(0.0, 0), (0.0, 1), (1.0, 0), (1.0, 1)], scores)]
+
+    fp16, other = records([1, 0, 1, 1]), records([1, 1, 0, 0])
+    assert list(longctx_report.paired_differences(fp16, other)) == [0, 100, -100, -100]
+    assert list(longctx_report.paired_differences(fp16, other[:2], depth=0.0)) == [0, 100]  # only examples both have
+    assert longctx_report.mean_and_error(longctx_report.paired_differences(fp16, other, depth=1.0)) == (-100, 0)
+    report = dict(model="m.gguf", cpu="cpu", date="today", depths=2, samples=2, lengths=[1024], tasks=["niah_single"],
+                  haystacks=["essay"], policies=["fp16", "other"], records={"fp16": fp16, "other": other})
+    text = longctx_report.markdown(report)
+    assert "4 examples a length, 2 a (length, depth) cell" in text
+    assert "| other | -25.0 +- 47.9 | -100.0 +- 0.0 at 1k, depth 1 |" in text
 
 
 def write_book(root):
