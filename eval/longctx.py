@@ -23,7 +23,7 @@ import numpy as np
 from tqdm import tqdm
 
 from eval.archive import device_name, model_tag, open_to_append, policy_key, read_archive
-from eval.longctx_report import heatmaps, markdown
+from eval.longctx_report import compared_with_fp16, differences_plot, heatmaps, markdown
 from eval.retrieval import HAYSTACKS, TASKS, VERSION, Builder, score
 from kvjax import cli, sharding
 from kvjax.data import DATA_DIR, SHERLOCK_EVAL_TOKENS, read_text, text_path
@@ -127,7 +127,11 @@ def _main(argv) -> int:
     with open(os.path.join(args.out, "longctx.md"), "w") as f:
         f.write(text)
     heatmaps(report, os.path.join(args.out, "longctx.png"))
-    print("\n" + text + f"\nwrote {args.out}/longctx.json, longctx.md, longctx.png")
+    pictures = "longctx.png"
+    if compared_with_fp16(report):
+        differences_plot(report, os.path.join(args.out, "longctx-vs-fp16.png"))
+        pictures += ", longctx-vs-fp16.png"
+    print("\n" + text + f"\nwrote {args.out}/longctx.json, longctx.md, {pictures}")
     return 0
 
 

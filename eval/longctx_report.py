@@ -29,6 +29,11 @@ def label(length: int) -> str:
     return f"{length // 1024}k" if length % 1024 == 0 else str(length)
 
 
+def compared_with_fp16(report: dict) -> bool:
+    """Whether the report holds fp16 and another policy to set against it."""
+    return "fp16" in report["policies"] and len(report["policies"]) > 1
+
+
 def paired_differences(base: list[dict], other: list[dict], **where) -> np.ndarray:
     """other's score minus base's (points) for each example both answered that matches `where`, paired by
     (task, haystack, length, depth, index): the same prompt."""
@@ -73,7 +78,7 @@ def markdown(report: dict) -> str:
         for d in depths:
             out.append(f"| {d:g} | " + " | ".join(cell(accuracy(records[p], depth=d, length=n)[0])
                                                    for n in lengths) + " |")
-    if "fp16" in policies and len(policies) > 1:
+    if compared_with_fp16(report):
         per_cell = report["samples"] * len(combos)
         out += ["", "Against fp16, paired by example (the same prompts): the mean difference in points (policy - fp16) "
                 f"+- one standard error, all tasks; {per_cell * len(depths)} examples a length, {per_cell} a "
@@ -81,13 +86,49 @@ def markdown(report: dict) -> str:
                 "| policy | " + " | ".join(label(n) for n in lengths) + " | worst (length, depth) cell |",
                 "|" + "---|" * (len(lengths) + 2)]
         for p in [p for p in policies if p != "fp16"]:
-            by_length = [mean_and_error(paired_differences(records["fp16"], records[p], length=n)) for n in lengths]
+            by_length = paired_by_length(report, p)
             cells = [(mean_and_error(paired_differences(records["fp16"], records[p], length=n, depth=d)), n, d)
                      for n in lengths for d in depths]
             cells = [c for c in cells if c[0][0] == c[0][0]]  # cells both answered
             worst = f"{signed(*min(cells)[0])} at {label(min(cells)[1])}, depth {min(cells)[2]:g}" if cells else "-"
             out.append(f"| {p} | " + " | ".join(signed(*m) for m in by_length) + f" | {worst} |")
     return "\n".join(out) + "\n"
+
+
+def paired_by_length(report: dict, policy: str) -> list[tuple[float, float]]:
+    """(mean difference from fp16 in points, its standard error) at each of the report's lengths,
+    paired by example."""
+    records = report["records"]
+    return [mean_and_error(paired_differences(records["fp16"], records[policy], length=n)) for n in report["lengths"]]
+
+
+def differences_plot(report: dict, path: str):
+    """Each policy's difference from fp16 by context (paired by example, +- one standard error)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lengths = report["lengths"]
+    others = [p for p in report["policies"] if p != "fp16"]
+    fig, ax = plt.subplots(figsize=(8, 4.8))
+    colors = plt.get_cmap("tab20").colors
+    for k, p in enumerate(others):
+        mean, error = np.asarray(paired_by_length(report, p)).T
+        shift = (k - (len(others) - 1) / 2) * 0.012  # side by side, so the error bars stay apart
+        ax.errorbar(np.log2(lengths) + shift, mean, yerr=error, marker="o" if k < 10 else "s", ms=4, capsize=2,
+                    lw=1.2, color=colors[(2 * k if k < 10 else 2 * (k - 10) + 1) % 20], label=p)  # dark, then light
+    ax.axhline(0, color="black", lw=0.8)
+    ax.axhline(-5, color="grey", lw=0.8, ls="--")
+    ax.set_xticks(np.log2(lengths), [label(n) for n in lengths])
+    ax.set_xlabel("context (tokens)")
+    ax.set_ylabel("accuracy - fp16's (points, same prompts)")
+    ax.set_title(f"Retrieval against fp16, paired by example, ± 1 SE ({os.path.basename(report['model'])})",
+                 fontsize=10)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def heatmaps(report: dict, path: str):

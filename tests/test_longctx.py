@@ -103,7 +103,9 @@ def test_a_run_answers_every_example_once_and_resumes(default_model, tmp_path, c
     report = json.loads((tmp_path / "out" / "longctx.json").read_text())
     assert report["policies"] == ["fp16", "kivi2"] and len(report["records"]["fp16"]) == 4
     assert (tmp_path / "out" / "longctx.png").stat().st_size > 0
+    assert (tmp_path / "out" / "longctx-vs-fp16.png").stat().st_size > 0
     assert "| niah_single | essay | fp16 |" in (tmp_path / "out" / "longctx.md").read_text()
+    assert "| kivi2 | " in (tmp_path / "out" / "longctx.md").read_text().split("Against fp16, paired by example")[1]
     assert longctx.main(argv) == 0  # everything answered: nothing generated again
     with gzip.open(archive, "rt") as f:
         assert sum(1 for _ in f) == len(records)
@@ -118,3 +120,4 @@ def test_a_run_answers_every_example_once_and_resumes(default_model, tmp_path, c
                                 longctx=str(tmp_path / "out" / "longctx.json"))
     assert "## Retrieval at long context" in text and "| niah_single | noise | kivi2 |" in text
     assert (tmp_path / "RESULTS-retrieval.png").stat().st_size > 0
+    assert (tmp_path / "RESULTS-retrieval-vs-fp16.png").stat().st_size > 0 and "(RESULTS-retrieval-vs-fp16.png)" in text
