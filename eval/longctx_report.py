@@ -1,6 +1,7 @@
 """The retrieval suite's results as text and pictures: accuracy tables by length and by depth x
-length, and depth x length heatmaps, from the report `python -m eval.longctx` writes (longctx.json),
-which `eval.report --longctx` puts in its retrieval section (both import them from here).
+length, each policy against fp16 paired by example (table and plot), and depth x length heatmaps,
+from the report `python -m eval.longctx` writes (longctx.json), which `eval.report --longctx` puts in
+its retrieval section (both import them from here).
 
 `report["records"]`: policy -> one record per example (task, haystack, length, depth, index, answer,
 score in [0, 1]).
