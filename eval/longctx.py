@@ -6,9 +6,10 @@ Each example (eval.retrieval: the tasks, haystacks and depths) is a prompt of ex
 answer budget` tokens, answered greedily through `kvjax.generate` with the policy's cache, prefill
 and decode as a user's; its score is the fraction of the needle's values in the answer. Every
 answer is appended to an archive under --cache-dir as soon as it is made: a rerun skips what is
-there. Writes longctx.json (every answer), longctx.md (accuracy by length per task and policy, and by
-depth and length per policy) and longctx.png (depth x length heatmaps, one per policy) to --out;
-`--report` writes them from the answers already kept, generating nothing.
+there. Writes longctx.json (every answer), longctx.md (accuracy by length per task and policy, by
+depth and length per policy, and each policy against fp16 paired by example), longctx.png (depth x
+length heatmaps, one per policy) and longctx-vs-fp16.png to --out; `--report` writes them from the
+answers already kept, generating nothing.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import numpy as np
 from tqdm import tqdm
 
 from eval.archive import device_name, model_tag, open_to_append, policy_key, read_archive
-from eval.longctx_report import compared_with_fp16, differences_plot, heatmaps, markdown
+from eval.longctx_report import markdown, pictures
 from eval.retrieval import HAYSTACKS, TASKS, VERSION, Builder, score
 from kvjax import cli, sharding
 from kvjax.data import DATA_DIR, SHERLOCK_EVAL_TOKENS, read_text, text_path
@@ -126,12 +127,8 @@ def _main(argv) -> int:
     text = markdown(report)
     with open(os.path.join(args.out, "longctx.md"), "w") as f:
         f.write(text)
-    heatmaps(report, os.path.join(args.out, "longctx.png"))
-    pictures = "longctx.png"
-    if compared_with_fp16(report):
-        differences_plot(report, os.path.join(args.out, "longctx-vs-fp16.png"))
-        pictures += ", longctx-vs-fp16.png"
-    print("\n" + text + f"\nwrote {args.out}/longctx.json, longctx.md, {pictures}")
+    drawn = ", ".join(os.path.basename(f) for f in pictures(report, os.path.join(args.out, "longctx.png")))
+    print("\n" + text + f"\nwrote {args.out}/longctx.json, longctx.md, {drawn}")
     return 0
 
 

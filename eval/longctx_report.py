@@ -91,7 +91,10 @@ def markdown(report: dict) -> str:
             cells = [(mean_and_error(paired_differences(records["fp16"], records[p], length=n, depth=d)), n, d)
                      for n in lengths for d in depths]
             cells = [c for c in cells if c[0][0] == c[0][0]]  # cells both answered
-            worst = f"{signed(*min(cells)[0])} at {label(min(cells)[1])}, depth {min(cells)[2]:g}" if cells else "-"
+            worst = "-"
+            if cells:
+                difference, n, d = min(cells)
+                worst = f"{signed(*difference)} at {label(n)}, depth {d:g}"
             out.append(f"| {p} | " + " | ".join(signed(*m) for m in by_length) + f" | {worst} |")
     return "\n".join(out) + "\n"
 
@@ -163,3 +166,14 @@ def heatmaps(report: dict, path: str):
     fig.suptitle(f"Retrieval accuracy by needle depth and context ({os.path.basename(report['model'])})", fontsize=10)
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def pictures(report: dict, path: str) -> list[str]:
+    """Draws the heatmaps at `path` and, where the report holds fp16 and another policy, each policy
+    against fp16 beside it (`-vs-fp16` before the extension); returns the files written."""
+    heatmaps(report, path)
+    written = [path]
+    if compared_with_fp16(report):
+        written.append(path.replace(".png", "-vs-fp16.png"))
+        differences_plot(report, written[-1])
+    return written

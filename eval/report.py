@@ -24,7 +24,7 @@ import sys
 import numpy as np
 
 from eval.accuracy_report import accuracy_plot, example_counts, markdown_table
-from eval.longctx_report import compared_with_fp16, differences_plot, heatmaps, markdown
+from eval.longctx_report import markdown, pictures
 from kvjax import cli
 from kvjax.allocation import Allocation, default_allocation
 from kvjax.errors import KvjaxError
@@ -256,14 +256,10 @@ def latency_section(records: list[dict], source: str, plot_path: str) -> str:
 
 
 def longctx_section(report: dict, source: str, plot_path: str) -> str:
-    heatmaps(report, plot_path)
-    text = (f"## Retrieval at long context\n\n`{report['command']}` ({source})\n\n{markdown(report)}\n"
-            f"![retrieval heatmaps]({os.path.basename(plot_path)})\n")
-    if compared_with_fp16(report):
-        vs_fp16 = plot_path.replace(".png", "-vs-fp16.png")
-        differences_plot(report, vs_fp16)
-        text += f"\n![retrieval against fp16]({os.path.basename(vs_fp16)})\n"
-    return text
+    heat, *vs_fp16 = pictures(report, plot_path)
+    return (f"## Retrieval at long context\n\n`{report['command']}` ({source})\n\n{markdown(report)}\n"
+            f"![retrieval heatmaps]({os.path.basename(heat)})\n"
+            + "".join(f"\n![retrieval against fp16]({os.path.basename(f)})\n" for f in vs_fp16))
 
 
 def build(accuracy: str | None, perplexity: list[str] | None, latency: list[str] | None, out: str,
