@@ -49,7 +49,7 @@
 // ~12, at the multiply-add bound) and ~10 the rest (folding scales, softmax, weights); over 30
 // layers on two cores that is ~50% of the machine's multiply-add rate. The float16 part reads at
 // ~80% of the copy bandwidth there, and at 58-77% on a 2-core Intel Xeon (with its lines fetched
-// ahead: Ahead, below).
+// ahead: Ahead, below). BENCHMARKS.md has the runs.
 
 #include <string>
 #include <vector>
@@ -115,7 +115,7 @@ inline void FetchLine(const char* p) {
 // their use, and the values of those slots (codes, scales and zeros, or floats), so that the value
 // pass finds them in the cache; nothing past the block. Measured over 30 layers of 8k slots: kivi2
 // ~5% faster with its packed values fetched (AMD EPYC); the float16 part 1.2-1.4x faster with both
-// (Intel Xeon: without them the hardware fetched at 47-50% of the copy rate, with them at 60-72%).
+// (Intel Xeon: without them the hardware fetched at 45-52% of the copy rate, with them at 58-77%).
 struct Ahead {
   struct Array {
     const char* first;  // the block's first slot
