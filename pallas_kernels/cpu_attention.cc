@@ -119,7 +119,9 @@ inline void FetchLine(const char* p) {
 struct Ahead {
   struct Array {
     const char* first;  // the block's first slot
-    size_t per_slot, skip, end;  // bytes: per slot, how far ahead of the slots scored, the block's
+    size_t per_slot;    // bytes a slot
+    size_t skip;        // bytes fetched ahead of the slots scored
+    size_t end;         // the block's bytes: nothing at or past them is fetched
   };
   Array arrays[4];
   int count = 0;
