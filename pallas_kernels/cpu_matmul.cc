@@ -15,8 +15,9 @@
 // d * q is exact in float32 (an 11-bit significand times a 4- or 8-bit integer), so d * q + m rounds
 // once, fused or not. Sums are float32, so y equals the reference up to summation order. Two ways:
 //   few rows (m < kPanelFrom: decode)  a work item is a run of weight rows; per NR weight rows and R
-//       activation rows, R x NR x 2 accumulators of 16 lanes (reduced at the end of a row): each
-//       block is unpacked once per R activation rows, each x vector loaded once per NR weight rows
+//       activation rows (R x NR <= 16), one accumulator of 16 lanes per output (reduced at the end
+//       of a row): each block is unpacked once per R activation rows (a 4-bit block by a lookup in
+//       the 16 values it can hold), each x vector loaded once per NR weight rows
 //   many rows (a prompt chunk)  a work item is a panel of kPanel weight rows, converted once into
 //       float32 W^T [K, kPanel]; then a float GEMM's inner loop: per k, x[r, k] broadcast times
 //       the panel's two vectors, for kPanelR rows r at a time (as fast as XLA's float32 dot)
@@ -57,26 +58,30 @@ struct Product {
 };
 
 #if defined(__AVX512F__)
-// The 32 weights of a block as two vectors of 16 (elements 0-15, 16-31).
+alignas(64) constexpr float kNibbles[16] = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+alignas(64) constexpr float kCentered[16] = {-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7};
+
+// The 32 weights of a block as two vectors of 16 (elements 0-15, 16-31). A 4-bit block first makes
+// the 16 values it can hold (d * q + m, or d * (q - 8), for q = 0..15: one multiply-add, rounded
+// once as gguf's), then each nibble picks its value: vpermps reads only an index's low 4 bits, so
+// the low nibbles need no mask and the high ones one shift.
 template <int32_t K>
 inline void Unpack(const uint8_t* block, __m512& lo, __m512& hi) {
-  const __m512 d = _mm512_set1_ps(Half(block));
   if constexpr (K == kQ8_0) {
+    const __m512 d = _mm512_set1_ps(Half(block));
     lo = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(block + 2)))));
     hi = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(block + 18)))));
   } else {
+    int32_t dm;  // Q4_1: float16 d, m; Q4_0: float16 d (and the block's first two codes, unused)
+    std::memcpy(&dm, block, 4);
+    const __m512 both = _mm512_castps128_ps512(_mm_cvtph_ps(_mm_cvtsi32_si128(dm)));
+    const __m512 d = _mm512_permutexvar_ps(_mm512_setzero_si512(), both);
+    const __m512 table = K == kQ4_1 ? _mm512_fmadd_ps(d, _mm512_load_ps(kNibbles),
+                                                      _mm512_permutexvar_ps(_mm512_set1_epi32(1), both))
+                                    : _mm512_mul_ps(d, _mm512_load_ps(kCentered));
     const __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(block + (K == kQ4_1 ? 4 : 2))));
-    __m512i q_lo = _mm512_and_si512(q, _mm512_set1_epi32(15)), q_hi = _mm512_srli_epi32(q, 4);
-    if constexpr (K == kQ4_0) {
-      q_lo = _mm512_sub_epi32(q_lo, _mm512_set1_epi32(8));
-      q_hi = _mm512_sub_epi32(q_hi, _mm512_set1_epi32(8));
-      lo = _mm512_mul_ps(d, _mm512_cvtepi32_ps(q_lo));
-      hi = _mm512_mul_ps(d, _mm512_cvtepi32_ps(q_hi));
-    } else {
-      const __m512 m = _mm512_set1_ps(Half(block + 2));
-      lo = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(q_lo), m);  // d * q exact: one rounding, as gguf's
-      hi = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(q_hi), m);
-    }
+    lo = _mm512_permutexvar_ps(q, table);
+    hi = _mm512_permutexvar_ps(_mm512_srli_epi32(q, 4), table);
   }
 }
 
@@ -88,12 +93,14 @@ inline void DequantizeBlock(const uint8_t* block, float* out) {
   _mm512_storeu_ps(out + 16, hi);
 }
 
-// y[i0 .. i0+R, n0 .. n0+NR] from R activation rows and NR weight rows.
+// y[i0 .. i0+R, n0 .. n0+NR] from R activation rows and NR weight rows: each block of a weight row
+// converted once, each x vector loaded once per NR weight rows, one accumulator of 16 lanes per
+// output (reduced at the end of the row).
 template <int32_t K, int R, int NR>
 void Tile(const Product& P, int i0, int n0) {
-  __m512 acc[R][NR][2];
+  __m512 acc[R][NR];
   for (int r = 0; r < R; ++r)
-    for (int j = 0; j < NR; ++j) acc[r][j][0] = acc[r][j][1] = _mm512_setzero_ps();
+    for (int j = 0; j < NR; ++j) acc[r][j] = _mm512_setzero_ps();
   const uint8_t* rows = P.w + size_t(n0) * P.row_bytes;
   const float* x = P.x + size_t(i0) * P.K;
   for (int b = 0; b < P.blocks; ++b) {
@@ -102,15 +109,11 @@ void Tile(const Product& P, int i0, int n0) {
     for (int r = 0; r < R; ++r) {
       const __m512 x_lo = _mm512_loadu_ps(x + size_t(r) * P.K + b * kBlock);
       const __m512 x_hi = _mm512_loadu_ps(x + size_t(r) * P.K + b * kBlock + 16);
-      for (int j = 0; j < NR; ++j) {
-        acc[r][j][0] = _mm512_fmadd_ps(x_lo, lo[j], acc[r][j][0]);
-        acc[r][j][1] = _mm512_fmadd_ps(x_hi, hi[j], acc[r][j][1]);
-      }
+      for (int j = 0; j < NR; ++j) acc[r][j] = _mm512_fmadd_ps(x_hi, hi[j], _mm512_fmadd_ps(x_lo, lo[j], acc[r][j]));
     }
   }
   for (int r = 0; r < R; ++r)
-    for (int j = 0; j < NR; ++j)
-      P.y[size_t(i0 + r) * P.N + n0 + j] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][j][0], acc[r][j][1]));
+    for (int j = 0; j < NR; ++j) P.y[size_t(i0 + r) * P.N + n0 + j] = _mm512_reduce_add_ps(acc[r][j]);
 }
 #else
 // The portable build: a block dequantized to 32 floats, then plain loops.
@@ -225,31 +228,38 @@ void Panels(const Product& P, int p0, int p1) {
   }
 }
 
-// Rows [n0, n1) of y for every activation row (fewer than kPanelFrom): NR weight rows and up to 4
-// activation rows a tile (NR = 4 for one or two activation rows, 2 for more: at most 16 accumulators).
+// A tile of `rows` (1 .. kTile / NR) activation rows from i0 and NR weight rows from n0.
+constexpr int kTile = 16;  // activation rows x weight rows of a tile, at most (its accumulators)
+
+template <int32_t K, int NR, int R = 1>
+void TileOf(const Product& P, int i0, int rows, int n0) {
+  if constexpr (R * NR <= kTile) {
+    if (rows == R) return Tile<K, R, NR>(P, i0, n0);
+    TileOf<K, NR, R + 1>(P, i0, rows, n0);
+  }
+}
+
+// Rows [n0, n1) of y for every activation row, NR weight rows a tile (what is left over of n1 - n0,
+// one a tile) and as many activation rows as kTile allows.
+template <int32_t K, int NR>
+void RowsBy(const Product& P, int n0, int n1) {
+  int n = n0;
+  for (; n + NR <= n1; n += NR)
+    for (int i0 = 0; i0 < P.m; i0 += kTile / NR) TileOf<K, NR>(P, i0, std::min(kTile / NR, P.m - i0), n);
+  for (; n < n1; ++n)
+    for (int i0 = 0; i0 < P.m; i0 += kTile) TileOf<K, 1>(P, i0, std::min(kTile, P.m - i0), n);
+}
+
+// Rows [n0, n1) of y for every activation row (fewer than kPanelFrom). Weight rows a tile: 8 for one
+// activation row, 4 for two, else 2 (up to 8 activation rows a tile). Measured on one core of an
+// Intel Xeon (2026-12-07; BENCHMARKS.md): 8 rows are bound by the loads of x (one per multiply-add
+// with one weight row a tile); 2 weight rows halve them.
 template <int32_t K>
 void Rows(const Product& P, int n0, int n1) {
-  const int step = P.m <= 2 ? 4 : 2;
-  int n = n0;
-  for (; n + step <= n1; n += step) {
-    for (int i0 = 0; i0 < P.m; i0 += 4) {
-      switch (std::min(4, P.m - i0)) {
-        case 1: step == 4 ? Tile<K, 1, 4>(P, i0, n) : Tile<K, 1, 2>(P, i0, n); break;
-        case 2: step == 4 ? Tile<K, 2, 4>(P, i0, n) : Tile<K, 2, 2>(P, i0, n); break;
-        case 3: Tile<K, 3, 2>(P, i0, n); break;
-        default: Tile<K, 4, 2>(P, i0, n);
-      }
-    }
-  }
-  for (; n < n1; ++n) {
-    for (int i0 = 0; i0 < P.m; i0 += 4) {
-      switch (std::min(4, P.m - i0)) {
-        case 1: Tile<K, 1, 1>(P, i0, n); break;
-        case 2: Tile<K, 2, 1>(P, i0, n); break;
-        case 3: Tile<K, 3, 1>(P, i0, n); break;
-        default: Tile<K, 4, 1>(P, i0, n);
-      }
-    }
+  switch (P.m) {
+    case 1: return RowsBy<K, 8>(P, n0, n1);
+    case 2: return RowsBy<K, 4>(P, n0, n1);
+    default: return RowsBy<K, 2>(P, n0, n1);
   }
 }
 
@@ -287,7 +297,7 @@ ffi::Error Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::S32> layer, ffi::Buffer<f
     RunItems(pool, panels, threads - 1, run);
     return ffi::Error::Success();
   }
-  const int per_item = std::max(4, (P.N / (threads * kItemsPerThread) + 3) / 4 * 4);  // rows, a multiple of 4
+  const int per_item = std::max(8, (P.N / (threads * kItemsPerThread) + 7) / 8 * 8);  // rows, a multiple of any tile's
   const int items = (P.N + per_item - 1) / per_item;
   auto run = [&P, per_item](int i) {
     const int n0 = i * per_item, n1 = std::min(P.N, n0 + per_item);
