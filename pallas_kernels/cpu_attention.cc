@@ -98,19 +98,6 @@ struct Problem {
   int part_size() const { return kRows * (h + 2); }
 };
 
-// Fetches the line at p into the cache: L1 (T0) or L2 (T1). An asm statement, so that the compiler
-// keeps it: GCC 12 deleted a loop of __builtin_prefetch whose end it took from a std::min (C++'s
-// forward-progress rule lets it drop loops it deems without effect), and the fetches with it.
-template <bool T0>
-inline void FetchLine(const char* p) {
-#if defined(__x86_64__)
-  if constexpr (T0) asm volatile("prefetcht0 %0" : : "m"(*p));
-  else asm volatile("prefetcht1 %0" : : "m"(*p));
-#else
-  __builtin_prefetch(p, 0, T0 ? 3 : 2);
-#endif
-}
-
 // Lines fetched while the keys of 16 slots are scored: a float part's keys kKeysAhead bytes ahead of
 // their use, and the values of those slots (codes, scales and zeros, or floats), so that the value
 // pass finds them in the cache; nothing past the block. Measured over 30 layers of 8k slots: kivi2

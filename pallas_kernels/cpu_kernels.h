@@ -1,8 +1,9 @@
-// What the CPU kernels (cpu_attention.cc: a decode step; cpu_chunk_attention.cc: a prompt chunk)
-// share: float16 / bfloat16 / float32 arrays read as float32, the exp of the softmax, the checks of
-// an FFI operand, a layer's first element in an [L, ...] array, and work items run on XLA's
-// intra-op thread pool. Both sources are compiled into one library (cpu_attention.build_library);
-// everything here has internal linkage, so each keeps its own copy.
+// What the CPU kernels (cpu_attention.cc: a decode step; cpu_chunk_attention.cc: a prompt chunk;
+// cpu_matmul.cc: block-quantized weights) share: float16 / bfloat16 / float32 arrays read as
+// float32, the exp of the softmax, the checks of an FFI operand, a layer's first element in an
+// [L, ...] array, fetching lines ahead, and work items run on XLA's intra-op thread pool. The
+// sources are compiled into one library (cpu_attention.build_library); everything here has internal
+// linkage, so each keeps its own copy.
 
 #pragma once
 
@@ -153,6 +154,19 @@ bool HasDims(const Buffer& x, std::initializer_list<int64_t> want) {
 Floats LayerOf(const ffi::AnyBuffer& x, int32_t layer) {
   const size_t offset = LayerOffset(x.dimensions(), layer) * ffi::ByteWidth(x.element_type());
   return {static_cast<const char*>(x.untyped_data()) + offset, x.element_type()};
+}
+
+// Fetches the line at p into the cache: L1 (T0) or L2 (T1). An asm statement, so that the compiler
+// keeps it: GCC 12 deleted a loop of __builtin_prefetch whose end it took from a std::min (C++'s
+// forward-progress rule lets it drop loops it deems without effect), and the fetches with it.
+template <bool T0>
+inline void FetchLine(const char* p) {
+#if defined(__x86_64__)
+  if constexpr (T0) asm volatile("prefetcht0 %0" : : "m"(*p));
+  else asm volatile("prefetcht1 %0" : : "m"(*p));
+#else
+  __builtin_prefetch(p, 0, T0 ? 3 : 2);
+#endif
 }
 
 // Runs item(i) for i in [0, total) on this thread and `helpers` of the pool's threads, each taking

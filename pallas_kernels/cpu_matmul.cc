@@ -103,7 +103,9 @@ void Tile(const Product& P, int i0, int n0) {
     for (int j = 0; j < NR; ++j) acc[r][j] = _mm512_setzero_ps();
   const uint8_t* rows = P.w + size_t(n0) * P.row_bytes;
   const float* x = P.x + size_t(i0) * P.K;
+  const char* ahead = reinterpret_cast<const char*>(rows) + 2 * NR * P.row_bytes;  // the tile after next's rows
   for (int b = 0; b < P.blocks; ++b) {
+    for (int off = b * NR * BlockBytes(K); off < (b + 1) * NR * BlockBytes(K); off += 64) FetchLine<false>(ahead + off);
     __m512 lo[NR], hi[NR];
     for (int j = 0; j < NR; ++j) Unpack<K>(rows + size_t(j) * P.row_bytes + size_t(b) * BlockBytes(K), lo[j], hi[j]);
     for (int r = 0; r < R; ++r) {
