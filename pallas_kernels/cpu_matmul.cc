@@ -33,7 +33,7 @@ namespace {
 constexpr int kBlock = 32;                    // weights per block
 constexpr int64_t kParallelMacs = 1 << 17;    // multiply-adds from which the pool's threads help
 constexpr int kItemsPerThread = 8;            // work items per thread: the last ones even out
-constexpr int kPanelFrom = 48;                // activation rows from which panels pay (measured: BENCHMARKS.md)
+constexpr int kPanelFrom = 144;               // activation rows from which panels pay (measured: BENCHMARKS.md)
 
 enum Kind : int32_t { kQ4_0 = 0, kQ4_1 = 1, kQ8_0 = 2 };
 
@@ -252,17 +252,15 @@ void RowsBy(const Product& P, int n0, int n1) {
     for (int i0 = 0; i0 < P.m; i0 += kTile) TileOf<K, 1>(P, i0, std::min(kTile, P.m - i0), n);
 }
 
-// Rows [n0, n1) of y for every activation row (fewer than kPanelFrom). Weight rows a tile: 8 for one
-// activation row, 4 for two, else 2 (up to 8 activation rows a tile). Measured on one core of an
-// Intel Xeon (2026-12-07; BENCHMARKS.md): 8 rows are bound by the loads of x (one per multiply-add
-// with one weight row a tile); 2 weight rows halve them.
+// Rows [n0, n1) of y for every activation row (fewer than kPanelFrom): 8 weight rows a tile for one
+// activation row, else 4 (and up to 4 activation rows). Measured on one core of an Intel Xeon
+// (2026-12-07, 30 to 1,000 layers of a 1536 x 576 Q4_1 matrix): at 8 activation rows, tiles of 4 x 4
+// ran 1.2x faster than 8 x 2 and 1.5x faster than 8 x 1, whose loads of x (one per multiply-add)
+// bound them; at 26 rows 1.3x faster than 8 x 2.
 template <int32_t K>
 void Rows(const Product& P, int n0, int n1) {
-  switch (P.m) {
-    case 1: return RowsBy<K, 8>(P, n0, n1);
-    case 2: return RowsBy<K, 4>(P, n0, n1);
-    default: return RowsBy<K, 2>(P, n0, n1);
-  }
+  if (P.m == 1) return RowsBy<K, 8>(P, n0, n1);
+  RowsBy<K, 4>(P, n0, n1);
 }
 
 ffi::Error Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::S32> layer, ffi::Buffer<ffi::F32> x,
