@@ -100,7 +100,9 @@ inline void DequantizeBlock(const uint8_t* block, float* out) {
 
 // y[i0 .. i0+R, n0 .. n0+NR] from R activation rows and NR weight rows: each block of a weight row
 // converted once, each x vector loaded once per NR weight rows, one accumulator of 16 lanes per
-// output (reduced at the end of the row).
+// output (reduced at the end of the row). The rows two tiles on are fetched into L2 meanwhile (at
+// one activation row the hardware alone read ~5 GB/s of blocks from memory on one core, ~9 with
+// them; a fetch past the matrix's end is harmless: fetches do not fault).
 template <int32_t K, int R, int NR>
 void Tile(const Product& P, int i0, int n0) {
   __m512 acc[R][NR];
@@ -108,7 +110,7 @@ void Tile(const Product& P, int i0, int n0) {
     for (int j = 0; j < NR; ++j) acc[r][j] = _mm512_setzero_ps();
   const uint8_t* rows = P.w + size_t(n0) * P.row_bytes;
   const float* x = P.x + size_t(i0) * P.K;
-  const char* ahead = reinterpret_cast<const char*>(rows) + 2 * NR * P.row_bytes;  // the tile after next's rows
+  const char* ahead = reinterpret_cast<const char*>(rows) + 2 * NR * P.row_bytes;  // rows two tiles on
   for (int b = 0; b < P.blocks; ++b) {
     for (int off = b * NR * BlockBytes(K); off < (b + 1) * NR * BlockBytes(K); off += 64) FetchLine<false>(ahead + off);
     __m512 lo[NR], hi[NR];
